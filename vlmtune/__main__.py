@@ -1,0 +1,3 @@
+from vlmtune.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""The `vlmtune` command line.
+
+Only typer, rich and the standard library are imported here: torch and transformers load inside
+the commands that need them, so `vlmtune --help` stays fast. Each command lives in
+``vlmtune/commands/``; this module only wires them up and owns the one error handler.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from vlmtune.commands import core
+
+app = typer.Typer(
+    name="vlmtune",
+    help="Fine-tune vision-language models from one YAML recipe.\n\n"
+    "Start with `vlmtune train recipes/demo.yaml` (a tiny model, offline, on CPU).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+app.command("train")(core.train)
+app.command("validate")(core.validate)
+app.command("schema")(core.schema)
+app.command("tiny")(core.tiny)
+app.command("inspect")(core.inspect)
+data_app.command("check")(core.data_check)
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also VLMTUNE_DEBUG=1)."),
+) -> None:
+    if debug:
+        os.environ["VLMTUNE_DEBUG"] = "1"
+
+
+def main() -> None:
+    """Entry point: user errors become a message, a hint and exit code 2."""
+    from vlmtune.errors import VlmtuneError
+
+    try:
+        app(standalone_mode=False)
+    except VlmtuneError as exc:
+        if os.environ.get("VLMTUNE_DEBUG") == "1":
+            raise
+        from rich.console import Console
+        from rich.text import Text
+
+        # Text, not markup: messages quote tokens like [IMG] that rich would swallow.
+        Console(stderr=True, highlight=False).print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (typer.Abort, typer.Exit) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

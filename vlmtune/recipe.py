@@ -1,0 +1,330 @@
+"""The recipe schema: one strict pydantic model per section, and load_recipe().
+
+Every default lives here, nowhere else. Unknown keys are rejected, every problem is reported at
+once with its key path, its YAML line and a did-you-mean, and the validated recipe is frozen.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlmtune.errors import RecipeError
+
+TINY_PREFIX = "tiny:"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    name: str = Field(description="Hub id, local folder, or tiny:FAMILY for a fabricated tiny model.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of everything that is not quantized (vision tower, projector, lm_head)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; None lets transformers choose (sdpa where supported)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_tiny_family(cls, value: str) -> str:
+        if value.startswith(TINY_PREFIX):
+            from vlmtune.families import family_names
+
+            family = value[len(TINY_PREFIX) :]
+            if family not in family_names():
+                close = difflib.get_close_matches(family, family_names(), n=1)
+                hint = f" (did you mean tiny:{close[0]}?)" if close else ""
+                raise ValueError(
+                    f"unknown tiny family {family!r}{hint}; choose one of {', '.join(family_names())}"
+                )
+        return value
+
+
+class QuantizationSection(Section):
+    bits: Literal[4, 8] | None = Field(
+        4, description="4 = QLoRA (NF4), 8 = LLM.int8, null = no quantization (16-bit LoRA or full)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    keep_16bit: list[str] = Field(
+        default_factory=list,
+        description="Extra full module prefixes kept out of quantization (the vision tower, projector and "
+        "lm_head always are).",
+    )
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _none_word(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() in {"none", "null", "16", "off"} else value
+
+
+class LoraSection(Section):
+    method: Literal["lora", "full"] = Field("lora", description="lora trains adapters; full trains every weight.")
+    finetune_vision_layers: bool = Field(True, description="LoRA on the vision tower's Linears.")
+    finetune_language_layers: bool = Field(True, description="LoRA on the language model's Linears.")
+    finetune_attention_modules: bool = Field(True, description="LoRA on attention projections.")
+    finetune_mlp_modules: bool = Field(True, description="LoRA on MLP projections.")
+    train_projector: bool = Field(False, description="Train the vision-to-language projector fully (it is small).")
+    r: int = Field(16, gt=0, description="LoRA rank: higher = more capacity and memory.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    target_modules: str | None = Field(
+        None,
+        description="Regex over full module names that replaces the toggles (peft full-matches it).",
+    )
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> LoraSection:
+        if self.method != "lora" or self.target_modules:
+            return self
+        if not (self.finetune_vision_layers or self.finetune_language_layers):
+            raise ValueError(
+                "finetune_vision_layers and finetune_language_layers are both false: LoRA would train nothing; "
+                "turn one on"
+            )
+        if not (self.finetune_attention_modules or self.finetune_mlp_modules):
+            raise ValueError(
+                "finetune_attention_modules and finetune_mlp_modules are both false: LoRA would train nothing; "
+                "turn one on"
+            )
+        return self
+
+
+class DataSection(Section):
+    train: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file (relative to the recipe).")
+    eval: str | None = Field(None, description="Optional evaluation data, same formats.")
+    image_root: str | None = Field(None, description="Folder image paths are relative to (default: the data file's).")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (after shuffling).")
+    shuffle: bool = Field(True, description="Shuffle the training samples with train.seed.")
+    max_image_pixels: int | None = Field(
+        602_112, gt=0, description="Pixel budget per image; larger images are resized down by the family's rules."
+    )
+    train_on_responses_only: bool = Field(True, description="Loss on assistant turns only.")
+    too_long: Literal["error", "drop"] = Field(
+        "error", description="A sample longer than max_length: stop with its index, or drop it (counted)."
+    )
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error", description="A sample that fails validation: stop, or skip it (listed in data_report.json)."
+    )
+    allow_urls: bool = Field(False, description="Let samples fetch http(s) images.")
+
+
+class TrainSection(Section):
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
+    epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
+    batch_size: int = Field(2, gt=0, description="Samples per device per step.")
+    grad_accum: int = Field(4, gt=0, description="Gradient accumulation steps.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer (the 8-bit ones keep states in bitsandbytes' 8-bit format)."
+    )
+    seed: int = Field(3407)
+    max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, description="Keep at most N checkpoints.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval).")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers that decode and process images.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
+
+
+class OutputSection(Section):
+    dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
+    name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.lora.method == "full" and self.quantization.bits is not None:
+            raise ValueError(
+                "lora.method full cannot train quantized weights; set quantization.bits: null, or use lora"
+            )
+        if self.train.eval_steps and not self.data.eval:
+            raise ValueError("train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Raises RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}", hint="pass the path of a .yaml recipe (see recipes/)")
+    text = path.read_text(encoding="utf-8")
+    return parse_recipe(text, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+def parse_recipe(
+    text: str, *, source: str = "<recipe>", base_dir: Path | None = None, overrides: list[str] | None = None
+) -> Recipe:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source} must be a mapping of sections (model:, data:, ...)")
+    lines = _key_lines(text)
+    overridden = apply_overrides(raw, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, lines, overridden) for err in exc.errors()]
+        raise RecipeError(
+            f"{source} has {len(problems)} problem{'s' * (len(problems) > 1)}:",
+            problems,
+            hint="the recipe reference is docs/recipe-reference.md; `vlmtune schema` gives editors the schema",
+        ) from None
+    return _resolve_paths(recipe, base_dir) if base_dir else recipe
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
+    """Apply ``a.b=value`` overrides in place; values are parsed as YAML (so 4, true, null work)."""
+    touched = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"bad override {item!r}", hint="write --set section.key=value, e.g. --set lora.r=32")
+        keys = tuple(key.strip().split("."))
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"bad override {item!r}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+        touched.add(keys)
+    return touched
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    """Paths in a recipe are relative to its folder; make them absolute so later stages need no base."""
+
+    def local(value: str | None, *, must_look_local: bool) -> str | None:
+        if value is None or value.startswith(TINY_PREFIX):
+            return value
+        candidate = Path(value).expanduser()
+        if not candidate.is_absolute():
+            candidate = base_dir / candidate
+        looks_local = value.startswith((".", "/", "~")) or value.endswith(DATA_SUFFIXES)
+        if candidate.exists() or (must_look_local and looks_local):
+            return str(candidate.resolve())
+        return value  # a hub id
+
+    data = recipe.data.model_copy(
+        update={
+            "train": local(recipe.data.train, must_look_local=True),
+            "eval": local(recipe.data.eval, must_look_local=True),
+            "image_root": local(recipe.data.image_root, must_look_local=True),
+        }
+    )
+    model = recipe.model.model_copy(update={"name": local(recipe.model.name, must_look_local=True)})
+    out_dir = Path(recipe.output.dir).expanduser()
+    output = recipe.output.model_copy(update={"dir": str(out_dir if out_dir.is_absolute() else base_dir / out_dir)})
+    return recipe.model_copy(update={"data": data, "model": model, "output": output})
+
+
+# --- error messages with line numbers ----------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of the YAML document to its 1-based line."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(err: dict, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc) or "recipe"
+    if loc in overridden:
+        where = " (from --set)"
+    elif loc in lines:
+        where = f" (line {lines[loc]})"
+    elif loc[:-1] in lines:
+        where = f" (in the section at line {lines[loc[:-1]]})"
+    else:
+        where = ""
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key" + _suggestion(loc)
+    elif err["type"] == "missing":
+        message = "required, but missing"
+    elif "input" in err and err["type"] not in ("value_error", "model_type"):
+        message = f"{message} (got {err['input']!r})"
+    return f"{dotted}{where}: {message}"
+
+
+def _suggestion(loc: tuple[str, ...]) -> str:
+    section_fields = {name: field for name, field in Recipe.model_fields.items()}
+    if len(loc) == 1:
+        candidates = list(section_fields)
+        close = difflib.get_close_matches(loc[0], candidates, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean `{close[0]}`?"
+        owner = _section_with_field(loc[0])
+        return f"; did you mean `{owner}.{loc[0]}`?" if owner else f"; sections are {', '.join(candidates)}"
+    section = section_fields.get(loc[0])
+    if section is None or len(loc) != 2:
+        return ""
+    names = list(section.annotation.model_fields)
+    close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean `{loc[0]}.{close[0]}`?"
+    owner = _section_with_field(loc[1])
+    if owner and owner != loc[0]:
+        return f"; it belongs in the `{owner}` section"
+    return ""
+
+
+def _section_with_field(name: str) -> str | None:
+    for section, field in Recipe.model_fields.items():
+        if name in field.annotation.model_fields:
+            return section
+    return None
+
+
+def recipe_json_schema() -> dict:
+    return Recipe.model_json_schema()

@@ -65,6 +65,8 @@ class Family:
     extra_inputs: tuple[str, ...] = ()  # processor outputs the model needs besides ids/mask/pixels
     # Processor class to build without a video processor when AutoProcessor needs torchvision.
     processor_class: str | None = None
+    processor_needs_video: bool = False  # its __init__ requires a (torchvision-only) video processor
+    prepare_processor_import: Callable[[], None] | None = None  # shims run before importing the class
     # How the recipe's pixel budget is written into the image processor: attribute -> value fn.
     pixel_budget: Callable[[Any, int], None] | None = None
     image_settings: Callable[[Any], ImageSettings] = field(default=lambda ip: ImageSettings())
@@ -161,6 +163,7 @@ QWEN2_VL = Family(
     vision_mlp=("mlp.fc1", "mlp.fc2"),
     extra_inputs=("image_grid_thw",),
     processor_class="Qwen2VLProcessor",
+    processor_needs_video=True,
     **_QWEN_COMMON,
 )
 
@@ -172,6 +175,7 @@ QWEN2_5_VL = Family(
     vision_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     extra_inputs=("image_grid_thw",),
     processor_class="Qwen2_5_VLProcessor",
+    processor_needs_video=True,
     **_QWEN_COMMON,
 )
 

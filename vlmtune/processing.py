@@ -1,0 +1,76 @@
+"""Load a family's processor, with or without torchvision.
+
+transformers 5 processors of several families declare a video processor, and every video
+processor needs torchvision, which some machines cannot install. A subclass whose ``__init__``
+has no ``video_processor`` parameter makes ProcessorMixin skip it; image-only use then works
+(FACTS.md). vlmtune trains on images, so that is all it needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import ModelError
+from vlmtune.families import Family
+
+
+def without_video_processor(base: type) -> type:
+    """``base`` minus its video processor; saved folders still name ``base``."""
+
+    class NoVideo(base):  # type: ignore[misc, valid-type]
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            kwargs.pop("video_processor", None)
+            super().__init__(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=chat_template,
+                **kwargs,
+            )
+
+    NoVideo.__name__ = NoVideo.__qualname__ = base.__name__
+    NoVideo.__module__ = base.__module__
+    return NoVideo
+
+
+def processor_class(family: Family) -> type | None:
+    """The class to build the family's processor with on this machine (None: use AutoProcessor)."""
+    if family.processor_class is None:
+        return None
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if family.prepare_processor_import is not None:
+        family.prepare_processor_import()
+    base = getattr(transformers, family.processor_class)
+    if is_torchvision_available() or not family.processor_needs_video:
+        return base
+    return without_video_processor(base)
+
+
+def load_processor(path: str | Path, family: Family, max_image_pixels: int | None = None, **hub: Any) -> Any:
+    """The processor for ``path`` with the recipe's pixel budget applied."""
+    try:
+        cls = processor_class(family)
+        if cls is None:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(path, **hub)
+        else:
+            processor = cls.from_pretrained(path, **hub)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot load the processor of {path}: {exc}",
+            hint="the folder needs the tokenizer and preprocessor files of the checkpoint; "
+            "download it completely or pass a hub id",
+        ) from exc
+    if max_image_pixels is not None and family.pixel_budget is not None:
+        family.pixel_budget(processor.image_processor, max_image_pixels)
+    return processor
+
+
+def save_processor(processor: Any, out_dir: str | Path) -> None:
+    """Save the processor; the NoVideo subclass keeps its base's name, so AutoProcessor loads it
+    wherever torchvision is installed."""
+    processor.save_pretrained(str(out_dir))

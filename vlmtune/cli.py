@@ -30,7 +30,6 @@ app.command("train")(core.train)
 app.command("validate")(core.validate)
 app.command("schema")(core.schema)
 app.command("tiny")(core.tiny)
-app.command("inspect")(core.inspect)
 data_app.command("check")(core.data_check)
 
 

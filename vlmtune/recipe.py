@@ -249,7 +249,9 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     )
     model = recipe.model.model_copy(update={"name": local(recipe.model.name, must_look_local=True)})
     out_dir = Path(recipe.output.dir).expanduser()
-    output = recipe.output.model_copy(update={"dir": str(out_dir if out_dir.is_absolute() else base_dir / out_dir)})
+    output = recipe.output.model_copy(
+        update={"dir": str(out_dir if out_dir.is_absolute() else (base_dir / out_dir).resolve())}
+    )
     return recipe.model_copy(update={"data": data, "model": model, "output": output})
 
 

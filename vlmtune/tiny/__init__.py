@@ -16,7 +16,7 @@ from pathlib import Path
 from vlmtune.families import get_family
 
 # Bump when a builder changes, so cached folders are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 # family name -> "module:function"; imported lazily because builders import transformers.
 BUILDERS: dict[str, str] = {

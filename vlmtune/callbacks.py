@@ -1,0 +1,74 @@
+"""Trainer callbacks: metrics.jsonl rows with stable keys, and a rich progress bar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from vlmtune import rundir as files
+from vlmtune.rundir import RunDir
+
+# Trainer log keys -> our stable keys (scripts read metrics.jsonl; keep these names).
+KEYS = {"loss": "loss", "learning_rate": "learning_rate", "epoch": "epoch", "grad_norm": "grad_norm"}
+
+
+class MetricsWriter(TrainerCallback):
+    """One JSON object per logged step: step, loss, learning_rate, epoch (eval rows: eval_loss)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step}
+        for key, value in logs.items():
+            if key in KEYS:
+                row[KEYS[key]] = _plain(value)
+            elif key.startswith("eval_"):
+                row[key] = _plain(value)
+        if len(row) > 1 and ("loss" in row or "eval_loss" in row):
+            self.run.append_jsonl(files.METRICS, row)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+class RichProgress(TrainerCallback):
+    """A progress bar with the latest loss, instead of tqdm."""
+
+    def __init__(self, console: Any):
+        self.console = console
+        self.progress = None
+        self.task = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs and self.progress is not None:
+            self.progress.update(self.task, loss=f"{_plain(logs['loss']):.4f}")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

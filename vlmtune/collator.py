@@ -1,0 +1,149 @@
+"""Samples -> model inputs with labels on exactly the tokens worth learning.
+
+Masked (-100): padding, every vision token of the family (the image placeholder the processor
+expands and the structural tokens around it), and, with train_on_responses_only, everything
+outside the assistant turns. Nothing is truncated: a sample longer than max_length is refused
+with its index (the data pre-flight drops or rejects such samples before training starts).
+
+Assistant spans are found without knowing the template: the conversation is rendered up to each
+assistant turn (with the generation prompt) and through it; the characters in between are the
+answer, its end-of-turn token included, so the model learns to stop. Those characters are mapped
+onto the processor's tokens by aligning the plain tokenization of the rendered text with the
+processor's output, whose only additions are vision tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmtune.data import Sample, open_image
+from vlmtune.errors import DataError, ModelError
+from vlmtune.families import Family
+
+IGNORE_INDEX = -100
+
+
+class VisionCollator:
+    def __init__(self, processor: Any, family: Family, *, max_length: int | None, train_on_responses_only: bool):
+        import torch
+
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "right"
+        self.family = family
+        self.max_length = max_length
+        self.train_on_responses_only = train_on_responses_only
+        self.vision_ids = torch.tensor(vision_token_ids(self.tokenizer, family), dtype=torch.long)
+
+    # --- public ----------------------------------------------------------------------------------
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        texts = [self.render(s.messages) for s in samples]
+        spans = [self.assistant_spans(s.messages, text) for s, text in zip(samples, texts, strict=True)]
+        batch = self._process(texts, [[open_image(src) for src in s.images] for s in samples])
+        batch["labels"] = self._labels(batch, texts, spans)
+        self._check_length(batch, samples)
+        return batch
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def assistant_spans(self, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
+        """Character ranges of the assistant turns inside ``full_text``."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            through = self.render(messages[: i + 1])
+            if not (through.startswith(before) and full_text.startswith(through)):
+                raise ModelError(
+                    f"the chat template of {self.family.title} renders a conversation differently from its "
+                    "prefixes, so assistant turns cannot be located",
+                    hint="set data.train_on_responses_only: false to train on every non-vision token",
+                )
+            spans.append((len(before), len(through)))
+        return spans
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def _process(self, texts: list[str], images: list[list]) -> dict:
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = images
+        return dict(self.processor(**kwargs))
+
+    def _labels(self, batch: dict, texts: list[str], spans: list[list[tuple[int, int]]]):
+        import torch
+
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for row, (text, row_spans) in enumerate(zip(texts, spans, strict=True)):
+            length = int(batch["attention_mask"][row].sum())
+            keep = self._trainable_positions(ids[row, :length].tolist(), text, row_spans)
+            labels[row, :length] = torch.where(torch.tensor(keep), ids[row, :length], IGNORE_INDEX)
+        labels[torch.isin(ids, self.vision_ids)] = IGNORE_INDEX
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        return labels
+
+    def _trainable_positions(self, expanded: list[int], text: str, spans: list[tuple[int, int]]) -> list[bool]:
+        """For each processor token: is it inside an assistant span? (vision and pad are masked later)"""
+        if not self.train_on_responses_only:
+            return [True] * len(expanded)
+        plain = self.tokenizer(text, return_offsets_mapping=True)
+        starts = [start for start, _ in plain["offset_mapping"]]
+        return [
+            j is not None and any(a <= starts[j] < b for a, b in spans)
+            for j in align_expanded(expanded, plain["input_ids"])
+        ]
+
+    def _check_length(self, batch: dict, samples: list[Sample]) -> None:
+        if self.max_length is None:
+            return
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for sample, length in zip(samples, lengths, strict=True):
+            if length > self.max_length:
+                raise DataError(
+                    f"sample {sample.index} is {length} tokens (image tokens included), over "
+                    f"train.max_length={self.max_length}; vlmtune never cuts a sample",
+                    hint="raise train.max_length, lower data.max_image_pixels, or set data.too_long: drop",
+                )
+
+
+def vision_token_ids(tokenizer: Any, family: Family) -> list[int]:
+    """Ids of the family's vision tokens that this tokenizer knows."""
+    ids = []
+    for token in family.vision_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            ids.append(token_id)
+    if not ids:
+        raise ModelError(
+            f"the tokenizer knows none of {family.title}'s vision tokens {family.vision_tokens}",
+            hint="the processor does not match the model; load both from the same checkpoint",
+        )
+    return ids
+
+
+def align_expanded(expanded: list[int], plain: list[int]) -> list[int | None]:
+    """Map each token of ``expanded`` to its index in ``plain`` (None: inserted by the processor).
+
+    The processor's output equals the plain tokenization with vision tokens inserted around and
+    after each image placeholder, so a greedy two-pointer walk aligns them.
+    """
+    origin: list[int | None] = []
+    j = 0
+    for token in expanded:
+        if j < len(plain) and token == plain[j]:
+            origin.append(j)
+            j += 1
+        else:
+            origin.append(None)
+    if j != len(plain):
+        raise ModelError(
+            "the processor's tokens do not contain the rendered text's tokens; labels cannot be placed",
+            hint="this processor rewrites text beyond image tokens; set data.train_on_responses_only: false",
+        )
+    return origin

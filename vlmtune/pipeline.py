@@ -1,0 +1,97 @@
+"""run(recipe): the three stages in order. Each stage gets only its own sections.
+
+Each stage's artifacts are written before the next starts, and summary.json records every
+stage's status, so a crash late in training still leaves a readable run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vlmtune import rundir as files
+from vlmtune.recipe import Recipe
+from vlmtune.rundir import RunDir, environment_report
+from vlmtune.stages import load, lora, sft
+
+
+def run(recipe: Recipe, recipe_text: str, run_name: str, run_dir: Path | None = None, callbacks=None) -> RunDir:
+    """A new run folder, trained to the end."""
+    run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
+    run.write_text(files.RECIPE, recipe_text)
+    run.write_text(files.RESOLVED, recipe.to_yaml())
+    run.init_summary(recipe.output.name or run_name)
+    return _stages(recipe, run, resume=False, callbacks=callbacks)
+
+
+def resume(run_path: Path, callbacks=None) -> RunDir:
+    """Continue a run folder from its last checkpoint, with the recipe it was started with."""
+    from vlmtune.recipe import load_recipe
+
+    run = RunDir.open(run_path)
+    return _stages(load_recipe(run / files.RESOLVED), run, resume=_has_checkpoint(run), callbacks=callbacks)
+
+
+def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks) -> RunDir:
+    started = time.time()
+    device = load.choose_device(recipe.train.device)
+    run.write_json(files.ENV, environment_report(device))
+
+    with stage(run, "load"):
+        loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
+        write_load_artifacts(run, loaded)
+
+    with stage(run, "lora"):
+        lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
+        model = lora.apply(loaded.model, recipe.lora, lora_plan)
+        write_lora_artifacts(run, model, loaded.family, lora_plan)
+
+    with stage(run, "train") as figures:
+        result = sft.train(
+            model, loaded.processor, loaded.family, recipe.data, recipe.train, run,
+            device, recipe.model.dtype, resume=resume, callbacks=callbacks,
+        )  # fmt: skip
+        figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+
+    run.set_status("done", seconds=round(time.time() - started, 1), output=result.output)
+    return run
+
+
+@contextlib.contextmanager
+def stage(run: RunDir, name: str) -> Iterator[dict]:
+    """Mark a stage running, then done / failed / interrupted; figures added by the body are kept."""
+    figures: dict[str, Any] = {}
+    run.set_stage(name, "running")
+    try:
+        yield figures
+    except KeyboardInterrupt:
+        run.set_stage(name, "interrupted", **figures)
+        run.set_status("interrupted")
+        raise
+    except BaseException as exc:
+        run.set_stage(name, "failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+        run.set_status("failed")
+        raise
+    run.set_stage(name, "done", **figures)
+
+
+def write_load_artifacts(run: RunDir, loaded: load.Loaded) -> None:
+    from vlmtune.processing import save_processor
+
+    run.write_json(files.MODEL_REPORT, {"model": loaded.path, **loaded.report})
+    save_processor(loaded.processor, run / files.PROCESSOR)
+
+
+def write_lora_artifacts(run: RunDir, model: Any, family: Any, lora_plan: lora.LoraPlan) -> None:
+    run.write_json(files.LORA_PLAN, lora.trainable_report(model, family, lora_plan))
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is not None:
+        run.write_json(files.ADAPTER_CONFIG, peft_config.to_dict())
+
+
+def _has_checkpoint(run: RunDir) -> bool:
+    checkpoints = run / files.CHECKPOINTS
+    return checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))

@@ -1,0 +1,182 @@
+"""The run folder: the only module that knows artifact file names. Every write is atomic.
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+      recipe.yaml  resolved.yaml  env.json  summary.json
+      1-load/  2-lora/  3-train/  4-eval/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import RunDirError
+
+STAGES = ("load", "lora", "train")
+STAGE_DIRS = {"load": "1-load", "lora": "2-lora", "train": "3-train", "eval": "4-eval"}
+
+RECIPE = "recipe.yaml"
+RESOLVED = "resolved.yaml"
+ENV = "env.json"
+SUMMARY = "summary.json"
+MODEL_REPORT = "1-load/model_report.json"
+MEMORY_ESTIMATE = "1-load/memory_estimate.json"
+PROCESSOR = "1-load/processor"
+LORA_PLAN = "2-lora/lora_plan.json"
+ADAPTER_CONFIG = "2-lora/adapter_config.json"
+METRICS = "3-train/metrics.jsonl"
+DATA_REPORT = "3-train/data_report.json"
+CHECKPOINTS = "3-train/checkpoints"
+ADAPTER = "3-train/adapter"
+FULL_MODEL = "3-train/model"
+EVAL_REPORT = "4-eval/eval_report.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # --- creation -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, parent: Path, name: str, exact: Path | None = None) -> RunDir:
+        """A new run folder: ``exact`` if given (it must not exist), else parent/name-timestamp."""
+        if exact is not None:
+            path = Path(exact)
+            if path.exists():
+                raise RunDirError(
+                    f"run folder {path} already exists; vlmtune never overwrites a run",
+                    hint="pick a new --run-dir, or continue that run with `vlmtune train --resume "
+                    f"{path}`",
+                )
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = Path(parent) / f"{name}-{stamp}"
+            suffix = 1
+            while path.exists():  # two runs in one second
+                suffix += 1
+                path = Path(parent) / f"{name}-{stamp}-{suffix}"
+        path.mkdir(parents=True)
+        for sub in STAGE_DIRS.values():
+            if sub != STAGE_DIRS["eval"]:
+                (path / sub).mkdir()
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run folder, checked to be one."""
+        path = Path(path)
+        if not (path / SUMMARY).is_file():
+            raise RunDirError(
+                f"{path} is not a vlmtune run folder (no {SUMMARY})",
+                hint="pass a folder that `vlmtune train` created, e.g. runs/demo-20260101-120000",
+            )
+        return cls(path)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def write_json(self, name: str, data: Any) -> Path:
+        write_json_atomic(self.path / name, data)
+        return self.path / name
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def write_text(self, name: str, text: str) -> Path:
+        write_text_atomic(self.path / name, text)
+        return self.path / name
+
+    def append_jsonl(self, name: str, row: dict) -> None:
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def read_jsonl(self, name: str) -> list[dict]:
+        path = self.path / name
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # --- summary -------------------------------------------------------------------------------
+
+    def init_summary(self, recipe_name: str) -> None:
+        self.write_json(
+            SUMMARY,
+            {
+                "recipe": recipe_name,
+                "status": "running",
+                "created": datetime.now().isoformat(timespec="seconds"),
+                "stages": {s: {"status": "pending"} for s in STAGES},
+            },
+        )
+
+    def summary(self) -> dict:
+        return self.read_json(SUMMARY)
+
+    def set_stage(self, stage: str, status: str, **figures: Any) -> None:
+        summary = self.summary()
+        entry = summary["stages"].setdefault(stage, {})
+        now = time.time()
+        if status == "running":
+            entry["started"] = now
+        elif "started" in entry:
+            entry["seconds"] = round(now - entry["started"], 2)
+        entry["status"] = status
+        entry.update(figures)
+        self.write_json(SUMMARY, summary)
+
+    def set_status(self, status: str, **figures: Any) -> None:
+        summary = self.summary()
+        summary["status"] = status
+        summary.update(figures)
+        self.write_json(SUMMARY, summary)
+
+
+def environment_report(device: str) -> dict:
+    """Versions, platform and device; never tokens or secrets."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in ("vlmtune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "packages": packages,
+        "argv": sys.argv,
+    }

@@ -1,0 +1,161 @@
+"""Stage 3, sft: pre-flight the data, then train with TRL's SFTTrainer and our collator.
+
+Writes 3-train/data_report.json before the first step, metrics.jsonl as training logs, and
+checkpoints/ plus the final adapter/ (or model/ for full fine-tuning) at the end.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from vlmtune import rundir as files
+from vlmtune.collator import VisionCollator
+from vlmtune.data import Sample
+from vlmtune.families import Family
+from vlmtune.preflight import SplitReport, check_split
+from vlmtune.recipe import DataSection, TrainSection
+from vlmtune.rundir import RunDir
+
+
+@dataclass
+class TrainResult:
+    first_loss: float | None
+    last_loss: float | None
+    steps: int
+    output: str
+
+
+class SampleCollator:
+    """Turns the trainer's rows (sample positions) into model inputs.
+
+    TRL only accepts `datasets` datasets, so the dataset holds positions and the samples (with
+    their lazy image sources) stay here; the whole object pickles for DataLoader workers.
+    """
+
+    def __init__(self, collator: VisionCollator, samples: list[Sample]):
+        self.collator = collator
+        self.samples = samples
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return self.collator([self.samples[row["position"]] for row in rows])
+
+
+def positions(start: int, stop: int) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict({"position": list(range(start, stop))})
+
+
+def prepare_data(
+    processor: Any, family: Family, data: DataSection, train: TrainSection, run: RunDir
+) -> tuple[VisionCollator, list[Sample], list[Sample] | None]:
+    """Pre-flight every split, write the data report, return the datasets."""
+    collator = VisionCollator(
+        processor, family, max_length=None, train_on_responses_only=data.train_on_responses_only
+    )
+
+    def measure(sample: Sample) -> int:
+        return int(collator([sample])["attention_mask"].sum())
+
+    reports = {"train": check_split("train", data.train, data, train.max_length, measure)}
+    if data.eval:
+        reports["eval"] = check_split("eval", data.eval, data, train.max_length, measure)
+    run.write_json(files.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
+    collator.max_length = train.max_length
+    eval_samples = reports["eval"].kept if "eval" in reports else None
+    return collator, select(reports["train"], data, train.seed), eval_samples
+
+
+def select(report: SplitReport, data: DataSection, seed: int) -> list[Sample]:
+    samples = list(report.kept)
+    if data.shuffle:
+        random.Random(seed).shuffle(samples)
+    return samples[: data.max_samples] if data.max_samples else samples
+
+
+def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(run / files.CHECKPOINTS),
+        max_steps=train.max_steps,
+        num_train_epochs=train.epochs,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant starves vision LoRA of gradients
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16" and device == "cuda",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=train.num_workers,
+        report_to="none",
+        disable_tqdm=True,
+        # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+    )
+
+
+def train(
+    model: Any,
+    processor: Any,
+    family: Family,
+    data: DataSection,
+    train_section: TrainSection,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    resume: bool = False,
+    callbacks: list | None = None,
+) -> TrainResult:
+    from trl import SFTTrainer
+
+    from vlmtune.callbacks import MetricsWriter
+
+    collator, train_samples, eval_samples = prepare_data(processor, family, data, train_section, run)
+    # Train and eval rows index one list, so one collator serves both.
+    samples = train_samples + (eval_samples or [])
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(train_section, run, device, dtype, eval_samples is not None),
+        train_dataset=positions(0, len(train_samples)),
+        eval_dataset=positions(len(train_samples), len(samples)) if eval_samples else None,
+        processing_class=processor,
+        data_collator=SampleCollator(collator, samples),
+        callbacks=[MetricsWriter(run), *(callbacks or [])],
+    )
+    # Our metrics writer and progress bar replace the printed log dicts.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=resume or None)
+    output = save_final(trainer, processor, run)
+    losses = [row["loss"] for row in run.read_jsonl(files.METRICS) if "loss" in row]
+    return TrainResult(losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output)
+
+
+def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
+    from vlmtune.processing import save_processor
+
+    is_peft = hasattr(trainer.model, "peft_config")
+    out = run / (files.ADAPTER if is_peft else files.FULL_MODEL)
+    trainer.model.save_pretrained(str(out))
+    save_processor(processor, out)
+    return str(out)

@@ -299,26 +299,49 @@ def _describe(err: dict, lines: dict[tuple[str, ...], int], overridden: set[tupl
     return f"{dotted}{where}: {message}"
 
 
+# Names users bring from TRL, Axolotl, Unsloth and LLaMA-Factory configs -> ours.
+ALIASES = {
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "max_seq_length": "train.max_length",
+    "sequence_len": "train.max_length",
+    "cutoff_len": "train.max_length",
+    "model_name_or_path": "model.name",
+    "base_model": "model.name",
+    "torch_dtype": "model.dtype",
+    "load_in_4bit": "quantization.bits",
+    "load_in_8bit": "quantization.bits",
+    "output_dir": "output.dir",
+    "lora_target_modules": "lora.target_modules",
+}
+
+
 def _suggestion(loc: tuple[str, ...]) -> str:
-    section_fields = {name: field for name, field in Recipe.model_fields.items()}
+    if loc[-1] in ALIASES:
+        return f"; did you mean `{ALIASES[loc[-1]]}`?"
+    sections = list(Recipe.model_fields)
     if len(loc) == 1:
-        candidates = list(section_fields)
-        close = difflib.get_close_matches(loc[0], candidates, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(loc[0], sections, n=1, cutoff=0.6)
         if close:
             return f"; did you mean `{close[0]}`?"
         owner = _section_with_field(loc[0])
-        return f"; did you mean `{owner}.{loc[0]}`?" if owner else f"; sections are {', '.join(candidates)}"
-    section = section_fields.get(loc[0])
-    if section is None or len(loc) != 2:
+        return f"; did you mean `{owner}.{loc[0]}`?" if owner else f"; sections are {', '.join(sections)}"
+    if loc[0] not in sections or len(loc) != 2:
         return ""
-    names = list(section.annotation.model_fields)
-    close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean `{loc[0]}.{close[0]}`?"
     owner = _section_with_field(loc[1])
     if owner and owner != loc[0]:
         return f"; it belongs in the `{owner}` section"
-    return ""
+    names = list(Recipe.model_fields[loc[0]].annotation.model_fields)
+    close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
+    return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
 
 
 def _section_with_field(name: str) -> str | None:

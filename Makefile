@@ -1,0 +1,43 @@
+# vlmtune: `make demo` trains the tiny demo; `make test` runs the suite. Both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first and pinned: an unpinned torch pulls gigabytes of CUDA packages (FACTS.md).
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-fast lint format docs bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/vlmtune train recipes/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check vlmtune tests bench scripts
+	$(BIN)/ruff format --check vlmtune tests bench scripts
+
+format: install
+	$(BIN)/ruff check --fix vlmtune tests bench scripts
+	$(BIN)/ruff format vlmtune tests bench scripts
+
+docs: install
+	$(BIN)/python scripts/gen_recipe_reference.py
+
+bench: install
+	$(BIN)/python bench/compare.py
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

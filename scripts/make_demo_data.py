@@ -48,18 +48,30 @@ def sample(kind: str, index: int, rng: random.Random, out: Path) -> dict:
     first = f"images/{index:03d}.png"
     draw(color, shape, rng.choice(SIZES), rng).save(out / first)
     if kind == "color":
-        return {"messages": [turn("user", "What color is the shape?", [first]),
-                             turn("assistant", f"The {shape} is {color}.")]}
+        return {
+            "messages": [
+                turn("user", "What color is the shape?", [first]),
+                turn("assistant", f"The {shape} is {color}."),
+            ]
+        }
     if kind == "shape":
-        return {"messages": [turn("user", "What shape is in the image?", [first]),
-                             turn("assistant", f"It is a {color} {shape}.")]}
+        return {
+            "messages": [
+                turn("user", "What shape is in the image?", [first]),
+                turn("assistant", f"It is a {color} {shape}."),
+            ]
+        }
     second_color = rng.choice([c for c in COLORS if c != color])
     second = f"images/{index:03d}b.png"
     draw(second_color, rng.choice(SHAPES), rng.choice(SIZES), rng).save(out / second)
-    return {"messages": [turn("user", "What colors are the two shapes?", [first, second]),
-                         turn("assistant", f"The first is {color} and the second is {second_color}."),
-                         turn("user", "Which one is first?"),
-                         turn("assistant", f"The {color} one.")]}
+    return {
+        "messages": [
+            turn("user", "What colors are the two shapes?", [first, second]),
+            turn("assistant", f"The first is {color} and the second is {second_color}."),
+            turn("user", "Which one is first?"),
+            turn("assistant", f"The {color} one."),
+        ]
+    }
 
 
 def write(out: Path) -> None:
@@ -74,6 +86,8 @@ def write(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "data" / "demo"
+    target = (
+        Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "data" / "demo"
+    )
     write(target)
     print(f"demo dataset written to {target}")

@@ -18,7 +18,12 @@ def vlmtune(*args: str, cwd: Path = ROOT, env_extra: dict | None = None) -> subp
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-m", "vlmtune", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "vlmtune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import QWEN_FAMILIES, ROOT
 from vlmtune.collator import IGNORE_INDEX, VisionCollator, align_expanded
 from vlmtune.data import Sample
 from vlmtune.errors import DataError, ModelError
 from vlmtune.families import get_family
+
+from conftest import QWEN_FAMILIES, ROOT
 
 RED = ROOT / "data" / "demo" / "images" / "000.png"
 BLUE = ROOT / "data" / "demo" / "images" / "001.png"
@@ -24,7 +25,12 @@ def assistant(text: str) -> dict:
 
 TWO_IMAGES_MULTI_TURN = Sample(
     0,
-    [user("How many images?", images=2), assistant("There are two."), user("Which is first?"), assistant("Red.")],
+    [
+        user("How many images?", images=2),
+        assistant("There are two."),
+        user("Which is first?"),
+        assistant("Red."),
+    ],
     [str(RED), str(BLUE)],
 )
 TEXT_ONLY = Sample(1, [user("Hello"), assistant("Hi there.")], [])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import QWEN_FAMILIES
 from vlmtune.errors import ModelError
 from vlmtune.recipe import ModelSection, QuantizationSection
 from vlmtune.stages import load
+
+from conftest import QWEN_FAMILIES
 
 
 def _load(family: str, **quant):

@@ -6,11 +6,12 @@ import itertools
 
 import pytest
 
-from conftest import QWEN_FAMILIES, ROOT
 from vlmtune.errors import RecipeError
 from vlmtune.families import get_family
 from vlmtune.recipe import LoraSection, ModelSection, QuantizationSection
 from vlmtune.stages import load, lora
+
+from conftest import QWEN_FAMILIES, ROOT
 
 TOGGLES = list(itertools.product([True, False], repeat=4))  # vision, language, attention, mlp
 
@@ -20,7 +21,9 @@ def loaded(request):
     return load.load(ModelSection(name=f"tiny:{request.param}"), QuantizationSection(), 12544, "cpu")
 
 
-def expected_targets(linear_names: list[str], vision: bool, language: bool, attention: bool, mlp: bool) -> set:
+def expected_targets(
+    linear_names: list[str], vision: bool, language: bool, attention: bool, mlp: bool
+) -> set:
     """Written from the module names themselves, independently of the Family record."""
     chosen = set()
     for name in linear_names:
@@ -108,7 +111,9 @@ def test_two_steps_move_lora_weights_only_and_reach_the_vision_tower(family: str
     model.enable_input_require_grads()
     model.train()
     samples = load_split(str(ROOT / "data" / "demo" / "train.jsonl"), None, "error").samples[:4]
-    batch = VisionCollator(loaded.processor, get_family(family), max_length=512, train_on_responses_only=True)(samples)
+    batch = VisionCollator(
+        loaded.processor, get_family(family), max_length=512, train_on_responses_only=True
+    )(samples)
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -121,7 +126,9 @@ def test_two_steps_move_lora_weights_only_and_reach_the_vision_tower(family: str
         assert torch.isfinite(loss)
         loss.backward()
         vision_grad += sum(
-            p.grad.abs().sum().item() for n, p in trainable.items() if ".visual.blocks." in n and p.grad is not None
+            p.grad.abs().sum().item()
+            for n, p in trainable.items()
+            if ".visual.blocks." in n and p.grad is not None
         )
         optimizer.step()
         optimizer.zero_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from vlmtune.errors import RecipeError
 from vlmtune.recipe import load_recipe, parse_recipe, recipe_json_schema
@@ -107,12 +108,14 @@ def test_explicit_target_regex_lifts_the_toggle_check():
 def test_full_finetuning_of_a_quantized_model_is_refused():
     with pytest.raises(RecipeError, match="full cannot train quantized weights"):
         parse_recipe(MINIMAL + "lora:\n  method: full\n")
-    assert parse_recipe(MINIMAL + "lora:\n  method: full\nquantization:\n  bits: null\n").lora.method == "full"
+    assert (
+        parse_recipe(MINIMAL + "lora:\n  method: full\nquantization:\n  bits: null\n").lora.method == "full"
+    )
 
 
 def test_recipe_is_frozen():
     recipe = parse_recipe(MINIMAL)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         recipe.lora.r = 4  # type: ignore[misc]
 
 

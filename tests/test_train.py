@@ -62,7 +62,11 @@ def test_run_folder_has_every_artifact(trained: Path):
 def test_summary_and_reports_say_what_happened(trained: Path):
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["status"] == "done"
-    assert {s: v["status"] for s, v in summary["stages"].items()} == {"load": "done", "lora": "done", "train": "done"}
+    assert {s: v["status"] for s, v in summary["stages"].items()} == {
+        "load": "done",
+        "lora": "done",
+        "train": "done",
+    }
     assert summary["stages"]["train"]["steps"] == 12
     env = json.loads((trained / "env.json").read_text())
     assert env["device"] == "cpu" and env["packages"]["transformers"]
@@ -89,7 +93,9 @@ def test_adapter_weights_changed_from_their_initialisation(trained: Path):
 
     weights = load_file(trained / "3-train/adapter/adapter_model.safetensors")
     lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values()), "lora_B starts at zero; training moved it"
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values()), (
+        "lora_B starts at zero; training moved it"
+    )
     assert any("visual.blocks" in k for k in lora_b) and any("language_model" in k for k in lora_b)
 
 
@@ -121,7 +127,9 @@ def test_too_long_samples_error_with_the_index_or_are_dropped_and_counted(tmp_pa
     assert summary["stages"]["load"]["status"] == "done", "earlier stages keep their artifacts"
 
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
-    short = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+    short = json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    )
     (tmp_path / "train.jsonl").write_text("\n".join([*lines[:2], short, short]) + "\n")
     result = vlmtune("train", str(path), "--run-dir", str(tmp_path / "r2"), "--set", "data.too_long=drop")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -141,3 +149,17 @@ def test_full_finetuning_trains_every_weight(tmp_path: Path):
     plan = json.loads((tmp_path / "run/2-lora/lora_plan.json").read_text())
     assert plan["method"] == "full" and plan["trainable_total"] == plan["params_total"]
     assert (tmp_path / "run/3-train/model/model.safetensors").is_file()
+
+
+def test_supervised_loss_matches_trls_loss_path_at_step_one(tmp_path: Path):
+    path = recipe(tmp_path, max_steps=1)
+    first = {}
+    for switch in ("true", "false"):
+        run = tmp_path / f"run-{switch}"
+        result = vlmtune(
+            "train", str(path), "--run-dir", str(run), "--set", f"train.supervised_loss={switch}"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        first[switch] = json.loads((run / "3-train/metrics.jsonl").read_text().splitlines()[0])
+    assert first["true"]["loss"] == pytest.approx(first["false"]["loss"], rel=2e-2)
+    assert 0.0 <= first["true"]["padding_fraction"] < 1.0

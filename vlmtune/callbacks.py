@@ -10,7 +10,14 @@ from vlmtune import rundir as files
 from vlmtune.rundir import RunDir
 
 # Trainer log keys -> our stable keys (scripts read metrics.jsonl; keep these names).
-KEYS = {"loss": "loss", "learning_rate": "learning_rate", "epoch": "epoch", "grad_norm": "grad_norm"}
+KEYS = {
+    "loss": "loss",
+    "learning_rate": "learning_rate",
+    "epoch": "epoch",
+    "grad_norm": "grad_norm",
+    "mean_token_accuracy": "token_accuracy",
+    "padding_fraction": "padding_fraction",
+}
 
 
 class MetricsWriter(TrainerCallback):
@@ -58,7 +65,9 @@ class RichProgress(TrainerCallback):
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss="-"
+        )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs and self.progress is not None:

@@ -54,7 +54,9 @@ def main() -> None:
         from rich.text import Text
 
         # Text, not markup: messages quote tokens like [IMG] that rich would swallow.
-        Console(stderr=True, highlight=False).print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
+        Console(stderr=True, highlight=False).print(
+            Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True
+        )
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -24,7 +24,9 @@ IGNORE_INDEX = -100
 
 
 class VisionCollator:
-    def __init__(self, processor: Any, family: Family, *, max_length: int | None, train_on_responses_only: bool):
+    def __init__(
+        self, processor: Any, family: Family, *, max_length: int | None, train_on_responses_only: bool
+    ):
         import torch
 
         self.processor = processor
@@ -88,7 +90,9 @@ class VisionCollator:
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         return labels
 
-    def _trainable_positions(self, expanded: list[int], text: str, spans: list[tuple[int, int]]) -> list[bool]:
+    def _trainable_positions(
+        self, expanded: list[int], text: str, spans: list[tuple[int, int]]
+    ) -> list[bool]:
         """For each processor token: is it inside an assistant span? (vision and pad are masked later)"""
         if not self.train_on_responses_only:
             return [True] * len(expanded)

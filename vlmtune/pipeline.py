@@ -18,7 +18,9 @@ from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
 
 
-def run(recipe: Recipe, recipe_text: str, run_name: str, run_dir: Path | None = None, callbacks=None) -> RunDir:
+def run(
+    recipe: Recipe, recipe_text: str, run_name: str, run_dir: Path | None = None, callbacks=None
+) -> RunDir:
     """A new run folder, trained to the end."""
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
     run.write_text(files.RECIPE, recipe_text)
@@ -72,7 +74,9 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
         run.set_status("interrupted")
         raise
     except BaseException as exc:
-        run.set_stage(name, "failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+        run.set_stage(
+            name, "failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+        )
         run.set_status("failed")
         raise
     run.set_stage(name, "done", **figures)

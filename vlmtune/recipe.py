@@ -26,7 +26,8 @@ class Section(BaseModel):
 class ModelSection(Section):
     name: str = Field(description="Hub id, local folder, or tiny:FAMILY for a fabricated tiny model.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype of everything that is not quantized (vision tower, projector, lm_head)."
+        "bfloat16",
+        description="dtype of everything that is not quantized (vision tower, projector, lm_head).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
@@ -54,7 +55,9 @@ class QuantizationSection(Section):
         4, description="4 = QLoRA (NF4), 8 = LLM.int8, null = no quantization (16-bit LoRA or full)."
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
     keep_16bit: list[str] = Field(
         default_factory=list,
         description="Extra full module prefixes kept out of quantization (the vision tower, projector and "
@@ -68,14 +71,20 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
-    method: Literal["lora", "full"] = Field("lora", description="lora trains adapters; full trains every weight.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora trains adapters; full trains every weight."
+    )
     finetune_vision_layers: bool = Field(True, description="LoRA on the vision tower's Linears.")
     finetune_language_layers: bool = Field(True, description="LoRA on the language model's Linears.")
     finetune_attention_modules: bool = Field(True, description="LoRA on attention projections.")
     finetune_mlp_modules: bool = Field(True, description="LoRA on MLP projections.")
-    train_projector: bool = Field(False, description="Train the vision-to-language projector fully (it is small).")
+    train_projector: bool = Field(
+        False, description="Train the vision-to-language projector fully (it is small)."
+    )
     r: int = Field(16, gt=0, description="LoRA rank: higher = more capacity and memory.")
-    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
+    alpha: int = Field(
+        16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r))."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
@@ -102,13 +111,19 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
-    train: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file (relative to the recipe).")
+    train: str = Field(
+        description="Training data: a .jsonl/.json/.parquet/.csv file (relative to the recipe)."
+    )
     eval: str | None = Field(None, description="Optional evaluation data, same formats.")
-    image_root: str | None = Field(None, description="Folder image paths are relative to (default: the data file's).")
+    image_root: str | None = Field(
+        None, description="Folder image paths are relative to (default: the data file's)."
+    )
     max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (after shuffling).")
     shuffle: bool = Field(True, description="Shuffle the training samples with train.seed.")
     max_image_pixels: int | None = Field(
-        602_112, gt=0, description="Pixel budget per image; larger images are resized down by the family's rules."
+        602_112,
+        gt=0,
+        description="Pixel budget per image; larger images are resized down by the family's rules.",
     )
     train_on_responses_only: bool = Field(True, description="Loss on assistant turns only.")
     too_long: Literal["error", "drop"] = Field(
@@ -135,12 +150,24 @@ class TrainSection(Section):
     )
     seed: int = Field(3407)
     max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward (non-reentrant)."
+    )
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int | None = Field(2, description="Keep at most N checkpoints.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval).")
     num_workers: int = Field(0, ge=0, description="DataLoader workers that decode and process images.")
+    supervised_loss: bool = Field(
+        True,
+        description="Project only labelled positions through lm_head (same loss, far less work and memory).",
+    )
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length together to cut padding."
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the model (CUDA; first steps pay the compile)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
 
 
@@ -164,7 +191,9 @@ class Recipe(Section):
                 "lora.method full cannot train quantized weights; set quantization.bits: null, or use lora"
             )
         if self.train.eval_steps and not self.data.eval:
-            raise ValueError("train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps")
+            raise ValueError(
+                "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
+            )
         return self
 
     def to_yaml(self) -> str:
@@ -214,7 +243,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise RecipeError(f"bad override {item!r}", hint="write --set section.key=value, e.g. --set lora.r=32")
+            raise RecipeError(
+                f"bad override {item!r}", hint="write --set section.key=value, e.g. --set lora.r=32"
+            )
         keys = tuple(key.strip().split("."))
         node = raw
         for k in keys[:-1]:

@@ -1,8 +1,8 @@
 """The run folder: the only module that knows artifact file names. Every write is atomic.
 
-    runs/<name>-<YYYYmmdd-HHMMSS>/
-      recipe.yaml  resolved.yaml  env.json  summary.json
-      1-load/  2-lora/  3-train/  4-eval/
+runs/<name>-<YYYYmmdd-HHMMSS>/
+  recipe.yaml  resolved.yaml  env.json  summary.json
+  1-load/  2-lora/  3-train/  4-eval/
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ class RunDir:
             if path.exists():
                 raise RunDirError(
                     f"run folder {path} already exists; vlmtune never overwrites a run",
-                    hint="pick a new --run-dir, or continue that run with `vlmtune train --resume "
-                    f"{path}`",
+                    hint=f"pick a new --run-dir, or continue that run with `vlmtune train --resume {path}`",
                 )
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

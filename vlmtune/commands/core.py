@@ -47,7 +47,9 @@ def train(
     else:
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
-        run = pipeline.run(parsed, recipe.read_text(encoding="utf-8"), recipe.stem, run_dir, callbacks=progress)
+        run = pipeline.run(
+            parsed, recipe.read_text(encoding="utf-8"), recipe.stem, run_dir, callbacks=progress
+        )
     _print_summary(run)
 
 

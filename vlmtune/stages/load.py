@@ -59,7 +59,9 @@ def choose_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelError("train.device is cuda but no CUDA device is visible", hint="use train.device: auto or cpu")
+        raise ModelError(
+            "train.device is cuda but no CUDA device is visible", hint="use train.device: auto or cpu"
+        )
     return requested
 
 
@@ -81,7 +83,9 @@ def quantization_config(quant: QuantizationSection, family: Family, compute_dtyp
     )
 
 
-def load(model: ModelSection, quant: QuantizationSection, max_image_pixels: int | None, device: str) -> Loaded:
+def load(
+    model: ModelSection, quant: QuantizationSection, max_image_pixels: int | None, device: str
+) -> Loaded:
     """The model on ``device`` and its processor, with the pixel budget applied."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -189,7 +193,9 @@ def model_report(model: Any, family: Family) -> dict:
                     "out_features": module.out_features,
                 }
             )
-    components: dict[str, dict] = {c: {"params": 0, "bytes": 0, "linears": 0, "quantized_linears": 0} for c in COMPONENTS}
+    components: dict[str, dict] = {
+        c: {"params": 0, "bytes": 0, "linears": 0, "quantized_linears": 0} for c in COMPONENTS
+    }
     for name, param in model.named_parameters(remove_duplicate=True):
         entry = components[family.component_of(name.rsplit(".", 1)[0])]
         entry["params"] += logical_numel(param)

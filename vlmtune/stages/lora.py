@@ -43,7 +43,10 @@ def target_regex(family: Family, lora: LoraSection) -> str:
 
 
 def _names(attention: tuple[str, ...], mlp: tuple[str, ...], lora: LoraSection) -> str:
-    chosen = [*(attention if lora.finetune_attention_modules else ()), *(mlp if lora.finetune_mlp_modules else ())]
+    chosen = [
+        *(attention if lora.finetune_attention_modules else ()),
+        *(mlp if lora.finetune_mlp_modules else ()),
+    ]
     return "|".join(re.escape(n) for n in chosen)
 
 
@@ -55,7 +58,9 @@ def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
     try:
         pattern = re.compile(regex)
     except re.error as exc:
-        raise RecipeError(f"lora.target_modules is not a valid regex: {exc}", hint="test it with python's re") from None
+        raise RecipeError(
+            f"lora.target_modules is not a valid regex: {exc}", hint="test it with python's re"
+        ) from None
     targets = tuple(n for n, m in model.named_modules() if is_linear(m) and pattern.fullmatch(n))
     if not targets:
         raise RecipeError(

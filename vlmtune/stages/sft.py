@@ -42,15 +42,16 @@ class SampleCollator:
         return self.collator([self.samples[row["position"]] for row in rows])
 
 
-def positions(start: int, stop: int) -> Any:
+def positions(start: int, lengths: list[int]) -> Any:
+    """Rows for the trainer: a position in the sample list and the measured length (for grouping)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"position": list(range(start, stop))})
+    return Dataset.from_dict({"position": list(range(start, start + len(lengths))), "length": lengths})
 
 
 def prepare_data(
     processor: Any, family: Family, data: DataSection, train: TrainSection, run: RunDir
-) -> tuple[VisionCollator, list[Sample], list[Sample] | None]:
+) -> tuple[VisionCollator, Split, Split | None]:
     """Pre-flight every split, write the data report, return the datasets."""
     collator = VisionCollator(
         processor, family, max_length=None, train_on_responses_only=data.train_on_responses_only
@@ -64,15 +65,27 @@ def prepare_data(
         reports["eval"] = check_split("eval", data.eval, data, train.max_length, measure)
     run.write_json(files.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
     collator.max_length = train.max_length
-    eval_samples = reports["eval"].kept if "eval" in reports else None
-    return collator, select(reports["train"], data, train.seed), eval_samples
+    eval_split = reports.get("eval")
+    return (
+        collator,
+        select(reports["train"], data, train.seed),
+        (Split(eval_split.kept, eval_split.lengths) if eval_split else None),
+    )
 
 
-def select(report: SplitReport, data: DataSection, seed: int) -> list[Sample]:
-    samples = list(report.kept)
+@dataclass
+class Split:
+    samples: list[Sample]
+    lengths: list[int]  # tokens per sample, image tokens included
+
+
+def select(report: SplitReport, data: DataSection, seed: int) -> Split:
+    order = list(range(len(report.kept)))
     if data.shuffle:
-        random.Random(seed).shuffle(samples)
-    return samples[: data.max_samples] if data.max_samples else samples
+        random.Random(seed).shuffle(order)
+    if data.max_samples:
+        order = order[: data.max_samples]
+    return Split([report.kept[i] for i in order], [report.lengths[i] for i in order])
 
 
 def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> Any:
@@ -104,6 +117,10 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         fp16=dtype == "float16" and device == "cuda",
         use_cpu=device == "cpu",
         dataloader_num_workers=train.num_workers,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        length_column_name="length",
+        torch_compile=train.torch_compile,
+        prediction_loss_only=True,  # eval needs the loss only; never the logits
         report_to="none",
         disable_tqdm=True,
         # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
@@ -125,21 +142,21 @@ def train(
     resume: bool = False,
     callbacks: list | None = None,
 ) -> TrainResult:
-    from trl import SFTTrainer
-
     from vlmtune.callbacks import MetricsWriter
+    from vlmtune.trainer import VlmtuneTrainer
 
-    collator, train_samples, eval_samples = prepare_data(processor, family, data, train_section, run)
+    collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
-    samples = train_samples + (eval_samples or [])
-    trainer = SFTTrainer(
+    samples = train_split.samples + (eval_split.samples if eval_split else [])
+    trainer = VlmtuneTrainer(
         model=model,
-        args=sft_config(train_section, run, device, dtype, eval_samples is not None),
-        train_dataset=positions(0, len(train_samples)),
-        eval_dataset=positions(len(train_samples), len(samples)) if eval_samples else None,
+        args=sft_config(train_section, run, device, dtype, eval_split is not None),
+        train_dataset=positions(0, train_split.lengths),
+        eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
         data_collator=SampleCollator(collator, samples),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
+        supervised_loss=train_section.supervised_loss,
     )
     # Our metrics writer and progress bar replace the printed log dicts.
     from transformers.trainer_callback import PrinterCallback
@@ -148,7 +165,9 @@ def train(
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer, processor, run)
     losses = [row["loss"] for row in run.read_jsonl(files.METRICS) if "loss" in row]
-    return TrainResult(losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output)
+    return TrainResult(
+        losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
+    )
 
 
 def save_final(trainer: Any, processor: Any, run: RunDir) -> str:

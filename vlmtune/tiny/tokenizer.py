@@ -19,9 +19,7 @@ CORPUS = [
 ]
 
 # Qwen2's pre-tokenizer split (the same regex as the real checkpoints' tokenizer.json).
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def train_byte_bpe(first_token: str, vocab_size: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:

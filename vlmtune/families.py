@@ -133,15 +133,13 @@ def _qwen_settings(ip: Any) -> ImageSettings:
 
 
 def _qwen_budget(ip: Any, max_pixels: int) -> None:
-    # transformers 5 reads size["longest_edge"]; older releases read max_pixels. Set both.
+    # transformers 5 reads size["longest_edge"] (max_pixels attributes are deprecated there).
     size = dict(getattr(ip, "size", None) or {})
     factor = ip.patch_size * ip.merge_size
     size["longest_edge"] = max_pixels
     size.setdefault("shortest_edge", factor * factor)
     size["shortest_edge"] = min(size["shortest_edge"], max_pixels)
     ip.size = size
-    ip.max_pixels = max_pixels
-    ip.min_pixels = size["shortest_edge"]
 
 
 _QWEN_COMMON = dict(

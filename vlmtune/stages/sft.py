@@ -111,8 +111,8 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         save_total_limit=train.save_total_limit,
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant starves vision LoRA of gradients
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant starves vision LoRA of gradients
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16" and device == "cuda",
         use_cpu=device == "cpu",

@@ -37,6 +37,7 @@ docs: install
 	$(BIN)/python scripts/gen_recipe_reference.py
 
 bench: install
+	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/compare.py
 
 clean:

@@ -47,6 +47,11 @@ class VisionCollator:
         self._check_length(batch, samples)
         return batch
 
+    def count_tokens(self, sample: Sample) -> int:
+        """The sample's real length, image tokens included, as the processor builds it."""
+        images = [[open_image(source) for source in sample.images]]
+        return int(self._process([self.render(sample.messages)], images)["attention_mask"].sum())
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt

@@ -27,6 +27,12 @@ class TrainResult:
     output: str
 
 
+@dataclass
+class Split:
+    samples: list[Sample]
+    lengths: list[int]  # tokens per sample, image tokens included
+
+
 class SampleCollator:
     """Turns the trainer's rows (sample positions) into model inputs.
 
@@ -57,12 +63,9 @@ def prepare_data(
         processor, family, max_length=None, train_on_responses_only=data.train_on_responses_only
     )
 
-    def measure(sample: Sample) -> int:
-        return int(collator([sample])["attention_mask"].sum())
-
-    reports = {"train": check_split("train", data.train, data, train.max_length, measure)}
+    reports = {"train": check_split("train", data.train, data, train.max_length, collator.count_tokens)}
     if data.eval:
-        reports["eval"] = check_split("eval", data.eval, data, train.max_length, measure)
+        reports["eval"] = check_split("eval", data.eval, data, train.max_length, collator.count_tokens)
     run.write_json(files.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
     collator.max_length = train.max_length
     eval_split = reports.get("eval")
@@ -71,12 +74,6 @@ def prepare_data(
         select(reports["train"], data, train.seed),
         (Split(eval_split.kept, eval_split.lengths) if eval_split else None),
     )
-
-
-@dataclass
-class Split:
-    samples: list[Sample]
-    lengths: list[int]  # tokens per sample, image tokens included
 
 
 def select(report: SplitReport, data: DataSection, seed: int) -> Split:
@@ -112,7 +109,9 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
         activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant starves vision LoRA of gradients
+        activation_checkpointing_kwargs={
+            "use_reentrant": False
+        },  # reentrant starves vision LoRA of gradients
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16" and device == "cuda",
         use_cpu=device == "cpu",

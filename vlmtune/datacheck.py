@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from vlmtune.collator import VisionCollator
-from vlmtune.preflight import SplitReport, check_split
+from vlmtune.preflight import SplitReport, scan_split
 from vlmtune.recipe import Recipe
 
 
-def check_recipe_data(recipe: Recipe) -> dict[str, SplitReport]:
+def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, SplitReport]:
     """Every split of the recipe, measured with the model's own processor; problems listed, not raised."""
     from vlmtune.families import detect_family
     from vlmtune.processing import load_processor
@@ -26,32 +26,65 @@ def check_recipe_data(recipe: Recipe) -> dict[str, SplitReport]:
         return int(collator([sample])["attention_mask"].sum())
 
     # Collect every problem instead of stopping at the first: that is the point of a check.
-    lenient = recipe.data.model_copy(update={"on_bad_sample": "skip", "too_long": "drop"})
     splits = {"train": recipe.data.train, "eval": recipe.data.eval}
     return {
-        name: check_split(name, path_, lenient, recipe.train.max_length, measure)
-        for name, path_ in splits.items()
-        if path_
+        name: scan_split(name, source, recipe.data, recipe.train.max_length, measure, console)
+        for name, source in splits.items()
+        if source
     }
 
 
 def render_report(reports: dict[str, SplitReport], console: Any) -> None:
+    """One table per split, then every problem (index, field, reason) and what training would do."""
     from rich.table import Table
+    from rich.text import Text
 
     for name, report in reports.items():
         summary = report.to_json()
-        table = Table(title=f"{name}: {report.source}", show_header=True)
-        for column in ("samples", "kept", "invalid", "too long", "tokens p50/p90/max", "images"):
-            table.add_column(column)
-        tokens = summary["tokens"]
-        table.add_row(
-            str(report.total),
-            str(len(report.kept)),
-            str(len(report.skipped)),
-            str(len(report.too_long)),
-            f"{tokens.get('p50', '-')}/{tokens.get('p90', '-')}/{tokens.get('max', '-')}",
-            str(summary["images_total"]),
-        )
+        table = Table(title=f"{name}: {report.source}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in _rows(report, summary):
+            table.add_row(key, value)
         console.print(table)
-        for problem in [*report.skipped, *report.too_long]:
-            console.print(f"  [red]x[/] {problem}", markup=True, highlight=False)
+        for problem in report.problems:
+            console.print(Text("  x ", style="red") + Text(str(problem)), soft_wrap=True)
+    total_problems = sum(len(r.problems) for r in reports.values())
+    if total_problems:
+        console.print(
+            Text(f"{total_problems} problem(s). ", style="bold red")
+            + Text(
+                "Training stops on them (data.on_bad_sample: error, data.too_long: error) unless set to "
+                "skip / drop, which trains without these samples and lists them in 3-train/data_report.json."
+            ),
+            soft_wrap=True,
+        )
+    else:
+        console.print(Text("every sample is usable", style="bold green"))
+
+
+def _rows(report: SplitReport, summary: dict) -> list[tuple[str, str]]:
+    tokens, images = summary["tokens"], summary["images_per_sample"]
+    formats = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["formats"].items())) or "-"
+    budget = summary["max_image_pixels"]
+    return [
+        ("samples", f"{report.total} read, {len(report.kept)} usable"),
+        ("invalid", str(len(report.skipped))),
+        ("too long", f"{len(report.too_long)} (max_length {report.max_length})"),
+        ("layouts", formats),
+        ("tokens", _spread(tokens)),
+        ("images per sample", _spread(images)),
+        ("images", f"{summary['images_total']} in all; {summary['text_only_samples']} text-only sample(s)"),
+        (
+            "over pixel budget",
+            f"{summary['images_over_pixel_budget']} image(s) above {budget} pixels, resized down by the processor"
+            if budget
+            else "no budget (data.max_image_pixels: null)",
+        ),
+    ]
+
+
+def _spread(stats: dict) -> str:
+    if not stats:
+        return "-"
+    return " ".join(f"{k} {stats[k]}" for k in ("min", "p50", "p90", "p99", "max", "mean"))

@@ -1,17 +1,24 @@
-"""Pre-flight: read every sample, measure its real token length, apply the recipe's policies.
+"""Pre-flight: read every sample, open every image, measure the real token length, apply policies.
 
 Runs before the model is trained (and alone in `vlmtune data check`), so a bad sample stops the
-run in the first seconds instead of an hour in. Every dropped or skipped sample is listed.
+run in its first minutes instead of an hour in. One sample at a time: its images are decoded,
+checked, measured with the model's own processor and released before the next sample, so a
+100k-sample set costs the memory of one sample plus the list of (lazy) samples kept. Every
+skipped or dropped sample is listed with its index, field and reason.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from vlmtune.data import LoadedSplit, Problem, Sample, load_split
-from vlmtune.errors import DataError
+from vlmtune.data import Problem, Sample, SampleError, SampleReader, invalid_samples_error, open_records
+from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.images import ImageProblem, open_image
 from vlmtune.recipe import DataSection
 
 
@@ -24,6 +31,14 @@ class SplitReport:
     skipped: list[Problem] = field(default_factory=list)
     too_long: list[Problem] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    max_length: int | None = None
+    formats: Counter = field(default_factory=Counter)
+    images_over_budget: int = 0  # images the processor shrinks to data.max_image_pixels
+    max_image_pixels: int | None = None
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [*self.skipped, *self.too_long]
 
     def to_json(self) -> dict:
         return {
@@ -32,9 +47,14 @@ class SplitReport:
             "samples_kept": len(self.kept),
             "skipped_invalid": [vars(p) for p in self.skipped],
             "dropped_too_long": [vars(p) for p in self.too_long],
+            "formats": dict(self.formats),
+            "max_length": self.max_length,
             "tokens": _percentiles(self.lengths),
             "images_per_sample": _percentiles([s.n_images for s in self.kept]),
             "images_total": sum(s.n_images for s in self.kept),
+            "text_only_samples": sum(not s.images for s in self.kept),
+            "max_image_pixels": self.max_image_pixels,
+            "images_over_pixel_budget": self.images_over_budget,
         }
 
 
@@ -56,33 +76,114 @@ def _percentiles(values: list[int]) -> dict:
     }
 
 
+# --- scanning ----------------------------------------------------------------------------------
+
+
+def scan_split(
+    name: str,
+    source: str,
+    data: DataSection,
+    max_length: int,
+    measure: Callable[[Sample], int],
+    console: Any = None,
+) -> SplitReport:
+    """Every sample of one split checked and measured; problems collected, never raised.
+
+    ``measure`` gets the sample with its images already decoded (PIL images in place of the
+    sources), so each image is decoded once; the kept sample keeps its lazy sources.
+    """
+    split = data.train_split if name == "train" else data.eval_split
+    records = open_records(source, split, data.subset)
+    reader = SampleReader.from_section(data, records.root)
+    report = SplitReport(
+        name, records.source, 0, [], max_length=max_length, max_image_pixels=data.max_image_pixels
+    )
+    with _progress(console, f"checking {name}", records.total) as advance:
+        for index, record in records.rows:
+            report.total += 1
+            advance()
+            try:
+                sample = reader.read(index, record)
+                length, over_budget = _measure(sample, data, measure)
+            except SampleError as exc:
+                report.skipped.append(Problem(index, exc.field, exc.reason))
+                continue
+            report.formats[sample.format] += 1
+            if length > max_length:
+                reason = f"{length} tokens (image tokens included) > max_length {max_length}"
+                report.too_long.append(Problem(index, "tokens", reason))
+                continue
+            report.kept.append(sample)
+            report.lengths.append(length)
+            report.images_over_budget += over_budget
+    return report
+
+
+def _measure(sample: Sample, data: DataSection, measure: Callable[[Sample], int]) -> tuple[int, int]:
+    """(tokens, images over the pixel budget); every image decoded, checked and released here."""
+    opened = []
+    try:
+        for i, source in enumerate(sample.images):
+            try:
+                opened.append(open_image(source, max_side=data.max_image_side))
+            except ImageProblem as exc:
+                raise SampleError(sample.image_field(i), exc.reason) from None
+        budget = data.max_image_pixels
+        over = sum(budget is not None and im.width * im.height > budget for im in opened)
+        decoded = Sample(sample.index, sample.messages, opened, sample.image_fields, sample.format)
+        try:
+            return measure(decoded), over
+        except VlmtuneError:
+            raise
+        except Exception as exc:  # the processor refuses what it cannot take (e.g. an extreme aspect ratio)
+            raise SampleError("processor", f"the model's processor refused the sample ({exc})") from None
+    finally:
+        for image, source in zip(opened, sample.images, strict=False):
+            if image is not source:
+                image.close()
+        opened.clear()
+
+
+@contextmanager
+def _progress(console: Any, label: str, total: int | None) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on a terminal (stderr by default); nothing when output is redirected."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = console or Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+# --- policies ----------------------------------------------------------------------------------
+
+
 def check_split(
     name: str,
     path: str,
     data: DataSection,
     max_length: int,
     measure: Callable[[Sample], int],
+    console: Any = None,
 ) -> SplitReport:
-    """Load a split and measure each sample; raise or drop per data.on_bad_sample / data.too_long."""
-    split: LoadedSplit = load_split(path, data.image_root, data.on_bad_sample)
-    report = SplitReport(name, split.source, split.total, [], skipped=list(split.problems))
-    for sample in split.samples:
-        length = measure(sample)
-        if length > max_length:
-            report.too_long.append(
-                Problem(sample.index, "tokens", f"{length} tokens (image tokens included) > max_length {max_length}")
-            )
-            continue
-        report.kept.append(sample)
-        report.lengths.append(length)
+    """Scan a split, then raise or drop per data.on_bad_sample / data.too_long (all problems at once)."""
+    report = scan_split(name, path, data, max_length, measure, console)
+    if report.skipped and data.on_bad_sample == "error":
+        raise invalid_samples_error(report.source, report.skipped, report.total)
     if report.too_long and data.too_long == "error":
         first = report.too_long[0]
         raise DataError(
-            f"{path}: {len(report.too_long)} sample(s) exceed train.max_length={max_length}; the first is "
-            f"sample {first.index} ({first.reason})",
+            f"{report.source}: {len(report.too_long)} sample(s) exceed train.max_length={max_length}; the first "
+            f"is sample {first.index} ({first.reason})",
             hint="vlmtune never cuts image tokens: raise train.max_length, lower data.max_image_pixels, or set "
             "data.too_long: drop to train without them (they are listed in 3-train/data_report.json)",
         )
     if not report.kept:
-        raise DataError(f"{path}: no sample is left to train on", hint="see the problems listed above")
+        listed = "".join(f"\n  - {p}" for p in report.problems[:20])
+        raise DataError(
+            f"{report.source}: no sample is left to train on ({report.total} read){listed}",
+            hint="`vlmtune data check RECIPE` lists every problem; docs/data.md shows the layouts vlmtune reads",
+        )
     return report

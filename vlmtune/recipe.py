@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,19 +111,64 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
+    # The column names format `columns` reads where the recipe maps none.
+    DEFAULT_COLUMNS: ClassVar[dict[str, str | None]] = {
+        "image": "image",
+        "question": "question",
+        "answer": "answer",
+        "system": None,
+    }
+
     train: str = Field(
-        description="Training data: a .jsonl/.json/.parquet/.csv file (relative to the recipe)."
+        description="Training data: a .jsonl/.json/.parquet/.csv/.arrow file, a folder written by "
+        "datasets' save_to_disk, or a hub dataset id (paths relative to the recipe)."
     )
-    eval: str | None = Field(None, description="Optional evaluation data, same formats.")
+    eval: str | None = Field(None, description="Optional evaluation data, same kinds of source.")
+    train_split: str = Field(
+        "train", description="Split of a hub dataset or a save_to_disk DatasetDict read for `train`."
+    )
+    eval_split: str = Field(
+        "validation", description="Split of a hub dataset or a save_to_disk DatasetDict read for `eval`."
+    )
+    subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
+    format: Literal["auto", "messages", "sharegpt", "columns"] = Field(
+        "auto",
+        description="Sample layout. messages: OpenAI/TRL `messages` with content parts; sharegpt: "
+        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; columns: "
+        "plain columns named by `columns`; auto: decided per sample from its keys (see docs/data.md).",
+    )
+    columns: dict[Literal["image", "question", "answer", "system"], str | None] = Field(
+        default_factory=lambda: dict(DataSection.DEFAULT_COLUMNS),
+        description="For format columns: which column holds the image (one or a list; empty = text-only), "
+        "the question, the answer and an optional system prompt. Keys left out keep their default names; "
+        "question: null makes `prompt` the user text.",
+    )
+    prompt: str | None = Field(
+        None,
+        description="User text for format columns when columns.question is null (captioning sets), "
+        "e.g. 'Describe the image.'",
+    )
+    image_placeholder: str = Field(
+        "<image>", min_length=1, description="The marker that stands for one image in sharegpt-style text."
+    )
     image_root: str | None = Field(
-        None, description="Folder image paths are relative to (default: the data file's)."
+        None,
+        description="Folder relative image paths are resolved in, and must stay inside (default: the data "
+        "file's folder).",
     )
     max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (after shuffling).")
     shuffle: bool = Field(True, description="Shuffle the training samples with train.seed.")
     max_image_pixels: int | None = Field(
         602_112,
         gt=0,
-        description="Pixel budget per image; larger images are resized down by the family's rules.",
+        description="Pixel budget per image; larger images are resized down by the family's rules (the data "
+        "report counts them).",
+    )
+    max_image_side: int = Field(
+        16_384,
+        gt=0,
+        description="An image whose width or height exceeds this is refused before it is decoded (guards "
+        "against decompression bombs and corrupt headers).",
     )
     train_on_responses_only: bool = Field(True, description="Loss on assistant turns only.")
     too_long: Literal["error", "drop"] = Field(
@@ -132,7 +177,26 @@ class DataSection(Section):
     on_bad_sample: Literal["error", "skip"] = Field(
         "error", description="A sample that fails validation: stop, or skip it (listed in data_report.json)."
     )
-    allow_urls: bool = Field(False, description="Let samples fetch http(s) images.")
+    allow_urls: bool = Field(
+        False, description="Let samples fetch http(s) image URLs (off: such samples are refused with a reason)."
+    )
+    url_timeout: float = Field(30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on.")
+
+    @field_validator("columns", mode="after")
+    @classmethod
+    def _keep_default_column_names(cls, value: dict) -> dict:
+        return {**cls.DEFAULT_COLUMNS, **value}
+
+    @model_validator(mode="after")
+    def _one_user_text(self) -> DataSection:
+        if self.columns["question"] is not None and self.prompt is not None:
+            raise ValueError(
+                "data.prompt is set and so is data.columns.question; give one: the prompt replaces a question "
+                "column (set columns.question: null)"
+            )
+        if self.columns["answer"] is None:
+            raise ValueError("data.columns.answer cannot be null: the answer is what the model learns")
+        return self
 
 
 class TrainSection(Section):

@@ -430,8 +430,8 @@ class SampleReader:
                     )
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in ("image", "image_url"):
-                source = _inline_source(part, f"{where}[{i}]")
-                slots.append(("bare", None) if source is None else ("inline", (source, f"{where}[{i}]")))
+                inline = _inline_source(part, f"{where}[{i}]")
+                slots.append(("bare", None) if inline is None else ("inline", inline))
                 parts.append({"type": "image"})
             else:
                 got = f"type {kind!r}" if isinstance(part, dict) else f"a {type(part).__name__}"
@@ -464,7 +464,6 @@ class SampleReader:
         for kind, payload in slots:
             if kind == "inline":
                 value, where = payload
-                where = f"{where}.image"
             else:
                 i, value = next(pending)
                 where = f"{images_key}[{i}]"
@@ -507,14 +506,19 @@ def _json_list_cell(value: Any) -> Any:
     return value
 
 
-def _inline_source(part: dict, where: str) -> Any:
+def _inline_source(part: dict, where: str) -> tuple[Any, str] | None:
+    """(source, its field) of an image part that names its image; None for a bare part."""
     if part.get("type") == "image_url":
         url = part.get("image_url")
-        value = url.get("url") if isinstance(url, dict) else url
-        if value is None:
-            raise SampleError(f"{where}.image_url", "image_url part without a url")
-        return value
-    return next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
+        if isinstance(url, dict):
+            url, where = url.get("url"), f"{where}.image_url.url"
+        else:
+            where = f"{where}.image_url"
+        if url is None:
+            raise SampleError(where, "image_url part without a url")
+        return url, where
+    key = next((k for k in ("image", "path", "url") if part.get(k) is not None), None)
+    return None if key is None else (part[key], f"{where}.{key}")
 
 
 def _role(value: Any, where: str) -> str:

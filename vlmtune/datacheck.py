@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmtune.collator import VisionCollator
+from vlmtune.errors import DataError
 from vlmtune.preflight import SplitReport, scan_split
 from vlmtune.recipe import Recipe
 
@@ -21,14 +22,10 @@ def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, SplitRep
     collator = VisionCollator(
         processor, family, max_length=None, train_on_responses_only=recipe.data.train_on_responses_only
     )
-
-    def measure(sample) -> int:
-        return int(collator([sample])["attention_mask"].sum())
-
     # Collect every problem instead of stopping at the first: that is the point of a check.
     splits = {"train": recipe.data.train, "eval": recipe.data.eval}
     return {
-        name: scan_split(name, source, recipe.data, recipe.train.max_length, measure, console)
+        name: scan_split(name, source, recipe.data, recipe.train.max_length, collator.count_tokens, console)
         for name, source in splits.items()
         if source
     }
@@ -49,18 +46,20 @@ def render_report(reports: dict[str, SplitReport], console: Any) -> None:
         console.print(table)
         for problem in report.problems:
             console.print(Text("  x ", style="red") + Text(str(problem)), soft_wrap=True)
-    total_problems = sum(len(r.problems) for r in reports.values())
-    if total_problems:
-        console.print(
-            Text(f"{total_problems} problem(s). ", style="bold red")
-            + Text(
-                "Training stops on them (data.on_bad_sample: error, data.too_long: error) unless set to "
-                "skip / drop, which trains without these samples and lists them in 3-train/data_report.json."
-            ),
-            soft_wrap=True,
-        )
-    else:
+    if not any(report.problems for report in reports.values()):
         console.print(Text("every sample is usable", style="bold green"))
+
+
+def fail_on_problems(reports: dict[str, SplitReport]) -> None:
+    """A DataError (non-zero exit) when any split has a problem; the report above lists them."""
+    counts = {name: len(report.problems) for name, report in reports.items() if report.problems}
+    if counts:
+        where = ", ".join(f"{n} in {name}" for name, n in counts.items())
+        raise DataError(
+            f"{sum(counts.values())} problem sample(s) ({where}), listed above with index, field and reason",
+            hint="fix them; or set data.on_bad_sample: skip and data.too_long: drop to train without them "
+            "(training lists them in 3-train/data_report.json)",
+        )
 
 
 def _rows(report: SplitReport, summary: dict) -> list[tuple[str, str]]:

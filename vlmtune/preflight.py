@@ -38,7 +38,8 @@ class SplitReport:
 
     @property
     def problems(self) -> list[Problem]:
-        return [*self.skipped, *self.too_long]
+        """Every skipped and dropped sample, in the order of the data."""
+        return sorted([*self.skipped, *self.too_long], key=lambda p: p.index)
 
     def to_json(self) -> dict:
         return {

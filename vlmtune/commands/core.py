@@ -96,13 +96,12 @@ def tiny(
 def data_check(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:
     """Pre-flight every sample of the recipe's data (no model weights loaded); non-zero on bad data."""
     _quiet_libraries()
-    from vlmtune.datacheck import check_recipe_data, render_report
+    from vlmtune.datacheck import check_recipe_data, fail_on_problems, render_report
 
     parsed = _load(recipe, overrides)
-    reports = check_recipe_data(parsed)
+    reports = check_recipe_data(parsed, console)
     render_report(reports, console)
-    if any(r.skipped or r.too_long for r in reports.values()):
-        raise typer.Exit(1)
+    fail_on_problems(reports)  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
 
 
 def _load(recipe: Path, overrides: list[str] | None):

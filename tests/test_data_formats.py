@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
 import pytest
 
-from vlmtune.data import Sample, SampleError, SampleReader, load_split, open_records
+from vlmtune.data import RowImage, Sample, SampleError, SampleReader, load_split, open_records
 from vlmtune.errors import DataError
 from vlmtune.images import ImageProblem, UrlImage, open_image, resolve_source
 from vlmtune.recipe import DataSection
@@ -62,6 +63,7 @@ SAME_CONTENT = [
     ("columns.parquet", {"columns": {"image": "images"}}, ["columns"] * 3),
     ("trl.parquet", {}, ["messages"] * 3),
     ("disk", {}, ["messages"] * 3),
+    ("disk/train/data-00000-of-00001.arrow", {}, ["messages"] * 3),
 ]
 
 
@@ -255,6 +257,32 @@ def test_urls_are_refused_unless_allowed_and_then_fetched_lazily():
     assert source == UrlImage("https://example.com/a.png", 7.0), "nothing is fetched until opened"
 
 
+def test_an_allowed_url_is_fetched_with_the_timeout_when_opened(monkeypatch):
+    import urllib.request
+
+    seen = []
+
+    def fake_urlopen(request, timeout):
+        seen.append((request.full_url, timeout))
+        return io.BytesIO((IMAGES / "red.png").read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    image = open_image(UrlImage("https://example.com/red.png", 7.0))
+    assert image.size == (48, 40) and seen == [("https://example.com/red.png", 7.0)]
+
+
+def test_a_failing_url_is_a_named_image_problem(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def refuse(request, timeout):
+        raise urllib.error.URLError("timed out")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(ImageProblem, match=r"cannot fetch https://example.com/a.png \(URLError"):
+        open_image(UrlImage("https://example.com/a.png", 1.0))
+
+
 def test_a_data_uri_that_is_not_base64_is_named(tmp_path: Path):
     with pytest.raises(ImageProblem, match="invalid base64"):
         resolve_source("data:image/png;base64,@@@", tmp_path, allow_urls=False, url_timeout=1.0)
@@ -268,6 +296,23 @@ def test_records_are_read_lazily(name):
     records = open_records(str(FORMATS / name))
     assert iter(records.rows) is records.rows, "an iterator, not a list read up front"
     assert next(iter(records.rows))[0] == 0
+
+
+@pytest.mark.parametrize("name", ["disk", "trl.parquet", "columns.parquet"])
+def test_embedded_images_stay_in_the_dataset_until_opened(name):
+    import pickle
+
+    data = {"columns": {"image": "images"}} if name.startswith("columns") else {}
+    samples = read(FORMATS / name, **data).samples
+    sources = [source for s in samples for source in s.images]
+    assert len(sources) == 3 and all(isinstance(source, RowImage) for source in sources), (
+        "a kept sample holds a row reference, not the image bytes"
+    )
+    blue = sources[2]
+    assert pixels(open_image(blue)) == pixels(open_image(str(IMAGES / "blue.png")))
+    copy = pickle.loads(pickle.dumps(blue))  # DataLoader workers get samples by pickling
+    assert pixels(open_image(copy)) == pixels(open_image(blue))
+    assert len(pickle.dumps(samples)) < 20_000, "pickled samples reference the dataset file, not its rows"
 
 
 def test_json_lines_in_a_json_file_are_read_as_lines(tmp_path: Path):

@@ -93,6 +93,29 @@ class Records:
     total: int | None  # for progress bars; None when unknown without reading everything
     root: Path  # where relative image paths start by default
     source: str
+    table: Any = None  # an Arrow-backed dataset whose rows can be read again (images stay there)
+
+
+@dataclass(frozen=True, eq=False)
+class RowImage:
+    """An image stored inside row ``row`` of an Arrow-backed dataset, read again when opened.
+
+    Kept samples hold this reference instead of the image bytes, so a set of embedded images
+    costs no memory per sample; the dataset is memory-mapped (and pickles as a file reference).
+    """
+
+    table: Any
+    row: int
+    path: tuple  # keys and list positions from the row to the image value
+
+    def fetch(self) -> bytes:
+        value = self.table[self.row].to_pylist()[0]
+        for key in self.path:
+            value = value[key]
+        return bytes(value["bytes"] if isinstance(value, dict) else value)
+
+    def __repr__(self) -> str:
+        return f"<row {self.row} {'.'.join(map(str, self.path))}>"
 
 
 def open_records(source: str, split: str = "train", subset: str | None = None) -> Records:
@@ -210,21 +233,15 @@ def _csv_cell(key: str | None, value: Any) -> Any:
 
 
 def _parquet_records(path: Path) -> Records:
-    import pyarrow.parquet as pq
+    """Through `datasets` (converted once to a memory-mapped Arrow cache, as load_dataset does), so
+    embedded images can stay on disk as RowImage references."""
+    from datasets import Dataset
 
     try:
-        handle = pq.ParquetFile(path)
+        dataset = Dataset.from_parquet(str(path))
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataError(f"{path} is not a readable parquet file ({exc})", hint="re-export it") from None
-
-    def rows() -> Iterator[tuple[int, Any]]:
-        index = 0
-        for batch in handle.iter_batches(batch_size=BATCH_ROWS):
-            for row in batch.to_pylist():
-                yield index, row
-                index += 1
-
-    return Records(rows(), handle.metadata.num_rows, path.resolve().parent, str(path))
+    return _dataset_records(dataset, path.resolve().parent, str(path))
 
 
 def _dataset_records(dataset: Any, root: Path, source: str) -> Records:
@@ -234,14 +251,16 @@ def _dataset_records(dataset: Any, root: Path, source: str) -> Records:
     later, one at a time) instead of every image being decoded into a PIL image on access.
     """
 
+    arrow = dataset.with_format("arrow")
+
     def rows() -> Iterator[tuple[int, Any]]:
         index = 0
-        for table in dataset.with_format("arrow").iter(batch_size=BATCH_ROWS):
-            for row in table.to_pylist():
+        for batch in arrow.iter(batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
                 yield index, row
                 index += 1
 
-    return Records(rows(), len(dataset), root, source)
+    return Records(rows(), len(dataset), root, source, table=arrow)
 
 
 def _load_from_disk(path: Path, split: str) -> Any:
@@ -294,10 +313,12 @@ class SampleReader:
     placeholder: str
     allow_urls: bool
     url_timeout: float
+    table: Any = None  # rows' source when Arrow-backed: embedded images become RowImage references
 
     @classmethod
-    def from_section(cls, data: DataSection, default_root: Path) -> SampleReader:
+    def from_section(cls, data: DataSection, default_root: Path, table: Any = None) -> SampleReader:
         return cls(
+            table=table,
             root=Path(data.image_root) if data.image_root else default_root,
             format=data.format,
             columns=dict(data.columns),
@@ -318,7 +339,7 @@ class SampleReader:
         else:
             messages, slots, column_images, images_key = self._from_conversation(record, layout)
         _require_assistant_text(messages, _conversation_key(record) or "messages")
-        images, fields = self._fill_images(slots, column_images, images_key, layout)
+        images, fields = self._fill_images(index, slots, column_images, images_key, layout)
         return Sample(index, messages, images, fields, layout)
 
     def detect(self, record: dict) -> str:
@@ -372,8 +393,8 @@ class SampleReader:
             role_key = "from" if "from" in turn and "role" not in turn else "role"
             content_key = "value" if "value" in turn and "content" not in turn else "content"
             role = _role(turn.get(role_key), f"{where}.{role_key}")
-            split = layout == "sharegpt"
-            parts = self._parts(turn.get(content_key), f"{where}.{content_key}", split, slots)
+            at = (f"{where}.{content_key}", (key, t, content_key))
+            parts = self._parts(turn.get(content_key), at, layout == "sharegpt", slots)
             messages.append({"role": role, "content": parts})
         column, images_key = _column_images(record)
         return messages, slots, column, images_key
@@ -392,7 +413,7 @@ class SampleReader:
                     f"column missing (the sample has {sorted(map(str, record))[:8]}); set data.columns.image to "
                     "the image column, or to null for a text-only set",
                 )
-            images = _as_list(_json_list_cell(record[names["image"]]), names["image"])
+            images = _entries(_json_list_cell(record[names["image"]]), names["image"])
         user = [{"type": "image"} for _ in images]
         if question:
             user.append({"type": "text", "text": question})
@@ -413,7 +434,8 @@ class SampleReader:
 
     # --- parts and images ----------------------------------------------------------------------
 
-    def _parts(self, content: Any, where: str, split: bool, slots: list) -> list[dict]:
+    def _parts(self, content: Any, at: tuple[str, tuple], split: bool, slots: list) -> list[dict]:
+        where, path = at
         if content is None:
             raise SampleError(where, "missing; expected a string or a list of parts")
         if isinstance(content, str):
@@ -430,7 +452,7 @@ class SampleReader:
                     )
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in ("image", "image_url"):
-                inline = _inline_source(part, f"{where}[{i}]")
+                inline = _inline_source(part, f"{where}[{i}]", (*path, i))
                 slots.append(("bare", None) if inline is None else ("inline", inline))
                 parts.append({"type": "image"})
             else:
@@ -448,7 +470,9 @@ class SampleReader:
                 parts.append({"type": "text", "text": piece})
         return parts
 
-    def _fill_images(self, slots: list, column: list, images_key: str, layout: str) -> tuple[list, list[str]]:
+    def _fill_images(
+        self, index: int, slots: list, column: list, images_key: str, layout: str
+    ) -> tuple[list, list[str]]:
         """Sources in the order their parts appear: inline ones in place, bare ones from the column."""
         bare = sum(kind == "bare" for kind, _ in slots)
         if bare != len(column):
@@ -459,20 +483,21 @@ class SampleReader:
                 counted = f"{bare} image part(s) without an inline source"
                 fix = 'give each image one bare {"type": "image"} part where it goes'
             raise SampleError(images_key, f"{counted} but {len(column)} image(s) in `{images_key}`; {fix}")
-        pending = iter(enumerate(column))
+        pending = iter(column)
         sources, fields = [], []
         for kind, payload in slots:
-            if kind == "inline":
-                value, where = payload
+            value, where, path = payload if kind == "inline" else next(pending)
+            if self.table is not None and _embedded(value):
+                sources.append(RowImage(self.table, index, path))
             else:
-                i, value = next(pending)
-                where = f"{images_key}[{i}]"
-            try:
-                sources.append(
-                    resolve_source(value, self.root, allow_urls=self.allow_urls, url_timeout=self.url_timeout)
-                )
-            except ImageProblem as exc:
-                raise SampleError(where, exc.reason) from None
+                try:
+                    sources.append(
+                        resolve_source(
+                            value, self.root, allow_urls=self.allow_urls, url_timeout=self.url_timeout
+                        )
+                    )
+                except ImageProblem as exc:
+                    raise SampleError(where, exc.reason) from None
             fields.append(where)
         return sources, fields
 
@@ -483,17 +508,22 @@ def _conversation_key(record: dict) -> str | None:
 
 def _column_images(record: dict) -> tuple[list, str]:
     key = next((k for k in IMAGE_KEYS if k in record), "images")
-    return _as_list(record.get(key), key), key
+    return _entries(record.get(key), key), key
 
 
-def _as_list(value: Any, where: str) -> list:
+def _entries(value: Any, key: str) -> list[tuple[Any, str, tuple]]:
+    """The images of a column as (value, field, path in the record): one image or a list of them."""
     if value is None or value == "":
         return []
     if isinstance(value, list | tuple):
-        return list(value)
+        return [(item, f"{key}[{i}]", (key, i)) for i, item in enumerate(value)]
     if isinstance(value, str | bytes | dict) or hasattr(value, "mode"):  # one source (a PIL image has .mode)
-        return [value]
-    raise SampleError(where, f"expected an image or a list of images, got {type(value).__name__}")
+        return [(value, key, (key,))]
+    raise SampleError(key, f"expected an image or a list of images, got {type(value).__name__}")
+
+
+def _embedded(value: Any) -> bool:
+    return isinstance(value, bytes) or (isinstance(value, dict) and bool(value.get("bytes")))
 
 
 def _json_list_cell(value: Any) -> Any:
@@ -506,19 +536,19 @@ def _json_list_cell(value: Any) -> Any:
     return value
 
 
-def _inline_source(part: dict, where: str) -> tuple[Any, str] | None:
-    """(source, its field) of an image part that names its image; None for a bare part."""
+def _inline_source(part: dict, where: str, path: tuple) -> tuple[Any, str, tuple] | None:
+    """(source, its field, its path in the record) of an image part that names its image; None if bare."""
     if part.get("type") == "image_url":
         url = part.get("image_url")
         if isinstance(url, dict):
-            url, where = url.get("url"), f"{where}.image_url.url"
+            url, where, path = url.get("url"), f"{where}.image_url.url", (*path, "image_url", "url")
         else:
-            where = f"{where}.image_url"
+            where, path = f"{where}.image_url", (*path, "image_url")
         if url is None:
             raise SampleError(where, "image_url part without a url")
-        return url, where
+        return url, where, path
     key = next((k for k in ("image", "path", "url") if part.get(k) is not None), None)
-    return None if key is None else (part[key], f"{where}.{key}")
+    return None if key is None else (part[key], f"{where}.{key}", (*path, key))
 
 
 def _role(value: Any, where: str) -> str:
@@ -592,7 +622,7 @@ def load_split(
 
     data = data or DataSection(train=path, image_root=image_root, on_bad_sample=on_bad_sample)
     records = open_records(path, data.train_split, data.subset)
-    reader = SampleReader.from_section(data, records.root)
+    reader = SampleReader.from_section(data, records.root, records.table)
     samples, problems, total = [], [], 0
     for index, record in records.rows:
         total += 1

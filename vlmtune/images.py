@@ -122,6 +122,8 @@ def describe(source: Any) -> str:
         return source
     if isinstance(source, UrlImage):
         return source.url
+    if callable(getattr(source, "fetch", None)):
+        return repr(source)
     if isinstance(source, bytes):
         return f"<{len(source)} bytes>"
     return f"<{type(source).__name__}>"
@@ -157,7 +159,7 @@ def _open_header(source: Any):
     """Open without decoding pixels: the header (and so the size) only."""
     from PIL import Image
 
-    if isinstance(source, UrlImage):
+    if callable(getattr(source, "fetch", None)):  # UrlImage, or an image kept inside a dataset row
         source = source.fetch()
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")

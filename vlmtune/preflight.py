@@ -95,7 +95,7 @@ def scan_split(
     """
     split = data.train_split if name == "train" else data.eval_split
     records = open_records(source, split, data.subset)
-    reader = SampleReader.from_section(data, records.root)
+    reader = SampleReader.from_section(data, records.root, records.table)
     report = SplitReport(
         name, records.source, 0, [], max_length=max_length, max_image_pixels=data.max_image_pixels
     )

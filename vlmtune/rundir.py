@@ -39,6 +39,13 @@ ADAPTER = "3-train/adapter"
 FULL_MODEL = "3-train/model"
 EVAL_REPORT = "4-eval/eval_report.json"
 
+# An export folder (`vlmtune export RUN --out DIR`): peft's and transformers' own file names, so
+# plain peft / transformers load it, plus our model card and the checks that proved the export.
+EXPORT_CARD = "README.md"
+EXPORT_REPORT = "vlmtune_export.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""

@@ -1,4 +1,4 @@
-"""run(recipe): the three stages in order. Each stage gets only its own sections.
+"""run(recipe): the three stages in order (and eval, when asked). Each stage gets only its own sections.
 
 Each stage's artifacts are written before the next starts, and summary.json records every
 stage's status, so a crash late in training still leaves a readable run folder.
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vlmtune import evaluate
 from vlmtune import rundir as files
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
@@ -57,6 +58,10 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks) -> RunDir:
             device, recipe.model.dtype, resume=resume, callbacks=callbacks,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+
+    if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage
+        with stage(run, "eval") as figures:
+            figures.update(evaluate.after_training(model, loaded.processor, recipe.model, recipe.data, run))
 
     run.set_status("done", seconds=round(time.time() - started, 1), output=result.output)
     return run

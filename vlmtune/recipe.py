@@ -221,6 +221,11 @@ class TrainSection(Section):
     save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int | None = Field(2, description="Keep at most N checkpoints.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval).")
+    eval_generate: bool = Field(
+        False,
+        description="After training, generate answers on data.eval with the base and the adapter and score them "
+        "(exact match, contains answer) into 4-eval/eval_report.json, like `vlmtune eval`.",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader workers that decode and process images.")
     supervised_loss: bool = Field(
         True,

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from vlmtune.commands import core
+from vlmtune.commands import core, posttrain
 
 app = typer.Typer(
     name="vlmtune",
@@ -30,6 +30,9 @@ app.command("train")(core.train)
 app.command("validate")(core.validate)
 app.command("schema")(core.schema)
 app.command("tiny")(core.tiny)
+app.command("predict")(posttrain.predict)
+app.command("eval")(posttrain.evaluate)
+app.command("export")(posttrain.export)
 data_app.command("check")(core.data_check)
 
 

@@ -1,0 +1,147 @@
+"""`vlmtune eval` and the optional eval stage: generation scores before (base) vs after (adapter)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from posttrain_fixtures import ANSWER, DEMO, IMAGE, fake_run, train_overfit_run
+
+from vlmtune import evaluate as ev
+
+from test_cli import vlmtune
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished QLoRA run on tiny:qwen2_vl that answers PROMPT about IMAGE with ANSWER (trained once)."""
+    return train_overfit_run(tmp_path_factory)
+
+
+REPORT_KEYS = {"exact_match", "contains", "base", "n", "predictions"}
+PREDICTION_KEYS = {"index", "prompt", "reference", "base", "adapter"}
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "exact", "contains"),
+    [
+        ("The circle is yellow.", "The circle is yellow.", True, True),
+        ("  the CIRCLE   is yellow ", "The circle is yellow.", True, True),
+        ("The circle is yellow!!", "The circle is yellow.", True, True),
+        ("I think the circle is yellow, yes.", "The circle is yellow.", False, True),
+        ("The circle is blue.", "The circle is yellow.", False, False),
+        ("", "The circle is yellow.", False, False),
+        ("anything", "", False, False),
+    ],
+)
+def test_scores_ignore_case_whitespace_and_trailing_punctuation(prediction, reference, exact, contains):
+    assert ev.exact_match(prediction, reference) is exact
+    assert ev.contains_answer(prediction, reference) is contains
+
+
+def test_scores_are_fractions_of_the_samples():
+    assert ev.scores(["a.", "b", "xc"], ["A", "c", "c"]) == {"exact_match": 1 / 3, "contains": 2 / 3}
+
+
+def test_the_reference_is_the_last_assistant_turn_and_the_prompt_what_comes_before():
+    from vlmtune.data import load_split
+
+    split = load_split(str(DEMO / "eval.jsonl"), None, "error")
+    multi = next(s for s in split.samples if sum(m["role"] == "assistant" for m in s.messages) == 2)
+    item = ev.eval_item(multi)
+    assert item.reference == "The red one."
+    assert [m["role"] for m in item.messages] == ["user", "assistant", "user"]
+    assert len(item.images) == 2, "the images shown before the answer go with the prompt"
+    assert ev.prompt_text(item.messages).startswith("user: <image> <image> What colors")
+
+
+# --- after training -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_generate_runs_as_a_fourth_stage_after_training(overfit_run: Path):
+    summary = json.loads((overfit_run / "summary.json").read_text())
+    assert list(summary["stages"]) == ["load", "lora", "train", "eval"]
+    stage = summary["stages"]["eval"]
+    assert stage["status"] == "done" and stage["n"] == 2
+    assert stage["exact_match"] == 0.5, "the trained sample is right, the unseen one is not"
+    assert stage["base_exact_match"] == 0.0
+    report = json.loads((overfit_run / "4-eval/eval_report.json").read_text())
+    assert set(report) >= REPORT_KEYS and report["exact_match"] == 0.5
+
+
+@pytest.fixture
+def run_copy(overfit_run: Path, tmp_path: Path) -> Path:
+    """A copy, so rewriting 4-eval/ does not disturb the other tests."""
+    shutil.copytree(overfit_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_eval_scores_base_vs_adapter_and_writes_the_report(run_copy: Path, monkeypatch):
+    """In-process, to count model loads: the base is loaded once and the adapter toggled."""
+    from typer.testing import CliRunner
+
+    from vlmtune.cli import app
+    from vlmtune.stages import load
+
+    loads = []
+    real_load = load.load
+    monkeypatch.setattr(load, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    (run_copy / "4-eval").rename(run_copy / "4-eval-from-training")
+    result = CliRunner().invoke(app, ["eval", str(run_copy)])
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1, "one base load; the adapter is disabled for the 'before' answers"
+
+    report = json.loads((run_copy / "4-eval/eval_report.json").read_text())
+    assert set(report) >= REPORT_KEYS and set(report["base"]) == {"exact_match", "contains"}
+    assert report["n"] == 2 and len(report["predictions"]) == 2
+    assert report["exact_match"] == 0.5 and report["contains"] == 0.5
+    assert report["base"] == {"exact_match": 0.0, "contains": 0.0}
+    first = report["predictions"][0]
+    assert set(first) >= PREDICTION_KEYS
+    assert first["index"] == 0 and first["reference"] == ANSWER and first["adapter"] == ANSWER
+    assert first["prompt"] == "user: <image> What color is the shape?"
+    assert "exact match" in result.output and "adapter" in result.output
+
+
+@pytest.mark.slow
+def test_eval_on_another_file_with_max_samples(run_copy: Path, tmp_path: Path):
+    line = json.loads((DEMO / "train.jsonl").read_text().splitlines()[0])
+    line["messages"][0]["content"][0]["image"] = str(IMAGE)  # absolute: the file lives elsewhere
+    data = tmp_path / "held_out.jsonl"
+    data.write_text((json.dumps(line) + "\n") * 3)
+    result = vlmtune("eval", str(run_copy), "--data", str(data), "--max-samples", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_copy / "4-eval/eval_report.json").read_text())
+    assert report["n"] == 1 and report["exact_match"] == 1.0 and report["contains"] == 1.0
+    assert report["base"]["exact_match"] == 0.0
+    assert report["data"]["source"].endswith("held_out.jsonl")
+
+
+# --- user errors ------------------------------------------------------------------------------------
+
+
+def test_eval_without_an_eval_split_asks_for_data(tmp_path: Path):
+    run = fake_run(tmp_path / "run", data_eval=None)
+    result = vlmtune("eval", str(run))
+    assert result.returncode == 2 and "no eval split" in result.stderr and "--data" in result.stderr
+
+
+def test_eval_with_a_missing_data_file_is_a_clear_error(tmp_path: Path):
+    run = fake_run(tmp_path / "run")
+    result = vlmtune("eval", str(run), "--data", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 2 and "missing.jsonl" in result.stderr and "hint:" in result.stderr
+
+
+def test_eval_refuses_an_unfinished_or_missing_run(tmp_path: Path):
+    result = vlmtune("eval", str(fake_run(tmp_path / "run", status="failed")))
+    assert (
+        result.returncode == 2 and "did not finish training" in result.stderr and "--resume" in result.stderr
+    )
+    result = vlmtune("eval", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "does not exist" in result.stderr

@@ -8,6 +8,7 @@ has no ``video_processor`` parameter makes ProcessorMixin skip it; image-only us
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,37 @@ from vlmtune.families import Family
 
 
 def without_video_processor(base: type) -> type:
-    """``base`` minus its video processor; saved folders still name ``base``."""
+    """``base`` minus its video processor; saved folders still name ``base``.
 
-    class NoVideo(base):  # type: ignore[misc, valid-type]
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            kwargs.pop("video_processor", None)
-            super().__init__(
-                image_processor=image_processor,
-                tokenizer=tokenizer,
-                video_processor=None,
-                chat_template=chat_template,
-                **kwargs,
-            )
-
-    NoVideo.__name__ = NoVideo.__qualname__ = base.__name__
-    NoVideo.__module__ = base.__module__
-    return NoVideo
+    The subclass's ``__init__`` takes exactly the base's parameters minus ``video_processor``:
+    ProcessorMixin reads them from the code object to decide what processor_config.json saves
+    and which of its keys reach ``__init__`` on reload (num_image_tokens, image_seq_length,
+    image_seq_len...). A narrower ``(image_processor, tokenizer, chat_template, **kwargs)`` would
+    drop them silently and reload with the base's defaults.
+    """
+    signature = inspect.signature(base.__init__)
+    names = [
+        p.name
+        for p in list(signature.parameters.values())[1:]
+        if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "video_processor"
+    ]
+    defaults = {
+        p.name: None if p.default is p.empty else p.default
+        for p in signature.parameters.values()
+        if p.name in names
+    }
+    source = (
+        f"def __init__(self, {''.join(f'{n}=_defaults[{n!r}], ' for n in names)}**kwargs):\n"
+        "    kwargs.pop('video_processor', None)\n"
+        f"    _base.__init__(self, {''.join(f'{n}={n}, ' for n in names)}video_processor=None, **kwargs)\n"
+    )
+    namespace: dict[str, Any] = {"_defaults": defaults, "_base": base}
+    exec(source, namespace)  # noqa: S102 - names come from the base class's own signature
+    no_video = type(
+        base.__name__, (base,), {"__init__": namespace["__init__"], "__module__": base.__module__}
+    )
+    no_video.__qualname__ = base.__qualname__
+    return no_video
 
 
 def processor_class(family: Family) -> type | None:

@@ -22,6 +22,18 @@ TINY_VERSION = 2
 BUILDERS: dict[str, str] = {
     "qwen2_vl": "vlmtune.tiny.qwen:build_qwen2_vl",
     "qwen2_5_vl": "vlmtune.tiny.qwen:build_qwen2_5_vl",
+    "qwen3_vl": "vlmtune.tiny.qwen3:build_qwen3_vl",
+    "llava": "vlmtune.tiny.llava:build_llava",
+    "llava_next": "vlmtune.tiny.llava:build_llava_next",
+    "llava_onevision": "vlmtune.tiny.llava:build_llava_onevision",
+    "pixtral": "vlmtune.tiny.pixtral:build_pixtral",
+    "mistral3": "vlmtune.tiny.pixtral:build_mistral3",
+    "gemma3": "vlmtune.tiny.gemma:build_gemma3",
+    "mllama": "vlmtune.tiny.mllama:build_mllama",
+    "idefics3": "vlmtune.tiny.idefics:build_idefics3",
+    "smolvlm": "vlmtune.tiny.idefics:build_smolvlm",
+    "paligemma": "vlmtune.tiny.gemma:build_paligemma",
+    "internvl": "vlmtune.tiny.internvl:build_internvl",
 }
 
 

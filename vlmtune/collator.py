@@ -9,11 +9,16 @@ Assistant spans are found without knowing the template: the conversation is rend
 assistant turn (with the generation prompt) and through it; the characters in between are the
 answer, its end-of-turn token included, so the model learns to stop. Those characters are mapped
 onto the processor's tokens by aligning the plain tokenization of the rendered text with the
-processor's output, whose only additions are vision tokens.
+processor's output, whose additions are vision tokens (and, from a few processors, newlines
+beside them, see align_expanded).
+
+A family whose token_type_ids mark a prefix-LM's answer (PaliGemma) gets them from the labels.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
 from typing import Any
 
 from vlmtune.data import Sample, open_image
@@ -44,6 +49,8 @@ class VisionCollator:
         spans = [self.assistant_spans(s.messages, text) for s, text in zip(samples, texts, strict=True)]
         batch = self._process(texts, [[open_image(src) for src in s.images] for s in samples])
         batch["labels"] = self._labels(batch, texts, spans)
+        if self.family.token_types_from_labels:
+            batch["token_type_ids"] = answer_token_types(batch["labels"])
         self._check_length(batch, samples)
         return batch
 
@@ -77,7 +84,13 @@ class VisionCollator:
     # --- steps -----------------------------------------------------------------------------------
 
     def _process(self, texts: list[str], images: list[list]) -> dict:
-        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        kwargs: dict[str, Any] = {
+            "text": texts,
+            "padding": True,
+            "padding_side": "right",  # some processors default to left (InternVL); labels assume right
+            "return_tensors": "pt",
+            **self._special_tokens(texts),
+        }
         if any(images):
             kwargs["images"] = images
         return dict(self.processor(**kwargs))
@@ -101,12 +114,23 @@ class VisionCollator:
         """For each processor token: is it inside an assistant span? (vision and pad are masked later)"""
         if not self.train_on_responses_only:
             return [True] * len(expanded)
-        plain = self.tokenizer(text, return_offsets_mapping=True)
+        plain = self.tokenizer(text, return_offsets_mapping=True, **self._special_tokens([text]))
         starts = [start for start, _ in plain["offset_mapping"]]
+
+        def in_answer(j: int) -> bool:
+            return any(a <= starts[j] < b for a, b in spans)
+
         return [
-            j is not None and any(a <= starts[j] < b for a, b in spans)
-            for j in align_expanded(expanded, plain["input_ids"])
+            j is not None and in_answer(j)
+            for j in align_expanded(expanded, plain["input_ids"], must_match=in_answer)
         ]
+
+    def _special_tokens(self, texts: list[str]) -> dict:
+        """A template that writes the bos token itself (Gemma 3, Llama 3) must not get a second one."""
+        bos = self.tokenizer.bos_token
+        if bos and all(text.startswith(bos) for text in texts):
+            return {"add_special_tokens": False}
+        return {}
 
     def _check_length(self, batch: dict, samples: list[Sample]) -> None:
         if self.max_length is None:
@@ -136,11 +160,16 @@ def vision_token_ids(tokenizer: Any, family: Family) -> list[int]:
     return ids
 
 
-def align_expanded(expanded: list[int], plain: list[int]) -> list[int | None]:
+def align_expanded(
+    expanded: list[int], plain: list[int], must_match: Callable[[int], bool] = lambda j: True
+) -> list[int | None]:
     """Map each token of ``expanded`` to its index in ``plain`` (None: inserted by the processor).
 
-    The processor's output equals the plain tokenization with vision tokens inserted around and
-    after each image placeholder, so a greedy two-pointer walk aligns them.
+    The processor's output is usually the plain tokenization with vision tokens inserted around
+    and after each image placeholder, so a greedy two-pointer walk aligns them. Some processors
+    also insert text next to an image (Gemma 3 writes "\n\n" on both sides), which a tokenizer
+    may merge with a neighbouring newline; then the longest common blocks align them, and plain
+    tokens left unmatched are allowed where ``must_match(index)`` is false (outside the answers).
     """
     origin: list[int | None] = []
     j = 0
@@ -150,9 +179,26 @@ def align_expanded(expanded: list[int], plain: list[int]) -> list[int | None]:
             j += 1
         else:
             origin.append(None)
-    if j != len(plain):
+    if j == len(plain):
+        return origin
+    origin = [None] * len(expanded)
+    matcher = difflib.SequenceMatcher(None, plain, expanded, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            origin[block.b + k] = block.a + k
+    matched = set(i for i in origin if i is not None)
+    if any(must_match(i) for i in range(len(plain)) if i not in matched):
         raise ModelError(
             "the processor's tokens do not contain the rendered text's tokens; labels cannot be placed",
             hint="this processor rewrites text beyond image tokens; set data.train_on_responses_only: false",
         )
     return origin
+
+
+def answer_token_types(labels: Any) -> Any:
+    """token_type_ids of a prefix-LM (PaliGemma): 0 up to the first supervised token, 1 from it on.
+
+    The prefix (image, prompt) attends bidirectionally, the rest causally, so no position sees a
+    token it is trained to predict.
+    """
+    return ((labels != IGNORE_INDEX).long().cumsum(dim=1) > 0).long()

@@ -141,6 +141,7 @@ def test_load_split_without_a_model_finds_the_same_invalid_samples():
         ("train.json", b"[\xff]", "is not valid UTF-8"),
         ("train.csv", b"question,answer\nq,caf\xe9\n", "not valid UTF-8"),
         ("train.parquet", b"not parquet", "is not a readable parquet file"),
+        ("train.arrow", b"not arrow", "is not an Arrow file written by datasets"),
     ],
 )
 def test_unreadable_files_are_one_clear_error(tmp_path: Path, name, content, words):

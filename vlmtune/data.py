@@ -2,7 +2,8 @@
 
 A ``Sample`` holds ``messages`` whose content is always a list of ``{"type": "text", "text": ...}``
 and ``{"type": "image"}`` parts, and ``images``: one lazy source per image part (an absolute path,
-bytes, a PIL image or a URL), opened only when the pixels are needed. Three layouts are read
+bytes, a PIL image, a URL, or a RowImage: a reference into an Arrow-backed dataset), opened only
+when the pixels are needed. Three layouts are read
 (docs/data.md has examples):
 
 - messages: OpenAI/TRL ``messages`` whose content is a string or a list of parts; an image part
@@ -33,7 +34,16 @@ from vlmtune.images import ImageProblem, open_image, resolve_source
 if TYPE_CHECKING:
     from vlmtune.recipe import DataSection
 
-__all__ = ["Problem", "Sample", "SampleError", "SampleReader", "load_split", "open_image", "open_records"]
+__all__ = [
+    "Problem",
+    "RowImage",
+    "Sample",
+    "SampleError",
+    "SampleReader",
+    "load_split",
+    "open_image",
+    "open_records",
+]
 
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", **{role: role for role in ROLES}}
@@ -50,7 +60,7 @@ class Sample:
     messages: list[dict]
     images: list[Any] = field(default_factory=list)
     image_fields: list[str] = field(default_factory=list)  # where each image came from in the record
-    format: str = "messages"
+    format: str = "messages"  # the layout it was read as: messages, sharegpt or columns
 
     @property
     def n_images(self) -> int:
@@ -131,9 +141,7 @@ def open_records(source: str, split: str = "train", subset: str | None = None) -
         if suffix == ".parquet":
             return _parquet_records(path)
         if suffix == ".arrow":
-            from datasets import Dataset
-
-            return _dataset_records(Dataset.from_file(str(path)), path.parent, str(path))
+            return _arrow_records(path)
         raise DataError(
             f"unsupported data file type {path.suffix!r}: {path}",
             hint=f"use one of {', '.join(FILE_SUFFIXES)}, a save_to_disk folder or a hub dataset id",
@@ -241,6 +249,18 @@ def _parquet_records(path: Path) -> Records:
         dataset = Dataset.from_parquet(str(path))
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataError(f"{path} is not a readable parquet file ({exc})", hint="re-export it") from None
+    return _dataset_records(dataset, path.resolve().parent, str(path))
+
+
+def _arrow_records(path: Path) -> Records:
+    from datasets import Dataset
+
+    try:
+        dataset = Dataset.from_file(str(path))
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(
+            f"{path} is not an Arrow file written by datasets ({exc})", hint="re-save it with save_to_disk"
+        ) from None
     return _dataset_records(dataset, path.resolve().parent, str(path))
 
 
@@ -615,7 +635,8 @@ def load_split(
 ) -> LoadedSplit:
     """Every valid sample of a source (images decoded once to check them, then released).
 
-    Invalid samples raise or are listed, per ``on_bad_sample``. Token lengths need the processor:
+    Invalid samples raise or are listed, per ``on_bad_sample``. ``data`` (a recipe's DataSection)
+    replaces the other keyword arguments when given. Token lengths need the processor:
     ``vlmtune.preflight.check_split`` measures them too.
     """
     from vlmtune.recipe import DataSection

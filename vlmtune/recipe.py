@@ -178,9 +178,12 @@ class DataSection(Section):
         "error", description="A sample that fails validation: stop, or skip it (listed in data_report.json)."
     )
     allow_urls: bool = Field(
-        False, description="Let samples fetch http(s) image URLs (off: such samples are refused with a reason)."
+        False,
+        description="Let samples fetch http(s) image URLs (off: such samples are refused with a reason).",
     )
-    url_timeout: float = Field(30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on.")
+    url_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on."
+    )
 
     @field_validator("columns", mode="after")
     @classmethod

@@ -131,12 +131,19 @@ def _image_processor(processor: Any) -> Any:
 # --- image-token arithmetic -------------------------------------------------------------------
 
 
+def _need(settings: ImageSettings, name: str) -> Any:
+    value = getattr(settings, name)
+    if not value:
+        raise ValueError(f"ImageSettings.{name} is needed to count this family's image tokens")
+    return value
+
+
 def qwen_resized(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen's smart_resize: sides rounded to ``factor``, area kept inside [min_pixels, max_pixels]."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio of {width}x{height} is over 200, which Qwen processors refuse")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    h = round(height / factor) * factor  # may round to 0: then the min_pixels branch scales up
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
@@ -158,8 +165,7 @@ def qwen_tokens(width: int, height: int, s: ImageSettings) -> int:
 
 def fixed_tokens(width: int, height: int, s: ImageSettings) -> int:
     """Llava-1.5, Gemma 3 (without pan-and-scan), PaliGemma: every image is resized to one size."""
-    assert s.tokens_per_tile is not None
-    return s.tokens_per_tile
+    return _need(s, "tokens_per_tile")
 
 
 def one_token(width: int, height: int, s: ImageSettings) -> int:
@@ -183,10 +189,10 @@ def select_best_resolution(
 
 def _anyres_tokens(width: int, height: int, s: ImageSettings, max_tiles: int | None) -> int:
     """Base tile + the unpadded grid features + one newline per grid row (LLaVA-NeXT, OneVision)."""
-    assert s.image_size is not None and s.tokens_per_tile is not None
-    best_h, best_w = select_best_resolution(height, width, s.grid_pinpoints)
-    side = s.image_size // s.patch_size
-    rows, cols = side * (best_h // s.image_size), side * (best_w // s.image_size)
+    tile, per_tile = _need(s, "image_size"), _need(s, "tokens_per_tile")
+    best_h, best_w = select_best_resolution(height, width, _need(s, "grid_pinpoints"))
+    side = tile // s.patch_size
+    rows, cols = side * (best_h // tile), side * (best_w // tile)
     if width / height > cols / rows:
         new_rows = int(round(height * (cols / width), 7))
         rows -= ((rows - new_rows) // 2) * 2
@@ -198,7 +204,7 @@ def _anyres_tokens(width: int, height: int, s: ImageSettings, max_tiles: int | N
         ratio = math.sqrt(rows * cols / (max_tiles * side**2))
         if ratio > 1.1:
             unpadded, newlines = int(rows // ratio) * int(cols // ratio), int(rows // ratio)
-    return unpadded + newlines + s.tokens_per_tile
+    return unpadded + newlines + per_tile
 
 
 def llava_next_tokens(width: int, height: int, s: ImageSettings) -> int:
@@ -215,9 +221,9 @@ def pixtral_tokens(width: int, height: int, s: ImageSettings) -> int:
 
     The processor adds one [IMG_BREAK] per row (the last one is [IMG_END]) on top.
     """
-    assert s.longest_edge is not None
+    edge = s.longest_edge or _need(s, "image_size")  # a config's image_size is the longest edge
     cell = s.patch_size * s.merge_size
-    ratio = max(height / s.longest_edge, width / s.longest_edge)
+    ratio = max(height / edge, width / edge)
     if ratio > 1:
         height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
     return ((height - 1) // cell + 1) * ((width - 1) // cell + 1)
@@ -228,14 +234,14 @@ IDEFICS3_MAX_SIDE = 4096  # transformers' MAX_IMAGE_SIZE for Idefics3/SmolVLM
 
 def idefics3_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]:
     """(rows, cols) of tiles; (0, 0) when the image fits one tile and is not split."""
-    assert s.image_size is not None and s.longest_edge is not None
+    edge, tile = _need(s, "longest_edge"), _need(s, "image_size")
     # 1. longest edge scaled TO longest_edge (up or down), the other side kept even
     aspect = width / height
     if width >= height:
-        width, height = s.longest_edge, int(s.longest_edge / aspect)
+        width, height = edge, int(edge / aspect)
         height += height % 2
     else:
-        height, width = s.longest_edge, int(s.longest_edge * aspect)
+        height, width = edge, int(edge * aspect)
         width += width % 2
     height, width = max(height, 1), max(width, 1)
     if max(height, width) > IDEFICS3_MAX_SIDE:
@@ -245,7 +251,6 @@ def idefics3_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]
         else:
             height, width = IDEFICS3_MAX_SIDE, max(int(IDEFICS3_MAX_SIDE * aspect), 1)
     # 2. both sides rounded up to whole tiles
-    tile = s.image_size
     aspect = width / height
     if width >= height:
         width = math.ceil(width / tile) * tile
@@ -260,21 +265,21 @@ def idefics3_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]
 
 def idefics3_tokens(width: int, height: int, s: ImageSettings) -> int:
     """<image> tokens: one tile's worth per split tile plus the global image."""
-    assert s.tokens_per_tile is not None
+    per_tile = _need(s, "tokens_per_tile")
     if not s.tiling:
-        return s.tokens_per_tile
+        return per_tile
     rows, cols = idefics3_tiles(width, height, s)
-    return s.tokens_per_tile * (rows * cols + 1)
+    return per_tile * (rows * cols + 1)
 
 
 def internvl_tiles(width: int, height: int, s: ImageSettings) -> int:
     """Tiles of the closest-aspect grid with min_tiles..max_tiles tiles, plus a thumbnail if > 1."""
-    assert s.image_size is not None and s.max_tiles is not None
-    if not s.tiling or s.max_tiles <= 1:
+    if not s.tiling or (s.max_tiles or 1) <= 1:
         return 1
+    tile, most = _need(s, "image_size"), _need(s, "max_tiles")
     grids = sorted(
-        ((cols, rows) for cols in range(1, s.max_tiles + 1) for rows in range(1, s.max_tiles + 1)
-         if s.min_tiles <= cols * rows <= s.max_tiles),
+        ((cols, rows) for cols in range(1, most + 1) for rows in range(1, most + 1)
+         if s.min_tiles <= cols * rows <= most),
         key=lambda grid: grid[0] * grid[1],
     )  # fmt: skip
     aspect, area = width / height, width * height
@@ -283,15 +288,14 @@ def internvl_tiles(width: int, height: int, s: ImageSettings) -> int:
         diff = abs(aspect - cols / rows)
         if diff < best_diff:
             best, best_diff = (cols, rows), diff
-        elif diff == best_diff and area > 0.5 * s.image_size * s.image_size * cols * rows:
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
             best = (cols, rows)
     tiles = best[0] * best[1]
     return 1 + tiles if tiles > 1 else 1
 
 
 def internvl_tokens(width: int, height: int, s: ImageSettings) -> int:
-    assert s.tokens_per_tile is not None
-    return internvl_tiles(width, height, s) * s.tokens_per_tile
+    return internvl_tiles(width, height, s) * _need(s, "tokens_per_tile")
 
 
 # --- reading settings from a loaded processor ---------------------------------------------------

@@ -31,9 +31,7 @@ CORPUS = [
 CHAT_CORPUS = [
     "user\nassistant\nsystem\nmodel\n",
     "USER: ASSISTANT: User: Assistant: System: [INST] [/INST]",
-    "\n\n",
-    "\n\n\n",
-    "\n\n\n\n",
+    *["\n\n", "\n\n\n", "\n\n\n\n"] * 8,
 ]
 
 # Qwen2's pre-tokenizer split (the same regex as the real checkpoints' tokenizer.json).

@@ -13,6 +13,7 @@ import sys
 import typer
 
 from vlmtune.commands import core, posttrain
+from vlmtune.commands import inspect as inspect_cmd
 
 app = typer.Typer(
     name="vlmtune",
@@ -30,6 +31,7 @@ app.command("train")(core.train)
 app.command("validate")(core.validate)
 app.command("schema")(core.schema)
 app.command("tiny")(core.tiny)
+app.command("inspect")(inspect_cmd.inspect)
 app.command("predict")(posttrain.predict)
 app.command("eval")(posttrain.evaluate)
 app.command("export")(posttrain.export)

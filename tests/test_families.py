@@ -1,0 +1,193 @@
+"""Family records: detection from saved configs, and image-token arithmetic against the real processors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.errors import ModelError
+from vlmtune.families import FAMILIES, LLAVA, PIXTRAL, detect_family, family_names, get_family
+from vlmtune.tiny import BUILDERS
+
+NAMES = family_names()
+SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
+
+
+def test_every_family_has_a_unique_name_and_a_tiny_builder():
+    assert len(set(NAMES)) == len(NAMES) == 14
+    assert set(BUILDERS) == set(NAMES)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_detection_from_the_saved_config(family: str, tiny_path):
+    config = json.loads((tiny_path(family) / "config.json").read_text())
+    assert detect_family(config).name == family
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_detection_from_a_loaded_config_object(family: str, tiny_path):
+    from transformers import AutoConfig
+
+    assert detect_family(AutoConfig.from_pretrained(tiny_path(family))).name == family
+
+
+def test_a_llava_config_with_a_pixtral_tower_is_pixtral_and_with_clip_is_llava():
+    assert detect_family({"model_type": "llava", "vision_config": {"model_type": "pixtral"}}) is PIXTRAL
+    assert (
+        detect_family({"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"}}) is LLAVA
+    )
+    assert detect_family({"model_type": "llava"}) is LLAVA
+    # FAMILIES order must not matter for the specific match
+    assert FAMILIES.index(LLAVA) < FAMILIES.index(PIXTRAL)
+
+
+def test_an_unknown_architecture_lists_every_family_and_the_guide():
+    with pytest.raises(ModelError, match="unsupported architecture: model_type 'blip-2'") as info:
+        detect_family({"model_type": "blip-2", "vision_config": {"model_type": "blip_2_vision_model"}})
+    assert "blip_2_vision_model" in info.value.message
+    for family in FAMILIES:
+        assert family.title in info.value.hint
+    assert "docs/adding-a-family.md" in info.value.hint
+
+
+def test_an_unknown_family_name_lists_the_names():
+    with pytest.raises(ModelError, match="unknown family 'gemma4'") as info:
+        get_family("gemma4")
+    assert "gemma3" in info.value.hint
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_the_records_vision_tokens_exist_in_the_tiny_tokenizer(family: str, tiny_path):
+    from vlmtune.processing import load_processor
+
+    record = get_family(family)
+    tokenizer = load_processor(tiny_path(family), record).tokenizer
+    for token in (record.image_token, record.image_feature_token, *record.structural_tokens):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert token_id is not None and token_id != tokenizer.unk_token_id, token
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_keep_16bit_names_full_prefixes_and_lm_head(family: str):
+    record = get_family(family)
+    keep = record.keep_16bit()
+    assert keep[0] == record.vision_prefix and "lm_head" in keep
+    assert all(prefix.startswith("model.") or prefix == "lm_head" for prefix in keep)
+
+
+# --- image tokens ------------------------------------------------------------------------------
+
+
+def count_feature_tokens(processor, record, width: int, height: int) -> int:
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(
+        text=[text], images=[[Image.new("RGB", (width, height), (200, 30, 30))]], return_tensors="pt"
+    )
+    feature = processor.tokenizer.convert_tokens_to_ids(record.image_feature_token)
+    return int((batch["input_ids"][0] == feature).sum())
+
+
+@pytest.mark.parametrize("budget", [None, 2000])
+@pytest.mark.parametrize("family", NAMES)
+def test_tokens_per_image_matches_the_processor(family: str, budget, tiny_path):
+    from vlmtune.processing import load_processor
+
+    record = get_family(family)
+    processor = load_processor(tiny_path(family), record, budget)
+    settings = record.image_settings(processor)
+    for width, height in SIZES:
+        expected = count_feature_tokens(processor, record, width, height)
+        assert record.tokens_per_image(width, height, settings) == expected, (width, height)
+
+
+# Released-checkpoint settings put onto the tiny processors: the arithmetic must hold at full scale
+# too (tiling, pooling and budget branches the tiny sizes never reach).
+def _qwen(processor):
+    processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12845056}
+
+
+def _llava_next(processor):
+    ip = processor.image_processor
+    ip.size, ip.crop_size = {"shortest_edge": 336}, {"height": 336, "width": 336}
+    ip.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _onevision(processor):
+    processor.vision_aspect_ratio = "anyres_max_1"  # pools every grid above one tile
+
+
+def _pixtral(processor):
+    processor.image_processor.size = {"longest_edge": 1024}
+
+
+def _idefics3(processor):
+    processor.image_processor.size = {"longest_edge": 4 * 364}
+    processor.image_processor.max_image_size = {"longest_edge": 364}
+    processor.image_seq_len = 169
+
+
+def _internvl(processor):
+    processor.image_processor.size = {"height": 448, "width": 448}
+    processor.image_processor.max_patches = 12
+    processor.image_seq_length = 256
+
+
+RELEASED = {
+    "qwen2_vl": _qwen,
+    "qwen2_5_vl": _qwen,
+    "qwen3_vl": _qwen,
+    "llava_next": _llava_next,
+    "llava_onevision": _onevision,
+    "pixtral": _pixtral,
+    "idefics3": _idefics3,
+    "smolvlm": _idefics3,
+    "internvl": _internvl,
+}
+
+
+@pytest.mark.parametrize("family", sorted(RELEASED))
+def test_tokens_per_image_at_released_settings(family: str, tiny_path):
+    from vlmtune.processing import load_processor
+
+    record = get_family(family)
+    processor = load_processor(tiny_path(family), record)
+    RELEASED[family](processor)
+    settings = record.image_settings(processor)
+    for width, height in [(1200, 900), (500, 1400), (300, 300)]:
+        expected = count_feature_tokens(processor, record, width, height)
+        assert record.tokens_per_image(width, height, settings) == expected, (width, height)
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES if f.pixel_budget is not None])
+def test_a_smaller_pixel_budget_never_gives_more_tokens(family: str, tiny_path):
+    from vlmtune.processing import load_processor
+
+    record = get_family(family)
+    counts = []
+    for budget in (None, 4000, 1200):
+        processor = load_processor(tiny_path(family), record, budget)
+        counts.append(count_feature_tokens(processor, record, 200, 160))
+    assert counts[0] >= counts[1] >= counts[2] and counts[0] > counts[2], counts
+
+
+def test_missing_settings_raise_a_value_error_naming_the_field():
+    from vlmtune.families import ImageSettings
+
+    with pytest.raises(ValueError, match="grid_pinpoints"):
+        get_family("llava_next").tokens_per_image(
+            100, 100, ImageSettings(image_size=336, tokens_per_tile=576)
+        )
+    with pytest.raises(ValueError, match="tokens_per_tile"):
+        get_family("gemma3").tokens_per_image(100, 100, ImageSettings())
+
+
+def test_qwen_extreme_aspect_ratio_rounds_like_smart_resize():
+    """A 13-pixel side rounds to zero tiles before the min_pixels check, as the processor does."""
+    from vlmtune.families import ImageSettings, qwen_tokens
+
+    settings = ImageSettings(min_pixels=3136, max_pixels=50176, patch_size=14, merge_size=2)
+    assert qwen_tokens(13, 200, settings) == 8

@@ -106,7 +106,7 @@ def test_eval_scores_base_vs_adapter_and_writes_the_report(run_copy: Path, monke
     assert set(first) >= PREDICTION_KEYS
     assert first["index"] == 0 and first["reference"] == ANSWER and first["adapter"] == ANSWER
     assert first["prompt"] == "user: <image> What color is the shape?"
-    assert "exact match" in result.output and "adapter" in result.output
+    assert "exact match" in result.output and "after (trained)" in result.output
 
 
 @pytest.mark.slow

@@ -201,11 +201,13 @@ def test_the_merged_model_gives_the_trained_answer(exports, image_prompt):
 
 @pytest.mark.slow
 def test_a_full_finetune_exports_as_a_standalone_model(tmp_path: Path):
-    recipe = overfit_recipe(tmp_path, max_steps=2, eval_generate=False)
+    recipe = overfit_recipe(tmp_path, max_steps=2)  # eval_generate on: the base is a second model
     run = tmp_path / "run"
     result = vlmtune("train", str(recipe), "--run-dir", str(run), "--set", "lora.method=full",
                      "--set", "quantization.bits=null")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((run / "summary.json").read_text())["stages"]["eval"]
+    assert evaluated["status"] == "done" and evaluated["n"] == 2 and evaluated["base_exact_match"] == 0.0
     result = vlmtune("export", str(run), "--out", str(tmp_path / "out"), "--merge")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no merge needed" in result.stderr

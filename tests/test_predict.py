@@ -100,3 +100,15 @@ def test_an_image_that_does_not_open_is_a_clear_error(tmp_path: Path):
 
     result = vlmtune("predict", str(run), "--image", str(tmp_path / "missing.png"), "--prompt", PROMPT)
     assert result.returncode == 2 and "image not found" in result.stderr and "hint:" in result.stderr
+
+
+def test_a_failed_eval_stage_does_not_hide_finished_training():
+    from vlmtune.generate import training_finished
+
+    stages = {"load": {"status": "done"}, "lora": {"status": "done"}}
+    assert training_finished({"status": "done", "stages": {**stages, "train": {"status": "done"}}})
+    assert training_finished(
+        {"status": "failed", "stages": {**stages, "train": {"status": "done"}, "eval": {"status": "failed"}}}
+    ), "the adapter was saved before eval started"
+    assert not training_finished({"status": "failed", "stages": {**stages, "train": {"status": "failed"}}})
+    assert not training_finished({"status": "running", "stages": {**stages, "train": {"status": "running"}}})

@@ -125,6 +125,20 @@ def before_and_after(
     return {"adapter": adapter, "base": base}
 
 
+def run_answers(trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None) -> dict:
+    """Adapter and base answers of a finished run (a generate.TrainedRun): one load with the adapter
+    toggled, or, for a full fine-tune, the trained model and then the base."""
+    from vlmtune.generate import load_for_inference
+
+    inference = load_for_inference(trained)
+    if inference.has_adapter:
+        return before_and_after(inference.model, inference.processor, items, max_new_tokens, progress)
+    adapter = answers(inference.model, inference.processor, items, max_new_tokens, progress)
+    del inference  # free the fine-tuned weights before the base loads
+    base = load_for_inference(trained, base_only=True)
+    return {"adapter": adapter, "base": answers(base.model, base.processor, items, max_new_tokens, progress)}
+
+
 def report(items: list[EvalItem], adapter: list[str], base: list[str], **facts: Any) -> dict:
     """The eval_report.json content: scores after (top level) and before (under `base`), per sample."""
     references = [item.reference for item in items]
@@ -204,11 +218,12 @@ def render(content: dict, console: Any, show: int = 8) -> None:
     scores_table.add_column("model")
     scores_table.add_column("exact match", justify="right")
     scores_table.add_column("contains answer", justify="right")
+    before, after = content["base"], content
+    scores_table.add_row("before (base)", f"{before['exact_match']:.1%}", f"{before['contains']:.1%}")
     scores_table.add_row(
-        "base", f"{content['base']['exact_match']:.1%}", f"{content['base']['contains']:.1%}"
-    )
-    scores_table.add_row(
-        "[bold]adapter[/]", f"[bold]{content['exact_match']:.1%}[/]", f"[bold]{content['contains']:.1%}[/]"
+        "[bold]after (trained)[/]",
+        f"[bold]{after['exact_match']:.1%}[/]",
+        f"[bold]{after['contains']:.1%}[/]",
     )
     console.print(scores_table)
     rows = content["predictions"][:show]

@@ -62,6 +62,7 @@ def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> Expor
         (staging / files.EXPORT_CARD).write_text(model_card(facts, out.name), encoding="utf-8")
         report = json.dumps({**facts, "checks": checks}, indent=2, ensure_ascii=False)
         (staging / files.EXPORT_REPORT).write_text(report + "\n", encoding="utf-8")
+        check_new_folder(out)  # created meanwhile? rename would replace an empty folder
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,7 +374,3 @@ def _eval(result: dict) -> str:
         f"exact match {result['exact_match']:.1%} (base {base.get('exact_match', 0):.1%}), "
         f"contains answer {result['contains']:.1%} (base {base.get('contains', 0):.1%}) on {result['n']} samples"
     )
-
-
-def read_report(folder: Path) -> dict:
-    return json.loads((Path(folder) / files.EXPORT_REPORT).read_text(encoding="utf-8"))

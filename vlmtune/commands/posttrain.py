@@ -79,7 +79,7 @@ def evaluate(
     """
     from vlmtune import evaluate as ev
     from vlmtune.errors import DataError
-    from vlmtune.generate import load_for_inference, open_trained_run
+    from vlmtune.generate import open_trained_run
 
     trained = open_trained_run(run_dir)
     section = trained.recipe.data
@@ -93,25 +93,8 @@ def evaluate(
     items, read = ev.load_items(source, image_root, section.on_bad_sample, max_samples)
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
-    inference = load_for_inference(trained)
-    if not inference.has_adapter:  # a full fine-tune: the base is a second model
-        adapter = _with_progress(
-            "fine-tuned", len(items), lambda tick: ev.answers(inference.model, inference.processor, items,
-                                                               max_new_tokens, tick)
-        )  # fmt: skip
-        del inference
-        base_model = load_for_inference(trained, base_only=True)
-        base = _with_progress(
-            "base", len(items), lambda tick: ev.answers(base_model.model, base_model.processor, items,
-                                                         max_new_tokens, tick)
-        )  # fmt: skip
-    else:
-        found = _with_progress(
-            "base + adapter", 2 * len(items),
-            lambda tick: ev.before_and_after(inference.model, inference.processor, items, max_new_tokens, tick),
-        )  # fmt: skip
-        adapter, base = found["adapter"], found["base"]
-    content = ev.report(items, adapter, base, max_new_tokens=max_new_tokens, data=read)
+    found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))
+    content = ev.report(items, found["adapter"], found["base"], max_new_tokens=max_new_tokens, data=read)
     path = ev.write_report(trained.run, content)
     ev.render(content, console)
     console.print(f"report: [bold]{path}[/]")
@@ -153,13 +136,13 @@ def export(
     console.print(f"[bold green]exported[/] {result.kind} to [bold]{result.out}[/] (model card: README.md)")
 
 
-def _with_progress(label: str, total: int, work):
+def _with_progress(total: int, work):
     """Run ``work(tick)`` under a progress bar that ``tick()`` advances."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=status, transient=True) as progress:
-        task = progress.add_task(f"generating ({label})", total=total)
+        task = progress.add_task("generating (adapter, then base)", total=total)
         return work(lambda: progress.advance(task))
 
 

@@ -446,7 +446,7 @@ QWEN2_VL = Family(
     model_types=("qwen2_vl",),
     vision_attention=("attn.qkv", "attn.proj"),
     vision_mlp=("mlp.fc1", "mlp.fc2"),
-    extra_inputs=("image_grid_thw",),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),  # M-RoPE: forward raises without the latter
     processor_class="Qwen2VLProcessor",
     processor_needs_video=True,
     **_QWEN_COMMON,
@@ -458,7 +458,7 @@ QWEN2_5_VL = Family(
     model_types=("qwen2_5_vl",),
     vision_attention=("attn.qkv", "attn.proj"),
     vision_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    extra_inputs=("image_grid_thw",),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
     processor_class="Qwen2_5_VLProcessor",
     processor_needs_video=True,
     **_QWEN_COMMON,
@@ -470,7 +470,7 @@ QWEN3_VL = Family(
     model_types=("qwen3_vl",),
     vision_attention=("attn.qkv", "attn.proj"),
     vision_mlp=("mlp.linear_fc1", "mlp.linear_fc2"),
-    extra_inputs=("image_grid_thw", "mm_token_type_ids"),  # forward raises without the latter
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
     processor_class="Qwen3VLProcessor",
     processor_needs_video=True,
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},

@@ -1,0 +1,322 @@
+"""Every family through the stages: 4-bit load, LoRA targets, collator labels, two training steps.
+
+Expected module sets are written from the module names of the loaded model (tower roots and the
+parent module of each Linear), not from the Family records they check.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmtune.collator import IGNORE_INDEX, VisionCollator, align_expanded
+from vlmtune.data import Sample
+from vlmtune.errors import ModelError
+from vlmtune.families import family_names, get_family
+from vlmtune.recipe import LoraSection, ModelSection, QuantizationSection
+from vlmtune.stages import load, lora
+
+from conftest import ROOT
+
+NAMES = family_names()
+BUDGET = 12544
+RED = ROOT / "data" / "demo" / "images" / "000.png"
+BLUE = ROOT / "data" / "demo" / "images" / "001.png"
+
+# Where each tower's repeated blocks live (a tower's other Linears are never LoRA targets).
+VISION_BLOCKS = {
+    "qwen2_vl": ("model.visual.blocks.",),
+    "qwen2_5_vl": ("model.visual.blocks.",),
+    "qwen3_vl": ("model.visual.blocks.",),
+    "llava": ("model.vision_tower.encoder.layers.",),
+    "llava_next": ("model.vision_tower.encoder.layers.",),
+    "llava_onevision": ("model.vision_tower.encoder.layers.",),
+    "pixtral": ("model.vision_tower.transformer.layers.",),
+    "mistral3": ("model.vision_tower.transformer.layers.",),
+    "gemma3": ("model.vision_tower.encoder.layers.",),
+    "mllama": ("model.vision_model.transformer.layers.", "model.vision_model.global_transformer.layers."),
+    "idefics3": ("model.vision_model.encoder.layers.",),
+    "smolvlm": ("model.vision_model.encoder.layers.",),
+    "paligemma": ("model.vision_tower.encoder.layers.",),
+    "internvl": ("model.vision_tower.encoder.layer.",),
+}
+LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
+                   ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
+ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention"}
+MLP_PARENTS = {"mlp", "feed_forward"}
+
+# What the labels keep of the two-turn sample: each answer and the end of its turn, per template.
+TRAINED_TEXT = {
+    "qwen2_vl": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "qwen2_5_vl": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "qwen3_vl": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "llava": " There are two.</s> Red.</s>",
+    "llava_next": " There are two.</s> Red.</s>",
+    "llava_onevision": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "pixtral": "There are two.</s>Red.</s>",
+    "mistral3": "There are two.</s>Red.</s>",
+    "gemma3": "There are two.<end_of_turn>\nRed.<end_of_turn>\n",
+    "mllama": "There are two.<|eot_id|>Red.<|eot_id|>",
+    "idefics3": " There are two.<end_of_utterance>\n Red.<end_of_utterance>\n",
+    "smolvlm": " There are two.<end_of_utterance>\n Red.<end_of_utterance>\n",
+    "paligemma": "There are two.<eos>Red.<eos>",
+    "internvl": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+}
+NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row
+
+
+def user(text: str, images: int = 0) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+TWO_TURNS = Sample(
+    0,
+    [user("How many images?", 2), assistant("There are two."), user("Which is first?"), assistant("Red.")],
+    [str(RED), str(BLUE)],
+)
+ONE_IMAGE = Sample(
+    1,
+    [{"role": "system", "content": "Be brief."}, user("What color is it?", 1), assistant("Yellow.")],
+    [str(RED)],
+)
+TEXT_ONLY = Sample(2, [user("Hello"), assistant("Hi there.")], [])
+
+
+def samples_for(family: str) -> list[Sample]:
+    return [TWO_TURNS, ONE_IMAGE] + ([] if family in NEEDS_AN_IMAGE else [TEXT_ONLY])
+
+
+def load_4bit(family: str):
+    return load.load(ModelSection(name=f"tiny:{family}"), QuantizationSection(), BUDGET, "cpu")
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def loaded(request):
+    return load_4bit(request.param)
+
+
+def expected_targets(loaded, vision: bool, language: bool, attention: bool, mlp: bool) -> set[str]:
+    name = loaded.family.name
+    chosen = set()
+    for linear in loaded.report["linears"]:
+        module = linear["name"]
+        parent = module.split(".")[-2] if "." in module else ""
+        in_vision = module.startswith(VISION_BLOCKS[name])
+        in_language = module.startswith(LANGUAGE_BLOCKS[name])
+        if not ((vision and in_vision) or (language and in_language)):
+            continue
+        if (attention and parent in ATTENTION_PARENTS) or (mlp and parent in MLP_PARENTS):
+            chosen.add(module)
+    return chosen
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+def test_every_language_linear_is_4bit_and_nothing_else_is(loaded):
+    linears = loaded.report["linears"]
+    by_component = {
+        c: [lin for lin in linears if lin["component"] == c] for c in ("vision", "language", "lm_head")
+    }
+    assert all(by_component.values()), "vision, language and lm_head Linears were found"
+    for linear in linears:
+        assert linear["quantized"] is (linear["component"] == "language"), linear
+    assert not [lin["name"] for lin in linears if lin["component"] == "other"], "every Linear has a component"
+    modules = dict(loaded.model.named_modules())
+    assert type(modules["lm_head"]).__name__ == "Linear"
+    language = loaded.family.language_prefix + ".layers.0.mlp.down_proj"
+    assert type(modules[language]).__name__ == "Linear4bit"
+
+
+# --- lora ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "vision, language, attention, mlp",
+    [(True, False, True, True), (False, True, True, True), (True, True, True, True), (True, True, True, False),
+     (True, True, False, True)],
+    ids=["vision-only", "language-only", "both", "attention-only", "mlp-only"],
+)  # fmt: skip
+def test_lora_targets_exactly_the_expected_modules(loaded, vision, language, attention, mlp):
+    section = LoraSection(
+        finetune_vision_layers=vision,
+        finetune_language_layers=language,
+        finetune_attention_modules=attention,
+        finetune_mlp_modules=mlp,
+    )
+    plan = lora.plan(loaded.model, loaded.family, section)
+    expected = expected_targets(loaded, vision, language, attention, mlp)
+    assert set(plan.targets) == expected
+    per_component = plan.targets_per_component
+    assert (per_component["vision"] > 0) is vision and (per_component["language"] > 0) is language
+    assert per_component["projector"] == per_component["lm_head"] == per_component["other"] == 0
+
+
+def test_mllama_cross_attention_layers_get_lora():
+    loaded = load_4bit("mllama")
+    plan = lora.plan(loaded.model, loaded.family, LoraSection(finetune_vision_layers=False))
+    cross = {t for t in plan.targets if ".cross_attn." in t}
+    assert {t.rsplit(".", 1)[-1] for t in cross} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@pytest.mark.parametrize("family", ["pixtral", "mistral3"])
+def test_pixtral_vision_tower_shares_names_with_the_language_model_yet_stays_apart(family: str):
+    """Pixtral's vision attention is attention.q_proj ...: a suffix list would mix the towers."""
+    loaded = load_4bit(family)
+    language_only = lora.plan(loaded.model, loaded.family, LoraSection(finetune_vision_layers=False))
+    vision_only = lora.plan(loaded.model, loaded.family, LoraSection(finetune_language_layers=False))
+    assert all(t.startswith("model.language_model.") for t in language_only.targets)
+    assert all(t.startswith("model.vision_tower.") for t in vision_only.targets)
+    assert {t.rsplit(".", 1)[-1] for t in vision_only.targets} & {"q_proj", "gate_proj"}
+
+
+# --- collator --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def collator(request, tiny_path):
+    from vlmtune.processing import load_processor
+
+    family = get_family(request.param)
+    processor = load_processor(tiny_path(request.param), family, BUDGET)
+    return VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
+
+
+def trained_text(collator, batch, row: int) -> str:
+    ids, labels = batch["input_ids"][row], batch["labels"][row]
+    return collator.tokenizer.decode(
+        [int(i) for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    )
+
+
+def test_labels_keep_the_answers_only(collator):
+    name = collator.family.name
+    batch = collator(samples_for(name))
+    assert trained_text(collator, batch, 0) == TRAINED_TEXT[name]
+    kept = batch["labels"] != IGNORE_INDEX
+    assert (batch["labels"][kept] == batch["input_ids"][kept]).all()
+    for prompt in ("How many images?", "Which is first?", "Be brief.", "What color is it?", "Hello"):
+        for row in range(batch["input_ids"].shape[0]):
+            assert prompt not in trained_text(collator, batch, row)
+
+
+def test_pad_and_every_vision_token_are_masked(collator):
+    import torch
+
+    batch = collator(samples_for(collator.family.name))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (batch["attention_mask"] == 0).any(), "rows of different lengths were padded"
+    seen = 0
+    for token in collator.family.vision_tokens:
+        positions = ids == collator.tokenizer.convert_tokens_to_ids(token)
+        seen += int(positions.sum())
+        assert (labels[positions] == IGNORE_INDEX).all(), token
+    feature = ids == collator.tokenizer.convert_tokens_to_ids(collator.family.image_feature_token)
+    assert feature.any() and seen >= int(feature.sum())
+    # The one-image row holds exactly the tokens the family's arithmetic predicts for that image.
+    settings = collator.family.image_settings(collator.processor)
+    assert int(feature[1].sum()) == collator.family.tokens_per_image(56, 56, settings)
+    assert torch.is_tensor(batch["pixel_values"])
+
+
+def test_the_batch_carries_exactly_the_extra_inputs_of_the_record(collator):
+    batch = collator(samples_for(collator.family.name))
+    basics = {"input_ids", "attention_mask", "pixel_values", "labels"}
+    assert set(batch) - basics == set(collator.family.extra_inputs)
+
+
+def test_every_token_of_an_answer_is_trained_without_responses_only(collator):
+    everything = VisionCollator(
+        collator.processor, collator.family, max_length=None, train_on_responses_only=False
+    )
+    batch = everything(samples_for(collator.family.name))
+    text = trained_text(everything, batch, 0)
+    assert "How many images?" in text and "There are two." in text
+    for token in collator.family.vision_tokens:
+        assert token not in text
+
+
+def test_no_second_bos_when_the_template_writes_one(collator):
+    batch = collator([ONE_IMAGE])
+    bos = collator.tokenizer.bos_token_id  # None for ChatML families: nothing to double
+    assert bos is None or int((batch["input_ids"][0] == bos).sum()) == 1
+
+
+def test_paligemma_token_types_make_the_answer_causal():
+    from vlmtune.processing import load_processor
+    from vlmtune.tiny import tiny_model_path
+
+    family = get_family("paligemma")
+    processor = load_processor(tiny_model_path("paligemma"), family, BUDGET)
+    batch = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)([ONE_IMAGE])
+    types, labels = batch["token_type_ids"][0], batch["labels"][0]
+    first = int((labels != IGNORE_INDEX).nonzero()[0])
+    assert (types[:first] == 0).all() and (types[first:] == 1).all()
+
+
+def test_gemma3_newlines_beside_images_merge_yet_labels_are_right():
+    """Gemma 3's processor writes "\\n\\n" around an image, which merges with the newline before it."""
+    from vlmtune.processing import load_processor
+    from vlmtune.tiny import tiny_model_path
+
+    family = get_family("gemma3")
+    processor = load_processor(tiny_model_path("gemma3"), family, BUDGET)
+    collator = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
+    text = collator.render(ONE_IMAGE.messages)
+    plain = collator.tokenizer(text, add_special_tokens=False)["input_ids"]
+    batch = collator([ONE_IMAGE])
+    expanded = batch["input_ids"][0].tolist()
+    with pytest.raises(ModelError):  # the plain tokens are not all inside the processor's output
+        align_expanded(expanded, plain)
+    assert trained_text(collator, batch, 0) == "Yellow.<end_of_turn>\n"
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NAMES)
+def test_two_qlora_steps_on_both_towers(family: str):
+    """4-bit base, LoRA on both towers, non-reentrant checkpointing: only LoRA moves, vision included."""
+    import torch
+
+    loaded = load_4bit(family)
+    section = LoraSection(r=8, alpha=16)
+    model = lora.apply(loaded.model, section, lora.plan(loaded.model, loaded.family, section))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    processor_collator = VisionCollator(
+        loaded.processor, loaded.family, max_length=None, train_on_responses_only=True
+    )
+    batch = processor_collator([TWO_TURNS, ONE_IMAGE])
+
+    def component(param_name: str) -> str:
+        return loaded.family.component_of(param_name.removeprefix("base_model.model.").split(".lora_")[0])
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    vision_grad = 0.0
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        vision_grad += sum(
+            p.grad.abs().sum().item()
+            for n, p in trainable.items()
+            if component(n) == "vision" and p.grad is not None
+        )
+        optimizer.step()
+        optimizer.zero_grad()
+
+    assert vision_grad > 0, "vision LoRA received no gradient"
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == set(trainable), "exactly the LoRA weights move; every frozen base weight stays"
+    assert {component(n) for n in changed} == {"vision", "language"}

@@ -191,3 +191,22 @@ def test_qwen_extreme_aspect_ratio_rounds_like_smart_resize():
 
     settings = ImageSettings(min_pixels=3136, max_pixels=50176, patch_size=14, merge_size=2)
     assert qwen_tokens(13, 200, settings) == 8
+
+
+def test_a_checkpoint_without_a_chat_template_gets_the_familys(tmp_path, tiny_path):
+    """Released PaliGemma checkpoints ship no chat template; vlmtune supplies a prefix-stable one."""
+    import shutil
+
+    from vlmtune.families import PALIGEMMA_CHAT_TEMPLATE
+    from vlmtune.processing import load_processor
+
+    folder = tmp_path / "paligemma"
+    shutil.copytree(tiny_path("paligemma"), folder)
+    (folder / "chat_template.jinja").unlink()
+    processor = load_processor(folder, get_family("paligemma"))
+    assert processor.chat_template == PALIGEMMA_CHAT_TEMPLATE
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "caption en"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+    ]
+    assert processor.apply_chat_template(messages, tokenize=False) == "<image>caption en\nA red square.<eos>"

@@ -79,6 +79,8 @@ class Family:
     # token_type_ids mark the causal answer (1) after a bidirectional prefix (0), PaliGemma's
     # prefix-LM: the collator sets them from the labels, since a chat template has no "suffix".
     token_types_from_labels: bool = False
+    # The chat template used where the checkpoint ships none (PaliGemma); documented in docs/families.md.
+    chat_template: str | None = None
     # Processor class to build without a video processor when AutoProcessor needs torchvision.
     processor_class: str | None = None
     processor_needs_video: bool = False  # its __init__ requires a (torchvision-only) video processor
@@ -604,6 +606,22 @@ SMOLVLM = Family(
     **_IDEFICS3_COMMON,
 )
 
+# PaliGemma has no chat template upstream: it is trained on "<image>...<bos>prefix\n" + answer +
+# <eos>, its processor adding <bos> after the last image and "\n" at the end. This template renders
+# a conversation in that shape (images and user text, "\n", the answer, <eos>), so each turn's
+# prompt is a prefix of the whole conversation, which the collator needs to find the answers.
+PALIGEMMA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if message['role'] != 'assistant' and (part['type'] == 'image' or 'image' in part "
+    "or 'image_url' in part) -%}{{ '<image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- else -%}{{ '\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 PALIGEMMA = Family(
     name="paligemma",
     title="PaliGemma",
@@ -611,6 +629,7 @@ PALIGEMMA = Family(
     image_token="<image>",
     extra_inputs=("token_type_ids",),
     token_types_from_labels=True,
+    chat_template=PALIGEMMA_CHAT_TEMPLATE,
     tokens_per_image=fixed_tokens,
     image_settings=_seq_length_settings,
     **_LLAVA_LAYOUT,

@@ -81,6 +81,8 @@ def load_processor(path: str | Path, family: Family, max_image_pixels: int | Non
             hint="the folder needs the tokenizer and preprocessor files of the checkpoint; "
             "download it completely or pass a hub id",
         ) from exc
+    if getattr(processor, "chat_template", None) is None and family.chat_template is not None:
+        processor.chat_template = family.chat_template
     if max_image_pixels is not None and family.pixel_budget is not None:
         family.pixel_budget(processor.image_processor, max_image_pixels)
     return processor

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtune.tiny.common import content, save, seed, text_config, vision_config
+from vlmtune.families import PALIGEMMA_CHAT_TEMPLATE
+from vlmtune.tiny.common import save, seed, text_config, vision_config
 from vlmtune.tiny.tokenizer import build_tokenizer
 
 IMAGE_SIZE, PATCH = 32, 8  # 16 SigLIP patches
@@ -35,17 +36,6 @@ GEMMA3_CHAT_TEMPLATE = (
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
-
-# PaliGemma has no chat template upstream: it is trained on "<image>...<bos>prefix\n" + answer +
-# <eos>, the processor adding <bos> after the last image and "\n" at the end. This one renders a
-# conversation in that shape: images and user text, "\n", the answer, <eos>; so each turn's
-# prompt is a prefix of the conversation, which the collator needs to find the answers.
-PALIGEMMA_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}" + content("") + "{{ eos_token }}"
-    "{%- else -%}" + content("<image>") + "{{ '\n' }}{%- endif -%}"
-    "{%- endfor -%}"
 )
 
 

@@ -94,3 +94,18 @@ def test_the_command_module_imports_nothing_heavy():
     code = "import sys, vlmtune.commands.inspect; print(any(m in sys.modules for m in ('torch', 'transformers')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((ROOT / "recipes").glob("*/*_qlora.yaml")), ids=lambda p: p.parent.name
+)
+def test_each_family_recipe_runs_on_its_tiny_model(recipe):
+    """A family's example recipe, pointed at that family's tiny model, loads and plans as written."""
+    family = recipe.parent.name
+    result = inspect_json(str(recipe), "--set", f"model.name=tiny:{family}")
+    assert result["family"] == family and result["quantization"] == "4-bit nf4"
+    assert result["lora_targets"] > 0 and result["trainable_params"] > 0
+
+
+def test_set_needs_a_recipe():
+    assert runner.invoke(app, ["inspect", "--model", "tiny:llava", "--set", "lora.r=8"]).exit_code != 0

@@ -28,6 +28,9 @@ def inspect(
         "towers).",
         show_default=False,
     ),
+    overrides: list[str] = typer.Option(
+        None, "--set", "-s", help="Override a recipe key: --set lora.r=32 (repeatable).", show_default=False
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object for scripts instead of a table."
     ),
@@ -42,6 +45,8 @@ def inspect(
         vlmtune inspect recipes/gemma3/4b_qlora.yaml
 
         vlmtune inspect --model tiny:pixtral --json
+
+        vlmtune inspect recipes/gemma3/4b_qlora.yaml --set model.name=tiny:gemma3
     """
     from vlmtune.commands.core import _quiet_libraries
     from vlmtune.errors import RecipeError
@@ -51,7 +56,9 @@ def inspect(
             "give either a RECIPE or --model NAME_OR_PATH", hint="vlmtune inspect --model tiny:qwen2_vl"
         )
     _quiet_libraries()
-    sections = _recipe_sections(recipe) if recipe is not None else _default_sections(model)
+    if overrides and recipe is None:
+        raise RecipeError("--set needs a RECIPE", hint="vlmtune inspect RECIPE --set lora.r=32")
+    sections = _recipe_sections(recipe, overrides) if recipe is not None else _default_sections(model)
     status.print(f"loading [bold]{sections['model'].name}[/] ...")
     result = inspect_model(**sections)
     if as_json:
@@ -60,10 +67,10 @@ def inspect(
         render(result, console)
 
 
-def _recipe_sections(path: Path) -> dict:
+def _recipe_sections(path: Path, overrides: list[str] | None) -> dict:
     from vlmtune.recipe import load_recipe
 
-    parsed = load_recipe(path, [])
+    parsed = load_recipe(path, overrides or [])
     return dict(
         model=parsed.model,
         quantization=parsed.quantization,

@@ -210,3 +210,18 @@ def test_a_checkpoint_without_a_chat_template_gets_the_familys(tmp_path, tiny_pa
         {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
     ]
     assert processor.apply_chat_template(messages, tokenize=False) == "<image>caption en\nA red square.<eos>"
+
+
+def test_the_support_matrix_names_every_family_and_its_inputs():
+    from conftest import ROOT
+
+    matrix = (ROOT / "docs" / "families.md").read_text(encoding="utf-8")
+    rows: dict[str, str] = {}
+    for line in matrix.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), line)  # the first table: the matrix
+    for family in FAMILIES:
+        row = rows[family.title]
+        assert all(f"`{model_type}`" in row for model_type in family.model_types), family.title
+        assert all(name in row for name in family.extra_inputs), family.title
+    assert (ROOT / "docs" / "adding-a-family.md").is_file()

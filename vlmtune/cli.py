@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from vlmtune.commands import core, posttrain
+from vlmtune.commands import core, memory, posttrain
 from vlmtune.commands import inspect as inspect_cmd
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.command("validate")(core.validate)
 app.command("schema")(core.schema)
 app.command("tiny")(core.tiny)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("estimate-memory")(memory.estimate_memory)
 app.command("predict")(posttrain.predict)
 app.command("eval")(posttrain.evaluate)
 app.command("export")(posttrain.export)

@@ -1,0 +1,290 @@
+"""estimate-memory: will this fine-tuning step fit on my GPU? Rendering only; the arithmetic is
+vlmtune/memory.py. Only typer, rich and the standard library load at module level."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+
+BITS = {"4": 4, "8": 8, "16": None, "none": None}
+
+
+def estimate_memory(
+    recipe: Path = typer.Argument(None, help="A recipe .yaml file (or give --model).", show_default=False),
+    overrides: list[str] = typer.Option(
+        None,
+        "--set",
+        "-s",
+        help="Override a recipe key: --set train.batch_size=4 (repeatable).",
+        show_default=False,
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Hub id (bundled configs work offline), local folder, or tiny:FAMILY.",
+        show_default=False,
+    ),
+    bits: str = typer.Option(
+        None, "--bits", help="4 (NF4), 8 or 16 (no quantization). [default: 4]", show_default=False
+    ),
+    double_quant: bool = typer.Option(
+        None,
+        "--double-quant/--no-double-quant",
+        help="Quantize the 4-bit constants too. [default: on]",
+        show_default=False,
+    ),
+    r: int = typer.Option(None, "--r", help="LoRA rank. [default: 16]", show_default=False),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Samples per step. [default: 2]", show_default=False
+    ),
+    seq_len: int = typer.Option(
+        None,
+        "--seq-len",
+        min=0,
+        show_default=False,
+        help="Text tokens per sample; image tokens are added. [default: train.max_length minus the image tokens]",
+    ),
+    images_per_sample: int = typer.Option(1, "--images-per-sample", min=0, help="Images in each sample."),
+    image_size: str = typer.Option(
+        None,
+        "--image-size",
+        help="WIDTHxHEIGHT of each image. [default: a square at data.max_image_pixels]",
+        show_default=False,
+    ),
+    image_tokens: int = typer.Option(
+        None,
+        "--image-tokens",
+        min=1,
+        help="Tokens per image, instead of the family's count.",
+        show_default=False,
+    ),
+    grad_ckpt: bool = typer.Option(
+        None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing. [default: on]", show_default=False
+    ),
+    optim: str = typer.Option(
+        None,
+        "--optim",
+        show_default=False,
+        help="adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit or sgd. [default: adamw_torch]",
+    ),
+    vision: bool = typer.Option(
+        None, "--vision/--no-vision", help="LoRA on the vision tower. [default: on]", show_default=False
+    ),
+    language: bool = typer.Option(
+        None, "--language/--no-language", help="LoRA on the language model. [default: on]", show_default=False
+    ),
+    attention: bool = typer.Option(
+        None,
+        "--attention/--no-attention",
+        help="LoRA on attention projections. [default: on]",
+        show_default=False,
+    ),
+    mlp: bool = typer.Option(
+        None, "--mlp/--no-mlp", help="LoRA on MLP projections. [default: on]", show_default=False
+    ),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning: every weight trains (16-bit base)."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bfloat16, float16 or float32. [default: bfloat16]", show_default=False
+    ),
+    supervised_loss: bool = typer.Option(
+        None,
+        "--supervised-loss/--full-logits",
+        show_default=False,
+        help="vlmtune's chunked loss over labelled positions, or logits for the whole sequence. [default: supervised]",
+    ),
+    gpu_memory: str = typer.Option(
+        None,
+        "--gpu-memory",
+        show_default=False,
+        help="Card size, e.g. 24GB: does it fit, and the largest batch size and sequence length that do.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+    list_models: bool = typer.Option(
+        False, "--list-models", help="List the bundled offline configs and exit."
+    ),
+) -> None:
+    """Estimate the GPU memory of a training step, per component and per term, without downloading weights.
+
+    The model is built on the meta device from its config (bundled for popular checkpoints, so
+    no download), then weights, LoRA, gradients, optimizer states, activations (image tokens
+    included), the loss buffer and the CUDA context are added up. docs/memory.md explains the
+    model and shows it against measurements.
+
+    Examples:
+
+        vlmtune estimate-memory --model Qwen/Qwen2.5-VL-7B-Instruct --gpu-memory 24GB
+
+        vlmtune estimate-memory --model google/gemma-3-12b-it --seq-len 1024 --images-per-sample 2 --json
+
+        vlmtune estimate-memory recipes/demo.yaml --set train.batch_size=8 --no-grad-ckpt
+    """
+    from vlmtune import memory as mem
+    from vlmtune.errors import RecipeError
+
+    if list_models:
+        for hub_id in mem.bundled_configs():
+            print(hub_id)
+        return
+    if (recipe is None) == (model is None):
+        raise RecipeError(
+            "give either a RECIPE or --model NAME_OR_PATH",
+            hint="vlmtune estimate-memory --model Qwen/Qwen2-VL-7B-Instruct (see --list-models for offline ones)",
+        )
+    gpu_bytes = mem.parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
+    size = mem.parse_image_size(image_size) if image_size is not None else None
+    knobs = _knob_overrides(bits, double_quant, r, batch_size, grad_ckpt, optim, vision, language, attention,
+                            mlp, full, dtype, supervised_loss)  # fmt: skip
+    parsed = _recipe(recipe, model, [*(overrides or []), *knobs])
+    _quiet_libraries()
+    result = mem.estimate_recipe(
+        parsed, gpu_bytes=gpu_bytes, seq_len=seq_len, images_per_sample=images_per_sample, image_size=size,
+        tokens_per_image=image_tokens,
+    )  # fmt: skip
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        render(result)
+
+
+def _knob_overrides(
+    bits, double_quant, r, batch_size, grad_ckpt, optim, vision, language, attention, mlp, full, dtype,
+    supervised_loss,
+) -> list[str]:  # fmt: skip
+    """Knobs as recipe overrides, so the schema's defaults and checks apply to them too."""
+    from vlmtune.errors import RecipeError
+
+    out = []
+    if bits is not None:
+        if bits.lower() not in BITS:
+            raise RecipeError(
+                f"--bits {bits!r} is not one of 4, 8, 16", hint="--bits 4 (QLoRA), 8, or 16 (no quantization)"
+            )
+        out.append(f"quantization.bits={BITS[bits.lower()] if BITS[bits.lower()] else 'null'}")
+    if full:
+        out.append("lora.method=full")
+        if bits is None:
+            out.append("quantization.bits=null")
+    pairs = {
+        "quantization.double_quant": double_quant,
+        "lora.r": r,
+        "train.batch_size": batch_size,
+        "train.gradient_checkpointing": grad_ckpt,
+        "train.optim": optim,
+        "lora.finetune_vision_layers": vision,
+        "lora.finetune_language_layers": language,
+        "lora.finetune_attention_modules": attention,
+        "lora.finetune_mlp_modules": mlp,
+        "model.dtype": dtype,
+        "train.supervised_loss": supervised_loss,
+    }
+    for key, value in pairs.items():
+        if value is not None:
+            out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def _recipe(recipe: Path | None, model: str | None, overrides: list[str]):
+    from vlmtune.recipe import load_recipe, parse_recipe
+
+    if recipe is not None:
+        return load_recipe(recipe, overrides)
+    # A recipe with every default: the model, and a data file that is never read.
+    text = json.dumps({"model": {"name": model}, "data": {"train": "unused.jsonl"}})
+    return parse_recipe(text, source="the estimate-memory options", overrides=overrides)
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+
+
+def render(result) -> None:
+    from rich.table import Table
+
+    from vlmtune import memory as mem
+
+    work = result.workload
+    console.print(
+        f"[bold]{result.model}[/] ({result.family}, {result.source}): "
+        f"{mem.human_count(result.total_params)} params, {mem.human_count(result.trainable_params)} trainable"
+    )
+    weights = Table(title="weights", title_justify="left", show_footer=True)
+    weights.add_column("component", footer="total")
+    weights.add_column("params", justify="right", footer=f"{result.total_params:,}")
+    weights.add_column("dtype")
+    weights.add_column("bytes", justify="right", footer=mem.human_bytes(result.terms["weights"]))
+    for c in result.components:
+        weights.add_row(c.name, f"{c.params:,}", c.dtype, mem.human_bytes(c.bytes))
+    console.print(weights)
+
+    terms = Table(title="peak memory of a training step", title_justify="left", show_footer=True)
+    terms.add_column("term", footer="peak")
+    terms.add_column("bytes", justify="right", footer=f"[bold]{mem.human_bytes(result.peak_bytes)}[/]")
+    terms.add_column("what")
+    for name, value in result.terms.items():
+        terms.add_row(name, mem.human_bytes(value), describe_term(name, result))
+    console.print(terms)
+    if result.fit is not None:
+        console.print(fit_text(result.fit, work))
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+
+
+def describe_term(name: str, result) -> str:
+    from vlmtune import memory as mem
+
+    setup, work = result.setup, result.workload
+    lora_dtype = "bf16 (TRL casts adapters of a quantized model)" if setup.quantized else "fp32"
+    images = f" + {work.images_per_sample}x{work.image_tokens} image" if work.images_per_sample else ""
+    if name == "weights":
+        return f"{setup.bits or 16}-bit base" + (
+            " (double quant)" if setup.bits == 4 and setup.double_quant else ""
+        )
+    if name == "lora":
+        if setup.method == "full":
+            return "full fine-tuning: no adapters"
+        return f"r={setup.r} on {result.lora_targets} Linears, {lora_dtype}"
+    if name == "gradients":
+        return "one per trainable parameter, in its dtype"
+    if name == "optimizer":
+        return f"{setup.optim} states"
+    if name == "activations":
+        ckpt = "gradient checkpointing" if setup.gradient_checkpointing else "no checkpointing"
+        return f"{work.batch_size} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
+    if name == "logits":
+        how = "supervised, chunked" if setup.supervised_loss else "whole sequence"
+        return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
+    if name == "overhead":
+        return "CUDA context (a constant)"
+    return ""
+
+
+def fit_text(fit, work) -> str:
+    from vlmtune import memory as mem
+
+    verdict = "[bold green]fits[/]" if fit.fits else "[bold red]does not fit[/]"
+    lines = [
+        f"{verdict} in {mem.human_bytes(fit.gpu_bytes)} (headroom {mem.human_bytes(fit.headroom_bytes)})",
+        f"  largest batch size at {work.sequence:,} tokens per sample: {fit.max_batch_size}",
+    ]
+    if fit.max_seq_len < 0:
+        lines.append(f"  at batch size {work.batch_size}, not even the image tokens fit")
+    else:
+        lines.append(
+            f"  largest text length at batch size {work.batch_size}: {fit.max_seq_len:,} tokens "
+            f"({fit.max_sequence:,} with the image tokens)"
+        )
+    return "\n".join(lines)

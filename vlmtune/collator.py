@@ -126,11 +126,7 @@ class VisionCollator:
         ]
 
     def _special_tokens(self, texts: list[str]) -> dict:
-        """A template that writes the bos token itself (Gemma 3, Llama 3) must not get a second one."""
-        bos = self.tokenizer.bos_token
-        if bos and all(text.startswith(bos) for text in texts):
-            return {"add_special_tokens": False}
-        return {}
+        return template_special_tokens(self.tokenizer, texts)
 
     def _check_length(self, batch: dict, samples: list[Sample]) -> None:
         if self.max_length is None:
@@ -143,6 +139,16 @@ class VisionCollator:
                     f"train.max_length={self.max_length}; vlmtune never cuts a sample",
                     hint="raise train.max_length, lower data.max_image_pixels, or set data.too_long: drop",
                 )
+
+
+def template_special_tokens(tokenizer: Any, texts: list[str]) -> dict:
+    """Tokenizer kwargs for rendered chat texts: a template that writes the bos token itself
+    (Gemma 3, Llama 3, Idefics3) must not get a second one from the tokenizer. Generation from a
+    rendered prompt needs the same, or it sees a sequence training never showed it."""
+    bos = tokenizer.bos_token
+    if bos and all(text.startswith(bos) for text in texts):
+        return {"add_special_tokens": False}
+    return {}
 
 
 def vision_token_ids(tokenizer: Any, family: Family) -> list[int]:

@@ -48,7 +48,7 @@ def trained(tmp_path_factory) -> Path:
 def test_run_folder_has_every_artifact(trained: Path):
     expected = [
         "recipe.yaml", "resolved.yaml", "env.json", "summary.json",
-        "1-load/model_report.json", "1-load/processor/tokenizer.json", "1-load/processor/chat_template.jinja",
+        "1-load/model_report.json", "1-load/memory_estimate.json", "1-load/processor/tokenizer.json", "1-load/processor/chat_template.jinja",
         "2-lora/lora_plan.json", "2-lora/adapter_config.json",
         "3-train/metrics.jsonl", "3-train/data_report.json",
         "3-train/adapter/adapter_config.json", "3-train/adapter/adapter_model.safetensors",

@@ -134,8 +134,15 @@ def generate_answer(
     """Greedy continuation of ``messages`` (rendered with the generation prompt), special tokens removed."""
     import torch
 
+    from vlmtune.collator import template_special_tokens
+
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt"}
+    # The same tokenization as training: no second BOS after a template that writes one.
+    kwargs: dict[str, Any] = {
+        "text": [prompt],
+        "return_tensors": "pt",
+        **template_special_tokens(processor.tokenizer, [prompt]),
+    }
     if images:
         kwargs["images"] = [images]
     inputs = processor(**kwargs).to(model.device)

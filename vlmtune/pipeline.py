@@ -7,8 +7,9 @@ stage's status, so a crash late in training still leaves a readable run folder.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +19,45 @@ from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
 
+Warn = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
 
 def run(
-    recipe: Recipe, recipe_text: str, run_name: str, run_dir: Path | None = None, callbacks=None
+    recipe: Recipe,
+    recipe_text: str,
+    run_name: str,
+    run_dir: Path | None = None,
+    callbacks=None,
+    warn: Warn = _stderr,
 ) -> RunDir:
     """A new run folder, trained to the end."""
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
     run.write_text(files.RECIPE, recipe_text)
     run.write_text(files.RESOLVED, recipe.to_yaml())
     run.init_summary(recipe.output.name or run_name)
-    return _stages(recipe, run, resume=False, callbacks=callbacks)
+    return _stages(recipe, run, resume=False, callbacks=callbacks, warn=warn)
 
 
-def resume(run_path: Path, callbacks=None) -> RunDir:
+def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
     """Continue a run folder from its last checkpoint, with the recipe it was started with."""
     from vlmtune.recipe import load_recipe
 
     run = RunDir.open(run_path)
-    return _stages(load_recipe(run / files.RESOLVED), run, resume=_has_checkpoint(run), callbacks=callbacks)
+    recipe = load_recipe(run / files.RESOLVED)
+    return _stages(recipe, run, resume=_has_checkpoint(run), callbacks=callbacks, warn=warn)
 
 
-def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks) -> RunDir:
+def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) -> RunDir:
     started = time.time()
     device = load.choose_device(recipe.train.device)
     run.write_json(files.ENV, environment_report(device))
 
-    with stage(run, "load"):
+    with stage(run, "load") as figures:
+        figures.update(estimate_memory(run, recipe, device, warn))
         loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
         write_load_artifacts(run, loaded)
 
@@ -85,6 +99,28 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
         run.set_status("failed")
         raise
     run.set_stage(name, "done", **figures)
+
+
+def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn) -> dict:
+    """Write 1-load/memory_estimate.json; warn when the peak exceeds what the device has free.
+
+    An estimate must never stop a run that would work, so a failure is a warning, not an error.
+    """
+    from vlmtune.memory import estimate_recipe, human_bytes
+
+    try:
+        estimate = estimate_recipe(recipe)
+    except Exception as exc:  # an unusual config the estimator cannot read
+        warn(f"no memory estimate ({str(exc).splitlines()[0]}); training goes on")
+        return {}
+    run.write_json(files.MEMORY_ESTIMATE, estimate.to_json())
+    free = load.free_memory(device)
+    if free is not None and estimate.peak_bytes > free:
+        warn(
+            f"the estimated peak of {human_bytes(estimate.peak_bytes)} exceeds the {human_bytes(free)} free "
+            f"on {device}; lower train.batch_size or train.max_length, or see `vlmtune estimate-memory`"
+        )
+    return {"estimated_peak_bytes": estimate.peak_bytes, "free_bytes": free}
 
 
 def write_load_artifacts(run: RunDir, loaded: load.Loaded) -> None:

@@ -43,14 +43,19 @@ def train(
     progress = [RichProgress(console)]
     if resume is not None:
         console.print(f"resuming [bold]{resume}[/]")
-        run = pipeline.resume(resume, callbacks=progress)
+        run = pipeline.resume(resume, callbacks=progress, warn=_warn)
     else:
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
-        run = pipeline.run(
-            parsed, recipe.read_text(encoding="utf-8"), recipe.stem, run_dir, callbacks=progress
-        )
+        text = recipe.read_text(encoding="utf-8")
+        run = pipeline.run(parsed, text, recipe.stem, run_dir, callbacks=progress, warn=_warn)
     _print_summary(run)
+
+
+def _warn(message: str) -> None:
+    from rich.text import Text
+
+    console.print(Text("warning: ", style="bold yellow") + Text(message))
 
 
 def _print_summary(run) -> None:
@@ -61,6 +66,19 @@ def _print_summary(run) -> None:
     console.print(
         f"[bold green]done[/] in {summary.get('seconds', 0):.0f} s: {trained.get('steps', 0)} steps, "
         f"loss {loss}\nrun folder: [bold]{run.path}[/]\noutput:     {summary.get('output')}"
+    )
+    evaluated = summary["stages"].get("eval")
+    if evaluated and evaluated.get("status") == "done":
+        console.print(f"eval:       {_scores(evaluated)}")
+
+
+def _scores(figures: dict) -> str:
+    """The eval stage's headline, from the figures summary.json keeps for it."""
+    if "exact_match" not in figures:
+        return figures.get("skipped", "no scores")
+    return (
+        f"exact match {figures['exact_match']:.3f} (base {figures['base_exact_match']:.3f}), "
+        f"contains {figures['contains']:.3f} (base {figures['base_contains']:.3f}) on {figures['n']} samples"
     )
 
 

@@ -65,6 +65,21 @@ def choose_device(requested: str) -> str:
     return requested
 
 
+def free_memory(device: str) -> int | None:
+    """Bytes free on the device now: CUDA's free memory, or the RAM available on CPU."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def quantization_config(quant: QuantizationSection, family: Family, compute_dtype: Any) -> Any:
     if quant.bits is None:
         return None

@@ -10,6 +10,7 @@ import pytest
 
 from vlmtune import memory as mem
 from vlmtune.errors import ModelError, VlmtuneError
+from vlmtune.families import family_names
 
 from conftest import ROOT, write_recipe
 from test_cli import vlmtune
@@ -245,6 +246,20 @@ def test_mid_size_model_matches_the_loaded_model(mid_checkpoint: Path, optim: st
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert predicted.terms["lora"] == pytest.approx(tensor_bytes(trainable), rel=0.01)
     assert predicted.terms["optimizer"] == pytest.approx(optimizer_state_bytes(model, optim), rel=0.01)
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_family_weights_and_lora_match_its_loaded_tiny_model(family: str, tiny_path):
+    """The quantization and target rules hold for each architecture, tied heads included."""
+    path = tiny_path(family)
+    recipe = recipe_for(str(path))
+    predicted = mem.estimate_recipe(recipe)
+    model, report = load_prepared(path, recipe)
+    assert_components_match(predicted, report)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert predicted.trainable_params == sum(p.numel() for p in trainable)
+    assert predicted.terms["lora"] == pytest.approx(tensor_bytes(trainable), rel=0.01)
+    assert predicted.workload.image_tokens > 0
 
 
 def test_full_fine_tuning_trains_every_weight_in_the_model_dtype(tiny_checkpoint: Path):

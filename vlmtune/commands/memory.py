@@ -196,7 +196,7 @@ def _recipe(recipe: Path | None, model: str | None, overrides: list[str]):
         return load_recipe(recipe, overrides)
     # A recipe with every default: the model, and a data file that is never read.
     text = json.dumps({"model": {"name": model}, "data": {"train": "unused.jsonl"}})
-    return parse_recipe(text, source="the estimate-memory options", overrides=overrides)
+    return parse_recipe(text, source=f"--model {model}", overrides=overrides)
 
 
 def _quiet_libraries() -> None:

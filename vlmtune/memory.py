@@ -420,28 +420,32 @@ def vision_trains(model: ModelShape, setup: Setup) -> bool:
 
 
 def activation_bytes(model: ModelShape, setup: Setup, work: Workload) -> int:
-    """Saved activations at the end of the forward pass, for one micro-batch."""
+    """Activations at the worst point of backward, for one micro-batch.
+
+    Without checkpointing every layer's saved tensors are alive when backward starts, and the
+    largest layer's gradients of the same shapes come on top while it is processed. With
+    checkpointing each layer keeps only its input; backward recomputes one layer at a time (its
+    saved tensors, turned into gradients as it goes) and passes two hidden-sized gradients between
+    layers. The bench (docs/memory.md) measured both shapes.
+    """
     a = DTYPE_BYTES[setup.dtype]
     text = work.batch_size * work.sequence
     patches = work.batch_size * work.images_per_sample * work.image_patches
     vision = vision_trains(model, setup)
     lora_extra = _lora_extra_per_layer(model, setup)
     kept = 0
-    recompute = 0  # the largest layer, recomputed in backward under checkpointing
+    largest = 0  # one layer's saved tensors: recomputed (checkpointing) or its gradients (none)
     for layer in model.layers:
         tokens = (patches if vision else 0) if layer.component == "vision" else text
         full = tokens * (layer.elems + lora_extra.get(layer.name, 0)) * a
-        if setup.gradient_checkpointing:
-            kept += tokens * layer.width * a
-            recompute = max(recompute, full)
-        else:
-            kept += full
+        kept += tokens * layer.width * a if setup.gradient_checkpointing else full
+        largest = max(largest, full)
     boundary = text * model.text_hidden * BOUNDARY_ELEMS * a
     if vision:
         boundary += patches * model.vision_hidden * BOUNDARY_ELEMS * a
     if setup.gradient_checkpointing:  # gradients flowing between blocks in backward
         boundary += 2 * text * model.text_hidden * a
-    return kept + recompute + boundary
+    return kept + largest + boundary
 
 
 def _lora_extra_per_layer(model: ModelShape, setup: Setup) -> dict[str, int]:

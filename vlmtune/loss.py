@@ -46,7 +46,9 @@ def lm_head_input(lm_head: torch.nn.Module) -> Iterator[Captured]:
 
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         captured.hidden = args[0]
-        return (args[0][:, -1:], *args[1:])
+        # contiguous: a strided slice sends the CPU matmul through bmm, which materialises an fp32
+        # copy of the whole lm_head weight (about 2 GB for a 7B Qwen2-VL)
+        return (args[0][:, -1:].contiguous(), *args[1:])
 
     handle = lm_head.register_forward_pre_hook(hook)
     try:

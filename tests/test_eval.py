@@ -63,6 +63,25 @@ def test_the_reference_is_the_last_assistant_turn_and_the_prompt_what_comes_befo
 
 
 @pytest.mark.slow
+def test_eval_data_is_read_with_the_runs_layout_settings(tmp_path: Path):
+    """A columns-layout file (image, question, answer) becomes prompt + reference, like training reads it."""
+    from vlmtune.recipe import DataSection
+
+    shutil.copy(IMAGE, tmp_path / "a.png")
+    row = {"picture": "a.png", "q": "What color is the shape?", "a": "Yellow."}
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(row) + "\n")
+    settings = DataSection(
+        train=str(tmp_path / "vqa.jsonl"),
+        format="columns",
+        columns={"image": "picture", "question": "q", "answer": "a"},
+    )
+    items, read = ev.load_items(str(tmp_path / "vqa.jsonl"), settings, None)
+    assert read["samples_total"] == 1 and len(items) == 1
+    assert items[0].reference == "Yellow."
+    assert items[0].messages[0]["content"][-1] == {"type": "text", "text": "What color is the shape?"}
+    assert len(items[0].images) == 1
+
+
 def test_eval_generate_runs_as_a_fourth_stage_after_training(overfit_run: Path):
     summary = json.loads((overfit_run / "summary.json").read_text())
     assert list(summary["stages"]) == ["load", "lora", "train", "eval"]

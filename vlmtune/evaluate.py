@@ -77,13 +77,15 @@ def prompt_text(messages: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_items(
-    path: str, image_root: str | None, on_bad_sample: str, max_samples: int | None
-) -> tuple[list, dict]:
-    """Eval items of a data file and what was read: (items, {source, samples_total, skipped})."""
+def load_items(path: str, data: DataSection, max_samples: int | None) -> tuple[list, dict]:
+    """Eval items of a data source read with the run's data settings (layout, columns, image root).
+
+    Returns (items, {source, samples_total, skipped}).
+    """
     from vlmtune.data import load_split
 
-    split = load_split(path, image_root, on_bad_sample)
+    split_name = data.eval_split if path == data.eval else data.train_split
+    split = load_split(path, data=data.model_copy(update={"train": path, "train_split": split_name}))
     samples = split.samples[:max_samples] if max_samples else split.samples
     if not any(m["role"] == "user" for s in samples for m in s.messages):
         raise DataError(
@@ -173,7 +175,7 @@ def after_training(
     """Stage 4 (train.eval_generate): score data.eval before vs after; figures for summary.json."""
     if not data.eval:
         return {"skipped": "train.eval_generate is on but data.eval is empty"}
-    items, source = load_items(data.eval, data.image_root, data.on_bad_sample, None)
+    items, source = load_items(data.eval, data, None)
     model.eval()
     if hasattr(model, "disable_adapter"):
         found = before_and_after(model, processor, items, MAX_NEW_TOKENS)

@@ -89,8 +89,9 @@ def evaluate(
             hint="pass one: vlmtune eval RUN_DIR --data eval.jsonl",
         )
     source = str(data) if data is not None else section.eval
-    image_root = None if data is not None else section.image_root
-    items, read = ev.load_items(source, image_root, section.on_bad_sample, max_samples)
+    # A file given on the command line keeps the run's layout settings; its images are relative to it.
+    settings = section.model_copy(update={"image_root": None}) if data is not None else section
+    items, read = ev.load_items(source, settings, max_samples)
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
     found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))

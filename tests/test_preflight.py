@@ -211,3 +211,17 @@ def test_data_check_cli_names_a_missing_file(tmp_path: Path):
     assert (
         result.returncode == 2 and "data file not found" in result.stderr and "Traceback" not in result.stderr
     )
+
+
+def test_data_check_json_has_the_data_report_keys(tmp_path: Path):
+    recipe = write_recipe(
+        tmp_path,
+        model={"name": "tiny:qwen2_vl"},
+        data={"train": str(BAD), "max_image_pixels": 12544},
+        train={"max_length": 200},
+    )
+    result = vlmtune("data", "check", str(recipe), "--json")
+    assert result.returncode == 2
+    report = json.loads(result.stdout)["train"]
+    assert report["samples_total"] == 26 and report["samples_kept"] == 4
+    assert any(p["index"] == 1 and "file not found" in p["reason"] for p in report["skipped_invalid"])

@@ -113,14 +113,17 @@ def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn) -> dic
     except Exception as exc:  # an unusual config the estimator cannot read
         warn(f"no memory estimate ({str(exc).splitlines()[0]}); training goes on")
         return {}
-    run.write_json(files.MEMORY_ESTIMATE, estimate.to_json())
+    figures = estimate.to_json()
+    run.write_json(files.MEMORY_ESTIMATE, figures)
+    # The estimate is for a GPU; training on CPU has no CUDA context to hold.
+    needed = figures["peak_bytes"] - (figures["terms"]["overhead"] if device == "cpu" else 0)
     free = load.free_memory(device)
-    if free is not None and estimate.peak_bytes > free:
+    if free is not None and needed > free:
         warn(
-            f"the estimated peak of {human_bytes(estimate.peak_bytes)} exceeds the {human_bytes(free)} free "
+            f"the estimated peak of {human_bytes(needed)} exceeds the {human_bytes(free)} free "
             f"on {device}; lower train.batch_size or train.max_length, or see `vlmtune estimate-memory`"
         )
-    return {"estimated_peak_bytes": estimate.peak_bytes, "free_bytes": free}
+    return {"estimated_peak_bytes": needed, "free_bytes": free}
 
 
 def write_load_artifacts(run: RunDir, loaded: load.Loaded) -> None:

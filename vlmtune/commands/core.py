@@ -111,14 +111,23 @@ def tiny(
     console.print(f"tiny [bold]{family}[/] written to [bold]{out}[/]")
 
 
-def data_check(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:
+def data_check(
+    recipe: Path = RECIPE_ARG,
+    overrides: list[str] = SET_OPT,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the report as JSON (the data_report.json keys)."
+    ),
+) -> None:
     """Pre-flight every sample of the recipe's data (no model weights loaded); non-zero on bad data."""
     _quiet_libraries()
     from vlmtune.datacheck import check_recipe_data, fail_on_problems, render_report
 
     parsed = _load(recipe, overrides)
-    reports = check_recipe_data(parsed, console)
-    render_report(reports, console)
+    reports = check_recipe_data(parsed, None if as_json else console)
+    if as_json:
+        print(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
+    else:
+        render_report(reports, console)
     fail_on_problems(reports)  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
 
 

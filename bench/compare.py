@@ -149,7 +149,9 @@ def run_arm_b(ckpt: Path, data: Path, out: Path, steps: int, timer: StepTimer) -
     from vlmtune.stages.lora import target_regex
 
     family = get_family("qwen2_vl")
-    processor = load_processor(ckpt, family, 672 * 448)  # AutoProcessor, minus the torchvision-only video part
+    processor = load_processor(
+        ckpt, family, 672 * 448
+    )  # AutoProcessor, minus the torchvision-only video part
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QWEN_VISION_SKIP,
@@ -172,7 +174,9 @@ def run_arm_b(ckpt: Path, data: Path, out: Path, steps: int, timer: StepTimer) -
         use_cpu=True, bf16=True, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=None, assistant_only_loss=True, seed=3407, disable_tqdm=True, warmup_steps=0,
     )  # fmt: skip
-    peft_config = LoraConfig(r=16, lora_alpha=16, target_modules=target_regex(family, LoraSection()), task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=16, lora_alpha=16, target_modules=target_regex(family, LoraSection()), task_type="CAUSAL_LM"
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config, callbacks=[timer.callback])  # fmt: skip
     trainer.train()
@@ -218,7 +222,9 @@ def tokens_per_step(ckpt: Path, data: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=512)
@@ -231,7 +237,9 @@ def main() -> None:
     ckpt = args.work / f"qwen2vl-h{args.hidden}-l{args.layers}-v{args.vocab}"
     data = args.work / "data" / "train.jsonl"
     if args.arm:
-        arm_main(args.arm, ckpt, data, args.work / f"out-{args.arm}-{time.time_ns()}", args.steps, args.result)
+        arm_main(
+            args.arm, ckpt, data, args.work / f"out-{args.arm}-{time.time_ns()}", args.steps, args.result
+        )
         return
 
     if not (ckpt / "config.json").is_file():
@@ -263,12 +271,21 @@ def report(runs: dict[str, list[dict]], tokens: float, args: argparse.Namespace)
         }
 
     a, b = summary("A"), summary("B")
-    same_work = all(abs(x - y) <= 0.02 * abs(y) for x, y in zip(a["first_loss"], b["first_loss"], strict=True))
+    same_work = all(
+        abs(x - y) <= 0.02 * abs(y) for x, y in zip(a["first_loss"], b["first_loss"], strict=True)
+    )
     result = {
         "date": str(date.today()),
         "device": "cpu",
-        "config": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "steps": args.steps,
-                   "rounds": args.rounds, "batch_size": 2, "tokens_per_step": tokens},  # fmt: skip
+        "config": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "batch_size": 2,
+            "tokens_per_step": tokens,
+        },  # fmt: skip
         "A_vlmtune": a,
         "B_plain": b,
         "ratios_A_over_B": {

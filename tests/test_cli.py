@@ -89,7 +89,9 @@ def test_schema_is_json():
     assert json.loads(result.stdout)["title"] == "Recipe"
 
 
-@pytest.mark.parametrize("args, message", [(["nosuchcmd"], "No such command"), (["train", "--bogus"], "--bogus")])
+@pytest.mark.parametrize(
+    "args, message", [(["nosuchcmd"], "No such command"), (["train", "--bogus"], "--bogus")]
+)
 def test_usage_errors_are_short_and_exit_2(args: list[str], message: str):
     result = vlmtune(*args)
     assert result.returncode == 2

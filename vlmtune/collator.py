@@ -36,7 +36,6 @@ class VisionCollator:
 
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.tokenizer.padding_side = "right"
         self.family = family
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only

@@ -70,7 +70,6 @@ SEARCH_LIMIT = 2**20  # the largest batch size / sequence length "what fits" loo
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
-TERMS = ("weights", "lora", "gradients", "optimizer", "activations", "logits", "overhead")
 
 
 # --- what the meta model tells -----------------------------------------------------------------

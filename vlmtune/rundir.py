@@ -91,9 +91,8 @@ class RunDir:
                 suffix += 1
                 path = Path(parent) / f"{name}-{stamp}-{suffix}"
         path.mkdir(parents=True)
-        for sub in STAGE_DIRS.values():
-            if sub != STAGE_DIRS["eval"]:
-                (path / sub).mkdir()
+        for stage in STAGES:  # 4-eval/ appears only when an evaluation writes to it
+            (path / STAGE_DIRS[stage]).mkdir()
         return cls(path)
 
     @classmethod

@@ -152,7 +152,7 @@ def child(c: dict) -> dict:
         if param.dtype != torch.uint8:
             param.data = param.data.clone()
     plan = lora.plan(model, family, recipe.lora)
-    model = lora.apply(model, recipe.lora, plan)
+    model = lora.apply(model, recipe.lora, plan, seed=recipe.train.seed)
     for param in model.parameters():  # what TRL's SFTTrainer does to a quantized model's adapters
         if param.requires_grad:
             param.data = param.data.to(torch.bfloat16)

@@ -77,7 +77,7 @@ def test_train_projector_makes_the_merger_fully_trainable():
     loaded = load.load(ModelSection(name="tiny:qwen2_vl"), QuantizationSection(), 12544, "cpu")
     section = LoraSection(train_projector=True)
     plan = lora.plan(loaded.model, loaded.family, section)
-    model = lora.apply(loaded.model, section, plan)
+    model = lora.apply(loaded.model, section, plan, seed=0)
     report = lora.trainable_report(model, loaded.family, plan)
     merger = sum(p.numel() for n, p in loaded.model.named_parameters() if "merger.modules_to_save" in n)
     assert plan.modules_to_save == ("model.visual.merger",)
@@ -87,7 +87,7 @@ def test_train_projector_makes_the_merger_fully_trainable():
 def test_lora_options_reach_peft():
     loaded = load.load(ModelSection(name="tiny:qwen2_vl"), QuantizationSection(), 12544, "cpu")
     section = LoraSection(r=8, alpha=32, dropout=0.1, use_rslora=True, bias="lora_only")
-    model = lora.apply(loaded.model, section, lora.plan(loaded.model, loaded.family, section))
+    model = lora.apply(loaded.model, section, lora.plan(loaded.model, loaded.family, section), seed=0)
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.bias) == (
         8, 32, 0.1, True, "lora_only",
@@ -95,3 +95,18 @@ def test_lora_options_reach_peft():
 
 
 # Two QLoRA steps per family (only LoRA moves, vision included): tests/test_family_training.py.
+
+
+def lora_a_weights(seed: int) -> dict:
+    loaded = load.load(ModelSection(name="tiny:qwen2_vl"), QuantizationSection(), 12544, "cpu")
+    section = LoraSection()
+    model = lora.apply(loaded.model, section, lora.plan(loaded.model, loaded.family, section), seed=seed)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+
+def test_the_seed_fixes_the_adapter_initialisation():
+    """Two runs of one recipe must start from the same adapters, or they part ways at step 2."""
+    first, again, other = lora_a_weights(7), lora_a_weights(7), lora_a_weights(8)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(first[n].equal(again[n]) for n in first)
+    assert not any(first[n].equal(other[n]) for n in first)

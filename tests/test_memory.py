@@ -165,7 +165,7 @@ def load_prepared(checkpoint: Path, recipe) -> tuple:
         quantization_config=load.quantization_config(recipe.quantization, family, dtype),
     )  # fmt: skip
     weights = load.model_report(model, family)
-    model = lora.apply(model, recipe.lora, lora.plan(model, family, recipe.lora))
+    model = lora.apply(model, recipe.lora, lora.plan(model, family, recipe.lora), seed=recipe.train.seed)
     if recipe.quantization.bits is not None:  # SFTTrainer casts a quantized model's trainable params to bf16
         for param in model.parameters():
             if param.requires_grad:

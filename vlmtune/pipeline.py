@@ -63,7 +63,7 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan)
+        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
         write_lora_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:

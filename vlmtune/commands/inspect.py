@@ -114,7 +114,8 @@ def inspect_model(
     dtypes = component_dtypes(loaded.model, loaded.family)
     tied = _lm_head_tied(loaded.model)
     plan = lora_stage.plan(loaded.model, loaded.family, lora)
-    trainable = lora_stage.trainable_report(lora_stage.apply(loaded.model, lora, plan), loaded.family, plan)
+    adapted = lora_stage.apply(loaded.model, lora, plan, seed=0)  # counts only: the init is irrelevant
+    trainable = lora_stage.trainable_report(adapted, loaded.family, plan)
     return summarize(loaded, quantization, plan, trainable, dtypes, tied)
 
 

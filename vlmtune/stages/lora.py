@@ -79,12 +79,17 @@ def _present_projectors(model: Any, family: Family) -> tuple[str, ...]:
     return tuple(p for p in family.projector_prefixes if p in names)
 
 
-def apply(model: Any, lora: LoraSection, lora_plan: LoraPlan) -> Any:
-    """The model with adapters attached (or every weight trainable for method: full)."""
+def apply(model: Any, lora: LoraSection, lora_plan: LoraPlan, *, seed: int) -> Any:
+    """The model with adapters attached (or every weight trainable for method: full).
+
+    ``seed`` fixes the random lora_A initialisation: without it two runs of one recipe start
+    from the same loss but part ways from the second step on.
+    """
     if lora_plan.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return model
+    import torch
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -97,6 +102,7 @@ def apply(model: Any, lora: LoraSection, lora_plan: LoraPlan) -> Any:
         modules_to_save=list(lora_plan.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(seed)
     return get_peft_model(model, config)
 
 

@@ -373,3 +373,20 @@ def test_sample_reader_names_the_field_of_a_bad_part():
         [],
         "messages",
     )
+
+
+def test_exif_orientation_is_applied_as_a_photo_viewer_shows_it(tmp_path: Path):
+    """A phone photo: pixels stored sideways plus Orientation=6 (rotate 90 degrees clockwise)."""
+    from PIL import Image
+
+    stored = Image.new("RGB", (40, 20), (250, 250, 250))
+    stored.paste((220, 40, 40), (0, 0, 10, 20))  # red band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+
+    shown = open_image(str(tmp_path / "photo.jpg"))
+    assert shown.size == (20, 40)  # portrait, as the viewer shows it
+    red, green, blue = shown.getpixel((10, 2))  # the left edge, turned clockwise, is now the top
+    assert red > 200 and green < 80 and blue < 80
+    assert open_image(str(tmp_path / "photo.jpg")).getpixel((10, 37))[1] > 200  # the bottom stays white

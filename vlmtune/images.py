@@ -132,6 +132,9 @@ def describe(source: Any) -> str:
 # --- opening -----------------------------------------------------------------------------------
 
 
+ORIENTATION_TAG = 0x0112
+
+
 def open_image(source: Any, *, max_side: int | None = None):
     """A decoded RGB PIL image; ``ImageProblem`` with a named reason when that is impossible."""
     image = _open_header(source)
@@ -149,10 +152,20 @@ def open_image(source: Any, *, max_side: int | None = None):
         if "truncated" in str(exc):
             raise ImageProblem(f"truncated image data: {describe(source)} ({exc})") from None
         raise ImageProblem(f"cannot decode {describe(source)} ({type(exc).__name__}: {exc})") from None
-    rgb = to_rgb(image)
+    rgb = to_rgb(upright(image))
     if rgb is not image:
         _close_if_ours(image, source)
     return rgb
+
+
+def upright(image):
+    """The image as a viewer shows it: phone photos store pixels sideways plus an EXIF Orientation
+    tag, and transformers' own ``load_image`` applies that tag, so a model must see it applied."""
+    from PIL import ImageOps
+
+    if image.getexif().get(ORIENTATION_TAG, 1) == 1:
+        return image  # exif_transpose would return a copy even then
+    return ImageOps.exif_transpose(image)
 
 
 def _open_header(source: Any):

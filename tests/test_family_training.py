@@ -246,6 +246,39 @@ def test_no_second_bos_when_the_template_writes_one(collator):
     assert bos is None or int((batch["input_ids"][0] == bos).sum()) == 1
 
 
+def test_templates_that_end_answers_with_a_stop_token_are_rendered_as_they_are(collator):
+    assert collator.appended_stop is None
+
+
+# llava-hf/llava-1.5-*'s released template: each answer ends with a space, no </s>.
+LLAVA_1_5_RELEASED_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_a_template_without_a_stop_token_gets_eos_after_each_answer():
+    """Without it a Llava-1.5 model never learns to stop: its template ends answers with a space."""
+    import copy
+
+    from vlmtune.processing import load_processor
+    from vlmtune.tiny import tiny_model_path
+
+    family = get_family("llava")
+    processor = copy.copy(load_processor(tiny_model_path("llava"), family, BUDGET))
+    processor.chat_template = LLAVA_1_5_RELEASED_TEMPLATE
+    collator = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
+    assert collator.appended_stop == "</s>"
+    assert collator.render(TWO_TURNS.messages).endswith("ASSISTANT: Red.</s> ")
+    batch = collator([TWO_TURNS])
+    assert trained_text(collator, batch, 0) == " There are two.</s> Red.</s>"  # the space after </s> is not
+
+
 def test_paligemma_token_types_make_the_answer_causal():
     from vlmtune.processing import load_processor
     from vlmtune.tiny import tiny_model_path

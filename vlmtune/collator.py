@@ -12,6 +12,10 @@ onto the processor's tokens by aligning the plain tokenization of the rendered t
 processor's output, whose additions are vision tokens (and, from a few processors, newlines
 beside them, see align_expanded).
 
+A template that ends answers with no stop token at all (Llava-1.5's released one: "ASSISTANT:
+answer ") would train a model that never stops; there the tokenizer's eos token is appended to
+every answer, as peers do for such templates, and ``appended_stop`` says so.
+
 A family whose token_type_ids mark a prefix-LM's answer (PaliGemma) gets them from the labels.
 """
 
@@ -40,6 +44,8 @@ class VisionCollator:
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only
         self.vision_ids = torch.tensor(vision_token_ids(self.tokenizer, family), dtype=torch.long)
+        self.appended_stop: str | None = None  # set below, once render() can run
+        self.appended_stop = missing_stop_token(self)
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -59,6 +65,8 @@ class VisionCollator:
         return int(self._process([self.render(sample.messages)], images)["attention_mask"].sum())
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.appended_stop:
+            messages = [with_stop(m, self.appended_stop) for m in messages]
         return self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -77,7 +85,10 @@ class VisionCollator:
                     "prefixes, so assistant turns cannot be located",
                     hint="set data.train_on_responses_only: false to train on every non-vision token",
                 )
-            spans.append((len(before), len(through)))
+            end = len(through)
+            if self.appended_stop:  # the answer ends at its stop token, not at the space after it
+                end = through.rindex(self.appended_stop, len(before)) + len(self.appended_stop)
+            spans.append((len(before), end))
         return spans
 
     # --- steps -----------------------------------------------------------------------------------
@@ -138,6 +149,43 @@ class VisionCollator:
                     f"train.max_length={self.max_length}; vlmtune never cuts a sample",
                     hint="raise train.max_length, lower data.max_image_pixels, or set data.too_long: drop",
                 )
+
+
+STOP_PROBE = "Stop-probe answer."
+
+
+def missing_stop_token(collator: VisionCollator) -> str | None:
+    """The eos token, when the chat template renders no special token after an answer; else None."""
+    eos = collator.tokenizer.eos_token
+    if not eos:
+        return None
+    probe = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": STOP_PROBE}]},
+    ]
+    through = collator.render(probe)
+    after_answer = through[through.rindex(STOP_PROBE) + len(STOP_PROBE) :]
+    return None if any(token in after_answer for token in special_tokens(collator.tokenizer)) else eos
+
+
+def special_tokens(tokenizer: Any) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t for t in tokenizer.all_special_tokens if t} | {t.content for t in added.values() if t.special}
+
+
+def with_stop(message: dict, stop: str) -> dict:
+    """An assistant message with ``stop`` after its last text; other messages unchanged."""
+    if message["role"] != "assistant":
+        return message
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message, "content": content + stop}
+    last_text = max((i for i, part in enumerate(content) if part.get("type") == "text"), default=None)
+    if last_text is None:
+        return message
+    parts = list(content)
+    parts[last_text] = {**parts[last_text], "text": parts[last_text]["text"] + stop}
+    return {**message, "content": parts}
 
 
 def template_special_tokens(tokenizer: Any, texts: list[str]) -> dict:

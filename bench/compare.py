@@ -3,6 +3,7 @@
 
     python bench/compare.py                   # CPU defaults: 2 rounds, 6 steps per arm launch
     python bench/compare.py --rounds 3 --steps 8 --layers 4 --hidden 1024
+    python bench/compare.py --image-side 896  # 896x896 and 1344x896 images: 1,024-1,536 tokens each
 
 Arms, each run in its own process launch, interleaved A/B/A/B so machine noise hits both:
   A  vlmtune's pipeline (load -> lora -> sft with its collator and supervised-positions loss)
@@ -12,7 +13,7 @@ Arms, each run in its own process launch, interleaved A/B/A/B so machine noise h
 Both load the same random-weight checkpoint (Qwen2-VL shapes, the real 151,936-token vocabulary),
 keep the same modules in 16 bit, put LoRA on the same modules and see the samples in the same
 order; the script checks that both report the same loss at step 1, so the comparison is of the
-same work. Results go to bench/results/compare-<date>.json and a table on stdout.
+same work. Results go to bench/results/compare-<date>-images<side>.json and a table on stdout.
 """
 
 from __future__ import annotations
@@ -69,8 +70,16 @@ def build_checkpoint(out: Path, hidden: int, layers: int, vocab: int) -> None:
     save_processor(processor, out)
 
 
-def build_data(out: Path, n: int = 24) -> Path:
-    """Image-heavy samples: 448x448 or 672x448 images (256-384 tokens), short answers."""
+def max_pixels(side: int) -> int:
+    """The pixel budget that admits both image shapes of build_data unscaled."""
+    return side * 3 // 2 * side
+
+
+def build_data(out: Path, side: int, n: int = 24) -> Path:
+    """Image-heavy samples, short answers: side x side or 1.5 side x side images.
+
+    At the default side of 448 that is 256 or 384 image tokens per sample.
+    """
     from PIL import Image, ImageDraw
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -78,7 +87,7 @@ def build_data(out: Path, n: int = 24) -> Path:
     rows = []
     for i in range(n):
         name = list(colors)[i % 3]
-        size = (448, 448) if i % 2 == 0 else (672, 448)
+        size = (side, side) if i % 2 == 0 else (side * 3 // 2, side)
         image = Image.new("RGB", size, (250, 250, 250))
         ImageDraw.Draw(image).ellipse((60, 60, 300, 300), fill=colors[name])
         image.save(out / "images" / f"{i:03d}.png")
@@ -96,7 +105,7 @@ def build_data(out: Path, n: int = 24) -> Path:
 
 
 class StepTimer:
-    """Trainer callback: wall time and real (non-pad) tokens of every step."""
+    """Trainer callback: wall time and loss of every step, and the RSS just before training."""
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -104,6 +113,9 @@ class StepTimer:
         timer = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                timer.rss_before_training_mb = current_rss_mb()
+
             def on_step_begin(self, args, state, control, **kwargs):
                 timer.started = time.perf_counter()
 
@@ -118,16 +130,17 @@ class StepTimer:
         self.seconds: list[float] = []
         self.losses: list[float] = []
         self.started = 0.0
+        self.rss_before_training_mb = 0.0
 
 
-def run_arm_a(ckpt: Path, data: Path, out: Path, steps: int, timer: StepTimer) -> None:
+def run_arm_a(ckpt: Path, data: Path, pixels: int, out: Path, steps: int, timer: StepTimer) -> None:
     from vlmtune import pipeline
     from vlmtune.recipe import parse_recipe
 
     text = f"""
 model: {{name: {ckpt}}}
 lora: {{r: 16, alpha: 16}}
-data: {{train: {data}, max_image_pixels: {672 * 448}, shuffle: false}}
+data: {{train: {data}, max_image_pixels: {pixels}, shuffle: false}}
 train: {{max_steps: {steps}, batch_size: 2, grad_accum: 1, lr: 1.0e-4, max_length: 4096, logging_steps: 1,
         save_steps: 100000, group_by_length: false, gradient_checkpointing: true}}
 output: {{dir: {out}}}
@@ -135,7 +148,7 @@ output: {{dir: {out}}}
     pipeline.run(parse_recipe(text), text, "bench", out / "run", callbacks=[timer.callback])
 
 
-def run_arm_b(ckpt: Path, data: Path, out: Path, steps: int, timer: StepTimer) -> None:
+def run_arm_b(ckpt: Path, data: Path, pixels: int, out: Path, steps: int, timer: StepTimer) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -149,9 +162,7 @@ def run_arm_b(ckpt: Path, data: Path, out: Path, steps: int, timer: StepTimer) -
     from vlmtune.stages.lora import target_regex
 
     family = get_family("qwen2_vl")
-    processor = load_processor(
-        ckpt, family, 672 * 448
-    )  # AutoProcessor, minus the torchvision-only video part
+    processor = load_processor(ckpt, family, pixels)  # AutoProcessor, minus the torchvision-only video part
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QWEN_VISION_SKIP,
@@ -182,32 +193,39 @@ def run_arm_b(ckpt: Path, data: Path, out: Path, steps: int, timer: StepTimer) -
     trainer.train()
 
 
-def arm_main(arm: str, ckpt: Path, data: Path, out: Path, steps: int, result: Path) -> None:
+def arm_main(arm: str, ckpt: Path, data: Path, pixels: int, out: Path, steps: int, result: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     timer = StepTimer()
-    (run_arm_a if arm == "A" else run_arm_b)(ckpt, data, out, steps, timer)
+    (run_arm_a if arm == "A" else run_arm_b)(ckpt, data, pixels, out, steps, timer)
     result.write_text(json.dumps({
         "arm": arm, "step_seconds": timer.seconds, "losses": timer.losses, "peak_rss_mb": peak_rss_mb(),
+        "rss_before_training_mb": timer.rss_before_training_mb,
     }))  # fmt: skip
+
+
+def current_rss_mb() -> float:
+    return _proc_status_mb("VmRSS:")
 
 
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark. Not ru_maxrss: Linux carries that across exec from the parent."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
+    return _proc_status_mb("VmHWM:")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark measures memory on Linux only")
 
 
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def tokens_per_step(ckpt: Path, data: Path) -> float:
+def tokens_per_step(ckpt: Path, data: Path, pixels: int) -> float:
     """Real tokens per batch of 2 (image tokens included), measured with the processor."""
     from vlmtune.collator import VisionCollator
     from vlmtune.data import load_split
@@ -215,7 +233,7 @@ def tokens_per_step(ckpt: Path, data: Path) -> float:
     from vlmtune.processing import load_processor
 
     family = get_family("qwen2_vl")
-    collator = VisionCollator(load_processor(ckpt, family, 672 * 448), family, max_length=None,
+    collator = VisionCollator(load_processor(ckpt, family, pixels), family, max_length=None,
                               train_on_responses_only=True)  # fmt: skip
     samples = load_split(str(data), None, "error").samples
     return statistics.fmean(int(collator([s])["attention_mask"].sum()) for s in samples) * 2
@@ -230,33 +248,36 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument(
+        "--image-side", type=int, default=448, help="images are SIDE x SIDE and 1.5 SIDE x SIDE"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--arm", choices=["A", "B"], help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     ckpt = args.work / f"qwen2vl-h{args.hidden}-l{args.layers}-v{args.vocab}"
-    data = args.work / "data" / "train.jsonl"
+    data = args.work / f"data-{args.image_side}" / "train.jsonl"
+    pixels = max_pixels(args.image_side)
     if args.arm:
-        arm_main(
-            args.arm, ckpt, data, args.work / f"out-{args.arm}-{time.time_ns()}", args.steps, args.result
-        )
+        out = args.work / f"out-{args.arm}-{time.time_ns()}"
+        arm_main(args.arm, ckpt, data, pixels, out, args.steps, args.result)
         return
 
     if not (ckpt / "config.json").is_file():
         build_checkpoint(ckpt, args.hidden, args.layers, args.vocab)
     if not data.is_file():
-        build_data(data.parent)
+        build_data(data.parent, args.image_side)
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     for round_index in range(args.rounds):
         for arm in ("A", "B"):
-            result = args.work / f"result-{arm}-{round_index}.json"
+            result = args.work / f"result-{args.image_side}-{arm}-{round_index}.json"
             cmd = [sys.executable, __file__, "--arm", arm, "--result", str(result), "--steps", str(args.steps),
                    "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
-                   "--work", str(args.work)]  # fmt: skip
+                   "--image-side", str(args.image_side), "--work", str(args.work)]  # fmt: skip
             print(f"round {round_index + 1}/{args.rounds} arm {arm} ...", flush=True)
             subprocess.run(cmd, check=True)
             runs[arm].append(json.loads(result.read_text()))
-    report(runs, tokens_per_step(ckpt, data), args)
+    report(runs, tokens_per_step(ckpt, data, pixels), args)
 
 
 def report(runs: dict[str, list[dict]], tokens: float, args: argparse.Namespace) -> None:
@@ -267,6 +288,10 @@ def report(runs: dict[str, list[dict]], tokens: float, args: argparse.Namespace)
             "median_step_s": median,
             "tokens_per_s": tokens / median,
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs[arm]),
+            # what training adds on top of the imports, the loaded model and the data
+            "training_rss_mb": statistics.median(
+                r["peak_rss_mb"] - r["rss_before_training_mb"] for r in runs[arm]
+            ),
             "first_loss": [r["losses"][0] for r in runs[arm]],
         }
 
@@ -284,6 +309,7 @@ def report(runs: dict[str, list[dict]], tokens: float, args: argparse.Namespace)
             "steps": args.steps,
             "rounds": args.rounds,
             "batch_size": 2,
+            "image_side": args.image_side,
             "tokens_per_step": tokens,
         },  # fmt: skip
         "A_vlmtune": a,
@@ -292,10 +318,11 @@ def report(runs: dict[str, list[dict]], tokens: float, args: argparse.Namespace)
             "step_time": a["median_step_s"] / b["median_step_s"],
             "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
             "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+            "training_rss": a["training_rss_mb"] / b["training_rss_mb"],
         },
         "same_loss_at_step_1": same_work,
     }
-    out = HERE / "results" / f"compare-{date.today()}.json"
+    out = HERE / "results" / f"compare-{date.today()}-images{args.image_side}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     r = result["ratios_A_over_B"]
@@ -303,6 +330,8 @@ def report(runs: dict[str, list[dict]], tokens: float, args: argparse.Namespace)
     print(f"{'median step (s)':24}{a['median_step_s']:14.3f}{b['median_step_s']:14.3f}{r['step_time']:8.2f}")
     print(f"{'tokens/s':24}{a['tokens_per_s']:14.1f}{b['tokens_per_s']:14.1f}{r['tokens_per_s']:8.2f}")
     print(f"{'peak RSS (MB)':24}{a['peak_rss_mb']:14.0f}{b['peak_rss_mb']:14.0f}{r['peak_rss']:8.2f}")
+    print(f"{'  of which training (MB)':24}{a['training_rss_mb']:14.0f}{b['training_rss_mb']:14.0f}"
+          f"{r['training_rss']:8.2f}")  # fmt: skip
     print(f"{'loss at step 1':24}{str([round(x, 4) for x in a['first_loss']]):>14}"
           f"{str([round(x, 4) for x in b['first_loss']]):>14}")  # fmt: skip
     print(f"same loss at step 1 (2%): {same_work}\nwritten to {out}")

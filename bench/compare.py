@@ -126,7 +126,7 @@ class StepTimer:
                 if logs and "loss" in logs:
                     timer.losses.append(float(logs["loss"]))
 
-        self.callback = Callback()
+        self.callbacks = [Callback()]  # the trainer gets them all; callers may add their own
         self.seconds: list[float] = []
         self.losses: list[float] = []
         self.started = 0.0
@@ -145,7 +145,7 @@ train: {{max_steps: {steps}, batch_size: 2, grad_accum: 1, lr: 1.0e-4, max_lengt
         save_steps: 100000, group_by_length: false, gradient_checkpointing: true}}
 output: {{dir: {out}}}
 """
-    pipeline.run(parse_recipe(text), text, "bench", out / "run", callbacks=[timer.callback])
+    pipeline.run(parse_recipe(text), text, "bench", out / "run", callbacks=timer.callbacks)
 
 
 def run_arm_b(ckpt: Path, data: Path, pixels: int, out: Path, steps: int, timer: StepTimer) -> None:
@@ -189,7 +189,7 @@ def run_arm_b(ckpt: Path, data: Path, pixels: int, out: Path, steps: int, timer:
         r=16, lora_alpha=16, target_modules=target_regex(family, LoraSection()), task_type="CAUSAL_LM"
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config, callbacks=[timer.callback])  # fmt: skip
+                         peft_config=peft_config, callbacks=timer.callbacks)  # fmt: skip
     trainer.train()
 
 

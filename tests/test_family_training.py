@@ -353,3 +353,19 @@ def test_two_qlora_steps_on_both_towers(family: str):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == set(trainable), "exactly the LoRA weights move; every frozen base weight stays"
     assert {component(n) for n in changed} == {"vision", "language"}
+
+
+def test_a_template_that_refuses_the_text_only_probe_is_left_alone():
+    import copy
+
+    from vlmtune.processing import load_processor
+    from vlmtune.tiny import tiny_model_path
+
+    family = get_family("llava")
+    processor = copy.copy(load_processor(tiny_model_path("llava"), family, BUDGET))
+    processor.chat_template = (
+        "{% if messages[0]['content'] | selectattr('type', 'equalto', 'image') | list | length == 0 %}"
+        "{{ raise_exception('the first turn needs an image') }}{% endif %}" + LLAVA_1_5_RELEASED_TEMPLATE
+    )
+    collator = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
+    assert collator.appended_stop is None

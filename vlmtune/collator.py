@@ -156,6 +156,8 @@ STOP_PROBE = "Stop-probe answer."
 
 def missing_stop_token(collator: VisionCollator) -> str | None:
     """The eos token, when the chat template renders no special token after an answer; else None."""
+    from jinja2 import TemplateError
+
     eos = collator.tokenizer.eos_token
     if not eos:
         return None
@@ -163,7 +165,10 @@ def missing_stop_token(collator: VisionCollator) -> str | None:
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
         {"role": "assistant", "content": [{"type": "text", "text": STOP_PROBE}]},
     ]
-    through = collator.render(probe)
+    try:
+        through = collator.render(probe)
+    except TemplateError:  # a template that refuses a text-only turn: samples will tell, not the probe
+        return None
     after_answer = through[through.rindex(STOP_PROBE) + len(STOP_PROBE) :]
     return None if any(token in after_answer for token in special_tokens(collator.tokenizer)) else eos
 

@@ -169,6 +169,8 @@ def missing_stop_token(collator: VisionCollator) -> str | None:
         through = collator.render(probe)
     except TemplateError:  # a template that refuses a text-only turn: samples will tell, not the probe
         return None
+    if STOP_PROBE not in through:  # the answer was not rendered at all: nothing to end
+        return None
     after_answer = through[through.rindex(STOP_PROBE) + len(STOP_PROBE) :]
     return None if any(token in after_answer for token in special_tokens(collator.tokenizer)) else eos
 

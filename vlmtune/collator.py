@@ -44,8 +44,7 @@ class VisionCollator:
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only
         self.vision_ids = torch.tensor(vision_token_ids(self.tokenizer, family), dtype=torch.long)
-        self.appended_stop: str | None = None  # set below, once render() can run
-        self.appended_stop = missing_stop_token(self)
+        self.appended_stop = missing_stop_token(processor)
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -154,11 +153,11 @@ class VisionCollator:
 STOP_PROBE = "Stop-probe answer."
 
 
-def missing_stop_token(collator: VisionCollator) -> str | None:
+def missing_stop_token(processor: Any) -> str | None:
     """The eos token, when the chat template renders no special token after an answer; else None."""
     from jinja2 import TemplateError
 
-    eos = collator.tokenizer.eos_token
+    eos = processor.tokenizer.eos_token
     if not eos:
         return None
     probe = [
@@ -166,13 +165,13 @@ def missing_stop_token(collator: VisionCollator) -> str | None:
         {"role": "assistant", "content": [{"type": "text", "text": STOP_PROBE}]},
     ]
     try:
-        through = collator.render(probe)
+        through = processor.apply_chat_template(probe, tokenize=False)
     except TemplateError:  # a template that refuses a text-only turn: samples will tell, not the probe
         return None
     if STOP_PROBE not in through:  # the answer was not rendered at all: nothing to end
         return None
     after_answer = through[through.rindex(STOP_PROBE) + len(STOP_PROBE) :]
-    return None if any(token in after_answer for token in special_tokens(collator.tokenizer)) else eos
+    return None if any(token in after_answer for token in special_tokens(processor.tokenizer)) else eos
 
 
 def special_tokens(tokenizer: Any) -> set[str]:
@@ -181,12 +180,13 @@ def special_tokens(tokenizer: Any) -> set[str]:
 
 
 def with_stop(message: dict, stop: str) -> dict:
-    """An assistant message with ``stop`` after its last text; other messages unchanged."""
+    """An assistant message with ``stop`` after its last text; other messages unchanged.
+
+    Content is a list of parts: vlmtune.data normalises every sample's messages that way.
+    """
     if message["role"] != "assistant":
         return message
     content = message["content"]
-    if isinstance(content, str):
-        return {**message, "content": content + stop}
     last_text = max((i for i, part in enumerate(content) if part.get("type") == "text"), default=None)
     if last_text is None:
         return message

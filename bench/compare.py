@@ -157,9 +157,9 @@ def run_arm_b(ckpt: Path, data: Path, pixels: int, out: Path, steps: int, timer:
     from trl import SFTConfig, SFTTrainer
 
     from vlmtune.families import get_family
+    from vlmtune.lora_targets import target_regex
     from vlmtune.processing import load_processor
     from vlmtune.recipe import LoraSection
-    from vlmtune.stages.lora import target_regex
 
     family = get_family("qwen2_vl")
     processor = load_processor(ckpt, family, pixels)  # AutoProcessor, minus the torchvision-only video part
@@ -228,14 +228,15 @@ def _proc_status_mb(field: str) -> float:
 def tokens_per_step(ckpt: Path, data: Path, pixels: int) -> float:
     """Real tokens per batch of 2 (image tokens included), measured with the processor."""
     from vlmtune.collator import VisionCollator
-    from vlmtune.data import load_split
     from vlmtune.families import get_family
+    from vlmtune.preflight import read_split
     from vlmtune.processing import load_processor
+    from vlmtune.recipe import DataSection
 
     family = get_family("qwen2_vl")
     collator = VisionCollator(load_processor(ckpt, family, pixels), family, max_length=None,
                               train_on_responses_only=True)  # fmt: skip
-    samples = load_split(str(data), None, "error").samples
+    samples = read_split(str(data), DataSection(train=str(data))).samples
     return statistics.fmean(int(collator([s])["attention_mask"].sum()) for s in samples) * 2
 
 

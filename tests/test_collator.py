@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtune.collator import IGNORE_INDEX, VisionCollator, align_expanded
+from vlmtune.collator import VisionCollator, align_expanded
+from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data import Sample
 from vlmtune.errors import DataError, ModelError
 from vlmtune.families import get_family

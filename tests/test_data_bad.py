@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.data import load_split
 from vlmtune.errors import DataError
-from vlmtune.preflight import check_split, scan_split
+from vlmtune.preflight import check_split, read_split, scan_split
 from vlmtune.recipe import DataSection
 
 from conftest import ROOT
@@ -79,8 +78,8 @@ def test_the_corpus_is_what_make_data_writes(tmp_path: Path):
 
 def test_every_good_sample_survives_the_bad_ones(report):
     assert report.total == 26
-    assert [s.index for s in report.kept] == GOOD
-    assert [s.n_images for s in report.kept] == [1, 0, 2, 1]
+    assert [s.index for s in report.samples] == GOOD
+    assert [s.n_images for s in report.samples] == [1, 0, 2, 1]
 
 
 @pytest.mark.parametrize("index", sorted(EXPECTED))
@@ -123,7 +122,7 @@ def test_too_long_error_names_the_sample_and_the_fix(measure):
 
 
 def test_load_split_without_a_model_finds_the_same_invalid_samples():
-    split = load_split(str(TRAIN), on_bad_sample="skip")
+    split = read_split(str(TRAIN), DataSection(train="x", on_bad_sample="skip"))
     assert sorted(p.index for p in split.problems) == sorted(set(EXPECTED) - {15, 22}), (
         "token length and processor limits need the model; everything else is found without it"
     )
@@ -147,29 +146,25 @@ def test_load_split_without_a_model_finds_the_same_invalid_samples():
 def test_unreadable_files_are_one_clear_error(tmp_path: Path, name, content, words):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        load_split(str(tmp_path / name))
+        read_split(str(tmp_path / name), DataSection(train="x"))
 
 
 def test_a_folder_that_is_not_a_saved_dataset_is_named(tmp_path: Path):
     with pytest.raises(DataError, match="not a dataset written by datasets' save_to_disk"):
-        load_split(str(tmp_path))
+        read_split(str(tmp_path), DataSection(train="x"))
 
 
 def test_a_file_with_no_usable_sample_says_so(tmp_path: Path):
     (tmp_path / "train.jsonl").write_text('{"messages": []}\n')
     with pytest.raises(DataError, match="no usable samples"):
-        load_split(str(tmp_path / "train.jsonl"), on_bad_sample="skip")
+        read_split(str(tmp_path / "train.jsonl"), DataSection(train="x", on_bad_sample="skip"))
 
 
 def test_max_image_side_is_a_recipe_knob(tmp_path: Path):
-    split = load_split(
-        str(TRAIN), data=DataSection(train=str(TRAIN), on_bad_sample="skip", max_image_side=40_000)
-    )
+    split = read_split(str(TRAIN), DataSection(train=str(TRAIN), on_bad_sample="skip", max_image_side=40_000))
     reason = next(p.reason for p in split.problems if p.index == 13)
     assert "max_image_side" not in reason and "truncated" in reason, (
         "40000x8 passes a 40000 side limit, so the file is decoded, and its missing pixels are found"
     )
-    small = load_split(
-        str(TRAIN), data=DataSection(train=str(TRAIN), on_bad_sample="skip", max_image_side=50)
-    )
+    small = read_split(str(TRAIN), DataSection(train=str(TRAIN), on_bad_sample="skip", max_image_side=50))
     assert 20 in {p.index for p in small.problems}, "good2.png is 40x56: over a 50-pixel side"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.data import RowImage, Sample, SampleError, SampleReader, load_split, open_records
+from vlmtune.data import RowImage, Sample, SampleError, SampleReader, open_records
 from vlmtune.errors import DataError
 from vlmtune.images import ImageProblem, UrlImage, open_image, resolve_source
+from vlmtune.preflight import read_split
 from vlmtune.recipe import DataSection
 
 from conftest import ROOT
@@ -40,7 +41,7 @@ def reference(collator):
 
 
 def read(path: Path, **data):
-    return load_split(str(path), data=DataSection(train=str(path), **data))
+    return read_split(str(path), DataSection(train=str(path), **data))
 
 
 def assert_same_batch(batch: dict, reference: dict) -> None:
@@ -87,15 +88,14 @@ def test_the_reference_file_holds_what_the_others_are_compared_with(reference, c
 
 
 def test_explicit_format_overrides_detection(tmp_path: Path):
-    split = load_split(
-        str(FORMATS / "llamafactory.json"),
-        data=DataSection(train="x", format="messages", on_bad_sample="skip"),
+    split = read_split(
+        str(FORMATS / "llamafactory.json"), DataSection(train="x", format="messages", on_bad_sample="skip")
     )
     # Read as OpenAI messages, `<image>` is plain text: the image list no longer matches.
     assert [p.index for p in split.problems] == [0, 1]
     assert "0 image part(s) without an inline source but 1 image(s) in `images`" in split.problems[0].reason
     with pytest.raises(DataError, match=r"sample 0: answer: column missing"):
-        load_split(str(FORMATS / "trl.jsonl"), data=DataSection(train="x", format="columns"))
+        read_split(str(FORMATS / "trl.jsonl"), DataSection(train="x", format="columns"))
 
 
 # --- LLaMA-Factory's own demo file, as its users have it -----------------------------------------

@@ -48,9 +48,10 @@ def test_scores_are_fractions_of_the_samples():
 
 
 def test_the_reference_is_the_last_assistant_turn_and_the_prompt_what_comes_before():
-    from vlmtune.data import load_split
+    from vlmtune.preflight import read_split
+    from vlmtune.recipe import DataSection
 
-    split = load_split(str(DEMO / "eval.jsonl"), None, "error")
+    split = read_split(str(DEMO / "eval.jsonl"), DataSection(train="x"))
     multi = next(s for s in split.samples if sum(m["role"] == "assistant" for m in s.messages) == 2)
     item = ev.eval_item(multi)
     assert item.reference == "The red one."

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtune.collator import IGNORE_INDEX, VisionCollator, align_expanded
+from vlmtune.collator import VisionCollator, align_expanded
+from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data import Sample
 from vlmtune.errors import ModelError
 from vlmtune.families import family_names, get_family

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vlmtune.checkpoint import read_config
 from vlmtune.errors import ModelError
 from vlmtune.recipe import ModelSection, QuantizationSection
 from vlmtune.stages import load
@@ -36,7 +37,7 @@ def test_language_linears_are_4bit_and_the_rest_16bit(family: str):
 def test_report_counts_params_and_bytes_per_component(family: str):
     from transformers import AutoModelForImageTextToText
 
-    from vlmtune.stages.load import resolve_model_path
+    from vlmtune.checkpoint import resolve_model_path
 
     report = _load(family, double_quant=False).report
     plain = AutoModelForImageTextToText.from_pretrained(resolve_model_path(f"tiny:{family}"))
@@ -73,9 +74,9 @@ def test_keep_16bit_that_names_nothing_is_an_error():
 
 def test_missing_model_folder_and_folder_without_config(tmp_path):
     with pytest.raises(ModelError, match="has no config.json"):
-        load.read_config(str(tmp_path))
+        read_config(str(tmp_path))
     with pytest.raises(ModelError, match="cannot read the model config") as info:
-        load.read_config(str(tmp_path / "no-such-model"))
+        read_config(str(tmp_path / "no-such-model"))
     assert "tiny:FAMILY" in info.value.hint
 
 

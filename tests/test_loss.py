@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from vlmtune.collator import VisionCollator
-from vlmtune.data import load_split
-from vlmtune.families import get_family
+from vlmtune.families import family_names, get_family
 from vlmtune.loss import lm_head_input, logit_transform, supervised_cross_entropy
-from vlmtune.tiny import BUILDERS
+from vlmtune.preflight import read_split
+from vlmtune.recipe import DataSection
 
 from conftest import ROOT
 
@@ -23,7 +23,7 @@ def family_batch(family_name: str, tiny_path):
     path = tiny_path(family_name)
     processor = load_processor(path, family, 12544)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    samples = load_split(str(ROOT / "data" / "demo" / "train.jsonl"), None, "error").samples[:3]
+    samples = read_split(str(ROOT / "data" / "demo" / "train.jsonl"), DataSection(train="x")).samples[:3]
     batch = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)(samples)
     return model, batch
 
@@ -42,7 +42,7 @@ def grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family_name", sorted(BUILDERS))
+@pytest.mark.parametrize("family_name", sorted(family_names()))
 def test_same_loss_and_gradients_as_the_models_own(family_name: str, tiny_path):
     model, batch = family_batch(family_name, tiny_path)
     reference = model(**batch, use_cache=False).loss

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlmtune import memory as mem
+from vlmtune.commands.memory import parse_gpu_memory
 from vlmtune.errors import ModelError, VlmtuneError
 from vlmtune.families import family_names
 
@@ -85,8 +86,8 @@ def test_bundled_config_matches_the_published_parameter_count(hub_id: str):
 def test_bundled_config_estimates_every_term(hub_id: str):
     config, family, shape = shape_or_skip(hub_id)
     recipe = recipe_for(hub_id)
-    setup = mem.setup_from_recipe(recipe, shape, family)
-    work, _ = mem.workload_for(config, family, recipe, seq_len=256)
+    setup = mem.training_method(recipe.model, recipe.quantization, recipe.lora, recipe.train, shape, family)
+    work, _ = mem.workload_for(config, family, recipe.data, recipe.train, seq_len=256)
     result = mem.estimate(shape, setup, work, gpu_bytes=80 * mem.GiB)
     terms = result.terms
     assert all(
@@ -102,11 +103,13 @@ def test_bundled_config_estimates_every_term(hub_id: str):
 def test_tied_lm_head_is_counted_once():
     _, _, shape = shape_or_skip("Qwen/Qwen2-VL-2B-Instruct")  # ties lm_head to the embeddings
     assert shape.tied_lm_head
-    rows = {c.name: c for c in mem.weight_components(shape, mem.Setup())}
+    rows = {c.name: c for c in mem.weight_components(shape, mem.TrainingMethod())}
     assert rows["lm_head"].params == 0 and rows["lm_head"].bytes == 0
     _, _, untied = shape_or_skip("Qwen/Qwen2-VL-7B-Instruct")
     assert not untied.tied_lm_head
-    assert {c.name: c for c in mem.weight_components(untied, mem.Setup())}["lm_head"].params == 152064 * 3584
+    assert {c.name: c for c in mem.weight_components(untied, mem.TrainingMethod())}[
+        "lm_head"
+    ].params == 152064 * 3584
 
 
 # --- against real loaded models ------------------------------------------------------------------
@@ -322,20 +325,20 @@ def qwen7b():
 def estimate_7b(qwen7b, seq_len: int = 1024, **sections) -> mem.MemoryEstimate:
     config, family, shape = qwen7b
     recipe = recipe_for("Qwen/Qwen2-VL-7B-Instruct", **sections)
-    setup = mem.setup_from_recipe(recipe, shape, family)
-    work, _ = mem.workload_for(config, family, recipe, seq_len=seq_len)
+    setup = mem.training_method(recipe.model, recipe.quantization, recipe.lora, recipe.train, shape, family)
+    work, _ = mem.workload_for(config, family, recipe.data, recipe.train, seq_len=seq_len)
     return mem.estimate(shape, setup, work, gpu_bytes=24 * mem.GiB)
 
 
 def test_nf4_bytes_per_parameter_are_the_measured_ones(qwen7b):
     n, rows = 4096 * 4096, 4096
-    assert mem.quantized_bytes(n, rows, mem.Setup(bits=4, double_quant=False)) / n == pytest.approx(
+    assert mem.quantized_bytes(n, rows, mem.TrainingMethod(bits=4, double_quant=False)) / n == pytest.approx(
         0.5625, abs=1e-4
     )
-    assert mem.quantized_bytes(n, rows, mem.Setup(bits=4, double_quant=True)) / n == pytest.approx(
+    assert mem.quantized_bytes(n, rows, mem.TrainingMethod(bits=4, double_quant=True)) / n == pytest.approx(
         0.5165, abs=1e-3
     )
-    assert mem.quantized_bytes(n, rows, mem.Setup(bits=8)) / n == pytest.approx(1.0, abs=1e-3)
+    assert mem.quantized_bytes(n, rows, mem.TrainingMethod(bits=8)) / n == pytest.approx(1.0, abs=1e-3)
 
 
 def test_knobs_move_the_terms_the_right_way(qwen7b):
@@ -360,12 +363,14 @@ def test_knobs_move_the_terms_the_right_way(qwen7b):
 def test_image_tokens_count_in_the_sequence(qwen7b):
     config, family, shape = qwen7b
     recipe = recipe_for("Qwen/Qwen2-VL-7B-Instruct")
-    small, _ = mem.workload_for(config, family, recipe, seq_len=512, image_size=(448, 448))
-    two, _ = mem.workload_for(config, family, recipe, seq_len=512, image_size=(448, 448), images_per_sample=2)
+    small, _ = mem.workload_for(config, family, recipe.data, recipe.train, seq_len=512, image_size=(448, 448))
+    two, _ = mem.workload_for(
+        config, family, recipe.data, recipe.train, seq_len=512, image_size=(448, 448), images_per_sample=2
+    )
     assert small.image_tokens == 256 and small.image_patches == 1024  # (448/28)^2 tokens, 4 patches each
     assert two.sequence == 512 + 2 * 256
     # without --seq-len the text fills train.max_length around the images
-    default, _ = mem.workload_for(config, family, recipe)
+    default, _ = mem.workload_for(config, family, recipe.data, recipe.train)
     assert default.sequence == recipe.train.max_length
 
 
@@ -374,7 +379,7 @@ def test_what_fits_is_the_largest_batch_and_length(qwen7b):
     result = estimate_7b(qwen7b)
     fit = result.fit
     assert fit.fits and fit.max_batch_size >= result.workload.batch_size
-    setup, work = result.setup, result.workload
+    setup, work = result.training, result.workload
     from dataclasses import replace
 
     assert mem.peak_bytes(shape, setup, replace(work, batch_size=fit.max_batch_size)) <= fit.gpu_bytes
@@ -391,13 +396,13 @@ def test_what_fits_is_the_largest_batch_and_length(qwen7b):
      ("24", 24 * 2**30), ("0.5TB", 2**39)],
 )  # fmt: skip
 def test_gpu_memory_sizes(text: str, expected: int):
-    assert mem.parse_gpu_memory(text) == expected
+    assert parse_gpu_memory(text) == expected
 
 
 @pytest.mark.parametrize("text", ["lots", "-3GB", "0", "24XB", ""])
 def test_bad_gpu_memory_is_a_clear_error(text: str):
     with pytest.raises(VlmtuneError) as err:
-        mem.parse_gpu_memory(text)
+        parse_gpu_memory(text)
     assert "--gpu-memory" in err.value.message and "24GB" in err.value.hint
 
 

@@ -16,7 +16,7 @@ def test_memory_estimate_is_written_and_warns_when_the_device_is_too_small(tmp_p
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     run = RunDir.create(tmp_path, "r")
     warnings: list[str] = []
-    monkeypatch.setattr(pipeline.load, "free_memory", lambda device: 1024)
+    monkeypatch.setattr(pipeline.checkpoint, "free_memory", lambda device: 1024)
     figures = pipeline.estimate_memory(run, recipe, "cpu", warnings.append)
     estimate = run.read_json(files.MEMORY_ESTIMATE)
     # On CPU the CUDA context is no cost, so it is left out of what must fit.
@@ -24,7 +24,7 @@ def test_memory_estimate_is_written_and_warns_when_the_device_is_too_small(tmp_p
     assert len(warnings) == 1 and "exceeds the 1.00 KiB free on cpu" in warnings[0]
 
     warnings.clear()
-    monkeypatch.setattr(pipeline.load, "free_memory", lambda device: 1 << 50)
+    monkeypatch.setattr(pipeline.checkpoint, "free_memory", lambda device: 1 << 50)
     pipeline.estimate_memory(run, recipe, "cpu", warnings.append)
     assert warnings == []
 

@@ -80,10 +80,12 @@ def test_a_large_set_is_checked_without_holding_its_images(tmp_path: Path, monke
     report = scan_split("train", str(path), section(path), 512, measure)
     gc.collect()
 
-    assert report.total == len(report.kept) == 2000 and opened == 3000, "each image decoded exactly once"
+    assert report.total == len(report.samples) == 2000 and opened == 3000, "each image decoded exactly once"
     assert peak <= 2, f"at most one sample's images are decoded at a time, saw {peak}"
     assert not [ref for ref in live if ref() is not None], "no decoded image outlives the check"
-    assert all(isinstance(source, str) for s in report.kept for source in s.images), "kept samples stay lazy"
+    assert all(isinstance(source, str) for s in report.samples for source in s.images), (
+        "kept samples stay lazy"
+    )
     assert report.to_json()["images_total"] == 3000
 
 
@@ -102,7 +104,7 @@ def test_the_report_counts_layouts_lengths_images_and_the_pixel_budget(collator)
     assert summary["max_image_pixels"] == 2000 and summary["images_over_pixel_budget"] == 1
     assert set(summary["tokens"]) == {"min", "p50", "p90", "p99", "max", "mean"}
     assert summary["tokens"]["max"] == max(report.lengths) and summary["max_length"] == 512
-    assert report.lengths == [collator.count_tokens(s) for s in report.kept], "lengths are the processor's"
+    assert report.lengths == [collator.count_tokens(s) for s in report.samples], "lengths are the processor's"
 
 
 def test_problems_are_listed_in_sample_order(collator):
@@ -175,7 +177,7 @@ def test_every_format_recipe_passes_its_data_check(path: Path):
 
     reports = check_recipe_data(load_recipe(path))
     for report in reports.values():
-        assert report.problems == [] and report.kept, report.source
+        assert report.problems == [] and report.samples, report.source
 
 
 def vlmtune(*args: str) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from vlmtune import rundir as files
+from vlmtune import rundir
 from vlmtune.rundir import RunDir
 
 # Trainer log keys -> our stable keys (scripts read metrics.jsonl; keep these names).
@@ -36,7 +36,7 @@ class MetricsWriter(TrainerCallback):
             elif key.startswith("eval_"):
                 row[key] = _plain(value)
         if len(row) > 1 and ("loss" in row or "eval_loss" in row):
-            self.run.append_jsonl(files.METRICS, row)
+            self.run.append_jsonl(rundir.METRICS, row)
 
 
 def _plain(value: Any) -> Any:

@@ -25,11 +25,10 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data import Sample, open_image
 from vlmtune.errors import DataError, ModelError
 from vlmtune.families import Family
-
-IGNORE_INDEX = -100
 
 
 class VisionCollator:

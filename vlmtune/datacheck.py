@@ -6,18 +6,16 @@ from typing import Any
 
 from vlmtune.collator import VisionCollator
 from vlmtune.errors import DataError
-from vlmtune.preflight import SplitReport, scan_split
+from vlmtune.preflight import CheckedSplit, scan_split
 from vlmtune.recipe import Recipe
 
 
-def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, SplitReport]:
+def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, CheckedSplit]:
     """Every split of the recipe, measured with the model's own processor; problems listed, not raised."""
-    from vlmtune.families import detect_family
+    from vlmtune.checkpoint import detect
     from vlmtune.processing import load_processor
-    from vlmtune.stages.load import read_config, resolve_model_path
 
-    path = resolve_model_path(recipe.model.name)
-    family = detect_family(read_config(path, recipe.model.revision))
+    path, family = detect(recipe.model.name, recipe.model.revision)
     processor = load_processor(path, family, recipe.data.max_image_pixels, revision=recipe.model.revision)
     collator = VisionCollator(
         processor, family, max_length=None, train_on_responses_only=recipe.data.train_on_responses_only
@@ -31,7 +29,7 @@ def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, SplitRep
     }
 
 
-def render_report(reports: dict[str, SplitReport], console: Any) -> None:
+def render_report(reports: dict[str, CheckedSplit], console: Any) -> None:
     """One table per split, then every problem (index, field, reason) and what training would do."""
     from rich.table import Table
     from rich.text import Text
@@ -50,7 +48,7 @@ def render_report(reports: dict[str, SplitReport], console: Any) -> None:
         console.print(Text("every sample is usable", style="bold green"))
 
 
-def fail_on_problems(reports: dict[str, SplitReport]) -> None:
+def fail_on_problems(reports: dict[str, CheckedSplit]) -> None:
     """A DataError (non-zero exit) when any split has a problem; the report above lists them."""
     counts = {name: len(report.problems) for name, report in reports.items() if report.problems}
     if counts:
@@ -62,12 +60,12 @@ def fail_on_problems(reports: dict[str, SplitReport]) -> None:
         )
 
 
-def _rows(report: SplitReport, summary: dict) -> list[tuple[str, str]]:
+def _rows(report: CheckedSplit, summary: dict) -> list[tuple[str, str]]:
     tokens, images = summary["tokens"], summary["images_per_sample"]
     formats = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["formats"].items())) or "-"
     budget = summary["max_image_pixels"]
     return [
-        ("samples", f"{report.total} read, {len(report.kept)} usable"),
+        ("samples", f"{report.total} read, {len(report.samples)} usable"),
         ("invalid", str(len(report.skipped))),
         ("too long", f"{len(report.too_long)} (max_length {report.max_length})"),
         ("layouts", formats),

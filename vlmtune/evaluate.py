@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmtune import rundir as files
+from vlmtune import rundir
 from vlmtune.data import Sample
 from vlmtune.errors import DataError
 from vlmtune.recipe import DataSection, ModelSection
@@ -82,10 +82,9 @@ def load_items(path: str, data: DataSection, max_samples: int | None) -> tuple[l
 
     Returns (items, {source, samples_total, skipped}).
     """
-    from vlmtune.data import load_split
+    from vlmtune.preflight import read_split
 
-    split_name = data.eval_split if path == data.eval else data.train_split
-    split = load_split(path, data=data.model_copy(update={"train": path, "train_split": split_name}))
+    split = read_split(path, data, split=data.eval_split if path == data.eval else data.train_split)
     samples = split.samples[:max_samples] if max_samples else split.samples
     if not any(m["role"] == "user" for s in samples for m in s.messages):
         raise DataError(
@@ -128,9 +127,9 @@ def before_and_after(
 
 
 def run_answers(trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None) -> dict:
-    """Adapter and base answers of a finished run (a generate.TrainedRun): one load with the adapter
+    """Adapter and base answers of a finished run (a trained.TrainedRun): one load with the adapter
     toggled, or, for a full fine-tune, the trained model and then the base."""
-    from vlmtune.generate import load_for_inference
+    from vlmtune.trained import load_for_inference
 
     inference = load_for_inference(trained)
     if inference.has_adapter:
@@ -163,7 +162,7 @@ def report(items: list[EvalItem], adapter: list[str], base: list[str], **facts: 
 
 
 def write_report(run: RunDir, content: dict) -> Path:
-    return run.write_json(files.EVAL_REPORT, content)
+    return run.write_json(rundir.EVAL_REPORT, content)
 
 
 # --- the optional stage after training ----------------------------------------------------------

@@ -6,7 +6,7 @@ their LoRA weights are a known way to ship nothing:
   training moved lora_B away from zero;
 - merged: the base is reloaded UNQUANTIZED in 16 bit (never merging into 4-bit weights); before
   merging, the modules the adapter changes most are noted with their expected merged weights, and
-  after saving those exact weights are looked up in the saved safetensors files.
+  after saving those exact weights are looked up in the saved safetensors rundir.
 The folder is written under a temporary name and renamed at the end: an existing --out is never
 touched, and a failed export leaves nothing half-written behind.
 """
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmtune import rundir as files
+from vlmtune import rundir
 from vlmtune.errors import RunDirError, VlmtuneError
-from vlmtune.generate import TrainedRun
+from vlmtune.paths import is_hub_id
+from vlmtune.trained import TrainedRun
 
 PROBES = 4  # modules whose merged weights are looked up in the saved files
 
@@ -59,9 +60,9 @@ def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> Expor
         else:
             kind, checks = "adapter", export_adapter(trained, staging)
         facts = card_facts(trained, kind, dtype)
-        (staging / files.EXPORT_CARD).write_text(model_card(facts, out.name), encoding="utf-8")
+        (staging / rundir.EXPORT_CARD).write_text(model_card(facts, out.name), encoding="utf-8")
         report = json.dumps({**facts, "checks": checks}, indent=2, ensure_ascii=False)
-        (staging / files.EXPORT_REPORT).write_text(report + "\n", encoding="utf-8")
+        (staging / rundir.EXPORT_REPORT).write_text(report + "\n", encoding="utf-8")
         check_new_folder(out)  # created meanwhile? rename would replace an empty folder
         staging.rename(out)
     except BaseException:
@@ -86,7 +87,7 @@ def export_adapter(trained: TrainedRun, staging: Path) -> list[dict]:
     from vlmtune.processing import save_processor
 
     staging.mkdir()
-    for name in (files.PEFT_CONFIG, files.PEFT_WEIGHTS):
+    for name in (rundir.PEFT_CONFIG, rundir.PEFT_WEIGHTS):
         if not (trained.weights / name).is_file():
             raise RunDirError(
                 f"{trained.weights / name} is missing",
@@ -94,14 +95,15 @@ def export_adapter(trained: TrainedRun, staging: Path) -> list[dict]:
             )
         shutil.copy2(trained.weights / name, staging / name)
     save_processor(run_processor(trained), staging)
-    targets = trained.run.read_json(files.LORA_PLAN)["targets"]
-    return [check_adapter(staging / files.PEFT_WEIGHTS, targets)]
+    targets = trained.run.read_json(rundir.LORA_PLAN)["targets"]
+    return [check_adapter(staging / rundir.PEFT_WEIGHTS, targets)]
 
 
 def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
     """The LoRA merged into a 16-bit reload of the base, saved as safetensors with the processor."""
     from peft import PeftModel
 
+    from vlmtune.modelinfo import is_quantized_linear
     from vlmtune.processing import save_processor
     from vlmtune.stages import load
 
@@ -112,7 +114,7 @@ def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
         recipe.data.max_image_pixels,
         "cpu",
     )
-    quantized = [name for name, m in base.model.named_modules() if load.is_quantized(m)]
+    quantized = [name for name, m in base.model.named_modules() if is_quantized_linear(m)]
     assert not quantized, f"the merge base must be unquantized, found 4-bit {quantized[:3]}"
     model = PeftModel.from_pretrained(base.model, str(trained.weights))
     probes = merge_probes(model, base.family.component_of, PROBES)
@@ -136,7 +138,7 @@ def run_processor(trained: TrainedRun) -> Any:
     from vlmtune.families import get_family
     from vlmtune.processing import load_processor
 
-    family = get_family(trained.run.read_json(files.MODEL_REPORT)["family"])
+    family = get_family(trained.run.read_json(rundir.MODEL_REPORT)["family"])
     return load_processor(trained.weights, family, trained.recipe.data.max_image_pixels)
 
 
@@ -247,13 +249,13 @@ def check_merged(folder: Path, probes: list[Probe]) -> list[dict]:
 
 def card_facts(trained: TrainedRun, kind: str, dtype: str) -> dict:
     """What the model card says, read from the run folder's artifacts."""
-    from vlmtune.stages.load import resolve_model_path
+    from vlmtune.checkpoint import resolve_model_path
 
     run, recipe = trained.run, trained.recipe
     summary = run.summary()
-    losses = [row["loss"] for row in run.read_jsonl(files.METRICS) if "loss" in row]
-    data = run.read_json(files.DATA_REPORT) if (run / files.DATA_REPORT).is_file() else {}
-    evaluation = run.read_json(files.EVAL_REPORT) if (run / files.EVAL_REPORT).is_file() else None
+    losses = run.losses()
+    data = run.read_json(rundir.DATA_REPORT) if (run / rundir.DATA_REPORT).is_file() else {}
+    evaluation = run.read_json(rundir.EVAL_REPORT) if (run / rundir.EVAL_REPORT).is_file() else None
     train = data.get("train", {})
     return {
         "export": kind,
@@ -275,7 +277,7 @@ def card_facts(trained: TrainedRun, kind: str, dtype: str) -> dict:
         "eval": None
         if evaluation is None
         else {k: evaluation[k] for k in ("n", "exact_match", "contains", "base") if k in evaluation},
-        "resolved_recipe": (run / files.RESOLVED).read_text(encoding="utf-8"),
+        "resolved_recipe": (run / rundir.RESOLVED).read_text(encoding="utf-8"),
     }
 
 
@@ -292,7 +294,7 @@ def model_card(facts: dict, folder_name: str) -> str:
     return "\n".join(
         [
             "---",
-            *([f"base_model: {facts['base_model']}"] if _is_hub_id(facts["base_model"]) else []),
+            *([f"base_model: {facts['base_model']}"] if is_hub_id(facts["base_model"]) else []),
             f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
             "pipeline_tag: image-text-to-text",
             f"tags: [vlmtune, {kind}]",
@@ -354,10 +356,6 @@ def _load_snippet(kind: str, base_path: str) -> list[str]:
         'model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder", dtype="auto")',
         'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
     ]
-
-
-def _is_hub_id(name: str) -> bool:
-    return "/" in name and not name.startswith(("/", ".", "~")) and not name.startswith("tiny:")
 
 
 def _fmt(value: Any) -> str:

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
+from vlmtune.constants import IGNORE_INDEX, LOSS_CHUNK_BYTES
 
 
 @dataclass
@@ -71,7 +70,7 @@ def supervised_cross_entropy(
     labels: torch.Tensor,
     lm_head: torch.nn.Module,
     num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = LOSS_CHUNK_BYTES,
     softcap: float | None = None,
     scale: float = 1.0,
 ) -> SupervisedLoss:

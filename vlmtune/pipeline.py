@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import evaluate
-from vlmtune import rundir as files
+from vlmtune import checkpoint, evaluate, rundir
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
@@ -36,8 +35,8 @@ def run(
 ) -> RunDir:
     """A new run folder, trained to the end."""
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
-    run.write_text(files.RECIPE, recipe_text)
-    run.write_text(files.RESOLVED, recipe.to_yaml())
+    run.write_text(rundir.RECIPE, recipe_text)
+    run.write_text(rundir.RESOLVED, recipe.to_yaml())
     run.init_summary(recipe.output.name or run_name)
     return _stages(recipe, run, resume=False, callbacks=callbacks, warn=warn)
 
@@ -47,29 +46,29 @@ def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
     from vlmtune.recipe import load_recipe
 
     run = RunDir.open(run_path)
-    recipe = load_recipe(run / files.RESOLVED)
-    return _stages(recipe, run, resume=_has_checkpoint(run), callbacks=callbacks, warn=warn)
+    recipe = load_recipe(run / rundir.RESOLVED)
+    return _stages(recipe, run, resume=bool(run.checkpoints()), callbacks=callbacks, warn=warn)
 
 
 def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) -> RunDir:
     started = time.time()
-    device = load.choose_device(recipe.train.device)
-    run.write_json(files.ENV, environment_report(device))
+    device = checkpoint.choose_device(recipe.train.device)
+    run.write_json(rundir.ENV, environment_report(device))
 
     with stage(run, "load") as figures:
         figures.update(estimate_memory(run, recipe, device, warn))
         loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
-        write_load_artifacts(run, loaded)
+        load.write_artifacts(run, loaded)
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
         model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
-        write_lora_artifacts(run, model, loaded.family, lora_plan)
+        lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:
         result = sft.train(
-            model, loaded.processor, loaded.family, recipe.data, recipe.train, run,
-            device, recipe.model.dtype, resume=resume, callbacks=callbacks,
+            model, loaded.processor, loaded.family, recipe.data, recipe.train,
+            run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
 
@@ -106,7 +105,8 @@ def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn) -> dic
 
     An estimate must never stop a run that would work, so a failure is a warning, not an error.
     """
-    from vlmtune.memory import estimate_recipe, human_bytes
+    from vlmtune.memory import estimate_recipe
+    from vlmtune.units import human_bytes
 
     try:
         estimate = estimate_recipe(recipe)
@@ -114,32 +114,13 @@ def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn) -> dic
         warn(f"no memory estimate ({str(exc).splitlines()[0]}); training goes on")
         return {}
     figures = estimate.to_json()
-    run.write_json(files.MEMORY_ESTIMATE, figures)
+    run.write_json(rundir.MEMORY_ESTIMATE, figures)
     # The estimate is for a GPU; training on CPU has no CUDA context to hold.
     needed = figures["peak_bytes"] - (figures["terms"]["overhead"] if device == "cpu" else 0)
-    free = load.free_memory(device)
+    free = checkpoint.free_memory(device)
     if free is not None and needed > free:
         warn(
             f"the estimated peak of {human_bytes(needed)} exceeds the {human_bytes(free)} free "
             f"on {device}; lower train.batch_size or train.max_length, or see `vlmtune estimate-memory`"
         )
     return {"estimated_peak_bytes": needed, "free_bytes": free}
-
-
-def write_load_artifacts(run: RunDir, loaded: load.Loaded) -> None:
-    from vlmtune.processing import save_processor
-
-    run.write_json(files.MODEL_REPORT, {"model": loaded.path, **loaded.report})
-    save_processor(loaded.processor, run / files.PROCESSOR)
-
-
-def write_lora_artifacts(run: RunDir, model: Any, family: Any, lora_plan: lora.LoraPlan) -> None:
-    run.write_json(files.LORA_PLAN, lora.trainable_report(model, family, lora_plan))
-    peft_config = getattr(model, "peft_config", {}).get("default")
-    if peft_config is not None:
-        run.write_json(files.ADAPTER_CONFIG, peft_config.to_dict())
-
-
-def _has_checkpoint(run: RunDir) -> bool:
-    checkpoints = run / files.CHECKPOINTS
-    return checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))

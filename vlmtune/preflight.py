@@ -1,10 +1,11 @@
-"""Pre-flight: read every sample, open every image, measure the real token length, apply policies.
+"""Pre-flight, the one reader of a whole split: read every sample, open every image, measure the
+real token length (when a measure is given), apply the recipe's policies.
 
-Runs before the model is trained (and alone in `vlmtune data check`), so a bad sample stops the
-run in its first minutes instead of an hour in. One sample at a time: its images are decoded,
-checked, measured with the model's own processor and released before the next sample, so a
-100k-sample set costs the memory of one sample plus the list of (lazy) samples kept. Every
-skipped or dropped sample is listed with its index, field and reason.
+Training, `vlmtune data check` and eval all read through here, so a bad sample is reported the
+same way everywhere and stops a run in its first minutes instead of an hour in. One sample at a
+time: its images are decoded, checked, measured with the model's own processor and released
+before the next sample, so a 100k-sample set costs the memory of one sample plus the list of
+(lazy) samples kept. Every skipped or dropped sample is listed with its index, field and reason.
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.images import ImageProblem, open_image
 from vlmtune.recipe import DataSection
 
+Measure = Callable[[Sample], int]  # tokens of a sample whose images are decoded
+
 
 @dataclass
-class SplitReport:
+class CheckedSplit:
+    """What the pre-flight found in one split: the usable samples and every problem."""
+
     name: str
     source: str
     total: int
-    kept: list[Sample]
+    samples: list[Sample]  # the usable ones, images still lazy
     skipped: list[Problem] = field(default_factory=list)
     too_long: list[Problem] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens per kept sample; empty when not measured
     max_length: int | None = None
     formats: Counter = field(default_factory=Counter)
     images_over_budget: int = 0  # images the processor shrinks to data.max_image_pixels
@@ -45,15 +50,15 @@ class SplitReport:
         return {
             "source": self.source,
             "samples_total": self.total,
-            "samples_kept": len(self.kept),
+            "samples_kept": len(self.samples),
             "skipped_invalid": [vars(p) for p in self.skipped],
             "dropped_too_long": [vars(p) for p in self.too_long],
             "formats": dict(self.formats),
             "max_length": self.max_length,
             "tokens": _percentiles(self.lengths),
-            "images_per_sample": _percentiles([s.n_images for s in self.kept]),
-            "images_total": sum(s.n_images for s in self.kept),
-            "text_only_samples": sum(not s.images for s in self.kept),
+            "images_per_sample": _percentiles([s.n_images for s in self.samples]),
+            "images_total": sum(s.n_images for s in self.samples),
+            "text_only_samples": sum(not s.images for s in self.samples),
             "max_image_pixels": self.max_image_pixels,
             "images_over_pixel_budget": self.images_over_budget,
         }
@@ -84,19 +89,24 @@ def scan_split(
     name: str,
     source: str,
     data: DataSection,
-    max_length: int,
-    measure: Callable[[Sample], int],
+    max_length: int | None = None,
+    measure: Measure | None = None,
     console: Any = None,
-) -> SplitReport:
-    """Every sample of one split checked and measured; problems collected, never raised.
+    *,
+    split: str | None = None,
+) -> CheckedSplit:
+    """Every sample of one split checked (and measured, given ``measure``); problems collected, never raised.
 
     ``measure`` gets the sample with its images already decoded (PIL images in place of the
-    sources), so each image is decoded once; the kept sample keeps its lazy sources.
+    sources), so each image is decoded once; the kept sample keeps its lazy sources. Without it
+    images are only checked to decode and no length limit applies. ``split`` names the split of
+    a saved or hub dataset (default: the data section's train or eval split, after ``name``).
     """
-    split = data.train_split if name == "train" else data.eval_split
+    if split is None:
+        split = data.train_split if name == "train" else data.eval_split
     records = open_records(source, split, data.subset)
     reader = SampleReader.from_section(data, records.root, records.table)
-    report = SplitReport(
+    report = CheckedSplit(
         name, records.source, 0, [], max_length=max_length, max_image_pixels=data.max_image_pixels
     )
     with _progress(console, f"checking {name}", records.total) as advance:
@@ -110,18 +120,19 @@ def scan_split(
                 report.skipped.append(Problem(index, exc.field, exc.reason))
                 continue
             report.formats[sample.format] += 1
-            if length > max_length:
+            if length is not None and max_length is not None and length > max_length:
                 reason = f"{length} tokens (image tokens included) > max_length {max_length}"
                 report.too_long.append(Problem(index, "tokens", reason))
                 continue
-            report.kept.append(sample)
-            report.lengths.append(length)
+            report.samples.append(sample)
+            if length is not None:
+                report.lengths.append(length)
             report.images_over_budget += over_budget
     return report
 
 
-def _measure(sample: Sample, data: DataSection, measure: Callable[[Sample], int]) -> tuple[int, int]:
-    """(tokens, images over the pixel budget); every image decoded, checked and released here."""
+def _measure(sample: Sample, data: DataSection, measure: Measure | None) -> tuple[int | None, int]:
+    """(tokens or None, images over the pixel budget); every image decoded, checked and released here."""
     opened = []
     try:
         for i, source in enumerate(sample.images):
@@ -131,6 +142,8 @@ def _measure(sample: Sample, data: DataSection, measure: Callable[[Sample], int]
                 raise SampleError(sample.image_field(i), exc.reason) from None
         budget = data.max_image_pixels
         over = sum(budget is not None and im.width * im.height > budget for im in opened)
+        if measure is None:
+            return None, over
         decoded = Sample(sample.index, sample.messages, opened, sample.image_fields, sample.format)
         try:
             return measure(decoded), over
@@ -165,12 +178,14 @@ def check_split(
     name: str,
     path: str,
     data: DataSection,
-    max_length: int,
-    measure: Callable[[Sample], int],
+    max_length: int | None = None,
+    measure: Measure | None = None,
     console: Any = None,
-) -> SplitReport:
+    *,
+    split: str | None = None,
+) -> CheckedSplit:
     """Scan a split, then raise or drop per data.on_bad_sample / data.too_long (all problems at once)."""
-    report = scan_split(name, path, data, max_length, measure, console)
+    report = scan_split(name, path, data, max_length, measure, console, split=split)
     if report.skipped and data.on_bad_sample == "error":
         raise invalid_samples_error(report.source, report.skipped, report.total)
     if report.too_long and data.too_long == "error":
@@ -181,10 +196,18 @@ def check_split(
             hint="vlmtune never cuts image tokens: raise train.max_length, lower data.max_image_pixels, or set "
             "data.too_long: drop to train without them (they are listed in 3-train/data_report.json)",
         )
-    if not report.kept:
+    if not report.samples:
         listed = "".join(f"\n  - {p}" for p in report.problems[:20])
         raise DataError(
-            f"{report.source}: no sample is left to train on ({report.total} read){listed}",
+            f"{report.source}: no usable samples: no sample is left to train on ({report.total} read){listed}",
             hint="`vlmtune data check RECIPE` lists every problem; docs/data.md shows the layouts vlmtune reads",
         )
     return report
+
+
+def read_split(source: str, data: DataSection, *, split: str | None = None) -> CheckedSplit:
+    """The usable samples of a source read with a recipe's data settings, images checked, no model.
+
+    The recipe's bad-sample policy applies; lengths are not measured (that needs the processor).
+    """
+    return check_split("train", source, data, split=split or data.train_split)

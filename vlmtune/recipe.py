@@ -13,10 +13,21 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vlmtune.choices import (
+    NO_QUANTIZATION,
+    AttnImplementation,
+    DataFormat,
+    Device,
+    Dtype,
+    LoraBias,
+    LoraMethod,
+    Optimizer,
+    QuantBits,
+    QuantType,
+    Scheduler,
+)
 from vlmtune.errors import RecipeError
-
-TINY_PREFIX = "tiny:"
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+from vlmtune.paths import TINY_PREFIX, written_as_path
 
 
 class Section(BaseModel):
@@ -25,12 +36,12 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = Field(description="Hub id, local folder, or tiny:FAMILY for a fabricated tiny model.")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+    dtype: Dtype = Field(
         "bfloat16",
         description="dtype of everything that is not quantized (vision tower, projector, lm_head).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+    attn_implementation: AttnImplementation | None = Field(
         None, description="Attention kernel; None lets transformers choose (sdpa where supported)."
     )
 
@@ -51,10 +62,10 @@ class ModelSection(Section):
 
 
 class QuantizationSection(Section):
-    bits: Literal[4, 8] | None = Field(
+    bits: QuantBits | None = Field(
         4, description="4 = QLoRA (NF4), 8 = LLM.int8, null = no quantization (16-bit LoRA or full)."
     )
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    quant_type: QuantType = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(
         True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
     )
@@ -67,13 +78,11 @@ class QuantizationSection(Section):
     @field_validator("bits", mode="before")
     @classmethod
     def _none_word(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and value.lower() in {"none", "null", "16", "off"} else value
+        return None if isinstance(value, str | int) and str(value).lower() in NO_QUANTIZATION else value
 
 
 class LoraSection(Section):
-    method: Literal["lora", "full"] = Field(
-        "lora", description="lora trains adapters; full trains every weight."
-    )
+    method: LoraMethod = Field("lora", description="lora trains adapters; full trains every weight.")
     finetune_vision_layers: bool = Field(True, description="LoRA on the vision tower's Linears.")
     finetune_language_layers: bool = Field(True, description="LoRA on the language model's Linears.")
     finetune_attention_modules: bool = Field(True, description="LoRA on attention projections.")
@@ -87,7 +96,7 @@ class LoraSection(Section):
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    bias: LoraBias = Field("none", description="Which biases to train.")
     target_modules: str | None = Field(
         None,
         description="Regex over full module names that replaces the toggles (peft full-matches it).",
@@ -131,7 +140,7 @@ class DataSection(Section):
         "validation", description="Split of a hub dataset or a save_to_disk DatasetDict read for `eval`."
     )
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
-    format: Literal["auto", "messages", "sharegpt", "columns"] = Field(
+    format: DataFormat = Field(
         "auto",
         description="Sample layout. messages: OpenAI/TRL `messages` with content parts; sharegpt: "
         "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; columns: "
@@ -208,11 +217,11 @@ class TrainSection(Section):
     batch_size: int = Field(2, gt=0, description="Samples per device per step.")
     grad_accum: int = Field(4, gt=0, description="Gradient accumulation steps.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
+    lr_scheduler: Scheduler = Field("linear")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+    optim: Optimizer = Field(
         "adamw_torch", description="Optimizer (the 8-bit ones keep states in bitsandbytes' 8-bit format)."
     )
     seed: int = Field(3407)
@@ -240,7 +249,7 @@ class TrainSection(Section):
     torch_compile: bool = Field(
         False, description="torch.compile the model (CUDA; first steps pay the compile)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
+    device: Device = Field("auto", description="auto = CUDA when available.")
 
 
 class OutputSection(Section):
@@ -338,8 +347,7 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         candidate = Path(value).expanduser()
         if not candidate.is_absolute():
             candidate = base_dir / candidate
-        looks_local = value.startswith((".", "/", "~")) or value.endswith(DATA_SUFFIXES)
-        if candidate.exists() or (must_look_local and looks_local):
+        if candidate.exists() or (must_look_local and written_as_path(value)):
             return str(candidate.resolve())
         return value  # a hub id
 

@@ -35,6 +35,7 @@ ADAPTER_CONFIG = "2-lora/adapter_config.json"
 METRICS = "3-train/metrics.jsonl"
 DATA_REPORT = "3-train/data_report.json"
 CHECKPOINTS = "3-train/checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"  # the HF Trainer's folder names: checkpoint-<step>
 ADAPTER = "3-train/adapter"
 FULL_MODEL = "3-train/model"
 EVAL_REPORT = "4-eval/eval_report.json"
@@ -130,6 +131,20 @@ class RunDir:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def checkpoints(self) -> list[Path]:
+        """The trainer's checkpoint-N folders, oldest step first."""
+        folder = self.path / CHECKPOINTS
+        found = [
+            p
+            for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+        ]
+        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+    def losses(self) -> list[float]:
+        """Training losses in logged order (metrics.jsonl rows that carry one)."""
+        return [row["loss"] for row in self.read_jsonl(METRICS) if "loss" in row]
 
     # --- summary -------------------------------------------------------------------------------
 

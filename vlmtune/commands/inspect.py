@@ -1,4 +1,4 @@
-"""inspect: what the load and lora stages make of a model, component by component.
+"""inspect: the CLI and the table; the logic is vlmtune/inspection.py.
 
 Heavy imports stay inside the functions (module level: typer, rich and the standard library).
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -59,6 +58,8 @@ def inspect(
     if overrides and recipe is None:
         raise RecipeError("--set needs a RECIPE", hint="vlmtune inspect RECIPE --set lora.r=32")
     sections = _recipe_sections(recipe, overrides) if recipe is not None else _default_sections(model)
+    from vlmtune.inspection import inspect_model
+
     status.print(f"loading [bold]{sections['model'].name}[/] ...")
     result = inspect_model(**sections)
     if as_json:
@@ -103,85 +104,10 @@ def _default_sections(name: str) -> dict:
     )
 
 
-def inspect_model(
-    model: Any, quantization: Any, lora: Any, max_image_pixels: int | None, device: str
-) -> dict:
-    """Run the load stage and the LoRA plan (applied, so trainable counts are peft's own) and summarise."""
-    from vlmtune.stages import load
-    from vlmtune.stages import lora as lora_stage
-
-    loaded = load.load(model, quantization, max_image_pixels, load.choose_device(device))
-    dtypes = component_dtypes(loaded.model, loaded.family)
-    tied = _lm_head_tied(loaded.model)
-    plan = lora_stage.plan(loaded.model, loaded.family, lora)
-    adapted = lora_stage.apply(loaded.model, lora, plan, seed=0)  # counts only: the init is irrelevant
-    trainable = lora_stage.trainable_report(adapted, loaded.family, plan)
-    return summarize(loaded, quantization, plan, trainable, dtypes, tied)
-
-
-def component_dtypes(model: Any, family: Any) -> dict[str, dict[str, int]]:
-    """Per component: parameters by storage type after loading ("nf4", "int8", "bfloat16", ...)."""
-    from vlmtune.families import COMPONENTS
-    from vlmtune.stages.load import logical_numel
-
-    found: dict[str, dict[str, int]] = {c: {} for c in COMPONENTS}
-    for name, param in model.named_parameters(remove_duplicate=True):
-        kind = {"Params4bit": getattr(param, "quant_type", "4-bit"), "Int8Params": "int8"}.get(
-            type(param).__name__, str(param.dtype).removeprefix("torch.")
-        )
-        counts = found[family.component_of(name.rsplit(".", 1)[0])]
-        counts[kind] = counts.get(kind, 0) + logical_numel(param)
-    return found
-
-
-def _lm_head_tied(model: Any) -> bool:
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embeddings is not None and head.weight is embeddings.weight
-
-
-def summarize(loaded: Any, quantization: Any, plan: Any, trainable: dict, dtypes: dict, tied: bool) -> dict:
-    """The plain, stable JSON of `vlmtune inspect --json`."""
-    report = loaded.report
-    components = []
-    for name, figures in report["components"].items():
-        components.append(
-            {
-                "name": name,
-                "params": figures["params"],
-                "bytes": figures["bytes"],
-                "dtypes": dict(sorted(dtypes[name].items(), key=lambda item: -item[1])),
-                "linears": figures["linears"],
-                "quantized_linears": figures["quantized_linears"],
-                "lora_targets": plan.targets_per_component.get(name, 0),
-                "trainable_params": trainable["trainable_params"][name],
-                **({"tied_to_embeddings": tied} if name == "lm_head" else {}),
-            }
-        )
-    return {
-        "model": loaded.path,
-        "family": loaded.family.name,
-        "family_title": loaded.family.title,
-        "model_class": report["model_class"],
-        "quantization": _quantization_label(quantization),
-        "method": plan.method,
-        "lora_regex": plan.regex,
-        "lora_targets": len(plan.targets),
-        "modules_to_save": list(plan.modules_to_save),
-        "components": components,
-        "total_params": report["total_params"],
-        "total_bytes": report["total_bytes"],
-        "trainable_params": trainable["trainable_total"],
-    }
-
-
-def _quantization_label(quantization: Any) -> str | None:
-    if quantization.bits is None:
-        return None
-    return f"4-bit {quantization.quant_type}" if quantization.bits == 4 else "8-bit"
-
-
 def render(result: dict, out: Console) -> None:
     from rich.table import Table
+
+    from vlmtune.units import human_bytes, human_count
 
     table = Table(
         title=f"{result['model']}: {result['family_title']} ({result['model_class']})",
@@ -197,29 +123,22 @@ def render(result: dict, out: Console) -> None:
             dtype = "tied to the embeddings"
         table.add_row(
             row["name"],
-            _count(row["params"]),
+            human_count(row["params"]),
             dtype,
             f"{row['quantized_linears']} / {row['linears']}",
             str(row["lora_targets"]),
-            _count(row["trainable_params"]),
+            human_count(row["trainable_params"]),
         )
     table.add_section()
-    table.add_row("total", _count(result["total_params"]), "", "", str(result["lora_targets"]),
-                  _count(result["trainable_params"]))  # fmt: skip
+    table.add_row("total", human_count(result["total_params"]), "", "", str(result["lora_targets"]),
+                  human_count(result["trainable_params"]))  # fmt: skip
     out.print(table)
     share = 100 * result["trainable_params"] / max(result["total_params"], 1)
     out.print(
         f"quantization: {result['quantization'] or 'none (16-bit)'}; method: {result['method']}; "
-        f"trainable: {share:.2f}% of {_count(result['total_params'])} parameters; "
-        f"weights: {result['total_bytes'] / 2**20:.1f} MiB",
+        f"trainable: {share:.2f}% of {human_count(result['total_params'])} parameters; "
+        f"weights: {human_bytes(result['total_bytes'])}",
         markup=False,
     )
     if result["lora_regex"]:
         out.print(f"LoRA targets regex: {result['lora_regex']}", markup=False, soft_wrap=True)
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)

@@ -1,17 +1,20 @@
-"""estimate-memory: will this fine-tuning step fit on my GPU? Rendering only; the arithmetic is
-vlmtune/memory.py. Only typer, rich and the standard library load at module level."""
+"""estimate-memory: will this fine-tuning step fit on my GPU? Options and rendering only; the
+arithmetic is the vlmtune.memory package. Only typer, rich and the standard library (and
+vlmtune.choices, which is plain typing) load at module level."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-console = Console(highlight=False)
+from vlmtune.choices import NO_QUANTIZATION, Dtype, Optimizer, words
 
-BITS = {"4": 4, "8": 8, "16": None, "none": None}
+console = Console(highlight=False)
+GiB, MiB = 2**30, 2**20
 
 
 def estimate_memory(
@@ -71,7 +74,7 @@ def estimate_memory(
         None,
         "--optim",
         show_default=False,
-        help="adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit or sgd. [default: adamw_torch]",
+        help=f"{', '.join(words(Optimizer))}. [default: adamw_torch]",
     ),
     vision: bool = typer.Option(
         None, "--vision/--no-vision", help="LoRA on the vision tower. [default: on]", show_default=False
@@ -90,7 +93,7 @@ def estimate_memory(
     ),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning: every weight trains (16-bit base)."),
     dtype: str = typer.Option(
-        None, "--dtype", help="bfloat16, float16 or float32. [default: bfloat16]", show_default=False
+        None, "--dtype", help=f"{', '.join(words(Dtype))}. [default: bfloat16]", show_default=False
     ),
     supervised_loss: bool = typer.Option(
         None,
@@ -136,8 +139,8 @@ def estimate_memory(
             "give either a RECIPE or --model NAME_OR_PATH",
             hint="vlmtune estimate-memory --model Qwen/Qwen2-VL-7B-Instruct (see --list-models for offline ones)",
         )
-    gpu_bytes = mem.parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
-    size = mem.parse_image_size(image_size) if image_size is not None else None
+    gpu_bytes = parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
+    size = parse_image_size(image_size) if image_size is not None else None
     knobs = _knob_overrides(bits, double_quant, r, batch_size, grad_ckpt, optim, vision, language, attention,
                             mlp, full, dtype, supervised_loss)  # fmt: skip
     parsed = _recipe(recipe, model, [*(overrides or []), *knobs])
@@ -161,11 +164,11 @@ def _knob_overrides(
 
     out = []
     if bits is not None:
-        if bits.lower() not in BITS:
+        if bits.lower() not in ("4", "8", *NO_QUANTIZATION):
             raise RecipeError(
                 f"--bits {bits!r} is not one of 4, 8, 16", hint="--bits 4 (QLoRA), 8, or 16 (no quantization)"
             )
-        out.append(f"quantization.bits={BITS[bits.lower()] if BITS[bits.lower()] else 'null'}")
+        out.append(f"quantization.bits={bits.lower()}")
     if full:
         out.append("lora.method=full")
         if bits is None:
@@ -214,28 +217,28 @@ def _quiet_libraries() -> None:
 def render(result) -> None:
     from rich.table import Table
 
-    from vlmtune import memory as mem
+    from vlmtune import units
 
     work = result.workload
     console.print(
         f"[bold]{result.model}[/] ({result.family}, {result.source}): "
-        f"{mem.human_count(result.total_params)} params, {mem.human_count(result.trainable_params)} trainable"
+        f"{units.human_count(result.total_params)} params, {units.human_count(result.trainable_params)} trainable"
     )
     weights = Table(title="weights", title_justify="left", show_footer=True)
     weights.add_column("component", footer="total")
     weights.add_column("params", justify="right", footer=f"{result.total_params:,}")
     weights.add_column("dtype")
-    weights.add_column("bytes", justify="right", footer=mem.human_bytes(result.terms["weights"]))
+    weights.add_column("bytes", justify="right", footer=units.human_bytes(result.terms["weights"]))
     for c in result.components:
-        weights.add_row(c.name, f"{c.params:,}", c.dtype, mem.human_bytes(c.bytes))
+        weights.add_row(c.name, f"{c.params:,}", c.dtype, units.human_bytes(c.bytes))
     console.print(weights)
 
     terms = Table(title="peak memory of a training step", title_justify="left", show_footer=True)
     terms.add_column("term", footer="peak")
-    terms.add_column("bytes", justify="right", footer=f"[bold]{mem.human_bytes(result.peak_bytes)}[/]")
+    terms.add_column("bytes", justify="right", footer=f"[bold]{units.human_bytes(result.peak_bytes)}[/]")
     terms.add_column("what")
     for name, value in result.terms.items():
-        terms.add_row(name, mem.human_bytes(value), describe_term(name, result))
+        terms.add_row(name, units.human_bytes(value), describe_term(name, result))
     console.print(terms)
     if result.fit is not None:
         console.print(fit_text(result.fit, work))
@@ -246,26 +249,26 @@ def render(result) -> None:
 def describe_term(name: str, result) -> str:
     from vlmtune import memory as mem
 
-    setup, work = result.setup, result.workload
-    lora_dtype = "bf16 (TRL casts adapters of a quantized model)" if setup.quantized else "fp32"
+    training, work = result.training, result.workload
+    lora_dtype = "bf16 (TRL casts adapters of a quantized model)" if training.quantized else "fp32"
     images = f" + {work.images_per_sample}x{work.image_tokens} image" if work.images_per_sample else ""
     if name == "weights":
-        return f"{setup.bits or 16}-bit base" + (
-            " (double quant)" if setup.bits == 4 and setup.double_quant else ""
+        return f"{training.bits or 16}-bit base" + (
+            " (double quant)" if training.bits == 4 and training.double_quant else ""
         )
     if name == "lora":
-        if setup.method == "full":
+        if training.method == "full":
             return "full fine-tuning: no adapters"
-        return f"r={setup.r} on {result.lora_targets} Linears, {lora_dtype}"
+        return f"r={training.r} on {result.lora_targets} Linears, {lora_dtype}"
     if name == "gradients":
         return "one per trainable parameter, in its dtype"
     if name == "optimizer":
-        return f"{setup.optim} states"
+        return f"{training.optim} states"
     if name == "activations":
-        ckpt = "gradient checkpointing" if setup.gradient_checkpointing else "no checkpointing"
+        ckpt = "gradient checkpointing" if training.gradient_checkpointing else "no checkpointing"
         return f"{work.batch_size} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
     if name == "logits":
-        how = "supervised, chunked" if setup.supervised_loss else "whole sequence"
+        how = "supervised, chunked" if training.supervised_loss else "whole sequence"
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
     if name == "overhead":
         return "CUDA context (a constant)"
@@ -273,11 +276,11 @@ def describe_term(name: str, result) -> str:
 
 
 def fit_text(fit, work) -> str:
-    from vlmtune import memory as mem
+    from vlmtune.units import human_bytes
 
     verdict = "[bold green]fits[/]" if fit.fits else "[bold red]does not fit[/]"
     lines = [
-        f"{verdict} in {mem.human_bytes(fit.gpu_bytes)} (headroom {mem.human_bytes(fit.headroom_bytes)})",
+        f"{verdict} in {human_bytes(fit.gpu_bytes)} (headroom {human_bytes(fit.headroom_bytes)})",
         f"  largest batch size at {work.sequence:,} tokens per sample: {fit.max_batch_size}",
     ]
     if fit.max_seq_len < 0:
@@ -288,3 +291,33 @@ def fit_text(fit, work) -> str:
             f"({fit.max_sequence:,} with the image tokens)"
         )
     return "\n".join(lines)
+
+
+# --- parsing sizes --------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": GiB, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}
+
+
+def parse_gpu_memory(text: str) -> int:
+    """'24GB', '24 GiB', '80G', '16000MB', '24' (GB) -> bytes. GB and GiB both mean 2^30 bytes:
+    cards sold as 24 GB hold 24 GiB."""
+    from vlmtune.errors import VlmtuneError
+
+    match = _SIZE.match(text or "")
+    if not match or float(match.group(1)) <= 0:
+        raise VlmtuneError(
+            f"cannot read --gpu-memory {text!r}",
+            hint="write a positive size like 24GB, 80GiB, 16000MB or 24 (GB); GB means 2^30 bytes here",
+        )
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * _UNITS[unit])
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    from vlmtune.errors import VlmtuneError
+
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text or "")
+    if not match or int(match.group(1)) <= 0 or int(match.group(2)) <= 0:
+        raise VlmtuneError(f"cannot read --image-size {text!r}", hint="write WIDTHxHEIGHT, e.g. 1024x768")
+    return int(match.group(1)), int(match.group(2))

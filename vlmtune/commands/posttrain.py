@@ -8,16 +8,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from vlmtune.choices import Dtype, words
+
 console = Console(highlight=False)
 status = Console(stderr=True, highlight=False)  # progress notes; stdout keeps only the results
 
 RUN_ARG = typer.Argument(..., help="A run folder that `vlmtune train` created.", show_default=False)
 
 
-class ExportDtype(str, enum.Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
+# The recipe's dtypes (vlmtune.choices), as the enum typer needs for a choice option.
+ExportDtype = enum.Enum("ExportDtype", {name: name for name in words(Dtype)}, type=str)
 
 
 def predict(
@@ -44,7 +44,8 @@ def predict(
 
         vlmtune predict runs/demo-20261123-101500 -i a.png -i b.png -p "Which one is first?" --base-only
     """
-    from vlmtune.generate import generate_answer, load_for_inference, open_images, open_trained_run, user_turn
+    from vlmtune.generate import generate_answer, open_images, user_turn
+    from vlmtune.trained import load_for_inference, open_trained_run
 
     trained = open_trained_run(run_dir)
     images = open_images(image or [])  # before the model loads: a bad path fails in a second
@@ -79,7 +80,7 @@ def evaluate(
     """
     from vlmtune import evaluate as ev
     from vlmtune.errors import DataError
-    from vlmtune.generate import open_trained_run
+    from vlmtune.trained import open_trained_run
 
     trained = open_trained_run(run_dir)
     section = trained.recipe.data
@@ -122,7 +123,7 @@ def export(
         vlmtune export runs/demo-20261123-101500 --out exports/demo-merged --merge --dtype bfloat16
     """
     from vlmtune.export import check_new_folder, export_run
-    from vlmtune.generate import open_trained_run
+    from vlmtune.trained import open_trained_run
 
     trained = open_trained_run(run_dir)
     check_new_folder(out)

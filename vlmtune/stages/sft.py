@@ -10,11 +10,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtune import rundir as files
+from vlmtune import rundir
 from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
 from vlmtune.families import Family
-from vlmtune.preflight import SplitReport, check_split
+from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
 
@@ -28,7 +28,9 @@ class TrainResult:
 
 
 @dataclass
-class Split:
+class SampleSet:
+    """The samples the trainer indexes, with their measured lengths (for length grouping)."""
+
     samples: list[Sample]
     lengths: list[int]  # tokens per sample, image tokens included
 
@@ -57,7 +59,7 @@ def positions(start: int, lengths: list[int]) -> Any:
 
 def prepare_data(
     processor: Any, family: Family, data: DataSection, train: TrainSection, run: RunDir
-) -> tuple[VisionCollator, Split, Split | None]:
+) -> tuple[VisionCollator, SampleSet, SampleSet | None]:
     """Pre-flight every split, write the data report, return the datasets."""
     collator = VisionCollator(
         processor, family, max_length=None, train_on_responses_only=data.train_on_responses_only
@@ -66,30 +68,30 @@ def prepare_data(
     reports = {"train": check_split("train", data.train, data, train.max_length, collator.count_tokens)}
     if data.eval:
         reports["eval"] = check_split("eval", data.eval, data, train.max_length, collator.count_tokens)
-    run.write_json(files.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
+    run.write_json(rundir.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
     collator.max_length = train.max_length
     eval_split = reports.get("eval")
     return (
         collator,
         select(reports["train"], data, train.seed),
-        (Split(eval_split.kept, eval_split.lengths) if eval_split else None),
+        (SampleSet(eval_split.samples, eval_split.lengths) if eval_split else None),
     )
 
 
-def select(report: SplitReport, data: DataSection, seed: int) -> Split:
-    order = list(range(len(report.kept)))
+def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
+    order = list(range(len(checked.samples)))
     if data.shuffle:
         random.Random(seed).shuffle(order)
     if data.max_samples:
         order = order[: data.max_samples]
-    return Split([report.kept[i] for i in order], [report.lengths[i] for i in order])
+    return SampleSet([checked.samples[i] for i in order], [checked.lengths[i] for i in order])
 
 
 def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(run / files.CHECKPOINTS),
+        output_dir=str(run / rundir.CHECKPOINTS),
         max_steps=train.max_steps,
         num_train_epochs=train.epochs,
         per_device_train_batch_size=train.batch_size,
@@ -135,6 +137,7 @@ def train(
     family: Family,
     data: DataSection,
     train_section: TrainSection,
+    *,
     run: RunDir,
     device: str,
     dtype: str,
@@ -163,7 +166,7 @@ def train(
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer, processor, run)
-    losses = [row["loss"] for row in run.read_jsonl(files.METRICS) if "loss" in row]
+    losses = run.losses()
     return TrainResult(
         losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
     )
@@ -173,7 +176,7 @@ def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
     from vlmtune.processing import save_processor
 
     is_peft = hasattr(trainer.model, "peft_config")
-    out = run / (files.ADAPTER if is_peft else files.FULL_MODEL)
+    out = run / (rundir.ADAPTER if is_peft else rundir.FULL_MODEL)
     trainer.model.save_pretrained(str(out))
     save_processor(processor, out)
     return str(out)

@@ -11,30 +11,13 @@ import importlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from vlmtune.families import get_family
+from vlmtune.families import Family, get_family
 
 # Bump when a builder changes, so cached folders are rebuilt.
 TINY_VERSION = 2
-
-# family name -> "module:function"; imported lazily because builders import transformers.
-BUILDERS: dict[str, str] = {
-    "qwen2_vl": "vlmtune.tiny.qwen:build_qwen2_vl",
-    "qwen2_5_vl": "vlmtune.tiny.qwen:build_qwen2_5_vl",
-    "qwen3_vl": "vlmtune.tiny.qwen3:build_qwen3_vl",
-    "llava": "vlmtune.tiny.llava:build_llava",
-    "llava_next": "vlmtune.tiny.llava:build_llava_next",
-    "llava_onevision": "vlmtune.tiny.llava:build_llava_onevision",
-    "pixtral": "vlmtune.tiny.pixtral:build_pixtral",
-    "mistral3": "vlmtune.tiny.pixtral:build_mistral3",
-    "gemma3": "vlmtune.tiny.gemma:build_gemma3",
-    "mllama": "vlmtune.tiny.mllama:build_mllama",
-    "idefics3": "vlmtune.tiny.idefics:build_idefics3",
-    "smolvlm": "vlmtune.tiny.idefics:build_smolvlm",
-    "paligemma": "vlmtune.tiny.gemma:build_paligemma",
-    "internvl": "vlmtune.tiny.internvl:build_internvl",
-}
 
 
 def cache_root() -> Path:
@@ -43,20 +26,18 @@ def cache_root() -> Path:
 
 def build_tiny(family_name: str, out_dir: str | Path) -> Path:
     """Write a tiny ``family_name`` model + processor into ``out_dir`` (created if missing)."""
-    family = get_family(family_name)  # raises a clear error for an unknown name
-    if family.name not in BUILDERS:
-        from vlmtune.errors import ModelError
-
-        raise ModelError(
-            f"no tiny builder for {family.title} yet", hint=f"tiny models exist for: {', '.join(BUILDERS)}"
-        )
-    module_name, func_name = BUILDERS[family.name].split(":")
-    builder = getattr(importlib.import_module(module_name), func_name)
+    builder = tiny_builder(get_family(family_name))  # get_family: a clear error for an unknown name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _quiet_transformers()
     builder(out)
     return out
+
+
+def tiny_builder(family: Family) -> Callable[[Path], None]:
+    """The function its record names ("module:function"), imported now: builders import transformers."""
+    module_name, func_name = family.tiny_builder.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def tiny_model_path(family_name: str) -> Path:

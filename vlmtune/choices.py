@@ -1,0 +1,31 @@
+"""The closed sets of words a recipe accepts, each written once.
+
+The recipe schema (vlmtune/recipe.py) types its fields with these aliases, and everything else
+(the memory model, the CLI's options) reads them from here. They live apart from the schema
+only so that the CLI can read them without importing pydantic (`vlmtune --help` stays fast).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
+QuantBits = Literal[4, 8]
+QuantType = Literal["nf4", "fp4"]
+LoraMethod = Literal["lora", "full"]
+LoraBias = Literal["none", "all", "lora_only"]
+DataFormat = Literal["auto", "messages", "sharegpt", "columns"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Device = Literal["auto", "cpu", "cuda"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+
+# quantization.bits values that mean "keep every weight in model.dtype" (besides null).
+NO_QUANTIZATION = ("none", "null", "16", "off")
+
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}  # one entry per Dtype
+
+
+def words(alias) -> tuple[str, ...]:
+    """The values of a Literal alias as strings, for help texts and messages."""
+    return tuple(str(v) for v in get_args(alias))

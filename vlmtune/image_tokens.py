@@ -1,0 +1,427 @@
+"""How many tokens an image becomes, per family: pure arithmetic, and the settings it reads.
+
+The counting functions are re-derived from transformers 5.23's image processors (tests/test_families.py
+checks them against the real processors at several sizes). The settings come from a loaded
+processor (one reader per family, named by its Family record), or, when only a config is at hand
+(estimate-memory on a hub id), from the config's keys. The pixel-budget writers apply
+``data.max_image_pixels`` to a loaded image processor the way each family resizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_IMAGE_SIDE = 1024  # image side when the recipe sets no pixel budget
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """The processor settings that decide how many tokens an image becomes."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    patch_size: int = 14
+    merge_size: int = 2
+    image_size: int | None = None  # fixed-resolution towers (CLIP, SigLIP); the tile side for tilers
+    tokens_per_tile: int | None = None  # feature tokens of one tile / one fixed-size image
+    max_tiles: int | None = None
+    min_tiles: int = 1
+    tiling: bool = False  # Idefics3 do_image_splitting, InternVL crop_to_patches
+    longest_edge: int | None = None  # Pixtral, Idefics3: longest side after the first resize
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT/OneVision (height, width) canvases
+
+
+TokensPerImage = Callable[[int, int, ImageSettings], int]
+
+
+TokensPerImage = Callable[[int, int, ImageSettings], int]
+
+
+def _size(size: Any, key: str) -> Any:
+    """A key of an image processor's size: a dict in saved configs, a SizeDict once loaded."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+
+def _image_processor(processor: Any) -> Any:
+    return getattr(processor, "image_processor", processor)
+
+
+# --- image-token arithmetic -------------------------------------------------------------------
+
+
+def _need(settings: ImageSettings, name: str) -> Any:
+    value = getattr(settings, name)
+    if not value:
+        raise ValueError(f"ImageSettings.{name} is needed to count this family's image tokens")
+    return value
+
+
+def qwen_resized(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen's smart_resize: sides rounded to ``factor``, area kept inside [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio of {width}x{height} is over 200, which Qwen processors refuse")
+    h = round(height / factor) * factor  # may round to 0: then the min_pixels branch scales up
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_tokens(width: int, height: int, s: ImageSettings) -> int:
+    factor = s.patch_size * s.merge_size
+    h, w = qwen_resized(
+        height, width, factor, s.min_pixels or factor * factor, s.max_pixels or 16384 * 28 * 28
+    )
+    return (h // factor) * (w // factor)
+
+
+def fixed_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """Llava-1.5, Gemma 3 (without pan-and-scan), PaliGemma: every image is resized to one size."""
+    return _need(s, "tokens_per_tile")
+
+
+def one_token(width: int, height: int, s: ImageSettings) -> int:
+    """Mllama: one <|image|> text token; the tiles reach the text through cross-attention."""
+    return 1
+
+
+def select_best_resolution(
+    height: int, width: int, pinpoints: tuple[tuple[int, int], ...]
+) -> tuple[int, int]:
+    """The (height, width) canvas that keeps most of the image and wastes least (LLaVA-NeXT anyres)."""
+    best, best_effective, best_wasted = pinpoints[0], 0, math.inf
+    for canvas_h, canvas_w in pinpoints:
+        scale = min(canvas_w / width, canvas_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = canvas_w * canvas_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (canvas_h, canvas_w), effective, wasted
+    return best
+
+
+def _anyres_tokens(width: int, height: int, s: ImageSettings, max_tiles: int | None) -> int:
+    """Base tile + the unpadded grid features + one newline per grid row (LLaVA-NeXT, OneVision)."""
+    tile, per_tile = _need(s, "image_size"), _need(s, "tokens_per_tile")
+    best_h, best_w = select_best_resolution(height, width, _need(s, "grid_pinpoints"))
+    side = tile // s.patch_size
+    rows, cols = side * (best_h // tile), side * (best_w // tile)
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        rows -= ((rows - new_rows) // 2) * 2
+    else:
+        new_cols = int(round(width * (rows / height), 7))
+        cols -= ((cols - new_cols) // 2) * 2
+    unpadded, newlines = rows * cols, rows
+    if max_tiles is not None:  # OneVision's anyres_max_N pools a grid larger than N tiles
+        ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+        if ratio > 1.1:
+            unpadded, newlines = int(rows // ratio) * int(cols // ratio), int(rows // ratio)
+    return unpadded + newlines + per_tile
+
+
+def llava_next_tokens(width: int, height: int, s: ImageSettings) -> int:
+    return _anyres_tokens(width, height, s, None)
+
+
+def llava_onevision_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """For a single-image sample; in a multi-image sample each image is one base tile + 1."""
+    return _anyres_tokens(width, height, s, s.max_tiles)
+
+
+def pixtral_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """[IMG] tokens: rows x cols of (patch x merge) cells after fitting the longest edge.
+
+    The processor adds one [IMG_BREAK] per row (the last one is [IMG_END]) on top.
+    """
+    edge = s.longest_edge or _need(s, "image_size")  # a config's image_size is the longest edge
+    cell = s.patch_size * s.merge_size
+    ratio = max(height / edge, width / edge)
+    if ratio > 1:
+        height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
+    return ((height - 1) // cell + 1) * ((width - 1) // cell + 1)
+
+
+IDEFICS3_MAX_SIDE = 4096  # transformers' MAX_IMAGE_SIZE for Idefics3/SmolVLM
+
+
+def idefics3_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]:
+    """(rows, cols) of tiles; (0, 0) when the image fits one tile and is not split."""
+    edge, tile = _need(s, "longest_edge"), _need(s, "image_size")
+    # 1. longest edge scaled TO longest_edge (up or down), the other side kept even
+    aspect = width / height
+    if width >= height:
+        width, height = edge, int(edge / aspect)
+        height += height % 2
+    else:
+        height, width = edge, int(edge * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    if max(height, width) > IDEFICS3_MAX_SIDE:
+        aspect = width / height
+        if width >= height:
+            width, height = IDEFICS3_MAX_SIDE, max(int(IDEFICS3_MAX_SIDE / aspect), 1)
+        else:
+            height, width = IDEFICS3_MAX_SIDE, max(int(IDEFICS3_MAX_SIDE * aspect), 1)
+    # 2. both sides rounded up to whole tiles
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    if height > tile or width > tile:
+        return (height - tile) // tile + 1, (width - tile) // tile + 1
+    return 0, 0
+
+
+def idefics3_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """<image> tokens: one tile's worth per split tile plus the global image."""
+    per_tile = _need(s, "tokens_per_tile")
+    if not s.tiling:
+        return per_tile
+    rows, cols = idefics3_tiles(width, height, s)
+    return per_tile * (rows * cols + 1)
+
+
+def internvl_tiles(width: int, height: int, s: ImageSettings) -> int:
+    """Tiles of the closest-aspect grid with min_tiles..max_tiles tiles, plus a thumbnail if > 1."""
+    if not s.tiling or (s.max_tiles or 1) <= 1:
+        return 1
+    tile, most = _need(s, "image_size"), _need(s, "max_tiles")
+    grids = sorted(
+        ((cols, rows) for cols in range(1, most + 1) for rows in range(1, most + 1)
+         if s.min_tiles <= cols * rows <= most),
+        key=lambda grid: grid[0] * grid[1],
+    )  # fmt: skip
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), math.inf
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    tiles = best[0] * best[1]
+    return 1 + tiles if tiles > 1 else 1
+
+
+def internvl_tokens(width: int, height: int, s: ImageSettings) -> int:
+    return internvl_tiles(width, height, s) * _need(s, "tokens_per_tile")
+
+
+# --- reading settings from a loaded processor ---------------------------------------------------
+
+
+def qwen_settings(processor: Any) -> ImageSettings:
+    ip = _image_processor(processor)
+    size = getattr(ip, "size", None) or {}
+    return ImageSettings(
+        min_pixels=_size(size, "shortest_edge") or getattr(ip, "min_pixels", None),
+        max_pixels=_size(size, "longest_edge") or getattr(ip, "max_pixels", None),
+        patch_size=ip.patch_size,
+        merge_size=ip.merge_size,
+    )
+
+
+def qwen_budget(ip: Any, max_pixels: int) -> None:
+    # transformers 5 reads size["longest_edge"] (max_pixels attributes are deprecated there).
+    size = dict(getattr(ip, "size", None) or {})
+    factor = ip.patch_size * ip.merge_size
+    size["longest_edge"] = max_pixels
+    size.setdefault("shortest_edge", factor * factor)
+    size["shortest_edge"] = min(size["shortest_edge"], max_pixels)
+    ip.size = size
+
+
+def _clip_tokens_per_tile(processor: Any, side: int) -> int:
+    """Llava/NeXT: patches of a tile, plus CLS, minus CLS again under the "default" strategy."""
+    extra = getattr(processor, "num_additional_image_tokens", 0) or 0
+    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+    return (side // processor.patch_size) ** 2 + extra - dropped
+
+
+def _crop_side(ip: Any) -> int:
+    return _size(ip.crop_size, "height") if getattr(ip, "crop_size", None) else _size(ip.size, "height")
+
+
+def llava_settings(processor: Any) -> ImageSettings:
+    side = _crop_side(processor.image_processor)
+    return ImageSettings(
+        patch_size=processor.patch_size,
+        image_size=side,
+        tokens_per_tile=_clip_tokens_per_tile(processor, side),
+    )
+
+
+def llava_next_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    side = _crop_side(ip)
+    return ImageSettings(
+        patch_size=processor.patch_size,
+        image_size=side,
+        tokens_per_tile=_clip_tokens_per_tile(processor, side),
+        grid_pinpoints=tuple(tuple(p) for p in ip.image_grid_pinpoints),
+    )
+
+
+def llava_onevision_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    side = _size(ip.size, "height")
+    per_tile = processor.num_image_tokens
+    return ImageSettings(
+        patch_size=side // math.isqrt(per_tile),
+        image_size=side,
+        tokens_per_tile=per_tile,
+        max_tiles=int(processor.vision_aspect_ratio.removeprefix("anyres_max_")),
+        grid_pinpoints=tuple(tuple(p) for p in ip.image_grid_pinpoints),
+    )
+
+
+def pixtral_settings(processor: Any) -> ImageSettings:
+    return ImageSettings(
+        patch_size=processor.patch_size,
+        merge_size=processor.spatial_merge_size,
+        longest_edge=_size(processor.image_processor.size, "longest_edge"),
+    )
+
+
+def pixtral_budget(ip: Any, max_pixels: int) -> None:
+    # The longest edge caps the area at edge^2; never above the checkpoint's own limit (its 2D RoPE).
+    ip.size = {"longest_edge": min(_size(ip.size, "longest_edge"), max(math.isqrt(max_pixels), 1))}
+
+
+def seq_length_settings(processor: Any) -> ImageSettings:
+    """Gemma 3, PaliGemma: a fixed number of tokens per image, held by the processor."""
+    return ImageSettings(
+        image_size=_size(processor.image_processor.size, "height"), tokens_per_tile=processor.image_seq_length
+    )
+
+
+def mllama_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    return ImageSettings(image_size=_size(ip.size, "height"), max_tiles=ip.max_image_tiles, tiling=True)
+
+
+def idefics3_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    return ImageSettings(
+        image_size=_size(ip.max_image_size, "longest_edge"),
+        longest_edge=_size(ip.size, "longest_edge"),
+        tokens_per_tile=processor.image_seq_len,
+        tiling=bool(ip.do_image_splitting),
+    )
+
+
+def idefics3_budget(ip: Any, max_pixels: int) -> None:
+    # Resized so the longest edge is a whole number of tiles with edge^2 <= budget, at least one tile.
+    tile = _size(ip.max_image_size, "longest_edge")
+    edge = max(tile, math.isqrt(max_pixels) // tile * tile)
+    ip.size = {"longest_edge": min(_size(ip.size, "longest_edge"), edge)}
+
+
+def internvl_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    # InternVLProcessor crops to tiles by default whatever the image processor's own flag says.
+    tiling = type(processor).images_kwargs.get("crop_to_patches", ip.crop_to_patches)
+    return ImageSettings(
+        image_size=_size(ip.size, "height"),
+        tokens_per_tile=processor.image_seq_length,
+        min_tiles=ip.min_patches,
+        max_tiles=ip.max_patches,
+        tiling=bool(tiling),
+    )
+
+
+def internvl_budget(ip: Any, max_pixels: int) -> None:
+    tile_pixels = _size(ip.size, "height") * _size(ip.size, "width")
+    ip.max_patches = max(1, min(ip.max_patches, max_pixels // tile_pixels))
+    ip.min_patches = min(ip.min_patches, ip.max_patches)
+
+
+# --- settings from a config alone (no processor at hand) ----------------------------------------
+
+
+def first_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, (int, float)) and value else None
+
+
+def image_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """ImageSettings from config keys alone (no processor at hand), with the recipe's pixel budget.
+
+    Reads the keys transformers configs use for the same idea, whatever the family: patch_size,
+    spatial_merge_size / scale_factor / downsample_ratio, image_size, mm_tokens_per_image /
+    image_seq_length / num_image_tokens (else (image_size / patch / merge)^2), image_grid_pinpoints.
+    Tiling processors tile (their default), with as many tiles as the budget holds, and the
+    longest edge is the budget's side rounded down to whole tiles (at least one), as the families'
+    pixel-budget functions set it on a loaded processor.
+    """
+    vision = config.get("vision_config") or {}
+    merge = vision.get("spatial_merge_size") or config.get("spatial_merge_size") or config.get("scale_factor")
+    if not merge and config.get("downsample_ratio"):
+        merge = round(1 / config["downsample_ratio"])
+    merge = int(merge or 1)
+    patch = first_int(vision.get("patch_size")) or 14
+    side = first_int(vision.get("image_size"))
+    per_tile = first_int(
+        config.get("mm_tokens_per_image") or config.get("image_seq_length") or vision.get("num_image_tokens")
+    )
+    if side and (per_tile is None or ((side // patch) ** 2) % per_tile):
+        # A count that does not divide the tile's patches belongs to another tower (LlavaConfig's
+        # default image_seq_length rides along in Pixtral configs): derive it from the geometry.
+        per_tile = (side // patch // merge) ** 2
+    budget_side = math.isqrt(max_image_pixels) if max_image_pixels else None
+    longest_edge = max_tiles = None
+    if side and budget_side:
+        longest_edge = max(side, budget_side // side * side)
+        max_tiles = max(1, max_image_pixels // (side * side))
+    aspect = str(config.get("vision_aspect_ratio") or "")
+    if aspect.startswith("anyres_max_"):
+        max_tiles = int(aspect.removeprefix("anyres_max_"))
+    return ImageSettings(
+        max_pixels=max_image_pixels,
+        patch_size=patch,
+        merge_size=merge,
+        image_size=side,
+        tokens_per_tile=per_tile,
+        max_tiles=first_int(vision.get("max_num_tiles")) or max_tiles,
+        tiling=True,
+        longest_edge=longest_edge,
+        grid_pinpoints=tuple(tuple(p) for p in config.get("image_grid_pinpoints") or ()),
+    )
+
+
+# --- what the memory model needs -------------------------------------------------------------
+
+
+def image_patches(tokens: int, settings: ImageSettings, cross_attention_tiles: int | None = None) -> int:
+    """Vision-tower positions behind ``tokens`` language tokens of one image.
+
+    Towers of a fixed tile size see (image_size / patch)^2 patches for each tile's tokens_per_tile
+    tokens; dynamic-resolution towers (no image_size) merge^2 patches per token. A tower the text
+    reaches by cross-attention (Mllama: one text token per image) sees all its tiles.
+    """
+    if cross_attention_tiles and settings.image_size:
+        return cross_attention_tiles * (settings.image_size // settings.patch_size) ** 2
+    if settings.image_size and settings.tokens_per_tile:
+        per_tile = (settings.image_size // settings.patch_size) ** 2
+        return max(1, round(tokens * per_tile / settings.tokens_per_tile))
+    return tokens * settings.merge_size**2
+
+
+def default_image_size(max_image_pixels: int | None) -> tuple[int, int]:
+    side = math.isqrt(max_image_pixels) if max_image_pixels else DEFAULT_IMAGE_SIDE
+    return side, side

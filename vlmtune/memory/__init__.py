@@ -1,0 +1,59 @@
+"""estimate-memory: how much GPU memory a fine-tuning step needs, before anything is downloaded.
+
+Three layers, as accelerate's estimator does it:
+
+1. ``shape``: the real architecture on the META device (no weights read or allocated): every
+   parameter and Linear with its component, from the Family record: a ``ModelShape``.
+2. ``estimate``: pure functions of a ``ModelShape``, a ``TrainingMethod`` (quantization, LoRA,
+   optimizer) and a ``Workload`` (batch, tokens, images) -> bytes per term.
+3. ``from_recipe`` builds those inputs from a recipe (``configs`` finds the model's config);
+   ``vlmtune/commands/memory.py`` parses the CLI and renders the result.
+"""
+
+from vlmtune.memory.configs import ModelConfig, bundled_configs, read_bundled, resolve_config
+from vlmtune.memory.estimate import (
+    CUDA_CONTEXT_BYTES,
+    LOGITS_MULTIPLE,
+    ComponentBytes,
+    Fit,
+    MemoryEstimate,
+    TrainingMethod,
+    Workload,
+    estimate,
+    optimizer_bytes,
+    peak_bytes,
+    quantized_bytes,
+    trainable_tensors,
+    weight_components,
+)
+from vlmtune.memory.from_recipe import estimate_recipe, training_method, workload_for
+from vlmtune.memory.shape import ModelShape, describe_model, shape_of
+from vlmtune.units import GiB, MiB
+
+__all__ = [
+    "CUDA_CONTEXT_BYTES",
+    "LOGITS_MULTIPLE",
+    "ComponentBytes",
+    "Fit",
+    "GiB",
+    "MemoryEstimate",
+    "MiB",
+    "ModelConfig",
+    "ModelShape",
+    "TrainingMethod",
+    "Workload",
+    "bundled_configs",
+    "describe_model",
+    "estimate",
+    "estimate_recipe",
+    "optimizer_bytes",
+    "peak_bytes",
+    "quantized_bytes",
+    "read_bundled",
+    "resolve_config",
+    "shape_of",
+    "trainable_tensors",
+    "training_method",
+    "weight_components",
+    "workload_for",
+]

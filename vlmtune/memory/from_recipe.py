@@ -1,0 +1,164 @@
+"""A recipe -> the memory model's inputs: its model's shape, how it trains, and its workload.
+
+Reads only the model's config (never its weights). LoRA targets come from the same pure
+selection the lora stage uses (vlmtune.lora_targets), image tokens from the family's own
+arithmetic (vlmtune.image_tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import ModelError, VlmtuneError
+from vlmtune.families import Family
+from vlmtune.image_tokens import (
+    ImageSettings,
+    default_image_size,
+    first_int,
+    image_patches,
+    image_settings_from_config,
+)
+from vlmtune.lora_targets import present_projectors, select_targets
+from vlmtune.memory.configs import resolve_config
+from vlmtune.memory.estimate import MemoryEstimate, TrainingMethod, Workload, estimate
+from vlmtune.memory.shape import ModelShape, describe_model
+from vlmtune.recipe import DataSection, LoraSection, ModelSection, QuantizationSection, Recipe, TrainSection
+
+
+def image_settings_for(
+    path: str | None, family: Family, config: Any, max_image_pixels: int | None
+) -> tuple[ImageSettings, str | None]:
+    """The family's own settings from the checkpoint's processor where its files are at hand (a
+    local folder, a tiny model), with the pixel budget applied as training applies it; otherwise
+    read from the config. Returns a note when the processor could not be used."""
+    if path and (Path(path) / "preprocessor_config.json").is_file():
+        from vlmtune.processing import load_processor
+
+        try:
+            processor = load_processor(path, family, max_image_pixels)
+            return family.image_settings(processor), None
+        except (VlmtuneError, OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
+            note = f"image tokens from the config: the processor did not load ({str(exc).splitlines()[0]})"
+            return image_settings_from_config(config.to_dict(), max_image_pixels), note
+    return image_settings_from_config(config.to_dict(), max_image_pixels), None
+
+
+def image_tokens(family: Family, width: int, height: int, settings: ImageSettings) -> int:
+    try:
+        return int(family.tokens_per_image(width, height, settings))
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise ModelError(
+            f"cannot count the image tokens of a {width}x{height} image for {family.title}: {exc}",
+            hint="give the count directly with --image-tokens N",
+        ) from None
+
+
+def training_method(
+    model: ModelSection, quant: QuantizationSection, lora: LoraSection, train: TrainSection,
+    shape: ModelShape, family: Family,
+) -> TrainingMethod:  # fmt: skip
+    """The recipe's choices, with LoRA targets selected exactly as the lora stage selects them."""
+    targets: tuple[str, ...] = ()
+    projector: tuple[str, ...] = ()
+    if lora.method == "lora":
+        targets = select_targets(family, lora, (lin.name for lin in shape.linears))
+        if lora.train_projector:
+            projector = present_projectors(family, {p.name.rsplit(".", 1)[0] for p in shape.params})
+    return TrainingMethod(
+        dtype=model.dtype,
+        bits=quant.bits,
+        double_quant=quant.double_quant,
+        keep_16bit=(*family.keep_16bit(), *quant.keep_16bit),
+        method=lora.method,
+        targets=targets,
+        r=lora.r,
+        dropout=lora.dropout,
+        bias=lora.bias,
+        projector=projector,
+        optim=train.optim,
+        gradient_checkpointing=train.gradient_checkpointing,
+        supervised_loss=train.supervised_loss,
+    )
+
+
+def workload_for(
+    config: Any,
+    family: Family,
+    data: DataSection,
+    train: TrainSection,
+    *,
+    seq_len: int | None = None,
+    images_per_sample: int = 1,
+    image_size: tuple[int, int] | None = None,
+    tokens_per_image: int | None = None,
+    folder: str | None = None,
+) -> tuple[Workload, list[str]]:
+    """Batch and tokens: the recipe's worst case (max_length, the pixel budget) unless given.
+
+    ``seq_len`` counts text tokens; without it the text fills ``train.max_length`` minus the
+    image tokens. ``folder``: a local checkpoint whose processor files give the exact settings.
+    """
+    settings, note = image_settings_for(folder, family, config, data.max_image_pixels)
+    notes = [note] if note else []
+    width, height = image_size or default_image_size(data.max_image_pixels)
+    if images_per_sample == 0:
+        tokens = 0
+    elif tokens_per_image is not None:
+        tokens = tokens_per_image
+    else:
+        tokens = image_tokens(family, width, height, settings)
+    text = seq_len
+    if text is None:
+        text = train.max_length - images_per_sample * tokens
+        if text < 0:
+            notes.append(
+                f"{images_per_sample} image(s) of {tokens} tokens exceed train.max_length "
+                f"{train.max_length}: such samples would be refused; estimated with no text"
+            )
+            text = 0
+    work = Workload(
+        batch_size=train.batch_size,
+        text_tokens=text,
+        images_per_sample=images_per_sample,
+        image_tokens=tokens,
+        image_patches=image_patches(tokens, settings, _cross_attention_tiles(config)) if tokens else 0,
+        image_size=(width, height) if images_per_sample else None,
+    )
+    return work, notes
+
+
+def _cross_attention_tiles(config: Any) -> int | None:
+    """Tiles a cross-attention tower always sees (Mllama's max_num_tiles); None for the others."""
+    return first_int((config.to_dict().get("vision_config") or {}).get("max_num_tiles"))
+
+
+def estimate_recipe(
+    recipe: Recipe,
+    *,
+    gpu_bytes: int | None = None,
+    seq_len: int | None = None,
+    images_per_sample: int = 1,
+    image_size: tuple[int, int] | None = None,
+    tokens_per_image: int | None = None,
+) -> MemoryEstimate:
+    """The memory a recipe's training step needs; reads only the model's config, never its weights."""
+    from vlmtune.families import detect_family
+
+    resolved = resolve_config(recipe.model.name, recipe.model.revision)
+    family = detect_family(resolved.config)
+    shape = describe_model(resolved.config)
+    training = training_method(recipe.model, recipe.quantization, recipe.lora, recipe.train, shape, family)
+    work, notes = workload_for(
+        resolved.config, family, recipe.data, recipe.train, seq_len=seq_len, images_per_sample=images_per_sample,
+        image_size=image_size, tokens_per_image=tokens_per_image, folder=resolved.folder,
+    )  # fmt: skip
+    return estimate(
+        shape,
+        training,
+        work,
+        name=recipe.model.name,
+        source=resolved.source,
+        gpu_bytes=gpu_bytes,
+        notes=notes,
+    )

@@ -1,0 +1,98 @@
+"""A finished run: its recipe, its final weights, and its model loaded for inference.
+
+The base is loaded exactly as it was trained (same quantization and dtype, from resolved.yaml) and
+the run's adapter is attached on top; a full fine-tune loads its saved model instead. Every
+post-training command (predict, eval, export) starts from ``open_trained_run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtune import rundir
+from vlmtune.errors import RunDirError
+from vlmtune.recipe import Recipe
+from vlmtune.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run: RunDir
+    recipe: Recipe
+    weights: Path  # 3-train/adapter, or 3-train/model for a full fine-tune
+
+    @property
+    def is_full(self) -> bool:
+        return self.recipe.lora.method == "full"
+
+
+@dataclass
+class Inference:
+    model: Any  # a PeftModel when an adapter is attached
+    processor: Any
+    family: Any
+    has_adapter: bool
+
+
+def open_trained_run(path: str | Path) -> TrainedRun:
+    """A run folder whose training finished, with its resolved recipe and final weights."""
+    from vlmtune.recipe import load_recipe
+
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirError(
+            f"run folder {path} does not exist",
+            hint="pass a folder that `vlmtune train` created, e.g. runs/demo-20260101-120000",
+        )
+    run = RunDir.open(path)
+    summary = run.summary()
+    if not training_finished(summary):
+        stages = ", ".join(
+            f"{name} {entry.get('status')}" for name, entry in summary.get("stages", {}).items()
+        )
+        raise RunDirError(
+            f"run {path} did not finish training (status {summary.get('status')!r}; {stages}), "
+            "so it has no final weights",
+            hint=f"continue it with `vlmtune train --resume {path}`, or pick a finished run",
+        )
+    recipe = load_recipe(run / rundir.RESOLVED)
+    weights = run / (rundir.FULL_MODEL if recipe.lora.method == "full" else rundir.ADAPTER)
+    if not weights.is_dir():
+        raise RunDirError(
+            f"run {path} says it finished but {weights} is missing",
+            hint="the run folder was changed after training; train again or restore the folder",
+        )
+    return TrainedRun(run, recipe, weights)
+
+
+def training_finished(summary: dict) -> bool:
+    """Done, or failed only in the optional eval stage after the final weights were saved."""
+    if summary.get("status") == "done":
+        return True
+    stages = summary.get("stages", {})
+    return (
+        stages.get("train", {}).get("status") == "done" and stages.get("eval", {}).get("status") == "failed"
+    )
+
+
+def load_for_inference(trained: TrainedRun, base_only: bool = False, device: str | None = None) -> Inference:
+    """The base as trained plus the run's adapter (or the full fine-tune), in eval mode."""
+    from vlmtune.checkpoint import choose_device
+    from vlmtune.stages import load
+
+    recipe = trained.recipe
+    device = device or choose_device(recipe.train.device)
+    model_section = recipe.model
+    if trained.is_full and not base_only:
+        model_section = model_section.model_copy(update={"name": str(trained.weights)})
+    loaded = load.load(model_section, recipe.quantization, recipe.data.max_image_pixels, device)
+    model = loaded.model
+    with_adapter = not (base_only or trained.is_full)
+    if with_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(trained.weights))
+    model.eval()
+    return Inference(model, loaded.processor, loaded.family, with_adapter)

@@ -18,6 +18,7 @@ LoraBias = Literal["none", "all", "lora_only"]
 DataFormat = Literal["auto", "messages", "sharegpt", "columns"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
+Objective = Literal["sft"]  # what the train stage optimises; each has a module in vlmtune/stages/
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).

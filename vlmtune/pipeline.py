@@ -18,6 +18,8 @@ from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
 
+OBJECTIVES = {"sft": sft}  # recipe train.objective -> the module that trains it
+
 Warn = Callable[[str], None]
 
 
@@ -66,8 +68,8 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
         lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:
-        result = sft.train(
-            model, loaded.processor, loaded.family, recipe.data, recipe.train,
+        result = OBJECTIVES[recipe.train.objective].train(
+            model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
             run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)

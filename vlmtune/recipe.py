@@ -21,6 +21,7 @@ from vlmtune.choices import (
     Dtype,
     LoraBias,
     LoraMethod,
+    Objective,
     Optimizer,
     QuantBits,
     QuantType,
@@ -212,6 +213,11 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
+    objective: Objective = Field(
+        "sft",
+        description="What the train stage optimises: sft = supervised fine-tuning on the answers. An "
+        "objective with knobs reads them from the recipe section of the same name.",
+    )
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
     batch_size: int = Field(2, gt=0, description="Samples per device per step.")
@@ -276,6 +282,10 @@ class Recipe(Section):
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
         return self
+
+    def objective_options(self) -> Section | None:
+        """The section of knobs of the chosen objective (a top-level section named after it), if any."""
+        return getattr(self, self.train.objective, None)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -17,14 +17,7 @@ from vlmtune.families import Family
 from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
-
-
-@dataclass
-class TrainResult:
-    first_loss: float | None
-    last_loss: float | None
-    steps: int
-    output: str
+from vlmtune.stages import TrainResult
 
 
 @dataclass
@@ -137,6 +130,7 @@ def train(
     family: Family,
     data: DataSection,
     train_section: TrainSection,
+    options: None = None,  # sft has no section of its own
     *,
     run: RunDir,
     device: str,

@@ -15,7 +15,9 @@ QuantBits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
 LoraMethod = Literal["lora", "full"]
 LoraBias = Literal["none", "all", "lora_only"]
-DataFormat = Literal["auto", "messages", "sharegpt", "columns"]
+DataFormat = Literal[
+    "auto", "messages", "sharegpt", "prompt_completion", "exchanges", "query_response", "columns"
+]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
 Objective = Literal["sft"]  # what the train stage optimises; each has a module in vlmtune/stages/

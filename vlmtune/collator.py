@@ -49,7 +49,10 @@ class VisionCollator:
 
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [self.render(s.messages) for s in samples]
-        spans = [self.assistant_spans(s.messages, text) for s, text in zip(samples, texts, strict=True)]
+        spans = [
+            self.assistant_spans(s.messages, text, s.trained_from)
+            for s, text in zip(samples, texts, strict=True)
+        ]
         batch = self._process(texts, [[open_image(src) for src in s.images] for s in samples])
         batch["labels"] = self._labels(batch, texts, spans)
         if self.family.token_types_from_labels:
@@ -69,11 +72,13 @@ class VisionCollator:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def assistant_spans(self, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
-        """Character ranges of the assistant turns inside ``full_text``."""
+    def assistant_spans(
+        self, messages: list[dict], full_text: str, trained_from: int = 0
+    ) -> list[tuple[int, int]]:
+        """Character ranges of the trained assistant turns (those from ``trained_from`` on) in ``full_text``."""
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < trained_from:
                 continue
             before = self.render(messages[:i], add_generation_prompt=True)
             through = self.render(messages[: i + 1])

@@ -110,10 +110,35 @@ def _decode_data_uri(value: str) -> bytes:
     header, sep, payload = value.partition(",")
     if not sep or ";base64" not in header.lower():
         raise ImageProblem(f"data URI {header[:40]!r}... is not base64 (expected data:image/...;base64,...)")
+    return _b64(payload, "data URI")
+
+
+def decode_base64(value: Any) -> bytes:
+    """A bare base64 string (Axolotl's ``{"type": "image", "base64": ...}``); a data URI is accepted too."""
+    if not isinstance(value, str):
+        raise ImageProblem(f"expected a base64 string, got {type(value).__name__}")
+    value = value.strip()
+    if value[:5].lower() == "data:":
+        return _decode_data_uri(value)
+    return _b64(value, "base64 image")
+
+
+def _b64(payload: str, what: str) -> bytes:
     try:
-        return base64.b64decode(payload, validate=True)
+        return base64.b64decode("".join(payload.split()), validate=True)  # line breaks are common in base64
     except (binascii.Error, ValueError) as exc:
-        raise ImageProblem(f"data URI holds invalid base64 ({exc})") from None
+        raise ImageProblem(f"{what} holds invalid base64 ({exc})") from None
+
+
+def embedded_bytes(value: Any, encoding: str | None = None) -> bytes:
+    """The bytes of an image stored in a dataset row: raw bytes, a {bytes, path} dict, base64 text."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return decode_base64(value) if encoding == "base64" else _decode_data_uri(value.strip())
+    raise ImageProblem(f"expected image bytes in the dataset row, got {type(value).__name__}")
 
 
 def describe(source: Any) -> str:

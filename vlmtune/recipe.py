@@ -143,9 +143,12 @@ class DataSection(Section):
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
     format: DataFormat = Field(
         "auto",
-        description="Sample layout. messages: OpenAI/TRL `messages` with content parts; sharegpt: "
-        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; columns: "
-        "plain columns named by `columns`; auto: decided per sample from its keys (see docs/data.md).",
+        description="Sample layout. messages: OpenAI/TRL/Axolotl `messages` with content parts; sharegpt: "
+        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; "
+        "prompt_completion: TRL `prompt` + `completion` (loss on the completion); exchanges: a list of "
+        "user/assistant pairs (The Cauldron's `texts`); query_response: ms-swift query/response/history "
+        "(and aliases, alpaca instruction/input/output); columns: plain columns named by `columns`; auto: "
+        "decided per sample from its keys (see docs/data.md).",
     )
     columns: dict[Literal["image", "question", "answer", "system"], str | None] = Field(
         default_factory=lambda: dict(DataSection.DEFAULT_COLUMNS),

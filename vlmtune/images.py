@@ -18,7 +18,9 @@ import base64
 import binascii
 import io
 import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,25 +164,45 @@ ORIENTATION_TAG = 0x0112
 
 def open_image(source: Any, *, max_side: int | None = None):
     """A decoded RGB PIL image; ``ImageProblem`` with a named reason when that is impossible."""
-    image = _open_header(source)
-    width, height = image.size
-    if max_side is not None and max(width, height) > max_side:
-        _close_if_ours(image, source)
-        raise ImageProblem(
-            f"image is {width}x{height} pixels, a side over data.max_image_side={max_side} "
-            "(a decompression bomb, a corrupt header, or an image to shrink before training)"
-        )
+    raw = _materialise(source)
+    image = _open_header(raw)
     try:
-        image.load()  # decode now: a truncated file fails here, not inside the processor
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken data
-        _close_if_ours(image, source)
-        if "truncated" in str(exc):
-            raise ImageProblem(f"truncated image data: {describe(source)} ({exc})") from None
-        raise ImageProblem(f"cannot decode {describe(source)} ({type(exc).__name__}: {exc})") from None
+        _check_side(image, max_side)
+        _decode(image, raw)  # decode now: a truncated file fails here, not inside the processor
+    except ImageProblem:
+        _close_if_ours(image, raw)
+        raise
     rgb = to_rgb(upright(image))
     if rgb is not image:
-        _close_if_ours(image, source)
+        _close_if_ours(image, raw)
     return rgb
+
+
+def image_size(source: Any, *, max_side: int | None = None, decode: bool = False) -> tuple[int, int]:
+    """(width, height) as the model sees the image (EXIF orientation applied), once it is known whole.
+
+    ``decode`` decodes every pixel, as open_image does. Otherwise the check reads what proves the
+    file whole without building the picture: a JPEG's compressed data is decoded in full at 1/8
+    scale (libjpeg's DCT scaling), a PNG's chunks are read to IEND with every CRC checked, and any
+    other format is decoded. Both catch what the bad-sample corpus holds (truncated, empty, not an
+    image, decompression bombs, absurd sizes); only ``decode`` catches a PNG whose compressed pixel
+    stream is corrupt behind valid checksums.
+    """
+    if decode:
+        image = open_image(source, max_side=max_side)
+        size = image.size
+        if image is not source:
+            image.close()
+        return size
+    raw = _materialise(source)
+    image = _open_header(raw)
+    try:
+        _check_side(image, max_side)
+        width, height = image.size  # before _verify_whole: JPEG draft mode shrinks the image it decodes
+        orientation = _verify_whole(image, raw)
+    finally:
+        _close_if_ours(image, raw)
+    return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def upright(image):
@@ -193,14 +215,19 @@ def upright(image):
     return ImageOps.exif_transpose(image)
 
 
-def _open_header(source: Any):
-    """Open without decoding pixels: the header (and so the size) only."""
-    from PIL import Image
-
+def _materialise(source: Any) -> Any:
+    """A path, bytes or a PIL image: what a lazy source (URL, dataset row, {bytes, path}) stands for."""
     if callable(getattr(source, "fetch", None)):  # UrlImage, or an image kept inside a dataset row
         source = source.fetch()
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
+    return source
+
+
+def _open_header(source: Any):
+    """Open without decoding pixels: the header (and so the size) only."""
+    from PIL import Image
+
     if _is_pil(source):
         return source
     if isinstance(source, str):
@@ -228,6 +255,104 @@ def _open_header(source: Any):
         raise ImageProblem(f"not an image Pillow can read: {describe(source)}") from None
     except OSError as exc:
         raise ImageProblem(f"cannot read {describe(source)} ({exc})") from None
+
+
+def _check_side(image: Any, max_side: int | None) -> None:
+    width, height = image.size
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageProblem(
+            f"image is {width}x{height} pixels, a side over data.max_image_side={max_side} "
+            "(a decompression bomb, a corrupt header, or an image to shrink before training)"
+        )
+
+
+def _decode(image: Any, raw: Any) -> None:
+    try:
+        image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken data
+        if "truncated" in str(exc):
+            raise ImageProblem(f"truncated image data: {describe(raw)} ({exc})") from None
+        raise ImageProblem(f"cannot decode {describe(raw)} ({type(exc).__name__}: {exc})") from None
+
+
+# --- checking an image whole without decoding it --------------------------------------------------
+
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TEXT_CHUNKS = (b"iTXt", b"tEXt", b"zTXt")
+# What Pillow reads an orientation from in a PNG: an eXIf chunk, or text chunks with these keywords.
+PNG_ORIENTATION_KEYWORDS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def _verify_whole(image: Any, raw: Any) -> int:
+    """Prove the image whole as cheaply as its format allows; its EXIF orientation (1 = upright)."""
+    if _is_pil(raw):
+        return image.getexif().get(ORIENTATION_TAG, 1)
+    if image.format == "JPEG":
+        width, height = image.size
+        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))  # every coefficient, 1/8 the IDCT
+        _decode(image, raw)
+        return image.getexif().get(ORIENTATION_TAG, 1)  # APP1 and XMP were read with the header
+    if image.format == "PNG":
+        if not _png_whole_may_turn(_bytes_of(raw), raw):
+            return 1  # no EXIF, no XMP: nothing can turn it (and Pillow's getexif() would decode the pixels)
+        return image.getexif().get(ORIENTATION_TAG, 1)
+    _decode(image, raw)
+    return image.getexif().get(ORIENTATION_TAG, 1)
+
+
+def _bytes_of(raw: Any) -> bytes:
+    if isinstance(raw, str):
+        with open(raw, "rb") as f:
+            return f.read()
+    return bytes(raw)
+
+
+def _png_whole_may_turn(data: bytes, raw: Any) -> bool:
+    """Read a PNG's chunks to IEND, each CRC checked, and its compressed pixels weighed against its
+    size (ImageProblem if it is not whole); True when a chunk could hold an EXIF orientation."""
+    view = memoryview(data)
+    may_turn = False
+    compressed = least = 0
+    pos = len(PNG_SIGNATURE)
+    while True:
+        if pos + 8 > len(data):
+            raise ImageProblem(f"truncated image data: {describe(raw)} (the file ends before its IEND chunk)")
+        length, kind = struct.unpack(">I4s", view[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise ImageProblem(
+                f"truncated image data: {describe(raw)} (the file ends inside a {kind!r} chunk)"
+            )
+        crc = zlib.crc32(view[pos + 8 : end - 4], zlib.crc32(kind))
+        if crc != int.from_bytes(view[end - 4 : end], "big"):
+            raise ImageProblem(
+                f"cannot decode {describe(raw)} (CRC mismatch in a {kind!r} chunk: corrupt data)"
+            )
+        if kind == b"IHDR":
+            least = _png_pixel_bytes(view[pos + 8 : end - 4])
+        compressed += length if kind == b"IDAT" else 0
+        keyword = bytes(view[pos + 8 : min(end - 4, pos + 8 + 80)]).split(b"\0", 1)[0]
+        may_turn |= kind == b"eXIf" or (kind in PNG_TEXT_CHUNKS and keyword in PNG_ORIENTATION_KEYWORDS)
+        if kind == b"IEND":
+            break
+        pos = end
+    if compressed * DEFLATE_MAX_RATIO < least:
+        raise ImageProblem(
+            f"truncated image data: {describe(raw)} ({compressed} compressed bytes cannot hold the "
+            f"{least} bytes of its pixels)"
+        )
+    return may_turn
+
+
+DEFLATE_MAX_RATIO = 1032  # deflate's best case: one 258-byte match per 2 bits
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+
+
+def _png_pixel_bytes(ihdr: memoryview) -> int:
+    """The fewest bytes a PNG's pixels take uncompressed (filter bytes left out), from its IHDR."""
+    width, height, depth, colour = struct.unpack(">IIBB", ihdr[:10])
+    return width * height * depth * PNG_CHANNELS.get(colour, 1) // 8
 
 
 def to_rgb(image):

@@ -197,6 +197,18 @@ class DataSection(Section):
     url_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on."
     )
+    image_check: Literal["fast", "full"] = Field(
+        "fast",
+        description="How the pre-flight proves each image whole. fast: JPEG data decoded at 1/8 scale, PNG "
+        "chunks read to the end with their checksums, other formats decoded; full: every pixel decoded "
+        "(slower; also catches a PNG whose compressed pixels are corrupt behind valid checksums).",
+    )
+    check_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Processes the pre-flight checks samples in; 0 = this process only; null = one per CPU "
+        "core for sets of 5,000 samples or more.",
+    )
 
     @field_validator("columns", mode="after")
     @classmethod

@@ -117,18 +117,27 @@ def data_check(
     as_json: bool = typer.Option(
         False, "--json", help="Print the report as JSON (the data_report.json keys)."
     ),
+    full_decode: bool = typer.Option(
+        False, "--full-decode", help="Decode every pixel of every image (data.image_check: full); slower."
+    ),
 ) -> None:
-    """Pre-flight every sample of the recipe's data (no model weights loaded); non-zero on bad data."""
+    """Pre-flight every sample of the recipe's data (no model weights loaded).
+
+    Exits 2 when training would stop on a problem; with data.on_bad_sample: skip or data.too_long: drop
+    it lists the samples training would leave out and exits 0.
+    """
     _quiet_libraries()
     from vlmtune.datacheck import check_recipe_data, fail_on_problems, render_report
 
-    parsed = _load(recipe, overrides)
+    parsed = _load(recipe, [*(overrides or []), *(["data.image_check=full"] if full_decode else [])])
     reports = check_recipe_data(parsed, None if as_json else console)
     if as_json:
         print(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
     else:
-        render_report(reports, console)
-    fail_on_problems(reports)  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
+        render_report(reports, parsed.data, console)
+    fail_on_problems(
+        reports, parsed.data
+    )  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
 
 
 def _load(recipe: Path, overrides: list[str] | None):

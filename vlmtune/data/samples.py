@@ -50,6 +50,9 @@ class SampleError(ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self):  # crosses process boundaries in the parallel pre-flight
+        return type(self), (self.field, self.reason)
+
 
 def invalid_samples_error(source: str, problems: list[Problem], total: int) -> DataError:
     listed = "\n".join(f"  - {p}" for p in problems[:20])

@@ -18,7 +18,7 @@ from vlmtune.data.samples import SampleError
 from vlmtune.preflight import read_split
 from vlmtune.recipe import DataSection
 
-from conftest import ROOT
+from conftest import ROOT, write_recipe
 from test_data_formats import assert_same_batch
 
 PEERS = ROOT / "tests" / "data" / "peers"
@@ -336,3 +336,48 @@ def test_embedded_and_base64_images_of_a_parquet_file_stay_in_the_dataset(tmp_pa
     sources = [source for s in split.samples for source in s.images]
     assert len(sources) == 3 and all(isinstance(source, RowImage) for source in sources)
     assert open_image(sources[0]).size == (48, 40)
+
+
+# --- a 2-step train on each peer's layout ----------------------------------------------------------
+
+# One file per peer: the batch equality above already covers the other file types of a layout.
+TRAINED = [
+    "trl_prompt_completion.parquet",
+    "cauldron_disk",
+    "swift_query_response.csv",
+    "llamafactory_alpaca.json",
+    "axolotl.json",
+    "openai_data_uri.jsonl",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINED)
+def test_a_two_step_train_runs_on_each_peer_layout(name: str, tmp_path: Path):
+    from vlmtune import pipeline
+    from vlmtune.recipe import load_recipe
+
+    path = write_recipe(
+        tmp_path,
+        model={"name": "tiny:qwen2_vl"},
+        data={"train": str(PEERS / name), "max_image_pixels": 12544},
+        train={
+            "max_steps": 2,
+            "batch_size": 3,
+            "grad_accum": 1,
+            "max_length": 128,
+            "gradient_checkpointing": False,
+        },
+        output={"dir": str(tmp_path / "runs")},
+    )
+    run = pipeline.run(
+        load_recipe(path), path.read_text(), "peer", tmp_path / "run", warn=lambda message: None
+    )
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["stages"]["train"]["steps"] == 2
+    data = json.loads((run.path / "3-train" / "data_report.json").read_text())["train"]
+    assert data["samples_kept"] == 3 and data["images_total"] == 3 and data["skipped_invalid"] == []
+    losses = [
+        json.loads(line)["loss"] for line in (run.path / "3-train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) >= 2 and all(loss == loss and loss > 0 for loss in losses)

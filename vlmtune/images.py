@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -181,12 +182,12 @@ def open_image(source: Any, *, max_side: int | None = None):
 def image_size(source: Any, *, max_side: int | None = None, decode: bool = False) -> tuple[int, int]:
     """(width, height) as the model sees the image (EXIF orientation applied), once it is known whole.
 
-    ``decode`` decodes every pixel, as open_image does. Otherwise the check reads what proves the
-    file whole without building the picture: a JPEG's compressed data is decoded in full at 1/8
-    scale (libjpeg's DCT scaling), a PNG's chunks are read to IEND with every CRC checked, and any
-    other format is decoded. Both catch what the bad-sample corpus holds (truncated, empty, not an
-    image, decompression bombs, absurd sizes); only ``decode`` catches a PNG whose compressed pixel
-    stream is corrupt behind valid checksums.
+    ``decode`` decodes every pixel, as open_image does. Otherwise the check reads the file's
+    structure to its end instead of building the picture: a JPEG's segments and scans to its EOI
+    marker, a PNG's chunks to IEND with every CRC checked and enough compressed bytes for its
+    pixels; any other format is decoded. Both catch what the bad-sample corpus holds (truncated,
+    empty, not an image, decompression bombs, absurd sizes) and a file cut short; only ``decode``
+    catches compressed data corrupted in place behind an intact structure.
     """
     if decode:
         image = open_image(source, max_side=max_side)
@@ -289,9 +290,7 @@ def _verify_whole(image: Any, raw: Any) -> int:
     if _is_pil(raw):
         return image.getexif().get(ORIENTATION_TAG, 1)
     if image.format == "JPEG":
-        width, height = image.size
-        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))  # every coefficient, 1/8 the IDCT
-        _decode(image, raw)
+        _jpeg_whole(_bytes_of(raw), raw)
         return image.getexif().get(ORIENTATION_TAG, 1)  # APP1 and XMP were read with the header
     if image.format == "PNG":
         if not _png_whole_may_turn(_bytes_of(raw), raw):
@@ -306,6 +305,41 @@ def _bytes_of(raw: Any) -> bytes:
         with open(raw, "rb") as f:
             return f.read()
     return bytes(raw)
+
+
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in entropy-coded data: the end of a scan
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn carry no length
+
+
+def _jpeg_whole(data: bytes, raw: Any) -> None:
+    """Walk a JPEG's segments and scans to its EOI marker (ImageProblem if it is not whole).
+
+    The segments' lengths must fit in the file, at least one scan must be there, and every scan
+    must end in a marker before the file does: a file cut short (the usual damage) fails here as
+    it would fail to decode. Stray bytes between segments are skipped, as libjpeg skips them.
+    """
+    end, pos, scans = len(data), 2, 0
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= end:
+            raise ImageProblem(f"truncated image data: {describe(raw)} (the file ends before its EOI marker)")
+        marker = data[pos + 1]
+        if marker == 0xFF or marker in JPEG_STANDALONE:  # fill byte, or a marker with no segment
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:  # EOI
+            if not scans:
+                raise ImageProblem(f"cannot decode {describe(raw)} (a JPEG with no image data)")
+            return
+        if pos + 4 > end or pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big") > end:
+            raise ImageProblem(f"truncated image data: {describe(raw)} (the file ends inside a segment)")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # SOS: compressed data follows, up to the next marker
+            scans += 1
+            found = JPEG_MARKER.search(data, pos)
+            if found is None:
+                raise ImageProblem(f"truncated image data: {describe(raw)} (the file ends inside a scan)")
+            pos = found.start()
 
 
 def _png_whole_may_turn(data: bytes, raw: Any) -> bool:

@@ -10,7 +10,9 @@ from the image's size alone: the processor replaces each image placeholder with 
   token-count arithmetic (vlmtune.image_tokens, tested against the processors), plus its layout
   where the count alone does not decide (Pixtral rows and columns, Idefics3 tiles), plus whether the
   sample holds several images (LLaVA-OneVision shrinks those). A key seen for the first time is
-  filled by the real processor on a blank image of that size, so every string is the processor's;
+  filled by the real processor on a blank image of that size, so every string is the processor's.
+  Where the count alone decides, the strings are prefix + feature token x count + suffix: once two
+  probes at different counts agree on prefix and suffix, the rest are written from the count;
 - the processor's own text steps (``prepare_inputs_layout``: PaliGemma's <bos>, Mllama's prompt
   string; ``get_text_with_replacements``) expand the text, and the tokenizer counts it, a batch at a
   time. A run of the repeated feature token (an added token, never merged with its neighbours) is
@@ -25,12 +27,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from vlmtune.collator import VisionCollator, template_special_tokens
 from vlmtune.data import Sample
 
 Size = tuple[int, int]  # (width, height), upright
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A replacement text of the shape prefix + feature token x count + suffix."""
+
+    prefix: str
+    suffix: str
+    count: int  # the count it was seen at
+    confirmed: bool = False  # seen at two counts with the same prefix and suffix
+
+    @classmethod
+    def of(cls, replacement: str, feature: str, count: int) -> Pattern | None:
+        run = feature * count
+        if count < 1 or replacement.count(run) != 1 or replacement.count(feature) != count:
+            return None
+        prefix, _, suffix = replacement.partition(run)
+        return cls(prefix, suffix, count)
+
+    def text(self, feature: str, count: int) -> str:
+        return self.prefix + feature * count + self.suffix
 
 
 class TokenCounter:
@@ -43,6 +67,7 @@ class TokenCounter:
         self.family = collator.family
         self.settings = self.family.image_settings(self.processor)
         self.replacements: dict[Hashable, str] = {}
+        self.patterns: dict[bool, Pattern | bool] = {}  # by "several images in the sample"
         self.probes = 0  # keys filled by the processor (for tests and benchmarks)
         self._stand_in = None
         feature = self.family.image_feature_token
@@ -96,11 +121,30 @@ class TokenCounter:
         """The text one image of this size expands to (the processor's own, cached by what decides it)."""
         count = self.family.tokens_per_image(width, height, self.settings)
         layout = self.family.image_layout(width, height, self.settings) if self.family.image_layout else None
-        key = (count, layout, images_in_sample > 1)
+        several = images_in_sample > 1
+        pattern = self.patterns.get(several) if layout is None else None
+        if isinstance(pattern, Pattern) and pattern.confirmed:
+            return pattern.text(self._feature, count)
+        key = (count, layout, several)
         if key not in self.replacements:
-            self.replacements[key] = self._probe(width, height, images_in_sample > 1)
+            self.replacements[key] = self._probe(width, height, several)
             self.probes += 1
+            if layout is None:
+                self._learn(several, count, self.replacements[key])
         return self.replacements[key]
+
+    def _learn(self, several: bool, count: int, replacement: str) -> None:
+        """Where the count alone decides the text, it is the same prefix + feature token x count +
+        suffix for every size: seen at two counts, the pattern is trusted and probes stop."""
+        learned = Pattern.of(replacement, self._feature, count)
+        known = self.patterns.get(several)
+        if learned is None or known is False:
+            self.patterns[several] = False  # not of that shape: probe every key
+        elif known is None:
+            self.patterns[several] = learned
+        elif known.count != count:
+            same = (known.prefix, known.suffix) == (learned.prefix, learned.suffix)
+            self.patterns[several] = Pattern(known.prefix, known.suffix, count, confirmed=True) if same else False
 
     def _probe(self, width: int, height: int, several: bool) -> str:
         from PIL import Image

@@ -6,8 +6,8 @@ same way everywhere and stops a run in its first minutes instead of an hour in. 
 dropped sample is listed with its index, field and reason.
 
 Records are read and normalised here, in order, 64 at a time; each chunk is then checked, in this
-process or, for large sets, in worker processes (data.check_workers), a bounded number of chunks
-in flight. A chunk's images are opened, checked and released before its results come back, so a
+process or, for large sets, in forked worker processes (data.check_workers), a bounded number of
+chunks in flight. A chunk's images are opened, checked and released before its results come back, so a
 100k-sample set costs the memory of a few chunks plus the list of (lazy) kept samples.
 
 How a sample is measured:
@@ -335,48 +335,57 @@ def _workers(setting: int | None, total: int | None) -> int:
 
 # --- running the checks ------------------------------------------------------------------------
 
-_worker_checker: Checker | None = None  # set once in each worker process
-
-
-def _start_worker(checker: Checker) -> None:
-    global _worker_checker
-    _worker_checker = checker
+_worker_checker: Checker | None = None  # what forked workers inherit
 
 
 def _check_in_worker(samples: list[Sample]) -> list[Outcome]:
-    assert _worker_checker is not None, "worker started without a checker"
+    assert _worker_checker is not None, "worker forked without a checker"
     return _worker_checker.check(samples)
+
+
+def _quiet_torch_threads() -> None:
+    """One torch thread per worker (as DataLoader workers do): the workers are the parallelism."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _checked(chunks: Iterator[list], checker: Checker, workers: int) -> Iterator[tuple[list, list[Outcome]]]:
     """(chunk, outcomes) in order: here when ``workers`` is 0, else in that many worker processes.
 
-    Workers are spawned (not forked: the parent may hold threads, and tokenizers refuse forks) and
-    get the checker once; at most 2 chunks per worker are in flight, so memory stays bounded.
+    Workers are forked, so they inherit the checker (processor, tokenizer, cache) instead of
+    rebuilding it; only chunks of samples travel. At most 2 chunks per worker are in flight, so
+    memory stays bounded. Where fork is not available (macOS, Windows) the check runs here.
     """
-    if workers <= 0:
+    global _worker_checker
+    import multiprocessing
+
+    if workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
         for chunk in chunks:
             yield chunk, checker.check(_samples(chunk))
         return
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(checker,)
-    ) as pool:
-        in_flight: deque = deque()
-        try:
-            for chunk in chunks:
-                in_flight.append((chunk, pool.submit(_check_in_worker, _samples(chunk))))
-                if len(in_flight) >= 2 * workers:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked tokenizer must not spawn threads
+    _worker_checker = checker
+    context = multiprocessing.get_context("fork")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_torch_threads) as pool:
+            in_flight: deque = deque()
+            try:
+                for chunk in chunks:
+                    in_flight.append((chunk, pool.submit(_check_in_worker, _samples(chunk))))
+                    if len(in_flight) >= 2 * workers:
+                        done, future = in_flight.popleft()
+                        yield done, future.result()
+                while in_flight:
                     done, future = in_flight.popleft()
                     yield done, future.result()
-            while in_flight:
-                done, future = in_flight.popleft()
-                yield done, future.result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        _worker_checker = None
 
 
 @contextmanager

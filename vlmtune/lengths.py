@@ -144,7 +144,9 @@ class TokenCounter:
             self.patterns[several] = learned
         elif known.count != count:
             same = (known.prefix, known.suffix) == (learned.prefix, learned.suffix)
-            self.patterns[several] = Pattern(known.prefix, known.suffix, count, confirmed=True) if same else False
+            self.patterns[several] = (
+                Pattern(known.prefix, known.suffix, count, confirmed=True) if same else False
+            )
 
     def _probe(self, width: int, height: int, several: bool) -> str:
         from PIL import Image

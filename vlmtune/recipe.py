@@ -199,9 +199,9 @@ class DataSection(Section):
     )
     image_check: Literal["fast", "full"] = Field(
         "fast",
-        description="How the pre-flight proves each image whole. fast: JPEG data decoded at 1/8 scale, PNG "
-        "chunks read to the end with their checksums, other formats decoded; full: every pixel decoded "
-        "(slower; also catches a PNG whose compressed pixels are corrupt behind valid checksums).",
+        description="How the pre-flight proves each image whole. fast: a JPEG's segments and scans walked to "
+        "its end marker, a PNG's chunks read to the end with their checksums, other formats decoded; full: "
+        "every pixel decoded (slower; also catches compressed data corrupted inside an intact file).",
     )
     check_workers: int | None = Field(
         None,

@@ -76,39 +76,37 @@ class TokenCounter:
         self._runs = re.compile(f"(?:{re.escape(feature)}){{2,}}") if feature in added else None
         self._feature = feature
 
-    def __getstate__(self) -> dict:  # worker processes get the counter by pickling
+    def __getstate__(self) -> dict:  # no PIL image in a pickle
         return {**self.__dict__, "_stand_in": None}
 
     def count(self, samples: list[Sample], sizes: list[list[Size]]) -> list[int | None]:
         """Each sample's length (image tokens included); None where only the processor can tell."""
-        texts: list[str | None] = []
-        for sample, image_sizes in zip(samples, sizes, strict=True):
-            texts.append(self._expanded(sample, image_sizes))
         lengths: list[int | None] = [None] * len(samples)
-        groups: dict[bool, list[int]] = {}
-        for i, text in enumerate(texts):
+        groups: dict[bool, list[tuple[int, str]]] = {}  # by "the template writes the bos token itself"
+        for i, (sample, image_sizes) in enumerate(zip(samples, sizes, strict=True)):
+            rendered = self.collator.render(sample.messages)
+            text = self._expanded(rendered, image_sizes)
             if text is not None:
-                special = template_special_tokens(self.tokenizer, [text])
-                groups.setdefault(bool(special), []).append(i)
+                no_special = bool(template_special_tokens(self.tokenizer, [rendered]))  # as the collator asks
+                groups.setdefault(no_special, []).append((i, text))
         for no_special, rows in groups.items():
-            batch, counted = zip(*(self._compress(texts[i]) for i in rows), strict=True)
+            texts, cut = zip(*(self._compress(text) for _, text in rows), strict=True)
             kwargs = {"add_special_tokens": False} if no_special else {}
-            encoded = self.tokenizer(list(batch), **kwargs)["input_ids"]
-            for i, ids, extra in zip(rows, encoded, counted, strict=True):
+            encoded = self.tokenizer(list(texts), **kwargs)["input_ids"]
+            for (i, _), ids, extra in zip(rows, encoded, cut, strict=True):
                 lengths[i] = len(ids) + extra
         return lengths
 
     # --- steps -----------------------------------------------------------------------------------
 
-    def _expanded(self, sample: Sample, sizes: list[Size]) -> str | None:
-        """The text the processor tokenizes for this sample, or None when the arithmetic refuses."""
-        text = self.collator.render(sample.messages)
+    def _expanded(self, rendered: str, sizes: list[Size]) -> str | None:
+        """The text the processor tokenizes for a rendered sample, or None when only it can tell."""
         try:
             replacements = [self.replacement(width, height, len(sizes)) for width, height in sizes]
         except ValueError:
             return None
         images = [[self.stand_in()] * len(sizes)] if sizes else None
-        images, text = self.processor.prepare_inputs_layout(images=images, text=[text])[:2]
+        images, text = self.processor.prepare_inputs_layout(images=images, text=[rendered])[:2]
         try:
             self.processor.validate_inputs(images=images, text=text)  # e.g. PaliGemma wants an image
         except ValueError:

@@ -381,3 +381,23 @@ def test_a_two_step_train_runs_on_each_peer_layout(name: str, tmp_path: Path):
         json.loads(line)["loss"] for line in (run.path / "3-train" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(losses) >= 2 and all(loss == loss and loss > 0 for loss in losses)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "field", "words"),
+    [
+        ("auto", {"messages": 42}, "messages", "expected a non-empty list of turns, got a int"),
+        (
+            "exchanges",
+            {"query": "Q?", "response": "A."},
+            "texts",
+            "expected a list of {user, assistant} pairs",
+        ),
+        ("prompt_completion", {"completion": "A."}, "prompt", "expected a non-empty list of turns"),
+        ("query_response", {"query": "Q?"}, "answer", "missing: expected one of response"),
+    ],
+)
+def test_a_forced_layout_that_does_not_fit_the_row_is_named(fmt, row, field, words):
+    with pytest.raises(SampleError) as info:
+        reader(format=fmt).read(0, row)
+    assert info.value.field == field and words in info.value.reason

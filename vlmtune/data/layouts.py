@@ -102,7 +102,10 @@ class SampleReader:
             turns = record[key]
             if is_exchange_list(turns):
                 return "exchanges"
-            if key != "messages" or any(isinstance(t, dict) and ("from" in t or "value" in t) for t in turns):
+            if key != "messages" or (
+                isinstance(turns, list)
+                and any(isinstance(t, dict) and ("from" in t or "value" in t) for t in turns)
+            ):
                 return "sharegpt"
             # `messages` of plain strings with an image list: LLaMA-Factory's and ms-swift's style.
             strings = isinstance(turns, list) and all(
@@ -158,7 +161,7 @@ class SampleReader:
     def _prompt_completion(self, record: dict) -> Built:
         slots: list = []
         marker = self.placeholder
-        messages = self._turns(record["prompt"], "prompt", marker, slots)
+        messages = self._turns(record.get("prompt"), "prompt", marker, slots)
         completion = record.get("completion")
         if isinstance(completion, str):  # a conversational prompt with a plain-text completion
             completion = [{"role": "assistant", "content": completion}]
@@ -169,7 +172,11 @@ class SampleReader:
         return Built(messages + answers, slots, column, column_key, marker, "completion", len(messages))
 
     def _exchanges(self, record: dict) -> Built:
-        key = next(k for k in (*CONVERSATION_KEYS, *EXCHANGE_KEYS) if is_exchange_list(record.get(k)))
+        key = next((k for k in (*CONVERSATION_KEYS, *EXCHANGE_KEYS) if is_exchange_list(record.get(k))), None)
+        if key is None:
+            raise SampleError(
+                "texts", "missing; expected a list of {user, assistant} pairs (`texts` or `conversation`)"
+            )
         marker = self.placeholder
         slots: list = []
         messages = self._system(record, marker, slots)

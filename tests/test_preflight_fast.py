@@ -306,3 +306,12 @@ def test_data_check_full_decode_is_a_switch(tmp_path: Path):
     full = json.loads(vlmtune("data", "check", str(recipe), "--json", "--full-decode").stdout)["train"]
     assert (fast["image_check"], full["image_check"]) == ("fast", "full")
     assert fast["tokens"] == full["tokens"] and fast["samples_kept"] == full["samples_kept"] == 3
+
+
+@pytest.mark.parametrize("name", ["cauldron.parquet", "trl_prompt_completion_parts_disk"])
+def test_workers_open_images_kept_inside_a_dataset(qwen, name):
+    """Samples reach the workers with row references into the memory-mapped dataset, not image bytes."""
+    path = ROOT / "tests" / "data" / "peers" / name
+    serial = scan_split("train", str(path), section(path, check_workers=0), 200, TokenCounter(qwen))
+    parallel = scan_split("train", str(path), section(path, check_workers=2), 200, TokenCounter(qwen))
+    assert parallel.to_json() == serial.to_json() and serial.to_json()["images_total"] == 3

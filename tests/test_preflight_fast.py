@@ -285,7 +285,7 @@ def test_data_check_with_skip_and_drop_lists_what_training_leaves_out_and_exits_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "26 read, 4 usable" in result.stdout
     assert "skipped sample 1: messages[0].content[0].image: file not found" in result.stdout
-    assert "skipped sample 15: tokens:" in result.stdout
+    assert "dropped sample 15: tokens: 943 tokens" in result.stdout
     assert "training would go on without the samples listed above: 4 of 26 in train" in result.stdout
     assert "problem sample" not in result.stderr and "Traceback" not in result.stderr
 

@@ -50,8 +50,12 @@ def render_report(reports: dict[str, CheckedSplit], data: DataSection, console: 
             table.add_row(key, value)
         console.print(table)
         left_out = set(_left_out(report, data))
+        dropped = set(report.too_long)
         for problem in report.problems:
-            mark = Text("  - skipped ", style="yellow") if problem in left_out else Text("  x ", style="red")
+            if problem not in left_out:
+                mark = Text("  x ", style="red")
+            else:
+                mark = Text(f"  - {'dropped' if problem in dropped else 'skipped'} ", style="yellow")
             console.print(mark + Text(str(problem)), soft_wrap=True)
     if not any(report.problems for report in reports.values()):
         console.print(Text("every sample is usable", style="bold green"))

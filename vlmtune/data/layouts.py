@@ -30,13 +30,13 @@ from vlmtune.data.parts import (
     Built,
     Found,
     column_images,
-    content_parts,
     fill_slots,
     put_images_first,
     require_assistant_text,
-    role_of,
     split_markers,
     string_of,
+    system_turn,
+    turns_of,
 )
 from vlmtune.data.samples import Sample, SampleError
 from vlmtune.data.sources import CONVERSATION_KEYS, RowImage
@@ -90,7 +90,7 @@ class SampleReader:
         if not built.slots and built.column:
             put_images_first(built.messages, len(built.column), built.column_key, built.slots)
         found = fill_slots(built.slots, built.column, built.column_key, built.marker)
-        images = [self._source(index, f) for f in found]
+        images = [self.source(index, f) for f in found]
         return Sample(index, built.messages, images, [f.field for f in found], layout, built.trained_from)
 
     def detect(self, record: dict) -> str:
@@ -147,8 +147,8 @@ class SampleReader:
         if key is None:
             raise SampleError("messages", "missing; a conversation needs `messages` (or `conversations`)")
         slots: list = []
-        messages = self._system(record, marker, slots)
-        messages += self._turns(record[key], key, marker, slots)
+        messages = system_turn(record, marker, slots)
+        messages += turns_of(record[key], key, marker, slots)
         column, column_key = column_images(record)
         if marker is None and column and _strings_hold(messages, self.placeholder):
             raise SampleError(
@@ -161,11 +161,11 @@ class SampleReader:
     def _prompt_completion(self, record: dict) -> Built:
         slots: list = []
         marker = self.placeholder
-        messages = self._turns(record.get("prompt"), "prompt", marker, slots)
+        messages = turns_of(record.get("prompt"), "prompt", marker, slots)
         completion = record.get("completion")
         if isinstance(completion, str):  # a conversational prompt with a plain-text completion
             completion = [{"role": "assistant", "content": completion}]
-        answers = self._turns(completion, "completion", marker, slots)
+        answers = turns_of(completion, "completion", marker, slots)
         if any(m["role"] != "assistant" for m in answers):
             raise SampleError("completion", "expected assistant turns only; the prompt holds the rest")
         column, column_key = column_images(record)
@@ -179,7 +179,7 @@ class SampleReader:
             )
         marker = self.placeholder
         slots: list = []
-        messages = self._system(record, marker, slots)
+        messages = system_turn(record, marker, slots)
         for i, pair in enumerate(record[key]):
             where = f"{key}[{i}]"
             unknown = sorted(set(pair) - {*EXCHANGE_USER, *EXCHANGE_ASSISTANT, *EXCHANGE_IGNORED})
@@ -194,40 +194,9 @@ class SampleReader:
         column, column_key = column_images(record)
         return Built(messages, slots, column, column_key, marker, key)
 
-    # --- turns ---------------------------------------------------------------------------------
-
-    def _system(self, record: dict, marker: str | None, slots: list) -> list[dict]:
-        """A record-level `system` string (LLaMA-Factory, ms-swift) as the first turn."""
-        system = record.get("system")
-        if system is None or system == "":
-            return []
-        if not isinstance(system, str):
-            raise SampleError("system", f"expected a string, got {type(system).__name__}")
-        return [{"role": "system", "content": split_markers(system, marker, slots)}]
-
-    def _turns(self, turns: Any, key: str, marker: str | None, slots: list) -> list[dict]:
-        if not isinstance(turns, list) or not turns:
-            got = "empty" if isinstance(turns, list) else f"a {type(turns).__name__}"
-            raise SampleError(key, f"expected a non-empty list of turns, got {got}")
-        messages = []
-        for t, turn in enumerate(turns):
-            where = f"{key}[{t}]"
-            if not isinstance(turn, dict):
-                raise SampleError(
-                    where, f"expected an object with role and content, got {type(turn).__name__}"
-                )
-            role_key = "from" if "from" in turn and "role" not in turn else "role"
-            content_key = "value" if "value" in turn and "content" not in turn else "content"
-            role = role_of(turn.get(role_key), f"{where}.{role_key}")
-            at = Found(None, f"{where}.{content_key}", (key, t, content_key))
-            messages.append(
-                {"role": role, "content": content_parts(turn.get(content_key), at, marker, slots)}
-            )
-        return messages
-
     # --- images --------------------------------------------------------------------------------
 
-    def _source(self, index: int, found: Found) -> Any:
+    def source(self, index: int, found: Found) -> Any:
         """The lazy source of one image: a RowImage when its data stays in an Arrow table."""
         if self.table is not None and _stays_in_table(found):
             return RowImage(self.table, index, found.path, found.encoding)

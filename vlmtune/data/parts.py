@@ -174,6 +174,34 @@ def column_entries(value: Any, key: str) -> list[Found]:
     raise SampleError(key, f"expected an image or a list of images, got {type(value).__name__}")
 
 
+def system_turn(record: dict, marker: str | None, slots: list) -> list[dict]:
+    """A record-level `system` string (LLaMA-Factory, ms-swift) as the first turn; [] when there is none."""
+    system = record.get("system")
+    if system is None or system == "":
+        return []
+    if not isinstance(system, str):
+        raise SampleError("system", f"expected a string, got {type(system).__name__}")
+    return [{"role": "system", "content": split_markers(system, marker, slots)}]
+
+
+def turns_of(turns: Any, key: str, marker: str | None, slots: list) -> list[dict]:
+    """A list of role/content (or from/value) turns under ``key`` as messages of parts."""
+    if not isinstance(turns, list) or not turns:
+        got = "empty" if isinstance(turns, list) else f"a {type(turns).__name__}"
+        raise SampleError(key, f"expected a non-empty list of turns, got {got}")
+    messages = []
+    for t, turn in enumerate(turns):
+        where = f"{key}[{t}]"
+        if not isinstance(turn, dict):
+            raise SampleError(where, f"expected an object with role and content, got {type(turn).__name__}")
+        role_key = "from" if "from" in turn and "role" not in turn else "role"
+        content_key = "value" if "value" in turn and "content" not in turn else "content"
+        role = role_of(turn.get(role_key), f"{where}.{role_key}")
+        at = Found(None, f"{where}.{content_key}", (key, t, content_key))
+        messages.append({"role": role, "content": content_parts(turn.get(content_key), at, marker, slots)})
+    return messages
+
+
 def put_images_first(messages: list[dict], count: int, key: str, slots: list) -> None:
     """``count`` bare image parts before the first user text: a record written without markers."""
     first_user = next((m for m in messages if m["role"] == "user"), None)

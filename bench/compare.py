@@ -297,6 +297,8 @@ def summary(runs: list[dict]) -> dict:
         # what training adds on top of the imports, the loaded model and the data
         "training_rss_mb": statistics.median(r["peak_rss_mb"] - r["rss_before_training_mb"] for r in runs),
         "first_loss": [r["losses"][0] for r in runs],
+        "steps": [len(r["step_seconds"]) for r in runs],
+        "losses": [r["losses"] for r in runs],
         "trainable_params": runs[0]["trainable_params"],
     }
     if runs[0]["device"] == "cuda":

@@ -38,7 +38,7 @@ Goals, printed as pass/fail beside the figures:
 In a dry run the same goals are computed from CPU figures and mean nothing; the run checks the code.
 
 Results: one JSON (bench/results/gpu-<date>.json; a dry run's goes under .cache/) and a table;
-per-part logs in a folder beside the JSON. Not yet measured on a GPU.
+the parts' logs, combined, beside it (<name>.log). Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -529,7 +529,7 @@ def log_tail(log: Path, lines: int = 25) -> list[str]:
 
 def drive(args: argparse.Namespace, s: Settings) -> dict:
     deadline = START + args.deadline
-    logs = args.out.parent / f"{args.out.stem}-logs"
+    logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     parts: dict[str, dict] = {}
@@ -554,7 +554,16 @@ def drive(args: argparse.Namespace, s: Settings) -> dict:
     }
     results["goals"] = goals(parts, args.dry_run)
     write_json(args.out, results)
+    combine_logs(logs, args.out.with_suffix(".log"), parts)
     return results
+
+
+def combine_logs(logs: Path, out: Path, parts: dict[str, dict], lines: int = 400) -> None:
+    """One file for all parts' logs (their ends): the device tool brings back at most 8 files."""
+    with out.open("w") as combined:
+        for name in parts:
+            combined.write(f"===== {name}: {parts[name]['status']} =====\n")
+            combined.write("\n".join(log_tail(logs / f"{name}.log", lines)) + "\n")
 
 
 # --- goals and the table ----------------------------------------------------------------------------
@@ -615,9 +624,11 @@ def unsloth_goal(parts: dict[str, dict]) -> dict:
 
 def tiny_goal(parts: dict[str, dict]) -> dict:
     families = parts.get("tiny_families", {}).get("families", {})
+    if not families:
+        return goal("tiny families trained (4-bit + LoRA)", None, "all", None)
     trained = sum(r.get("status") == "ok" for r in families.values())
     return goal("tiny families trained (4-bit + LoRA)", trained, f"{len(families)} of {len(families)}",
-                None if not families else trained == len(families))  # fmt: skip
+                trained == len(families))  # fmt: skip
 
 
 def print_report(results: dict, out: Path) -> None:

@@ -3,7 +3,7 @@
 plain stack, the memory estimate) measured in one launch of at most 8 minutes on one H100/H200.
 
     bash bench/gpu.sh                 # on the GPU machine: installs .whl/ into .site, then runs this
-    python bench/gpu.py --dry-run     # CPU, tiny shapes, the same code paths: a few minutes
+    python bench/gpu.py --dry-run     # CPU, tiny shapes, the same code paths: ~2.5 min on 2 cores
     python bench/gpu.py --deadline 450 --out results.json
 
 The device command (the device tool runs it in the repo root; .whl/ comes from
@@ -26,7 +26,8 @@ under one global deadline:
   torch_compile         train.torch_compile off and on, step times
 
 The memory parts and tiny_families run side by side (peaks are per process, and their speed is not
-a goal); compare and torch_compile run alone. Peak memory is torch.cuda.max_memory_allocated (and
+a goal; their real-size checkpoints take turns on the disk, each deleted once loaded); compare and
+torch_compile run alone. Peak memory is torch.cuda.max_memory_allocated (and
 max_memory_reserved) on CUDA; on CPU it is the process's RSS high-water mark, labelled `rss_hwm`.
 
 Goals, printed as pass/fail beside the figures:
@@ -216,7 +217,9 @@ def part_compare(s: Settings, work: Path, emit: Emit) -> dict:
     args = compare.parse_args(
         [*s.compare_args, "--device", s.device, "--work", str(work), "--out", str(work / "compare.json")]
     )
-    return compare.run(args)
+    result = compare.run(args)
+    shutil.rmtree(work / compare.checkpoint_name(args))  # 4.4 GB at the 2B shape: room for the next parts
+    return result
 
 
 def part_memory(hub_id: str, family: str) -> Callable[[Settings, Path, Emit], dict]:
@@ -229,22 +232,28 @@ def part_memory(hub_id: str, family: str) -> Callable[[Settings, Path, Emit], di
 def measure_memory(s: Settings, work: Path, hub_id: str, family: str) -> dict:
     """Train a random QLoRA model at real shapes a few steps; its peak against estimate-memory's."""
     import compare
-    from harness import build_random_checkpoint, bundled_config, merged, reset_peak
+    from harness import DiskTurn, build_random_checkpoint, bundled_config, drop_weights, merged, reset_peak
 
     shape = merged(bundled_config(hub_id), DRY_SHAPES[hub_id]) if s.shrink else bundled_config(hub_id)
     ckpt = work / "checkpoint"
-    started = time.perf_counter()
-    build_random_checkpoint(shape, family, ckpt, s.device)
-    built_s = time.perf_counter() - started
     data = compare.build_data(work / "data", s.image_side, n=8, widths=(1.0,))
     recipe = write_recipe(
         work / "recipe.yaml", str(ckpt), data, s.image_side**2, s.max_length, s.memory_steps, s.device
     )
-    reset_peak(s.device)  # the build is over: the run's peak starts here, as in a fresh process
-    trained = train(recipe, work / "run", s.device)
+    turn = DiskTurn(work.parent / "checkpoint-disk.lock")
+    try:
+        started = time.perf_counter()
+        build_random_checkpoint(shape, family, ckpt, s.device)
+        built_s = time.perf_counter() - started
+        reset_peak(s.device)  # the build is over: the run's peak starts here, as in a fresh process
+        trained = train(
+            recipe, work / "run", s.device, at_train_begin=(lambda: drop_weights(ckpt), turn.release)
+        )
+    finally:
+        turn.release()
     tokens = read_tokens(work / "run")
     estimate = estimate_memory(recipe, s.image_side, tokens["max"])
-    shutil.rmtree(ckpt)  # 16-21 GB at the real shapes; the disk holds 64
+    shutil.rmtree(ckpt)
     return {
         "model": hub_id,
         "shape": "real" if not s.shrink else "dry-run (DRY_SHAPES laid over the real config)",
@@ -286,11 +295,14 @@ def write_recipe(
     return path
 
 
-def train(recipe: Path, run_dir: Path, device: str) -> dict:
+def train(
+    recipe: Path, run_dir: Path, device: str, at_train_begin: tuple[Callable[[], None], ...] = ()
+) -> dict:
     """`vlmtune train RECIPE` in this process, measured by the probe."""
     from harness import StepTimer, free_memory, run_vlmtune
 
     timer = StepTimer(device)
+    timer.at_train_begin.extend(at_train_begin)
     started = time.perf_counter()
     with timer.watching():
         run_vlmtune(["train", str(recipe), "--run-dir", str(run_dir)])

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import runpy
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,7 @@ class StepTimer:
         self.load_peak: dict = {}
         self.training_peak: dict = {}
         self.started = 0.0
+        self.at_train_begin: list[Callable[[], None]] = []  # run once the model is loaded
         self.callbacks = [self._callback()]
 
     def _callback(self) -> Any:
@@ -150,6 +152,8 @@ class StepTimer:
         self.load_peak = memory_peak(self.device)
         if model is not None:
             self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for action in self.at_train_begin:
+            action()
         reset_peak(self.device)
 
     @contextlib.contextmanager
@@ -315,10 +319,47 @@ def build_random_checkpoint(config: dict, family: str, out: Path, device: str) -
         model = AutoModelForImageTextToText.from_config(model_config, dtype=torch.bfloat16)
     open_cross_attention_gates(model)
     FIT_PROCESSOR.get(family, lambda p, c: None)(processor, config)
+    check_disk(out, sum(p.numel() * p.element_size() for p in model.parameters()))
     model.save_pretrained(out)
     save_processor(processor, out)
     del model
     free_memory(device)
+
+
+def check_disk(out: Path, weight_bytes: int) -> None:
+    """Fail before writing rather than with a half-written checkpoint (the GPU machine has 64 GB)."""
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < weight_bytes * 1.05 + 2**30:
+        raise RuntimeError(
+            f"{out} has {free / 2**30:.1f} GiB free; the checkpoint needs {weight_bytes / 2**30:.1f} GiB"
+        )
+
+
+def drop_weights(checkpoint: Path) -> None:
+    """Delete a loaded checkpoint's weight files; config and processor files stay for estimate-memory."""
+    for path in checkpoint.glob("*.safetensors*"):
+        path.unlink()
+
+
+class DiskTurn:
+    """One real-size checkpoint on disk at a time: two (16 + 21 GB) may not fit beside the machine's
+    image. Held from the build until its weights are loaded and deleted; flock is released by the
+    kernel if the holder dies, so a killed part never blocks the next."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("w")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        import fcntl
+
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
 
 
 def free_memory(device: str) -> None:

@@ -232,7 +232,7 @@ def part_memory(hub_id: str, family: str) -> Callable[[Settings, Path, Emit], di
 def measure_memory(s: Settings, work: Path, hub_id: str, family: str) -> dict:
     """Train a random QLoRA model at real shapes a few steps; its peak against estimate-memory's."""
     import compare
-    from harness import DiskTurn, build_random_checkpoint, bundled_config, drop_weights, merged, reset_peak
+    from harness import DiskTurn, build_random_checkpoint, bundled_config, drop_weights, merged
 
     shape = merged(bundled_config(hub_id), DRY_SHAPES[hub_id]) if s.shrink else bundled_config(hub_id)
     ckpt = work / "checkpoint"
@@ -245,7 +245,6 @@ def measure_memory(s: Settings, work: Path, hub_id: str, family: str) -> dict:
         started = time.perf_counter()
         build_random_checkpoint(shape, family, ckpt, s.device)
         built_s = time.perf_counter() - started
-        reset_peak(s.device)  # the build is over: the run's peak starts here, as in a fresh process
         trained = train(
             recipe, work / "run", s.device, at_train_begin=(lambda: drop_weights(ckpt), turn.release)
         )
@@ -299,10 +298,13 @@ def train(
     recipe: Path, run_dir: Path, device: str, at_train_begin: tuple[Callable[[], None], ...] = ()
 ) -> dict:
     """`vlmtune train RECIPE` in this process, measured by the probe."""
-    from harness import StepTimer, free_memory, run_vlmtune
+    from harness import StepTimer, free_memory, reset_peak, run_vlmtune
 
     timer = StepTimer(device)
     timer.at_train_begin.extend(at_train_begin)
+    # What ran before in this process (a checkpoint build, another family) is freed: the run's
+    # peak starts here, as in a fresh process.
+    reset_peak(device)
     started = time.perf_counter()
     with timer.watching():
         run_vlmtune(["train", str(recipe), "--run-dir", str(run_dir)])

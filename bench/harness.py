@@ -277,7 +277,8 @@ def with_tiny_token_ids(config: dict, tiny_config: dict) -> dict:
 def fit_mllama_processor(processor: Any, config: dict) -> None:
     """Mllama tiles images at the vision tower's size; the tiny processor's 28 px tiles would not match."""
     side = config["vision_config"]["image_size"]
-    processor.image_processor.size = {"height": side, "width": side}
+    size = processor.image_processor.size  # a SizeDict in transformers 5.23, which a plain dict breaks
+    processor.image_processor.size = type(size)(height=side, width=side)
     processor.image_processor.max_image_tiles = config["vision_config"]["max_num_tiles"]
 
 

@@ -367,6 +367,7 @@ def part_tiny_families(s: Settings, work: Path, emit: Emit) -> dict:
         try:
             families[name] = {"status": "ok", **train(recipe, work / name / "run", s.device)}
         except Exception as exc:  # one family's failure must not hide the others'
+            traceback.print_exc()  # the whole story goes to the log; the results keep its first line
             families[name] = {"status": "failed", "error": first_line(exc)}
         emit({"families": families})
     failed = [n for n, r in families.items() if r["status"] != "ok" or not trained_ok(r, s.tiny_steps)]
@@ -397,7 +398,8 @@ def part_torch_compile(s: Settings, work: Path, emit: Emit) -> dict:
                               s.compile_steps, s.device, torch_compile=compiled)  # fmt: skip
         try:
             out[key] = compile_figures(train(recipe, work / key / "run", s.device))
-        except Exception as exc:
+        except Exception as exc:  # compiling may fail where the eager run works: keep the eager figures
+            traceback.print_exc()
             out[key] = {"status": "failed", "error": first_line(exc)}
         emit(out)
     failed = [k for k in ("compile_off", "compile_on") if out[k].get("status") == "failed"]

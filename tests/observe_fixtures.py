@@ -23,7 +23,7 @@ def rows(losses: list[float], start: int = 1, rss: int | None = None, **extra) -
         row = {"step": step, "loss": loss, "grad_norm": 1.0 + step / 10, "learning_rate": 1e-3 / step,
                "token_accuracy": min(1.0, step / 20), "epoch": step / 10, **extra}  # fmt: skip
         if rss is not None:
-            row["rss_peak_since_start_bytes"] = rss + step * MiB
+            row["peak_rss_since_start_bytes"] = rss + step * MiB
         out.append(row)
     return out
 

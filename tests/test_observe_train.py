@@ -38,7 +38,7 @@ def metrics(run: Path) -> list[dict]:
 def test_every_row_and_the_summary_carry_the_measured_peak(trained):
     run, result = trained
     logged = metrics(run)
-    peaks = [row["rss_peak_since_start_bytes"] for row in logged]
+    peaks = [row["peak_rss_since_start_bytes"] for row in logged]
     assert len(peaks) == 8, "6 training rows and 2 eval rows, each with its figure"
     assert peaks == sorted(peaks), "a high-water mark since the process started never falls"
     summary = json.loads((run / rundir.SUMMARY).read_text())
@@ -87,7 +87,7 @@ def test_tensorboard_event_files_hold_the_logged_loss(trained):
     assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [
         (step, pytest.approx(loss, rel=1e-6)) for step, loss in eval_losses
     ]
-    assert "train/rss_peak_since_start_bytes" in events.Tags()["scalars"], "trackers see the memory too"
+    assert "train/peak_rss_since_start_bytes" in events.Tags()["scalars"], "trackers see the memory too"
     assert not (run / rundir.CHECKPOINTS / "runs").exists(), "not the Trainer's default folder"
 
 

@@ -1,18 +1,20 @@
 """Measured memory: each metrics.jsonl row's peak, and the run's peak beside the estimate.
 
-Per logged row (the keys are stable; scripts read them):
-- ``peak_allocated_bytes``, ``peak_reserved_bytes`` (CUDA runs): torch's max_memory_allocated and
-  max_memory_reserved since the previous row. The counters are reset after each row, so each
-  row's figures are its own interval's. Reading ``torch.cuda.max_memory_*`` after a run gives the
-  last interval only: read summary.json's figure instead.
-- ``rss_peak_since_start_bytes`` (every run on Linux): the process's resident-memory high-water
-  mark (VmHWM in /proc/self/status), which only grows: it is the peak since the process started,
-  not since the previous row. The kernel could reset it (/proc/self/clear_refs), but other readers
-  in the same process (bench/compare.py's peak) rely on it, so vlmtune never does.
+Per logged row (the keys are stable; scripts read them), high-water marks of the process:
+- ``peak_allocated_since_start_bytes``, ``peak_reserved_since_start_bytes`` (CUDA runs): torch's
+  max_memory_allocated and max_memory_reserved;
+- ``peak_rss_since_start_bytes`` (every run on Linux and macOS): the process's resident-memory
+  high-water mark (VmHWM in /proc/self/status).
+Each is the peak since the process started, so it only grows (unless other code in the process
+resets it); the row where it jumps is the step that set a new peak. vlmtune never resets these
+counters: they belong to the whole process, and the code around a run reads them after it
+(Unsloth-style notebooks print max_memory_reserved after training, bench/gpu.py and
+bench/compare.py take a run's peak from them), which a reset per row would silently cut to the last
+interval.
 
 summary.json's ``stages.train.memory`` compares the run's peak with 1-load/memory_estimate.json:
 on CUDA the highest reserved figure; on CPU the RSS peak minus the RSS before the model loaded
-(the interpreter and libraries, ~0.5 GB, which the estimate does not count); both against the
+(the interpreter and the libraries, ~0.5 GB, which the estimate does not count); both against the
 estimate without its CUDA-context term, which neither figure includes.
 """
 
@@ -26,10 +28,10 @@ from vlmtune.observe.metrics import number
 from vlmtune.rundir import RunDir
 from vlmtune.units import human_bytes
 
-PEAK_ALLOCATED = "peak_allocated_bytes"
-PEAK_RESERVED = "peak_reserved_bytes"
-RSS_PEAK_SINCE_START = "rss_peak_since_start_bytes"
-KEYS = (PEAK_ALLOCATED, PEAK_RESERVED, RSS_PEAK_SINCE_START)  # metrics.jsonl keys this module adds
+PEAK_ALLOCATED = "peak_allocated_since_start_bytes"
+PEAK_RESERVED = "peak_reserved_since_start_bytes"
+PEAK_RSS = "peak_rss_since_start_bytes"
+KEYS = (PEAK_ALLOCATED, PEAK_RESERVED, PEAK_RSS)  # metrics.jsonl keys this module adds
 
 _STATUS = Path("/proc/self/status")
 
@@ -61,17 +63,16 @@ def current_rss() -> int | None:
 
 
 def sample(cuda: bool) -> dict[str, int]:
-    """The peaks to add to one logged row; resets the CUDA counters for the next interval."""
+    """The high-water marks to add to one logged row. Reads only: no counter is reset."""
     row: dict[str, int] = {}
     if cuda:
         import torch
 
         row[PEAK_ALLOCATED] = torch.cuda.max_memory_allocated()
         row[PEAK_RESERVED] = torch.cuda.max_memory_reserved()
-        torch.cuda.reset_peak_memory_stats()
     rss = rss_high_water_mark()
     if rss is not None:
-        row[RSS_PEAK_SINCE_START] = rss
+        row[PEAK_RSS] = rss
     return row
 
 
@@ -97,7 +98,7 @@ def measured_peak(rows: list[dict], estimate: dict | None, rss_before_load: int 
     before the model loaded, when it is known.
     """
     reserved = _highest(rows, PEAK_RESERVED)
-    rss = _highest(rows, RSS_PEAK_SINCE_START)
+    rss = _highest(rows, PEAK_RSS)
     if reserved is not None:
         figures = {"device": "cuda", "peak_bytes": reserved, "peak_allocated_bytes": _highest(rows, PEAK_ALLOCATED),
                    "baseline_bytes": 0, "rss_peak_bytes": rss}  # fmt: skip

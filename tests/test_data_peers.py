@@ -18,7 +18,7 @@ from vlmtune.data.samples import SampleError
 from vlmtune.preflight import read_split
 from vlmtune.recipe import DataSection
 
-from conftest import ROOT, write_recipe
+from conftest import PIXEL_BUDGET, ROOT, write_recipe
 from test_data_formats import assert_same_batch
 
 PEERS = ROOT / "tests" / "data" / "peers"
@@ -64,7 +64,7 @@ def collator(tiny_path):
     from vlmtune.processing import load_processor
 
     family = get_family("qwen2_vl")
-    processor = load_processor(tiny_path("qwen2_vl"), family, 12544)
+    processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
     return VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
 
 
@@ -360,7 +360,7 @@ def test_a_two_step_train_runs_on_each_peer_layout(name: str, tmp_path: Path):
     path = write_recipe(
         tmp_path,
         model={"name": "tiny:qwen2_vl"},
-        data={"train": str(PEERS / name), "max_image_pixels": 12544},
+        data={"train": str(PEERS / name), "max_image_pixels": PIXEL_BUDGET},
         train={
             "max_steps": 2,
             "batch_size": 3,

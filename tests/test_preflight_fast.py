@@ -26,7 +26,7 @@ from vlmtune.lengths import TokenCounter
 from vlmtune.preflight import scan_split
 from vlmtune.recipe import DataSection
 
-from conftest import ROOT, write_recipe
+from conftest import PIXEL_BUDGET, ROOT, write_recipe
 
 BAD = ROOT / "tests" / "data" / "bad"
 FORMATS = ROOT / "tests" / "data" / "formats"
@@ -193,11 +193,11 @@ def write_set(folder: Path, samples: int) -> Path:
 
 @pytest.fixture(scope="module")
 def qwen(tiny_path):
-    return collator_of("qwen2_vl", 12544, tiny_path)
+    return collator_of("qwen2_vl", PIXEL_BUDGET, tiny_path)
 
 
 def section(path: Path, **keys) -> DataSection:
-    return DataSection(train=str(path), **{"max_image_pixels": 12544, **keys})
+    return DataSection(train=str(path), **{"max_image_pixels": PIXEL_BUDGET, **keys})
 
 
 def test_the_fast_scan_in_workers_gives_the_processors_report(qwen, tmp_path: Path):
@@ -241,7 +241,7 @@ def test_a_fast_count_that_disagrees_with_the_processor_hands_the_split_to_the_p
 
 
 def test_chunks_in_flight_stay_bounded_with_workers(qwen):
-    checker = preflight.FastChecker(preflight.ImageRules(16384, 12544, False), TokenCounter(qwen))
+    checker = preflight.FastChecker(preflight.ImageRules(16384, PIXEL_BUDGET, False), TokenCounter(qwen))
     sample = Sample(0, [user("Hi"), assistant("Hello.")], [])
     pulled = 0
 
@@ -276,7 +276,7 @@ def vlmtune(*args: str) -> subprocess.CompletedProcess:
 
 
 def bad_recipe(folder: Path, **data) -> Path:
-    keys = {"train": str(BAD / "train.jsonl"), "max_image_pixels": 12544, **data}
+    keys = {"train": str(BAD / "train.jsonl"), "max_image_pixels": PIXEL_BUDGET, **data}
     return write_recipe(folder, model={"name": "tiny:qwen2_vl"}, data=keys, train={"max_length": 200})
 
 

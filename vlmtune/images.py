@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
 import re
@@ -95,18 +96,24 @@ def _resolve_string(value: str, root: Path, *, allow_urls: bool, url_timeout: fl
 
 def resolve_path(value: str, root: Path) -> str:
     """An absolute path as given, or a relative one inside ``root`` (never outside it)."""
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return os.path.normpath(path)
-    base = os.path.normpath(Path(root).absolute())
+    if value.startswith("~"):
+        value = os.path.expanduser(value)
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    base = _absolute(str(root), os.getcwd())
     # normpath, not resolve(): a symlinked image folder inside the root is fine; `..` out of it is not.
-    joined = os.path.normpath(os.path.join(base, path))
-    if os.path.commonpath([base, joined]) != base:
+    joined = os.path.normpath(os.path.join(base, value))
+    if joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep):
         raise ImageProblem(
             f"path {value!r} escapes the image root {base}; relative image paths must stay inside it "
             "(set data.image_root to a folder that holds them all, or use absolute paths)"
         )
     return joined
+
+
+@functools.lru_cache(maxsize=64)
+def _absolute(root: str, cwd: str) -> str:  # once per root, not once per image of a 100k-sample set
+    return os.path.normpath(os.path.join(cwd, os.path.expanduser(root)))
 
 
 def _decode_data_uri(value: str) -> bytes:
@@ -196,13 +203,14 @@ def image_size(source: Any, *, max_side: int | None = None, decode: bool = False
             image.close()
         return size
     raw = _materialise(source)
-    image = _open_header(raw)
+    data = _read(raw) if isinstance(raw, str) else raw  # one read: the header and the walk share it
+    image = _open_header(data, name=raw)
     try:
         _check_side(image, max_side)
-        width, height = image.size  # before _verify_whole: JPEG draft mode shrinks the image it decodes
-        orientation = _verify_whole(image, raw)
+        width, height = image.size
+        orientation = _verify_whole(image, data, raw)
     finally:
-        _close_if_ours(image, raw)
+        _close_if_ours(image, data)
     return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
 
 
@@ -225,8 +233,25 @@ def _materialise(source: Any) -> Any:
     return source
 
 
-def _open_header(source: Any):
-    """Open without decoding pixels: the header (and so the size) only."""
+def _read(path: str) -> bytes:
+    """A file's bytes; ImageProblem naming what is wrong with the path."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageProblem(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ImageProblem(f"is a folder, not an image: {path}") from None
+    except OSError as exc:
+        raise ImageProblem(f"cannot read {path} ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageProblem(f"empty file (0 bytes): {path}")
+    return data
+
+
+def _open_header(source: Any, name: Any = None):
+    """Open without decoding pixels: the header (and so the size) only. ``name`` is what messages call
+    the image when ``source`` holds its bytes (its path, say)."""
     from PIL import Image
 
     if _is_pil(source):
@@ -240,10 +265,13 @@ def _open_header(source: Any):
         stream: Any = source
     elif isinstance(source, bytes | bytearray):
         if not source:
-            raise ImageProblem("empty image bytes")
+            raise ImageProblem(
+                f"empty file (0 bytes): {name}" if isinstance(name, str) else "empty image bytes"
+            )
         stream = io.BytesIO(source)
     else:
         raise ImageProblem(f"unsupported image source {type(source).__name__}")
+    source = source if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_side is our guard
@@ -285,26 +313,20 @@ PNG_TEXT_CHUNKS = (b"iTXt", b"tEXt", b"zTXt")
 PNG_ORIENTATION_KEYWORDS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
-def _verify_whole(image: Any, raw: Any) -> int:
-    """Prove the image whole as cheaply as its format allows; its EXIF orientation (1 = upright)."""
-    if _is_pil(raw):
+def _verify_whole(image: Any, data: Any, raw: Any) -> int:
+    """Prove the image whole as cheaply as its format allows; its EXIF orientation (1 = upright).
+    ``data`` is its bytes (or a PIL image), ``raw`` what messages call it."""
+    if _is_pil(data):
         return image.getexif().get(ORIENTATION_TAG, 1)
     if image.format == "JPEG":
-        _jpeg_whole(_bytes_of(raw), raw)
+        _jpeg_whole(data, raw)
         return image.getexif().get(ORIENTATION_TAG, 1)  # APP1 and XMP were read with the header
     if image.format == "PNG":
-        if not _png_whole_may_turn(_bytes_of(raw), raw):
+        if not _png_whole_may_turn(data, raw):
             return 1  # no EXIF, no XMP: nothing can turn it (and Pillow's getexif() would decode the pixels)
         return image.getexif().get(ORIENTATION_TAG, 1)
     _decode(image, raw)
     return image.getexif().get(ORIENTATION_TAG, 1)
-
-
-def _bytes_of(raw: Any) -> bytes:
-    if isinstance(raw, str):
-        with open(raw, "rb") as f:
-            return f.read()
-    return bytes(raw)
 
 
 JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in entropy-coded data: the end of a scan

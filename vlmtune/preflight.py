@@ -40,6 +40,7 @@ Measure = Callable[[Sample], int]  # tokens of a sample whose images are decoded
 
 CHUNK = 64  # samples per unit of work
 AUTO_WORKERS_FROM = 5_000  # data.check_workers: null uses worker processes from this many samples on
+AUTO_WORKERS_MIN_CORES = 4  # ... on machines with this many cores or more
 MAX_AUTO_WORKERS = 8
 VERIFY_SAMPLES = 8  # samples with images measured both ways before the fast count is trusted
 
@@ -326,11 +327,15 @@ def _add(report: CheckedSplit, chunk: list, outcomes: list[Outcome]) -> None:
 
 
 def _workers(setting: int | None, total: int | None) -> int:
+    """data.check_workers, or for null: one process per core but one (which reads the records) on
+    machines of AUTO_WORKERS_MIN_CORES cores or more. On 2 cores, workers cost more than they give
+    (docs/benchmarks.md); the checking they take over is about 90% of the work."""
     if setting is not None:
         return setting
-    if total is None or total < AUTO_WORKERS_FROM:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if total is None or total < AUTO_WORKERS_FROM or cores < AUTO_WORKERS_MIN_CORES:
         return 0
-    return min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+    return min(cores - 1, MAX_AUTO_WORKERS)
 
 
 # --- running the checks ------------------------------------------------------------------------

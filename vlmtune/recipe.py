@@ -207,8 +207,9 @@ class DataSection(Section):
     check_workers: int | None = Field(
         None,
         ge=0,
-        description="Processes the pre-flight checks samples in; 0 = this process only; null = one per CPU "
-        "core for sets of 5,000 samples or more.",
+        description="Worker processes the pre-flight checks samples in; 0 = this process only; null = one per "
+        "CPU core but one, for sets of 5,000 samples or more on machines of 4 cores or more (on 2 cores "
+        "workers cost more than they give).",
     )
 
     @field_validator("columns", mode="after")

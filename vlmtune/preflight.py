@@ -27,7 +27,7 @@ import statistics
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from vlmtune.data import Problem, Sample, SampleError, SampleReader, invalid_samples_error, open_records
@@ -213,7 +213,7 @@ def _measured(sample: Sample, rules: ImageRules, measure: Measure | None) -> Out
         over = rules.over_budget([im.size for im in opened])
         if measure is None:
             return Outcome(None, over)
-        decoded = Sample(sample.index, sample.messages, opened, sample.image_fields, sample.format)
+        decoded = replace(sample, images=opened)
         try:
             return Outcome(measure(decoded), over)
         except VlmtuneError:

@@ -245,8 +245,9 @@ def main() -> None:
             checked = every_nth(path, every) if arm == "baseline" else path
             wall, cpu, report = run_arm(arm, checked, vision_collator)
             scale = every if arm == "baseline" else 1  # seconds for the whole shard
-            runs.append({"shard": s, "arm": arm, "samples": report.total, "wall_s": wall, "cpu_s": cpu,
-                         "shard_wall_s": wall * scale, "shard_cpu_s": cpu * scale})  # fmt: skip
+            runs.append({"shard": s, "arm": arm, "samples": report.total, "kept": len(report.samples),
+                         "skipped": len(report.skipped), "dropped": len(report.too_long), "wall_s": wall,
+                         "cpu_s": cpu, "shard_wall_s": wall * scale, "shard_cpu_s": cpu * scale})  # fmt: skip
             results[arm] = report
             print(
                 f"shard {s} {arm:12} {report.total:6} samples {wall:8.1f} s wall {cpu:8.1f} s CPU", flush=True

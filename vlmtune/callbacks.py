@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import TrainerCallback
@@ -17,7 +18,20 @@ KEYS = {
     "grad_norm": "grad_norm",
     "mean_token_accuracy": "token_accuracy",
     "padding_fraction": "padding_fraction",
+    # online RL (grpo): rewards of the sampled completions, their spread, the drift from the start
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "reward_group_std": "reward_group_std",
+    "frac_reward_zero_std": "groups_zero_spread",
+    "kl": "kl",
+    "entropy": "entropy",
+    "completions/mean_length": "completion_length",
+    "completions/max_length": "completion_length_max",
+    "completions/clipped_ratio": "completions_clipped",
+    "clip_ratio/region_mean": "clip_ratio",
 }
+# Keys named after something of the run (a grpo reward's name) -> our key.
+PATTERNS = ((re.compile(r"rewards/(\w+)/mean"), "reward_{}"),)
 
 
 class MetricsWriter(TrainerCallback):
@@ -31,12 +45,25 @@ class MetricsWriter(TrainerCallback):
             return
         row: dict[str, Any] = {"step": state.global_step}
         for key, value in logs.items():
-            if key in KEYS:
-                row[KEYS[key]] = _plain(value)
-            elif key.startswith("eval_"):
-                row[key] = _plain(value)
+            name = stable_key(key)
+            if name is None and key.startswith("eval_"):
+                rest = stable_key(key[5:])  # an eval row keeps its train row's names, and eval_runtime & co.
+                name = f"eval_{rest}" if rest else (key if "/" not in key else None)
+            if name is not None:
+                row[name] = _plain(value)
         if len(row) > 1 and ("loss" in row or "eval_loss" in row):
             self.run.append_jsonl(rundir.METRICS, row)
+
+
+def stable_key(key: str) -> str | None:
+    """Our metrics.jsonl name of a Trainer log key (None: not kept)."""
+    if key in KEYS:
+        return KEYS[key]
+    for pattern, template in PATTERNS:
+        found = pattern.fullmatch(key)
+        if found:
+            return template.format(*found.groups())
+    return None
 
 
 def _plain(value: Any) -> Any:

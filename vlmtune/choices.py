@@ -18,7 +18,10 @@ LoraBias = Literal["none", "all", "lora_only"]
 DataFormat = Literal["auto", "messages", "sharegpt", "columns"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
-Objective = Literal["sft"]  # what the train stage optimises; each has a module in vlmtune/stages/
+Objective = Literal["sft", "grpo"]  # what the train stage optimises; each has a module in vlmtune/stages/
+# TRL 1.16 GRPOTrainer's policy losses that need no knob beyond the grpo section's.
+GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
+RewardScaling = Literal["group", "batch", "none"]  # what a reward is divided by to form its advantage
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).

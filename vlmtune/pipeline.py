@@ -16,9 +16,9 @@ from typing import Any
 from vlmtune import checkpoint, evaluate, rundir
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import load, lora, sft
+from vlmtune.stages import grpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "grpo": grpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -57,7 +57,10 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
     device = checkpoint.choose_device(recipe.train.device)
     run.write_json(rundir.ENV, environment_report(device))
 
+    objective = OBJECTIVES[recipe.train.objective]
     with stage(run, "load") as figures:
+        if hasattr(objective, "before_load"):  # e.g. grpo's reward functions: refused before any weight loads
+            objective.before_load(recipe.objective_options())
         figures.update(estimate_memory(run, recipe, device, warn))
         loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
         load.write_artifacts(run, loaded)
@@ -68,11 +71,12 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
         lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:
-        result = OBJECTIVES[recipe.train.objective].train(
+        result = objective.train(
             model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
             run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        figures.update(result.figures)
 
     if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:

@@ -7,8 +7,9 @@ once with its key path, its YAML line and a did-you-mean, and the validated reci
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,13 +20,16 @@ from vlmtune.choices import (
     DataFormat,
     Device,
     Dtype,
+    GrpoLoss,
     LoraBias,
     LoraMethod,
     Objective,
     Optimizer,
     QuantBits,
     QuantType,
+    RewardScaling,
     Scheduler,
+    words,
 )
 from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
@@ -215,8 +219,9 @@ class DataSection(Section):
 class TrainSection(Section):
     objective: Objective = Field(
         "sft",
-        description="What the train stage optimises: sft = supervised fine-tuning on the answers. An "
-        "objective with knobs reads them from the recipe section of the same name.",
+        description="What the train stage optimises: sft = supervised fine-tuning on the answers; grpo = online "
+        "RL, rewarding sampled answers (docs/rl.md). An objective with knobs reads them from the recipe section of "
+        "the same name.",
     )
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
@@ -258,6 +263,182 @@ class TrainSection(Section):
     device: Device = Field("auto", description="auto = CUDA when available.")
 
 
+# --- grpo: rewards and knobs ---------------------------------------------------------------------
+
+REWARD_NAME = re.compile(r"[a-z][a-z0-9_]*")  # becomes a metrics key: reward_<name>
+RESERVED_REWARD_NAMES = ("std", "group_std")  # reward_std, reward_group_std are the total's spreads
+MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+class RewardSpec(Section):
+    weight: float = Field(
+        1.0,
+        description="Its share of the total reward (negative: a penalty; 0: logged, never trained on).",
+    )
+    name: str | None = Field(
+        None,
+        description="The name its metrics are logged under (reward_<name> in metrics.jsonl); default: the type, "
+        "or the function's name.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _metric_key(cls, value: str | None) -> str | None:
+        if value is not None and not REWARD_NAME.fullmatch(value):
+            raise ValueError(
+                f"reward name {value!r} must be lower case letters, digits and _ (a metrics key)"
+            )
+        if value in RESERVED_REWARD_NAMES:
+            raise ValueError(
+                f"reward name {value!r} is taken by the total reward's reward_{value}; pick another"
+            )
+        return value
+
+    @property
+    def label(self) -> str:
+        """The stable name of this reward in metrics.jsonl and completions.jsonl."""
+        return self.name or self.type  # type: ignore[attr-defined]
+
+
+class ExactMatchReward(RewardSpec):
+    """1 when the completion equals the reference answer (case, spaces and trailing punctuation aside)."""
+
+    type: Literal["exact_match"]
+
+
+class ContainsReward(RewardSpec):
+    """1 when the completion contains the reference answer (compared as exact_match compares)."""
+
+    type: Literal["contains"]
+
+
+class RegexReward(RewardSpec):
+    """1 when the whole completion (outer whitespace aside) matches ``pattern``; `.` also matches newlines."""
+
+    type: Literal["regex"]
+    pattern: str = Field(description="A Python regular expression the whole completion must match.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"pattern {value!r} is not a valid regular expression: {exc}") from None
+        return value
+
+
+class NumberReward(RewardSpec):
+    """1 when the last number in the completion is within tolerance of the reference's last number."""
+
+    type: Literal["number"]
+    tolerance: float = Field(0.0, ge=0, description="Absolute difference accepted.")
+    relative_tolerance: float = Field(
+        0.0, ge=0, description="Difference accepted as a fraction of the reference (0.01 = 1%)."
+    )
+
+
+class LengthReward(RewardSpec):
+    """0 up to ``max_tokens`` completion tokens, then falling linearly to -1 at twice that."""
+
+    type: Literal["length"]
+    max_tokens: int = Field(gt=0, description="Completion tokens allowed before the penalty starts.")
+
+
+class FunctionReward(RewardSpec):
+    """A Python function of yours; runs only with grpo.allow_code: true (docs/rl.md has its signature)."""
+
+    type: Literal["function"]
+    function: str = Field(
+        description="module:function, e.g. my_rewards:brevity (my_rewards.py beside the recipe, or an "
+        "importable module), or path/to/file.py:function."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, value: str) -> str:
+        if not MODULE_FUNCTION.fullmatch(value):
+            raise ValueError(f"{value!r} is not module:function (e.g. my_rewards:brevity)")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or MODULE_FUNCTION.fullmatch(self.function)["function"].lower()
+
+
+Reward = Annotated[
+    ExactMatchReward | ContainsReward | RegexReward | NumberReward | LengthReward | FunctionReward,
+    Field(discriminator="type"),
+]
+REWARD_KINDS = get_args(get_args(Reward)[0])  # the reward classes, for docs and checks
+
+
+class GrpoSection(Section):
+    """Knobs of online RL (train.objective: grpo), run through TRL's GRPOTrainer."""
+
+    num_generations: int = Field(
+        4,
+        ge=2,
+        description="Completions sampled per prompt; each is rewarded against the others of its group. "
+        "train.batch_size x train.grad_accum (completions per optimizer step) must be a multiple of it.",
+    )
+    max_completion_length: int = Field(
+        128,
+        gt=0,
+        description="New tokens per completion at most; longer ones are cut (see completions_clipped).",
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens this likely."
+    )
+    beta: float = Field(
+        0.04,
+        ge=0,
+        description="Weight of the KL penalty to the model training started from (logged as kl); 0 drops the "
+        "reference forward pass and the kl metric.",
+    )
+    loss_type: GrpoLoss = Field(
+        "dapo",
+        description="How token losses are averaged: dapo (tokens of the whole batch), grpo (per completion, then "
+        "per batch), dr_grpo (a constant: no length bias), bnpo (tokens of the local batch), cispo, sapo (as in "
+        "TRL's GRPOTrainer).",
+    )
+    scale_rewards: RewardScaling = Field(
+        "group",
+        description="Advantages are rewards minus their group's mean, divided by the std of the group, of the "
+        "batch, or none (Dr. GRPO).",
+    )
+    rewards: list[Reward] = Field(
+        min_length=1,
+        description="What a completion is scored by, each weighted and logged as reward_<name>: exact_match, "
+        "contains, regex, number, length, or a function of yours (see below and docs/rl.md).",
+    )
+    allow_code: bool = Field(
+        False,
+        description="Let a `type: function` reward import and run your Python code; without it such a recipe is "
+        "refused before anything loads.",
+    )
+    completions_to_log: int = Field(
+        8, ge=0, description="Completions written to 3-train/completions.jsonl at each logging step."
+    )
+
+    @model_validator(mode="after")
+    def _rewards_named_once_and_code_allowed(self) -> GrpoSection:
+        labels = [reward.label for reward in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(
+                f"two rewards would be logged as {', '.join(twice)}; give each a different `name`"
+            )
+        code = [reward.function for reward in self.rewards if isinstance(reward, FunctionReward)]
+        if code and not self.allow_code:
+            raise ValueError(
+                f"rewards name Python code ({', '.join(code)}) but grpo.allow_code is false: a recipe never runs "
+                "code unless it says so; set grpo.allow_code: true if you trust that code"
+            )
+        return self
+
+
 class OutputSection(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
     name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
@@ -270,6 +451,21 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
+    grpo: GrpoSection | None = Field(
+        None, description="Read when train.objective is grpo (its rewards are required then)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chosen_objective_has_its_section(cls, raw: Any) -> Any:
+        """The chosen objective's section takes its defaults when the recipe leaves it out."""
+        if not isinstance(raw, dict):
+            return raw
+        train = raw.get("train")
+        objective = train.get("objective") if isinstance(train, dict) else getattr(train, "objective", None)
+        if isinstance(objective, str) and objective in cls.model_fields and raw.get(objective) is None:
+            return {**raw, objective: {}}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -281,7 +477,33 @@ class Recipe(Section):
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
+        self._objective_sections_match()
+        if self.grpo is not None:
+            self._grpo_batches_hold_whole_groups(self.grpo)
         return self
+
+    def _objective_sections_match(self) -> None:
+        objective = self.train.objective
+        for other in words(Objective):
+            if other != objective and getattr(self, other, None) is not None:
+                raise ValueError(
+                    f"a `{other}:` section is given but train.objective is {objective}; set train.objective: "
+                    f"{other}, or remove the section"
+                )
+
+    def _grpo_batches_hold_whole_groups(self, grpo: GrpoSection) -> None:
+        per_step = self.train.batch_size * self.train.grad_accum
+        if per_step % grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size x train.grad_accum = {per_step} completions per optimizer step is not a multiple "
+                f"of grpo.num_generations {grpo.num_generations}: every prompt needs its whole group of completions "
+                "in one step; change batch_size, grad_accum or num_generations"
+            )
+        if self.train.eval_steps and self.train.batch_size % grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not a multiple of grpo.num_generations "
+                f"{grpo.num_generations}, which evaluation needs (one group per held-out prompt per batch)"
+            )
 
     def objective_options(self) -> Section | None:
         """The section of knobs of the chosen objective (a top-level section named after it), if any."""
@@ -369,11 +591,26 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         }
     )
     model = recipe.model.model_copy(update={"name": local(recipe.model.name, must_look_local=True)})
+    grpo = recipe.grpo and recipe.grpo.model_copy(
+        update={"rewards": [_beside(reward, base_dir) for reward in recipe.grpo.rewards]}
+    )
     out_dir = Path(recipe.output.dir).expanduser()
     output = recipe.output.model_copy(
         update={"dir": str(out_dir if out_dir.is_absolute() else (base_dir / out_dir).resolve())}
     )
-    return recipe.model_copy(update={"data": data, "model": model, "output": output})
+    return recipe.model_copy(update={"data": data, "model": model, "output": output, "grpo": grpo})
+
+
+def _beside(reward: Any, base_dir: Path) -> Any:
+    """A function reward whose module is a file beside the recipe, named by its absolute path."""
+    if not isinstance(reward, FunctionReward):
+        return reward
+    module, function = reward.function.rsplit(":", 1)
+    relative = Path(module) if module.endswith(".py") else Path(*module.split(".")).with_suffix(".py")
+    candidate = relative.expanduser() if relative.expanduser().is_absolute() else base_dir / relative
+    if not candidate.is_file():
+        return reward  # an importable module (or a missing file, reported when the run starts)
+    return reward.model_copy(update={"function": f"{candidate.resolve()}:{function}"})
 
 
 # --- error messages with line numbers ----------------------------------------------------------
@@ -442,6 +679,8 @@ ALIASES = {
     "load_in_8bit": "quantization.bits",
     "output_dir": "output.dir",
     "lora_target_modules": "lora.target_modules",
+    "reward_funcs": "grpo.rewards",
+    "reward_weights": "grpo.rewards",
 }
 
 
@@ -460,16 +699,29 @@ def _suggestion(loc: tuple[str, ...]) -> str:
     owner = _section_with_field(loc[1])
     if owner and owner != loc[0]:
         return f"; it belongs in the `{owner}` section"
-    names = list(Recipe.model_fields[loc[0]].annotation.model_fields)
+    names = list(section_types()[loc[0]].model_fields)
     close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
     return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
 
 
 def _section_with_field(name: str) -> str | None:
-    for section, field in Recipe.model_fields.items():
-        if name in field.annotation.model_fields:
+    for section, model in section_types().items():
+        if name in model.model_fields:
             return section
     return None
+
+
+def section_types() -> dict[str, type[Section]]:
+    """Each top-level section's schema class (an objective's optional section unwrapped)."""
+    types = {}
+    for name, field in Recipe.model_fields.items():
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            annotation = next(
+                t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Section)
+            )
+        types[name] = annotation
+    return types
 
 
 def recipe_json_schema() -> dict:

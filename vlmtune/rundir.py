@@ -34,6 +34,7 @@ LORA_PLAN = "2-lora/lora_plan.json"
 ADAPTER_CONFIG = "2-lora/adapter_config.json"
 METRICS = "3-train/metrics.jsonl"
 DATA_REPORT = "3-train/data_report.json"
+COMPLETIONS = "3-train/completions.jsonl"  # grpo: a sample of completions and their rewards per logging step
 CHECKPOINTS = "3-train/checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"  # the HF Trainer's folder names: checkpoint-<step>
 ADAPTER = "3-train/adapter"

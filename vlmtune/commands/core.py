@@ -22,7 +22,7 @@ def train(
     run_dir: Path = typer.Option(None, "--run-dir", help="Write to exactly this folder (must not exist)."),
     resume: Path = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
 ) -> None:
-    """Train from a recipe: load -> lora -> sft, artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft or grpo), artifacts in a new run folder.
 
     Examples:
 
@@ -63,6 +63,8 @@ def _print_summary(run) -> None:
     trained = summary["stages"]["train"]
     first, last = trained.get("first_loss"), trained.get("last_loss")
     loss = f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
+    if trained.get("first_reward") is not None:  # grpo: the reward says more than its loss
+        loss += f", reward {trained['first_reward']:.4f} -> {trained['last_reward']:.4f}"
     console.print(
         f"[bold green]done[/] in {summary.get('seconds', 0):.0f} s: {trained.get('steps', 0)} steps, "
         f"loss {loss}\nrun folder: [bold]{run.path}[/]\noutput:     {summary.get('output')}"

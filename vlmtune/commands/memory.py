@@ -270,6 +270,10 @@ def describe_term(name: str, result) -> str:
     if name == "logits":
         how = "supervised, chunked" if training.supervised_loss else "whole sequence"
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
+    if name == "generation":
+        return f"KV cache of {work.generations} sampled sequences x {work.sequence:,} tokens, sampling logits"
+    if name == "reference":
+        return "a frozen copy of the weights (the KL reference of full fine-tuning)"
     if name == "overhead":
         return "CUDA context (a constant)"
     return ""

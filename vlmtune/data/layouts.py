@@ -41,6 +41,7 @@ class SampleReader:
     allow_urls: bool
     url_timeout: float
     table: Any = None  # rows' source when Arrow-backed: embedded images become RowImage references
+    require_answer: bool = True  # GRPO's prompts may end at a user turn (vlmtune.stages.grpo.PromptReader)
 
     @classmethod
     def from_section(cls, data: DataSection, default_root: Path, table: Any = None) -> SampleReader:
@@ -65,7 +66,8 @@ class SampleReader:
             messages, slots, column_images, images_key = self._from_columns(record)
         else:
             messages, slots, column_images, images_key = self._from_conversation(record, layout)
-        _require_assistant_text(messages, _conversation_key(record) or "messages")
+        if self.require_answer:
+            _require_assistant_text(messages, _conversation_key(record) or "messages")
         images, fields = self._fill_images(index, slots, column_images, images_key, layout)
         return Sample(index, messages, images, fields, layout)
 

@@ -25,6 +25,12 @@ The model of a training step, term by term (docs/memory.md shows it against meas
   tokens; the vision layers see patches, and keep nothing when nothing in the tower trains.
 - logits: fp32 logits over the vocabulary times ``LOGITS_MULTIPLE``; vlmtune's supervised loss
   projects at most ``chunk_bytes`` of logits at once, TRL's plain loss the whole sequence.
+- generation (objectives that sample, grpo): the KV cache of every sequence sampled at once
+  (TRL generates a whole optimizer step's completions together: batch_size x grad_accum), each
+  as long as the prompt plus the completion, over every language layer's keys and values; plus
+  the fp32 logits and probabilities of one sampling step.
+- reference (full fine-tuning with a KL penalty): a frozen copy of the weights. LoRA needs none:
+  its reference is the model with the adapter disabled.
 - overhead: the CUDA context, a constant.
 The terms are summed: gradients, activations and the loss buffer are treated as coexisting, so
 the estimate leans towards an upper bound.
@@ -48,6 +54,7 @@ from vlmtune.units import MiB
 
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS/cuDNN workspaces on a recent driver (~0.3-0.8 GB)
 LOGITS_MULTIPLE = 3.0  # loss peak / one fp32 logits tensor, measured (bench/memory_accuracy.py)
+SAMPLING_LOGITS = 2  # fp32 tensors over the vocabulary per sampled sequence: logits and probabilities
 BOUNDARY_ELEMS = 4  # per token and channel outside the layers: embeddings, final norm (fp32), its output
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (transformers' default)
 NF4_CODE_BYTES = 16 * 4  # the 16-value NF4/FP4 code, fp32
@@ -81,6 +88,7 @@ class TrainingMethod:
     gradient_checkpointing: bool = True
     supervised_loss: bool = True
     chunk_bytes: int = LOSS_CHUNK_BYTES
+    reference_copy: bool = False  # a frozen copy of the weights is held (full fine-tuning's KL reference)
 
     @property
     def quantized(self) -> bool:
@@ -95,11 +103,18 @@ class Workload:
     image_tokens: int = 0  # language-model tokens one image becomes
     image_patches: int = 0  # vision-tower positions one image becomes
     image_size: tuple[int, int] | None = None  # (width, height), for the report
+    steps_per_generation: int = 0  # micro-batches whose completions are sampled at once; 0: no sampling
+    completion_tokens: int = 0  # new tokens per sampled completion, at most (part of text_tokens)
 
     @property
     def sequence(self) -> int:
         """Tokens per sample the language model sees, image tokens included."""
         return self.text_tokens + self.images_per_sample * self.image_tokens
+
+    @property
+    def generations(self) -> int:
+        """Sequences sampled at once (TRL's generation batch)."""
+        return self.batch_size * self.steps_per_generation
 
 
 # --- the result ----------------------------------------------------------------------------------
@@ -195,6 +210,8 @@ class MemoryEstimate:
                 "image_tokens": work.image_tokens,
                 "vision_patches": work.image_patches,
                 "total_tokens": work.sequence,
+                "generations": work.generations,
+                "completion_tokens": work.completion_tokens,
             },
             "constants": {
                 "cuda_context_bytes": CUDA_CONTEXT_BYTES,
@@ -387,6 +404,22 @@ def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) ->
     return int(positions * model.vocab_size * 4 * LOGITS_MULTIPLE)
 
 
+def kv_elems_per_token(model: ModelShape) -> int:
+    """Key and value elements one token leaves in the cache, over every language layer (an upper
+    bound for sliding-window and cross-attention layers, which keep fewer)."""
+    return sum(
+        lin.out_features
+        for lin in model.linears
+        if lin.component == "language" and lin.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj")
+    )
+
+
+def generation_bytes(model: ModelShape, training: TrainingMethod, work: Workload) -> int:
+    """Sampling: the KV cache of every sequence generated at once, plus one step's logits."""
+    cache = work.generations * work.sequence * kv_elems_per_token(model) * DTYPE_BYTES[training.dtype]
+    return cache + work.generations * model.vocab_size * 4 * SAMPLING_LOGITS
+
+
 def estimate_terms(
     model: ModelShape, training: TrainingMethod, work: Workload
 ) -> tuple[dict[str, int], list[Trainable]]:
@@ -400,8 +433,12 @@ def estimate_terms(
         "optimizer": optimizer_bytes(trainable, training.optim),
         "activations": activation_bytes(model, training, work),
         "logits": logits_bytes(model, training, work),
-        "overhead": CUDA_CONTEXT_BYTES,
     }
+    if work.generations:
+        terms["generation"] = generation_bytes(model, training, work)
+    if training.reference_copy:
+        terms["reference"] = weights
+    terms["overhead"] = CUDA_CONTEXT_BYTES
     return terms, trainable
 
 
@@ -447,7 +484,7 @@ def estimate(
     gpu_bytes: int | None = None, notes: Iterable[str] = (),
 ) -> MemoryEstimate:  # fmt: skip
     terms, trainable = estimate_terms(model, training, work)
-    all_notes = [*notes, *_notes(training)]
+    all_notes = [*notes, *_notes(training), *_sampling_notes(work)]
     return MemoryEstimate(
         model=name,
         family=model.family,
@@ -478,3 +515,13 @@ def _notes(training: TrainingMethod) -> list[str]:
             f"{training.chunk_bytes // MiB} MiB of fp32 logits at a time (train.supervised_loss)"
         )
     return notes
+
+
+def _sampling_notes(work: Workload) -> list[str]:
+    if not work.generations:
+        return []
+    return [
+        f"generation: {work.generations} completions (batch_size x grad_accum) are sampled at once, each up to "
+        f"{work.sequence:,} tokens with its prompt ({work.completion_tokens:,} new); the cache is freed before "
+        "the loss, so the sum leans high"
+    ]

@@ -188,7 +188,7 @@ def user_function(spec: str) -> Callable[[Batch], Sequence[Any]]:
     function = getattr(module, match["function"], None)
     if not callable(function):
         raise RewardError(
-            f"reward function {spec}: {match['module']} has no function {match['function']!r}",
+            f"reward function {spec}: {Path(match['module']).name} has no function {match['function']!r}",
             hint="check the name after the colon",
         )
     names = _accepted_arguments(function, spec)

@@ -154,6 +154,7 @@ def check_references(prompts: list[Prompt], scorers: list, source: str) -> None:
         else:
             continue
         if lacking:
+            lacking.sort()
             listed = ", ".join(map(str, lacking[:20])) + (" ..." if len(lacking) > 20 else "")
             raise DataError(
                 f"{source}: reward `{scorer.name}` ({scorer.source}) needs {what}, and {len(lacking)} sample(s) "

@@ -420,3 +420,23 @@ def test_a_reward_that_raises_stops_the_run_naming_the_function_and_the_sample(t
     assert "ValueError: cannot score this one on sample 3" in output and "Traceback" not in output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["stages"]["train"]["status"] == "failed"
+
+
+def test_the_colour_set_is_what_its_script_writes(tmp_path: Path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    committed = ROOT / "data" / "colours"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_colour_data.py"), str(tmp_path)], check=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text()
+    images = sorted(p.name for p in (committed / "images").iterdir())
+    assert len(images) == 64 and images == sorted(p.name for p in (tmp_path / "images").iterdir())
+    for name in images:  # pixels, not bytes: PNG compression may differ between Pillow releases
+        assert (
+            np.asarray(Image.open(committed / "images" / name))
+            == np.asarray(Image.open(tmp_path / "images" / name))
+        ).all()

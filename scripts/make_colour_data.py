@@ -41,7 +41,10 @@ def write_split(out: Path, name: str, count: int, seed: int) -> None:
         colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i // len(COLOURS) % len(SHAPES)]
         path = f"images/{name}-{i:03d}.png"
         draw(colour, shape, rng.choice(SIZES), (rng.randint(-4, 4), rng.randint(-4, 4))).save(out / path)
-        user = {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": QUESTION}]}
+        user = {
+            "role": "user",
+            "content": [{"type": "image", "image": path}, {"type": "text", "text": QUESTION}],
+        }
         lines.append(json.dumps({"messages": [user, {"role": "assistant", "content": colour}]}))
     (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -54,4 +57,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "data" / "colours")
+    main(
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parent.parent / "data" / "colours"
+    )

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from vlmtune import rundir
+from vlmtune.observe import memory
 from vlmtune.rundir import RunDir
 
 # Trainer log keys -> our stable keys (scripts read metrics.jsonl; keep these names).
@@ -29,6 +30,7 @@ KEYS = {
     "completions/max_length": "completion_length_max",
     "completions/clipped_ratio": "completions_clipped",
     "clip_ratio/region_mean": "clip_ratio",
+    **{key: key for key in memory.KEYS},  # peak memory since the previous row (vlmtune/observe/memory.py)
 }
 # Keys named after something of the run (a grpo reward's name) -> our key.
 PATTERNS = ((re.compile(r"rewards/(\w+)/mean"), "reward_{}"),)

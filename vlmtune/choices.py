@@ -23,6 +23,12 @@ Objective = Literal["sft", "grpo"]  # what the train stage optimises; each has a
 GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
 RewardScaling = Literal["group", "batch", "none"]  # what a reward is divided by to form its advantage
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+# Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
+# what each needs installed.
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "neptune", "dvclive", "swanlab",
+    "codecarbon", "azure_ml", "dagshub", "flyte",
+]  # fmt: skip
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).
 NO_QUANTIZATION = ("none", "null", "16", "off")

@@ -349,9 +349,11 @@ def rollout_processor(processor: Any, prompt: Prompt) -> Any:
 
 def grpo_config(
     train: TrainSection, options: GrpoSection, data: DataSection, run: RunDir, *, device: str, dtype: str,
-    has_eval: bool, suppress: list[int],
+    has_eval: bool, suppress: list[int], report_to: list[str],
 ) -> Any:  # fmt: skip
     from trl import GRPOConfig
+
+    from vlmtune.observe.trackers import trainer_args
 
     evaluates = has_eval and train.eval_steps is not None
     return GRPOConfig(
@@ -384,7 +386,7 @@ def grpo_config(
         use_cpu=device == "cpu",
         dataloader_num_workers=train.num_workers,
         torch_compile=train.torch_compile,
-        report_to="none",
+        **trainer_args(report_to, run),  # report_to, run_name
         disable_tqdm=True,
         remove_unused_columns=False,  # rows are positions for PromptRows, and reward columns must survive
         shuffle_dataset=data.shuffle,
@@ -428,14 +430,18 @@ def train(
     dtype: str,
     resume: bool = False,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
+    from vlmtune import observe
+
     trainer = build_trainer(
         model, processor, family, data, train_section, options, run=run, device=device, dtype=dtype,
-        callbacks=callbacks,
+        callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
+    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer.model, processor, run)
     return result(run, trainer.state.global_step, output)
@@ -453,6 +459,7 @@ def build_trainer(
     device: str,
     dtype: str,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> Any:
     """The prompts pre-flighted and TRL's GRPOTrainer set up on them, not yet trained."""
     from vlmtune.callbacks import MetricsWriter
@@ -474,6 +481,7 @@ def build_trainer(
             dtype=dtype,
             has_eval=bool(eval_prompts),
             suppress=suppressed_tokens(model, processor, family),
+            report_to=report_to or [],
         ),  # fmt: skip
         train_dataset=positions(0, len(train_prompts)),
         eval_dataset=positions(len(train_prompts), len(eval_prompts)) if eval_prompts else None,

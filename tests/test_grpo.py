@@ -172,6 +172,21 @@ def test_prompts_without_an_answer_train_on_rewards_that_need_none(tmp_path: Pat
     assert [p.reference for p in train] == [None] * 4 and all(len(p.images) == 1 for p in train)
 
 
+def test_data_check_reads_a_grpo_recipe_as_training_does(tmp_path: Path):
+    recipe = write_recipe(
+        tmp_path,
+        model={"name": "tiny:qwen2_vl"},
+        data={"train": str(write_prompts(tmp_path, answered=False)), "max_image_pixels": PIXEL_BUDGET},
+        train={"objective": "grpo", "batch_size": 4, "grad_accum": 1, "max_length": 256},
+        grpo={"max_completion_length": 100, "rewards": [{"type": "regex", "pattern": "[a-z]+"}]},
+    )
+    result = vlmtune("data", "check", str(recipe), "--json")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    train = json.loads(result.stdout)["train"]
+    assert train["samples_kept"] == 4 and not train["skipped_invalid"]  # no answer is needed for a prompt
+    assert train["tokens"]["min"] > 100  # the prompt and the longest completion
+
+
 @pytest.mark.parametrize(
     ("reward", "lacking"),
     [("exact_match", "a reference answer (a last assistant turn), and 1 sample(s) have none: 0"),

@@ -109,14 +109,20 @@ def prompt_tokens(processor: Any, completion_tokens: int) -> Measure:
     return measure
 
 
+def prompt_reading(processor: Any, options: GrpoSection) -> tuple[type, Measure]:
+    """How the pre-flight reads a GRPO split (training and `vlmtune data check` alike): the prompt
+    reader, and each prompt's length plus the longest completion."""
+    return PromptReader, prompt_tokens(processor, options.max_completion_length)
+
+
 def prepare_prompts(
     processor: Any, data: DataSection, train: TrainSection, options: GrpoSection, scorers: list, run: RunDir
 ) -> tuple[list[Prompt], list[Prompt]]:
     """Pre-flight every split, write the data report, return the train and eval prompts."""
-    measure = prompt_tokens(processor, options.max_completion_length)
+    reader, measure = prompt_reading(processor, options)
 
     def check(name: str, source: str) -> CheckedSplit:
-        return check_split(name, source, data, train.max_length, measure, reader=PromptReader)
+        return check_split(name, source, data, train.max_length, measure, reader=reader)
 
     reports = {"train": check("train", data.train)}
     if data.eval:

@@ -51,8 +51,8 @@ def test_families_whose_rollouts_grpo_cannot_score_are_refused(name: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_grpo_trains_on_the_log_probabilities_the_model_gives_each_prompt_alone(name: str, tmp_path: Path):
-    """A batch mixes prompts of different lengths (one image; two images and an earlier turn). The
-    per-token log-probabilities TRL's loss uses must equal those of the model answering each prompt
+    """A batch mixes prompts of different lengths: one image; two images and an earlier turn; no image.
+    The per-token log-probabilities TRL's loss uses must equal those of the model answering each prompt
     alone, tokenized as vlmtune tokenizes it: padding, the template's BOS, image-token markers
     (M-RoPE types, Gemma 3's token types) and image features all line up. No vision token is sampled."""
     import torch
@@ -69,12 +69,12 @@ def test_grpo_trains_on_the_log_probabilities_the_model_gives_each_prompt_alone(
     model_section = recipe.model.model_copy(update={"dtype": "float32"})  # exact arithmetic
     loaded = load.load(model_section, recipe.quantization, PIXEL_BUDGET, "cpu")
     model = lora.apply(loaded.model, recipe.lora, lora.plan(loaded.model, loaded.family, recipe.lora), seed=0)
-    data = recipe.data.model_copy(update={"shuffle": False, "max_samples": 8})
+    data = recipe.data.model_copy(update={"train": str(mixed_prompts(tmp_path)), "shuffle": False})
     trainer = grpo.build_trainer(
         model, loaded.processor, loaded.family, data, recipe.train, recipe.grpo,
         run=RunDir.create(tmp_path, "run"), device="cpu", dtype="float32",
     )  # fmt: skip
-    rows = trainer.data_collator([{"position": p} for p in (0, 0, 4, 4)])  # sample 4: two images, two turns
+    rows = trainer.data_collator([{"position": p} for p in (0, 2, 1, 2)])
     out = trainer._generate_and_score_completions(rows)
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
@@ -93,10 +93,13 @@ def test_grpo_trains_on_the_log_probabilities_the_model_gives_each_prompt_alone(
             continue
         prompt = trainer.data_collator.prompts[row["position"]]
         text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        images = [[open_image(s) for s in prompt.images]] if prompt.images else None
         alone = processor(
-            text=[text], images=[[open_image(s) for s in prompt.images]], return_tensors="pt",
+            text=[text],
+            images=images,
+            return_tensors="pt",
             **template_special_tokens(processor.tokenizer, [text]),
-        )  # fmt: skip
+        )
         inputs = {k: v for k, v in alone.items() if k != "attention_mask"}
         for key in ("token_type_ids", "mm_token_type_ids"):
             if key in inputs:
@@ -107,7 +110,21 @@ def test_grpo_trains_on_the_log_probabilities_the_model_gives_each_prompt_alone(
         expected = logits.log_softmax(-1).gather(-1, completion[:, None]).squeeze(-1)
         assert trained_on[i, : len(completion)] == pytest.approx(expected, abs=1e-4)
         checked += 1
-    assert checked >= 2 and out["prompt_mask"][0].sum() < out["prompt_mask"][2].sum()  # lengths differed
+    assert checked >= 3 and out["prompt_mask"][0].sum() < out["prompt_mask"][2].sum()  # lengths differed
+
+
+def mixed_prompts(folder: Path) -> Path:
+    """Demo sample 0 (one image), demo sample 4 (two images, two turns) and a text-only prompt."""
+    demo = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()]
+    for row in (demo[0], demo[4]):
+        for part in (p for m in row["messages"] for p in m["content"] if p["type"] == "image"):
+            part["image"] = str(DEMO / part["image"])
+    text_only = {
+        "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    }
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in (demo[0], demo[4], text_only)))
+    return path
 
 
 # --- prompts ------------------------------------------------------------------------------------------

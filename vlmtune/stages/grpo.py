@@ -309,7 +309,7 @@ def trainer_class() -> type:
             kept = batch["attention_mask"].bool()
             prompt_ids = [row[mask].tolist() for row, mask in zip(batch["input_ids"], kept, strict=True)]
             fields = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-            return prompt_ids, ([found or None for found in images] if any(images) else None), fields
+            return prompt_ids, (images if any(images) else None), fields
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             per_function = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -268,6 +268,8 @@ def describe_term(name: str, result) -> str:
         ckpt = "gradient checkpointing" if training.gradient_checkpointing else "no checkpointing"
         return f"{work.batch_size} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
     if name == "logits":
+        if training.logprob_tiles:
+            return "TRL's fused log-prob tiles (a forward and a backward buffer)"
         how = "supervised, chunked" if training.supervised_loss else "whole sequence"
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
     if name == "generation":

@@ -24,7 +24,9 @@ The model of a training step, term by term (docs/memory.md shows it against meas
   input is kept plus one layer recomputed in backward. The language layers see text + image
   tokens; the vision layers see patches, and keep nothing when nothing in the tower trains.
 - logits: fp32 logits over the vocabulary times ``LOGITS_MULTIPLE``; vlmtune's supervised loss
-  projects at most ``chunk_bytes`` of logits at once, TRL's plain loss the whole sequence.
+  projects at most ``chunk_bytes`` of logits at once, TRL's plain loss the whole sequence. GRPO's
+  log-probabilities come from TRL's fused kernel instead: a tile of at most 4096 tokens x 32768
+  vocabulary columns at a time, one buffer in forward and one in backward.
 - generation (objectives that sample, grpo): the KV cache of every sequence sampled at once
   (TRL generates a whole optimizer step's completions together: batch_size x grad_accum), each
   as long as the prompt plus the completion, over every language layer's keys and values; plus
@@ -55,6 +57,8 @@ from vlmtune.units import MiB
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS/cuDNN workspaces on a recent driver (~0.3-0.8 GB)
 LOGITS_MULTIPLE = 3.0  # loss peak / one fp32 logits tensor, measured (bench/memory_accuracy.py)
 SAMPLING_LOGITS = 2  # fp32 tensors over the vocabulary per sampled sequence: logits and probabilities
+TRL_TOKEN_TILE = 4096  # TRL's fused log-prob kernel (trl/kernels/chunked_logprob.py): tokens per tile,
+TRL_VOCAB_TILE = 32768  # and vocabulary columns per tile (its _CHUNKED_LOGPROB_CHUNK_SIZE)
 BOUNDARY_ELEMS = 4  # per token and channel outside the layers: embeddings, final norm (fp32), its output
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (transformers' default)
 NF4_CODE_BYTES = 16 * 4  # the 16-value NF4/FP4 code, fp32
@@ -89,6 +93,7 @@ class TrainingMethod:
     supervised_loss: bool = True
     chunk_bytes: int = LOSS_CHUNK_BYTES
     reference_copy: bool = False  # a frozen copy of the weights is held (full fine-tuning's KL reference)
+    logprob_tiles: bool = False  # log-probabilities by TRL's fused kernel (grpo), not a loss over logits
 
     @property
     def quantized(self) -> bool:
@@ -396,6 +401,9 @@ def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) ->
     fp32 logits at a time; image tokens never carry a label, so every text token is the upper
     bound. The model's own loss projects the whole batch, image tokens included.
     """
+    if training.logprob_tiles:  # one tile buffer in forward, one in backward, in the compute dtype
+        tokens = min(work.batch_size * work.sequence, TRL_TOKEN_TILE)
+        return 2 * tokens * min(model.vocab_size, TRL_VOCAB_TILE) * DTYPE_BYTES[training.dtype]
     if training.supervised_loss:
         labelled = work.batch_size * work.text_tokens
         positions = min(labelled, max(1, training.chunk_bytes // (4 * model.vocab_size)))

@@ -174,7 +174,12 @@ def with_objective(
     grpo = recipe.grpo if recipe.train.objective == "grpo" else None
     if grpo is None:
         return training, work
-    training = replace(training, reference_copy=recipe.lora.method == "full" and grpo.beta > 0)
+    training = replace(
+        training,
+        reference_copy=recipe.lora.method == "full" and grpo.beta > 0,
+        logprob_tiles=True,
+        supervised_loss=False,  # train.supervised_loss is SFT's; TRL scores the completions itself
+    )
     work = replace(
         work, steps_per_generation=recipe.train.grad_accum, completion_tokens=grpo.max_completion_length
     )

@@ -272,6 +272,7 @@ MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-
 
 
 class RewardSpec(Section):
+    type: str = Field(description="The kind of reward (each kind narrows it to its own word).")
     weight: float = Field(
         1.0,
         description="Its share of the total reward (negative: a penalty; 0: logged, never trained on).",
@@ -298,7 +299,7 @@ class RewardSpec(Section):
     @property
     def label(self) -> str:
         """The stable name of this reward in metrics.jsonl and completions.jsonl."""
-        return self.name or self.type  # type: ignore[attr-defined]
+        return self.name or self.type
 
 
 class ExactMatchReward(RewardSpec):

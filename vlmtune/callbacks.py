@@ -100,7 +100,10 @@ class RichProgress(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs and self.progress is not None:
-            self.progress.update(self.task, loss=f"{_plain(logs['loss']):.4f}")
+            shown = f"{_plain(logs['loss']):.4f}"
+            if logs.get("reward") is not None:  # grpo: the reward is the curve to watch
+                shown += f" reward {_plain(logs['reward']):.3f}"
+            self.progress.update(self.task, loss=shown)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:

@@ -17,6 +17,19 @@ KEYS = {
     "grad_norm": "grad_norm",
     "mean_token_accuracy": "token_accuracy",
     "padding_fraction": "padding_fraction",
+    # preference tuning (dpo): rewards are beta x log(p / p_reference) of each answer
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+    "eval_rewards/chosen": "eval_reward_chosen",
+    "eval_rewards/rejected": "eval_reward_rejected",
+    "eval_rewards/margins": "eval_reward_margin",
+    "eval_rewards/accuracies": "eval_preference_accuracy",
+    "eval_logps/chosen": "eval_logp_chosen",
+    "eval_logps/rejected": "eval_logp_rejected",
 }
 
 

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, rundir
+from vlmtune import checkpoint, evaluate, rundir, trained
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import load, lora, sft
+from vlmtune.stages import dpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "dpo": dpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -58,13 +58,14 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
     run.write_json(rundir.ENV, environment_report(device))
 
     with stage(run, "load") as figures:
+        start = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
         figures.update(estimate_memory(run, recipe, device, warn))
-        loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
+        loaded = load.load(start.model, recipe.quantization, recipe.data.max_image_pixels, device)
         load.write_artifacts(run, loaded)
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
+        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter)
         lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:

@@ -137,6 +137,16 @@ def base_logps(trainer, batch):
         return logps(trainer, batch, reference=False)
 
 
+def tiny_estimate(continued: bool):
+    from vlmtune import memory as mem
+
+    model = {"name": "tiny:qwen2_vl", "dtype": "float32", **({"adapter": "runs/sft"} if continued else {})}
+    recipe = parse_recipe(
+        f"model: {model}\nquantization: {{bits: null}}\ndata: {{train: x.jsonl}}\ntrain: {{objective: dpo}}\n"
+    )
+    return mem.estimate_recipe(recipe)
+
+
 CASES = [  # (id, bits, method, continue an adapter, dpo.reference)
     ("4bit-lora-fresh", 4, "lora", False, "start"),
     ("lora-continued", None, "lora", True, "start"),
@@ -164,6 +174,8 @@ def test_the_reference_log_probs_do_not_move_while_the_model_trains(tmp_path, bi
         frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".ref." in n}
         assert frozen and not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
         assert not torch.allclose(reference_before, base_logps(trainer, batch)), "the reference is not the base"
+        measured = sum(p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if ".ref." in n)
+        assert measured == tiny_estimate(continued=True).terms["reference"], "estimate-memory counts the copy"
     else:  # a fresh adapter, or reference: base: the adapter disabled, no copy kept
         assert set(trainer.model.peft_config) == {"default"} and trainer.ref_model is None
         assert torch.equal(reference_before, base_logps(trainer, batch))
@@ -182,3 +194,32 @@ def test_the_reference_log_probs_do_not_move_while_the_model_trains(tmp_path, bi
     if continued and reference == "start":
         now = dict(trainer.model.named_parameters())
         assert all(torch.equal(now[n], p) for n, p in frozen.items())
+
+
+# --- estimate-memory knows the objective ----------------------------------------------------------
+
+
+def estimate(objective: str, **sections):
+    from vlmtune import memory as mem
+
+    raw = {"model": {"name": "Qwen/Qwen2-VL-7B-Instruct"}, "data": {"train": "unused.jsonl"},
+           "train": {"objective": objective}}  # fmt: skip
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    import json
+
+    return mem.estimate_recipe(parse_recipe(json.dumps(raw)), seq_len=512)
+
+
+def test_a_pair_is_two_sequences_and_the_reference_costs_what_it_holds():
+    sft, dpo = estimate("sft"), estimate("dpo")
+    assert dpo.terms["activations"] == pytest.approx(2 * sft.terms["activations"], rel=1e-9)
+    assert dpo.terms["reference"] == sft.terms["reference"] == 0, "LoRA: the adapter is disabled, no copy"
+    assert dpo.to_json()["inputs"]["sequences_per_sample"] == 2 and "dpo: each pair" in dpo.notes[-1]
+    continued = estimate("dpo", model={"adapter": "runs/sft"})
+    assert continued.terms["reference"] == 2 * continued.terms["lora"], "an fp32 copy of a bf16 adapter"
+    full = estimate("dpo", quantization={"bits": None}, lora={"method": "full"})
+    assert full.terms["reference"] == full.terms["weights"], "full fine-tuning: a frozen second copy"
+    assert full.peak_bytes - estimate("sft", quantization={"bits": None}, lora={"method": "full"}).peak_bytes > (
+        full.terms["weights"]
+    )

@@ -8,6 +8,7 @@ run that trains on from an earlier one (``model.adapter``, see ``start_from``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,10 @@ def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
         )
     differing = [key for key in ADAPTER_SHAPE if getattr(lora, key) != getattr(earlier.recipe.lora, key)]
     if differing:
-        listed = ", ".join(f"lora.{k} is {getattr(lora, k)!r} here but {getattr(earlier.recipe.lora, k)!r} there"
-                           for k in differing)  # fmt: skip
+        listed = ", ".join(
+            f"lora.{k} is {json.dumps(getattr(lora, k))} here but {json.dumps(getattr(earlier.recipe.lora, k))} there"
+            for k in differing
+        )
         raise RunDirError(
             f"model.adapter: this recipe's lora section does not describe the weights of run {model.adapter} "
             f"({listed})",

@@ -34,6 +34,11 @@ from vlmtune.stages.common import (
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a continued adapter
 
 
+def pair_reading(processor: Any, family: Family) -> tuple[type, Any]:
+    """How the pre-flight reads a preference split: the pair reader, and the longer side's length."""
+    return PairReader, PreferenceCollator(processor, family, max_length=None).count_tokens
+
+
 def prepare_pairs(
     processor: Any, family: Family, data: DataSection, train: TrainSection, run: RunDir
 ) -> tuple[PreferenceCollator, Selected, Selected | None]:

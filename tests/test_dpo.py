@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from vlmtune.errors import RecipeError
-from vlmtune.recipe import DataSection, DpoSection, LoraSection, ModelSection, QuantizationSection, TrainSection
-from vlmtune.recipe import parse_recipe
+from vlmtune.recipe import (
+    DataSection,
+    DpoSection,
+    LoraSection,
+    ModelSection,
+    QuantizationSection,
+    TrainSection,
+    parse_recipe,
+)
 from vlmtune.rundir import RunDir
 
 from conftest import ROOT
@@ -56,7 +63,9 @@ def test_keys_that_do_not_apply_to_the_objective_are_errors_with_a_hint(extra, m
 
 def test_a_default_value_of_an_sft_only_key_is_accepted_under_dpo():
     """resolved.yaml writes every key: its defaults must load again under any objective."""
-    recipe = parse_recipe(MINIMAL + "train:\n  objective: dpo\n  supervised_loss: true\nlora:\n  dropout: 0.0\n")
+    recipe = parse_recipe(
+        MINIMAL + "train:\n  objective: dpo\n  supervised_loss: true\nlora:\n  dropout: 0.0\n"
+    )
     assert recipe.train.objective == "dpo"
 
 
@@ -75,7 +84,9 @@ def test_dpo_config_carries_the_knobs_and_the_rpo_term(tmp_path: Path):
     assert pure.output_dir == str(run / "3-train/checkpoints") and not pure.remove_unused_columns
     rpo = dpo_config(train, DpoSection(sft_weight=0.5), run, "cpu", "float32", has_eval=False)
     assert (rpo.loss_type, rpo.loss_weights, rpo.bf16) == (["sigmoid", "sft"], [1.0, 0.5], False)
-    robust = dpo_config(train, DpoSection(loss_type="robust", label_smoothing=0.1), run, "cpu", "float32", False)
+    robust = dpo_config(
+        train, DpoSection(loss_type="robust", label_smoothing=0.1), run, "cpu", "float32", False
+    )
     assert robust.label_smoothing == 0.1
 
 
@@ -158,7 +169,9 @@ CASES = [  # (id, bits, method, continue an adapter, dpo.reference)
 @pytest.mark.slow
 @pytest.mark.parametrize(("bits", "method", "continued", "reference"), [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])  # fmt: skip
-def test_the_reference_log_probs_do_not_move_while_the_model_trains(tmp_path, bits, method, continued, reference):
+def test_the_reference_log_probs_do_not_move_while_the_model_trains(
+    tmp_path, bits, method, continued, reference
+):
     import torch
 
     adapter = trained_looking_adapter(tmp_path / "sft-adapter") if continued else None
@@ -168,13 +181,21 @@ def test_the_reference_log_probs_do_not_move_while_the_model_trains(tmp_path, bi
     reference_before, policy_before = logps(trainer, batch, True), logps(trainer, batch, False)
 
     if method == "full":  # a frozen copy: a second set of weights, none of them trainable
-        assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+        assert trainer.ref_model is not None and not any(
+            p.requires_grad for p in trainer.ref_model.parameters()
+        )
     elif continued and reference == "start":  # the continued adapter, copied frozen by TRL
         assert set(trainer.model.peft_config) == {"default", "ref"}
         frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".ref." in n}
-        assert frozen and not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
-        assert not torch.allclose(reference_before, base_logps(trainer, batch)), "the reference is not the base"
-        measured = sum(p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if ".ref." in n)
+        assert frozen and not any(
+            p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n
+        )
+        assert not torch.allclose(reference_before, base_logps(trainer, batch)), (
+            "the reference is not the base"
+        )
+        measured = sum(
+            p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if ".ref." in n
+        )
         assert measured == tiny_estimate(continued=True).terms["reference"], "estimate-memory counts the copy"
     else:  # a fresh adapter, or reference: base: the adapter disabled, no copy kept
         assert set(trainer.model.peft_config) == {"default"} and trainer.ref_model is None
@@ -220,6 +241,7 @@ def test_a_pair_is_two_sequences_and_the_reference_costs_what_it_holds():
     assert continued.terms["reference"] == 2 * continued.terms["lora"], "an fp32 copy of a bf16 adapter"
     full = estimate("dpo", quantization={"bits": None}, lora={"method": "full"})
     assert full.terms["reference"] == full.terms["weights"], "full fine-tuning: a frozen second copy"
-    assert full.peak_bytes - estimate("sft", quantization={"bits": None}, lora={"method": "full"}).peak_bytes > (
-        full.terms["weights"]
+    assert (
+        full.peak_bytes - estimate("sft", quantization={"bits": None}, lora={"method": "full"}).peak_bytes
+        > (full.terms["weights"])
     )

@@ -24,7 +24,8 @@ END_OF_TURN = {
     "mistral3": "</s>", "gemma3": "<end_of_turn>\n", "mllama": "<|eot_id|>", "idefics3": "<end_of_utterance>\n",
     "smolvlm": "<end_of_utterance>\n", "paligemma": "<eos>", "internvl": "<|im_end|>\n",
 }  # fmt: skip
-ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}  # a space after "ASSISTANT:"
+# Templates that put a space between the assistant's tag and its answer ("ASSISTANT: Red.").
+ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}
 
 
 def user(text: str, images: int = 0) -> dict:

@@ -60,7 +60,9 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize(("name", "data", "layouts", "held"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
-def test_each_preference_layout_collates_to_the_same_batch_as_trl(collator, reference, name, data, layouts, held):
+def test_each_preference_layout_collates_to_the_same_batch_as_trl(
+    collator, reference, name, data, layouts, held
+):
     split = read_pairs(PREFERENCE / name, **data)
     assert split.problems == [] and [p.format for p in split.samples] == layouts
     assert_same_batch(collator(split.samples), collator([reference[i] for i in held]))
@@ -78,7 +80,9 @@ def test_the_trl_reference_holds_what_the_others_are_compared_with(reference, co
     batch = collator(reference)
     texts = [collator.answers.tokenizer.decode(ids[mask.bool()]) for ids, mask in
              zip(batch["input_ids"], batch["completion_mask"], strict=True)]  # fmt: skip
-    assert texts == [f"{a}<|im_end|>\n" for a in ("Red.", "The first.", "Four.", "Blue.", "The second.", "Three.")]
+    assert texts == [
+        f"{a}<|im_end|>\n" for a in ("Red.", "The first.", "Four.", "Blue.", "The second.", "Three.")
+    ]
 
 
 def test_rlaif_v_images_stay_in_the_parquet_rows():
@@ -101,7 +105,9 @@ def test_data_format_sharegpt_splits_markers_and_messages_keeps_them_as_text(tmp
         {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " What color is the square?"},
     ]  # fmt: skip
     assert read_pairs(path, format="sharegpt").samples[0].prompt == split_here.prompt
-    as_text = scan_split("train", str(path), DataSection(train=str(path), format="messages"), reader=PairReader)
+    as_text = scan_split(
+        "train", str(path), DataSection(train=str(path), format="messages"), reader=PairReader
+    )
     assert as_text.samples[0].prompt[0]["content"][0]["type"] == "image"  # TRL's rule: images first
     assert as_text.samples[0].prompt[0]["content"][1]["text"] == "Look: <image> What color is the square?"
 
@@ -160,7 +166,9 @@ def test_too_long_pairs_are_measured_on_their_longer_side_and_follow_too_long(co
     assert lengths == [max(c, r) for c, r in zip(chosen_only, rejected_only, strict=True)]
     limit = sorted(lengths)[1]  # the longest pair is over it
     data = DataSection(train="x", too_long="drop")
-    kept = check_split("train", str(PREFERENCE / "trl.jsonl"), data, limit, collator.count_tokens, reader=PairReader)
+    kept = check_split(
+        "train", str(PREFERENCE / "trl.jsonl"), data, limit, collator.count_tokens, reader=PairReader
+    )
     assert len(kept.samples) == 2 and [p.index for p in kept.too_long] == [lengths.index(max(lengths))]
     assert f"> max_length {limit}" in kept.too_long[0].reason
     with pytest.raises(DataError, match="exceed train.max_length"):

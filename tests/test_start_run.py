@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from posttrain_fixtures import fake_run
 
 from vlmtune.errors import RunDirError
 from vlmtune.recipe import LoraSection, ModelSection
 from vlmtune.trained import start_from
 
 from conftest import ROOT, write_recipe
-from posttrain_fixtures import fake_run
 from test_cli import vlmtune
 
 
@@ -100,7 +100,6 @@ def test_model_adapter_is_relative_to_the_recipe(tmp_path: Path):
 def test_the_adapter_is_attached_trainable_with_its_weights_and_the_recipes_dropout(tmp_path: Path):
     import torch
     from safetensors.torch import load_file
-
     from test_dpo import trained_looking_adapter
 
     from vlmtune.recipe import QuantizationSection

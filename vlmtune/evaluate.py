@@ -156,7 +156,6 @@ def answers(
 
 def pair_logps(model: Any, processor: Any, pairs: list, batch_size: int = 4) -> list[tuple[float, float]]:
     """(chosen, rejected) summed answer log-probs of each pair, on exactly the tokens DPO scores."""
-    import torch
 
     from vlmtune.families import detect_family
     from vlmtune.preference_collator import PreferenceCollator
@@ -255,8 +254,12 @@ def report(items: list[EvalItem], found: dict, **facts: Any) -> dict:
         "predictions": [
             prediction(item, a, b, at, bt)
             for item, a, b, at, bt in zip(
-                items, adapter["answers"], base["answers"], _each(adapter.get("logps"), items),
-                _each(base.get("logps"), items), strict=True,
+                items,
+                adapter["answers"],
+                base["answers"],
+                _each(adapter.get("logps"), items),
+                _each(base.get("logps"), items),
+                strict=True,
             )
         ],  # fmt: skip
     }

@@ -65,7 +65,9 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter)
+        model = lora.apply(
+            loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter
+        )
         lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:

@@ -224,8 +224,9 @@ class DataSection(Section):
 class TrainSection(Section):
     objective: Objective = Field(
         "sft",
-        description="What the train stage optimises: sft = supervised fine-tuning on the answers. An "
-        "objective with knobs reads them from the recipe section of the same name.",
+        description="What the train stage optimises: sft = supervised fine-tuning on the answers; dpo = "
+        "preference tuning on chosen/rejected pairs (docs/preference.md). An objective with knobs reads them "
+        "from the recipe section of the same name.",
     )
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
@@ -312,16 +313,24 @@ class DpoSection(Section):
                 f"(conservative DPO) or one of {', '.join(self.SMOOTHED_LOSSES)}, or drop label_smoothing"
             )
         if self.loss_type == "exo_pair" and not self.label_smoothing:
-            raise ValueError("dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)")
+            raise ValueError(
+                "dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)"
+            )
         return self
 
 
 # Keys only some objectives read, with the reason; a value other than the default under another
 # objective is an error (the default itself is accepted: resolved.yaml writes every key).
 OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
-    ("data", "train_on_responses_only"): (("sft",), "preference pairs are always scored on their answers only"),
+    ("data", "train_on_responses_only"): (
+        ("sft",),
+        "preference pairs are always scored on their answers only",
+    ),
     ("train", "supervised_loss"): (("sft",), "DPO scores answers with TRL's chunked log-probabilities"),
-    ("lora", "dropout"): (("sft",), "DPO turns dropout off so the model and its reference score answers alike"),
+    ("lora", "dropout"): (
+        ("sft",),
+        "DPO turns dropout off so the model and its reference score answers alike",
+    ),
 }
 
 
@@ -588,7 +597,9 @@ def section_types() -> dict[str, type[Section]]:
     for name, field in Recipe.model_fields.items():
         annotation = field.annotation
         if not (isinstance(annotation, type) and issubclass(annotation, Section)):
-            annotation = next(t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Section))
+            annotation = next(
+                t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Section)
+            )
         types[name] = annotation
     return types
 

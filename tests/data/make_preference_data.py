@@ -24,7 +24,11 @@ PAIRS = [
     ("Be brief.", [("user", "Which image is red?", ["red.png", "blue.png"])], "The first.", "The second."),
     (
         None,
-        [("user", "Hello.", []), ("assistant", "Hi there.", []), ("user", "How many sides has a square?", [])],
+        [
+            ("user", "Hello.", []),
+            ("assistant", "Hi there.", []),
+            ("user", "How many sides has a square?", []),
+        ],
         "Four.",
         "Three.",
     ),
@@ -77,7 +81,11 @@ def trl_implicit(system, turns, chosen, rejected) -> dict:
     """TRL's implicit prompt: two whole conversations that share everything but the answer."""
     record = trl(system, turns, chosen, rejected)
     prompt = record.pop("prompt")
-    return {"images": record["images"], "chosen": prompt + record["chosen"], "rejected": prompt + record["rejected"]}
+    return {
+        "images": record["images"],
+        "chosen": prompt + record["chosen"],
+        "rejected": prompt + record["rejected"],
+    }
 
 
 def llamafactory(system, turns, chosen, rejected) -> dict:
@@ -113,10 +121,11 @@ def columns(system, turns, chosen, rejected) -> dict | None:
 
 def write_rlaif_v(out: Path) -> None:
     """RLAIF-V's own shape: one embedded image per row (a datasets Image feature) and its extra columns."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     system, turns, chosen, rejected = PAIRS[0]
-    (_, question, names), = turns
+    ((_, question, names),) = turns
     features = Features(
         {"ds_name": Value("string"), "image": ImageFeature(), "question": Value("string"),
          "chosen": Value("string"), "rejected": Value("string"), "origin_dataset": Value("string")}

@@ -275,7 +275,9 @@ def describe_term(name: str, result) -> str:
         return f"{training.optim} states"
     if name == "activations":
         ckpt = "gradient checkpointing" if training.gradient_checkpointing else "no checkpointing"
-        rows = f"{work.batch_size} x 2 (chosen, rejected)" if training.sequences == 2 else f"{work.batch_size}"
+        rows = (
+            f"{work.batch_size} x 2 (chosen, rejected)" if training.sequences == 2 else f"{work.batch_size}"
+        )
         return f"{rows} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
     if name == "logits":
         if training.objective == "dpo":
@@ -287,7 +289,11 @@ def describe_term(name: str, result) -> str:
             return "none (sft)"
         if training.method == "full":
             return "dpo: a frozen copy of the weights"
-        return "dpo: the continued adapter, frozen (fp32)" if training.continues_adapter else "dpo: adapter disabled"
+        return (
+            "dpo: the continued adapter, frozen (fp32)"
+            if training.continues_adapter
+            else "dpo: adapter disabled"
+        )
     if name == "overhead":
         return "CUDA context (a constant)"
     return ""

@@ -132,7 +132,10 @@ class PairReader:
         split = self._splits_markers(turns, layout)
         if layout == "trl" and not split:
             turns = _images_before_first_user_text(turns, len(_column(record)))
-        conversation = {"messages": turns, **{k: record[k] for k in ("images", "image", "system") if k in record}}
+        conversation = {
+            "messages": turns,
+            **{k: record[k] for k in ("images", "image", "system") if k in record},
+        }
         style = "sharegpt" if split else "messages"
         try:
             messages, slots, column, images_key = self.samples._from_conversation(conversation, style)
@@ -141,7 +144,11 @@ class PairReader:
             raise _renamed(exc, "messages", key) from None
         if not any(m["role"] == "user" for m in messages) or messages[-1]["role"] != "user":
             raise SampleError(key, "the prompt must end with a user turn: the two answers reply to it")
-        return messages, [_renamed_image(image, key) for image in images], [_renamed_field(f, key) for f in fields]
+        return (
+            messages,
+            [_renamed_image(image, key) for image in images],
+            [_renamed_field(f, key) for f in fields],
+        )
 
     def _splits_markers(self, turns: list, layout: str) -> bool:
         """Are `<image>` markers in string contents image positions? (data.format can force it)"""
@@ -173,16 +180,23 @@ def _split_conversation(record: dict, layout: str) -> tuple[str, list, dict, dic
         turns = _turn_list(record.get("messages"), "messages")
         last = turns[-1]
         if not isinstance(last, dict) or _turn_role(last, f"messages[{len(turns) - 1}]") != "assistant":
-            raise SampleError("messages", "the last turn must be the chosen assistant answer (ms-swift layout)")
-        return "messages", turns[:-1], _answer_turn(last, "messages[-1]"), _answer_turn(
-            record[SWIFT_REJECTED], SWIFT_REJECTED
+            raise SampleError(
+                "messages", "the last turn must be the chosen assistant answer (ms-swift layout)"
+            )
+        return (
+            "messages",
+            turns[:-1],
+            _answer_turn(last, "messages[-1]"),
+            _answer_turn(record[SWIFT_REJECTED], SWIFT_REJECTED),
         )
     if layout == "sharegpt":
         key = _conversation_key(record)
         return key, _turn_list(record[key], key), *(_answer_turn(record[k], k) for k in ANSWER_KEYS)
     if "prompt" in record:  # trl, explicit prompt
         prompt = record["prompt"]
-        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _turn_list(prompt, "prompt")
+        turns = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _turn_list(prompt, "prompt")
+        )
         return "prompt", turns, *(_answer_turn(record[k], k) for k in ANSWER_KEYS)
     return _implicit_prompt(record)
 
@@ -192,9 +206,15 @@ def _implicit_prompt(record: dict) -> tuple[str, list, dict, dict]:
     chosen, rejected = (_turn_list(record[k], k) for k in ANSWER_KEYS)
     if chosen[:-1] != rejected[:-1]:
         raise SampleError(
-            "rejected", "without a `prompt`, chosen and rejected must be the same conversation up to their answers"
+            "rejected",
+            "without a `prompt`, chosen and rejected must be the same conversation up to their answers",
         )
-    return "chosen", chosen[:-1], _answer_turn(chosen[-1], "chosen[-1]"), _answer_turn(rejected[-1], "rejected[-1]")
+    return (
+        "chosen",
+        chosen[:-1],
+        _answer_turn(chosen[-1], "chosen[-1]"),
+        _answer_turn(rejected[-1], "rejected[-1]"),
+    )
 
 
 def _turn_list(value: Any, where: str) -> list:
@@ -231,7 +251,9 @@ def _answer_text(content: Any, where: str) -> str:
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                raise SampleError(f"{where}[{i}]", "an answer holds text parts only (images belong in the prompt)")
+                raise SampleError(
+                    f"{where}[{i}]", "an answer holds text parts only (images belong in the prompt)"
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise SampleError(where, f"expected the answer's text, got {type(content).__name__}")
@@ -244,7 +266,10 @@ def _images_before_first_user_text(turns: list, n_images: int) -> list:
     out, placed = [], False
     for turn in turns:
         if not placed and ROLE_ALIASES.get(turn.get("role")) == "user":
-            turn = {**turn, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": turn["content"]}]}
+            turn = {
+                **turn,
+                "content": [{"type": "image"}] * n_images + [{"type": "text", "text": turn["content"]}],
+            }
             placed = True
         out.append(turn)
     return out
@@ -273,4 +298,6 @@ def check_pair(pair: PreferencePair) -> None:
         if not text.strip():
             raise SampleError(name, f"empty {name} answer: the pair has nothing to compare")
     if chosen.strip() == rejected.strip():
-        raise SampleError("rejected", "the chosen and rejected answers are identical: the pair teaches nothing")
+        raise SampleError(
+            "rejected", "the chosen and rejected answers are identical: the pair teaches nothing"
+        )

@@ -79,7 +79,8 @@ def trainer_arguments(train: TrainSection, run: RunDir, device: str, dtype: str,
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
         activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant starves vision LoRA of gradients
+        # reentrant checkpointing starves vision LoRA of gradients
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16" and device == "cuda",
         use_cpu=device == "cpu",

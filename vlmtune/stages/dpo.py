@@ -160,7 +160,9 @@ def drop_needless_reference_copy(model: Any, reference: str) -> None:
     """TRL copies any adapter it is handed into a frozen "ref" adapter. Without it TRL disables the
     adapter for the reference (the base answers): what ``reference: base`` asks for, and the same
     model as the copy when the adapter is fresh, for less memory and compute."""
-    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) and (reference == "base" or adds_nothing(model)):
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) and (
+        reference == "base" or adds_nothing(model)
+    ):
         model.delete_adapter(REFERENCE_ADAPTER)
 
 

@@ -41,7 +41,9 @@ def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
     return LoraPlan("lora", target_regex(family, lora), targets, modules_to_save, per_component)
 
 
-def apply(model: Any, lora: LoraSection, lora_plan: LoraPlan, *, seed: int, adapter: Path | None = None) -> Any:
+def apply(
+    model: Any, lora: LoraSection, lora_plan: LoraPlan, *, seed: int, adapter: Path | None = None
+) -> Any:
     """The model with adapters attached (or every weight trainable for method: full).
 
     ``seed`` fixes the random lora_A initialisation: without it two runs of one recipe start

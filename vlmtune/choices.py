@@ -26,6 +26,12 @@ DpoLoss = Literal[
 ]  # fmt: skip
 DpoReference = Literal["start", "base"]  # the frozen model DPO measures its rewards against
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+# Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
+# what each needs installed.
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "neptune", "dvclive", "swanlab",
+    "codecarbon", "azure_ml", "dagshub", "flyte",
+]  # fmt: skip
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).
 NO_QUANTIZATION = ("none", "null", "16", "off")

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, rundir, trained
+from vlmtune import checkpoint, evaluate, observe, rundir, trained
+from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import dpo, load, lora, sft
@@ -36,6 +37,7 @@ def run(
     warn: Warn = _stderr,
 ) -> RunDir:
     """A new run folder, trained to the end."""
+    require_installed(recipe.output.report_to)  # before the run folder exists
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
     run.write_text(rundir.RECIPE, recipe_text)
     run.write_text(rundir.RESOLVED, recipe.to_yaml())
@@ -49,6 +51,7 @@ def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
 
     run = RunDir.open(run_path)
     recipe = load_recipe(run / rundir.RESOLVED)
+    require_installed(recipe.output.report_to)
     return _stages(recipe, run, resume=bool(run.checkpoints()), callbacks=callbacks, warn=warn)
 
 
@@ -59,7 +62,7 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
 
     with stage(run, "load") as figures:
         start = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
-        figures.update(estimate_memory(run, recipe, device, warn))
+        figures.update(estimate_memory(run, recipe, device, warn), **observe.before_load())
         loaded = load.load(start.model, recipe.quantization, recipe.data.max_image_pixels, device)
         load.write_artifacts(run, loaded)
 
@@ -74,8 +77,10 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
         result = OBJECTIVES[recipe.train.objective].train(
             model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
             run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
+            report_to=recipe.output.report_to,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
 
     if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:

@@ -3,7 +3,7 @@
 An objective pre-flights its items (pairs, prompts) through vlmtune.preflight, hands TRL a dataset
 of positions (TRL only takes `datasets` datasets; the items, with their lazy images, stay in our
 collator), builds its trainer from ``trainer_arguments`` plus its own knobs, and ``run_trainer``
-trains it with vlmtune's metrics writer and saves the final weights into 3-train/.
+trains it with vlmtune's metrics writer and observers and saves the final weights into 3-train/.
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ class IndexedCollator:
         return self.collate([self.items[row["position"]] for row in rows])
 
 
-def trainer_arguments(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> dict:
-    """The TrainingArguments every objective takes from the train section, as keyword arguments."""
+def trainer_arguments(
+    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, report_to: list[str]
+) -> dict:
+    """The TrainingArguments every objective takes from the train section (and output.report_to)."""
+    from vlmtune.observe.trackers import trainer_args
+
     return dict(
         output_dir=str(run / rundir.CHECKPOINTS),
         max_steps=train.max_steps,
@@ -89,17 +93,20 @@ def trainer_arguments(train: TrainSection, run: RunDir, device: str, dtype: str,
         length_column_name="length",
         torch_compile=train.torch_compile,
         prediction_loss_only=True,  # eval needs the loss and the logged metrics, never the logits
-        report_to="none",
+        **trainer_args(report_to, run),  # report_to, run_name
         disable_tqdm=True,
         remove_unused_columns=False,  # the rows are positions for our collator, not model inputs
     )
 
 
-def run_trainer(trainer: Any, processor: Any, run: RunDir, resume: bool) -> TrainResult:
+def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: bool) -> TrainResult:
     """Train (from the last checkpoint when resuming), save the final weights, report the losses."""
     from transformers.trainer_callback import PrinterCallback
 
+    from vlmtune import observe
+
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
+    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer.model, processor, run)
     losses = run.losses()

@@ -62,7 +62,13 @@ def prepare_pairs(
 
 
 def dpo_config(
-    train: TrainSection, options: DpoSection, run: RunDir, device: str, dtype: str, has_eval: bool
+    train: TrainSection,
+    options: DpoSection,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    has_eval: bool,
+    report_to: list[str] | None = None,
 ) -> Any:
     from trl import DPOConfig
 
@@ -71,7 +77,7 @@ def dpo_config(
         losses.append("sft")
         weights.append(options.sft_weight)
     return DPOConfig(
-        **trainer_arguments(train, run, device, dtype, has_eval),
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to or []),
         beta=options.beta,
         loss_type=losses,
         loss_weights=weights,
@@ -115,12 +121,13 @@ def train(
     dtype: str,
     resume: bool = False,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> TrainResult:
     trainer = build_trainer(
         model, processor, family, data, train_section, options, run=run, device=device, dtype=dtype,
-        callbacks=callbacks,
+        callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
-    return run_trainer(trainer, processor, run, resume)
+    return run_trainer(trainer, processor, run, device, resume)
 
 
 def build_trainer(
@@ -135,6 +142,7 @@ def build_trainer(
     device: str,
     dtype: str,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> Any:
     """The pairs pre-flighted and TRL's DPOTrainer set up on them, with its reference, not yet trained."""
     from vlmtune.callbacks import MetricsWriter
@@ -145,7 +153,7 @@ def build_trainer(
     trainer = preference_trainer_class()(
         model=model,
         ref_model=None if is_peft else frozen_copy(model),
-        args=dpo_config(train_section, options, run, device, dtype, eval_pairs is not None),
+        args=dpo_config(train_section, options, run, device, dtype, eval_pairs is not None, report_to),
         train_dataset=positions(0, train_pairs.lengths),
         eval_dataset=positions(len(train_pairs.items), eval_pairs.lengths) if eval_pairs else None,
         processing_class=processor,

@@ -80,8 +80,12 @@ def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
     return SampleSet([checked.samples[i] for i in order], [checked.lengths[i] for i in order])
 
 
-def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> Any:
+def sft_config(
+    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, report_to: list[str]
+) -> Any:
     from trl import SFTConfig
+
+    from vlmtune.observe.trackers import trainer_args
 
     return SFTConfig(
         output_dir=str(run / rundir.CHECKPOINTS),
@@ -115,7 +119,7 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         length_column_name="length",
         torch_compile=train.torch_compile,
         prediction_loss_only=True,  # eval needs the loss only; never the logits
-        report_to="none",
+        **trainer_args(report_to, run),  # report_to, run_name
         disable_tqdm=True,
         # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
         remove_unused_columns=False,
@@ -137,7 +141,9 @@ def train(
     dtype: str,
     resume: bool = False,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> TrainResult:
+    from vlmtune import observe
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
 
@@ -146,7 +152,7 @@ def train(
     samples = train_split.samples + (eval_split.samples if eval_split else [])
     trainer = VlmtuneTrainer(
         model=model,
-        args=sft_config(train_section, run, device, dtype, eval_split is not None),
+        args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or []),
         train_dataset=positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
@@ -158,6 +164,7 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer, processor, run)
     losses = run.losses()

@@ -174,11 +174,15 @@ def test_the_reference_log_probs_do_not_move_while_the_model_trains(
 ):
     import torch
 
+    from vlmtune.evaluate import answer_logps
+
     adapter = trained_looking_adapter(tmp_path / "sft-adapter") if continued else None
     model, loaded = loaded_model(bits, method, adapter)
     trainer = build(tmp_path, model, loaded, reference)
     batch = trainer.data_collator([{"position": i} for i in range(3)])
     reference_before, policy_before = logps(trainer, batch, True), logps(trainer, batch, False)
+    scored_by_eval = answer_logps(trainer.model, dict(batch))  # what `vlmtune eval` compares pairs by
+    assert torch.allclose(scored_by_eval, policy_before, atol=1e-4), "eval scores the tokens DPO scores"
 
     if method == "full":  # a frozen copy: a second set of weights, none of them trainable
         assert trainer.ref_model is not None and not any(

@@ -15,9 +15,10 @@ The layouts users have, detected per record from its keys (docs/preference.md ha
 - swift: ms-swift's ``messages`` whose last assistant turn is the chosen answer, plus
   ``rejected_response``; ``<image>`` markers in the text, ``images``.
 
-The prompt is read by the SFT readers (vlmtune.data.layouts), so images, parts, markers and roles
-follow the same rules and report problems the same way; a pair with an empty or a duplicated
-answer is refused with its reason.
+The prompt is read by the SFT readers (vlmtune.data.layouts: SampleReader's conversation and
+columns readers and its image filling, called here on the prompt part of a record), so images,
+parts, markers and roles follow the same rules and report problems the same way; a pair with an
+empty or a duplicated answer is refused with its reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.layouts import ROLE_ALIASES, SampleReader, _role, _text_cell
+from vlmtune.data.layouts import ROLE_ALIASES, SampleReader, _conversation_key, _role, _text_cell
 from vlmtune.data.samples import Sample, SampleError
 from vlmtune.data.sources import RowImage
 
@@ -142,7 +143,7 @@ class PairReader:
             images, fields = self.samples._fill_images(index, slots, column, images_key, style)
         except SampleError as exc:
             raise _renamed(exc, "messages", key) from None
-        if not any(m["role"] == "user" for m in messages) or messages[-1]["role"] != "user":
+        if messages[-1]["role"] != "user":
             raise SampleError(key, "the prompt must end with a user turn: the two answers reply to it")
         return (
             messages,
@@ -157,14 +158,18 @@ class PairReader:
         if layout in ("sharegpt", "swift"):
             return True
         marker = self.samples.placeholder
-        return any(isinstance(t, dict) and marker in str(t.get("content", t.get("value", ""))) for t in turns)
+        return any(isinstance(text, str) and marker in text for text in map(_string_content, turns))
 
 
 # --- pieces of a record ----------------------------------------------------------------------------
 
 
-def _conversation_key(record: dict) -> str | None:
-    return next((key for key in ("conversations", "messages") if key in record), None)
+def _string_content(turn: Any) -> str | None:
+    """A turn's content when it is one string (role/content or from/value); None otherwise."""
+    if not isinstance(turn, dict):
+        return None
+    content = turn.get("content", turn.get("value"))
+    return content if isinstance(content, str) else None
 
 
 def _column(record: dict) -> list:
@@ -261,7 +266,7 @@ def _answer_text(content: Any, where: str) -> str:
 
 def _images_before_first_user_text(turns: list, n_images: int) -> list:
     """TRL's rule for string contents: all images go before the text of the first user turn."""
-    if not n_images or not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns):
+    if not n_images or any(_string_content(turn) is None for turn in turns):
         return turns
     out, placed = [], False
     for turn in turns:

@@ -42,6 +42,12 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
     data = {"train": str(task / "pairs.jsonl"), "max_image_pixels": 12544, "shuffle": False}
     sft = train_run(tmp_path / "sft", model=MODEL, train={**TRAIN, "max_steps": 2},
                     data={**data, "train": str(task / "sft.jsonl")})  # fmt: skip
+    # SFT trains on from its own earlier run too: it starts where that run ended, not at a fresh adapter.
+    again = train_run(tmp_path / "sft-again", model={**MODEL, "adapter": str(sft.path)},
+                      train={**TRAIN, "max_steps": 1}, data={**data, "train": str(task / "sft.jsonl")})  # fmt: skip
+    sft_losses = sft.losses()
+    assert again.losses()[0] < sft_losses[0] - 1.0, (sft_losses, again.losses())
+
     dpo = {"model": {**MODEL, "adapter": str(sft.path)}, "data": data, "dpo": {"sft_weight": 0.5}}
     whole = train_run(tmp_path / "whole", train={**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2},
                       **dpo)  # fmt: skip

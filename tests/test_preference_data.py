@@ -174,3 +174,44 @@ def test_too_long_pairs_are_measured_on_their_longer_side_and_follow_too_long(co
     with pytest.raises(DataError, match="exceed train.max_length"):
         check_split("train", str(PREFERENCE / "trl.jsonl"), DataSection(train="x"), limit, collator.count_tokens,
                     reader=PairReader)  # fmt: skip
+
+
+# --- the committed files are what their scripts write ---------------------------------------------
+
+
+def test_the_preference_fixtures_are_what_make_preference_data_writes(tmp_path: Path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_preference_data", PREFERENCE.parent / "make_preference_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    module.write()
+    for name in ("trl.jsonl", "trl_strings.jsonl", "trl_implicit.jsonl", "swift.jsonl", "columns.jsonl",
+                 "llamafactory.json"):  # fmt: skip
+        assert (tmp_path / name).read_text() == (PREFERENCE / name).read_text(), name
+    for name in ("red.png", "blue.png"):
+        assert (tmp_path / "images" / name).read_bytes() == (IMAGES / name).read_bytes(), name
+
+
+def test_the_demo_pairs_are_what_make_demo_pairs_writes(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    demo = ROOT / "data" / "demo"
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(demo / name, tmp_path / name)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_pairs.py"), str(tmp_path)], check=True)
+    for name in ("pairs.jsonl", "eval_pairs.jsonl"):
+        assert (tmp_path / name).read_text() == (demo / name).read_text(), name
+    pairs = read_pairs(demo / "pairs.jsonl").samples
+    assert len(pairs) == 48 and all(p.answer_text("chosen") != p.answer_text("rejected") for p in pairs)
+    # Only what the question asks about changes: "The circle is yellow." vs "The circle is red."
+    first = pairs[0]
+    assert (first.answer_text("chosen"), first.answer_text("rejected")) == (
+        "The circle is yellow.",
+        "The circle is red.",
+    )

@@ -286,7 +286,7 @@ def describe_term(name: str, result) -> str:
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
     if name == "reference":
         if training.objective != "dpo":
-            return "none (sft)"
+            return f"none ({training.objective})"
         if training.method == "full":
             return "dpo: a frozen copy of the weights"
         return (

@@ -148,8 +148,8 @@ def test_prompts_are_the_conversation_before_the_last_answer(tmp_path: Path):
     run = RunDir.create(tmp_path, "run")
     scorers = rewards.build(recipe.grpo.rewards)
     train, held_out = prepare_prompts(processor_of(), data, recipe.train, recipe.grpo, scorers, run)
-    assert len(train) == 48 and held_out == []
-    two_turns = train[4]
+    assert len(train.items) == len(train.lengths) == 48 and held_out.items == []
+    two_turns = train.items[4]
     assert [m["role"] for m in two_turns.messages] == ["user", "assistant", "user"]
     assert len(two_turns.images) == 2 and two_turns.reference == "The green one."
     assert two_turns.text.endswith("user: Which one is first?")
@@ -186,7 +186,7 @@ def test_prompts_without_an_answer_train_on_rewards_that_need_none(tmp_path: Pat
     train, _ = prepare_prompts(
         processor_of(), recipe.data, recipe.train, recipe.grpo, rewards.build(recipe.grpo.rewards), run
     )
-    assert [p.reference for p in train] == [None] * 4 and all(len(p.images) == 1 for p in train)
+    assert [p.reference for p in train.items] == [None] * 4 and all(len(p.images) == 1 for p in train.items)
 
 
 def test_data_check_reads_a_grpo_recipe_as_training_does(tmp_path: Path):
@@ -277,12 +277,13 @@ def test_estimate_memory_counts_the_sampled_sequences():
     )
     grpo = estimate_recipe(parse_recipe(text))
     sft = estimate_recipe(parse_recipe(text.replace("objective: grpo", "objective: sft").split("grpo:")[0]))
-    assert "generation" not in sft.terms and "reference" not in grpo.terms
+    assert "generation" not in sft.terms and grpo.terms["reference"] == 0  # a fresh adapter, disabled
     # Qwen2.5-VL-7B: 28 layers x (512 keys + 512 values) per token, 16 sequences of 2048 tokens, bf16
     assert kv_elems_per_token(describe(grpo)) == 28 * 1024
     cache = 16 * 2048 * 28 * 1024 * 2
     assert cache < grpo.terms["generation"] < cache * 1.05
-    assert grpo.terms["logits"] == 2 * 4096 * 32768 * 2  # TRL's fused kernel: two bf16 tiles
+    # TRL's log-prob tiles over the completions: 8 x 512 tokens, 32768 vocabulary columns, fp32
+    assert grpo.terms["logits"] == (4096 + 3584) * 32768 * 4
     others = {name: value for name, value in grpo.terms.items() if name not in ("generation", "logits")}
     assert others == {name: value for name, value in sft.terms.items() if name != "logits"}
     assert grpo.to_json()["inputs"]["generations"] == 16
@@ -290,6 +291,11 @@ def test_estimate_memory_counts_the_sampled_sequences():
         parse_recipe(text.replace("data:", "quantization: {bits: null}\nlora: {method: full}\ndata:"))
     )
     assert full.terms["reference"] == full.terms["weights"]  # beta > 0: a frozen copy to measure KL against
+    no_kl = estimate_recipe(
+        parse_recipe(text.replace("data:", "quantization: {bits: null}\nlora: {method: full}\ndata:")
+                     .replace("num_generations: 8", "num_generations: 8, beta: 0"))
+    )  # fmt: skip
+    assert no_kl.terms["reference"] == 0
 
 
 def describe(estimate):

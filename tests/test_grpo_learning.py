@@ -4,9 +4,9 @@ reward; its mean reward on held-out prompts rises clearly.
 
 A short SFT run teaches the answer words but not yet the colours reliably, so sampled answers are
 often a wrong colour: what a reward can sharpen. The reward is measured on the held-out images by
-sampling as GRPO samples (temperature 1), before (the SFT model) and after (with the GRPO adapter),
-from the saved weights, not read off the training curve; the run's own held-out eval_reward must
-agree.
+sampling as GRPO samples (temperature 1), before (the 4-bit base with the SFT adapter, where GRPO
+starts) and after (with the adapter GRPO saved), from the saved weights, not read off the training
+curve; the run's own held-out eval_reward must agree.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def held_out_reward(inference, prompts, seed: int = 0) -> float:
 
 
 def test_grpo_raises_the_held_out_reward_of_an_sft_warm_start(tmp_path: Path):
+    from peft import PeftModel
+
     from vlmtune.preflight import read_split
     from vlmtune.recipe import load_recipe
     from vlmtune.stages.grpo import prompt_of
@@ -63,24 +65,16 @@ def test_grpo_raises_the_held_out_reward_of_an_sft_warm_start(tmp_path: Path):
 
     runs = f"output.dir={tmp_path}"
     run("train", str(RECIPES / "colours_sft.yaml"), "--set", runs, "--run-dir", str(tmp_path / "sft"))
-    # The warm start, until model.adapter lands: the SFT adapter merged into the base, then a fresh adapter.
-    run("export", str(tmp_path / "sft"), "--out", str(tmp_path / "warm"), "--merge")
     grpo = RECIPES / "colours_grpo.yaml"
-    run(
-        "train",
-        str(grpo),
-        "--set",
-        f"model.name={tmp_path / 'warm'}",
-        "--set",
-        runs,
-        "--run-dir",
-        str(tmp_path / "grpo"),
-    )
+    sft_run = f"model.adapter={tmp_path / 'sft'}"  # the recipe's model.adapter, pointed at this test's run
+    run("train", str(grpo), "--set", sft_run, "--set", runs, "--run-dir", str(tmp_path / "grpo"))
 
     trained = open_trained_run(tmp_path / "grpo")
     data = load_recipe(grpo).data
     prompts = [prompt_of(sample) for sample in read_split(data.eval, data).samples]
-    before = held_out_reward(load_for_inference(trained, base_only=True), prompts)  # the warm start, 4-bit
+    start = load_for_inference(trained, base_only=True)  # the 4-bit base GRPO trained on ...
+    start.model = PeftModel.from_pretrained(start.model, str(open_trained_run(tmp_path / "sft").weights))
+    before = held_out_reward(start, prompts)  # ... with the SFT adapter: where GRPO started
     after = held_out_reward(load_for_inference(trained), prompts)
     rows = [
         json.loads(line)
@@ -92,3 +86,7 @@ def test_grpo_raises_the_held_out_reward_of_an_sft_warm_start(tmp_path: Path):
     assert 0.1 < before < 0.7  # the warm start knows the words, not yet the colours: room to learn
     assert after >= before + 0.15 and after >= 0.55
     assert curve[0][0] == 0 and curve[-1][1] >= curve[0][1] + 0.15  # the run measured the same rise
+    # The KL reference is the SFT model GRPO started from (a frozen copy of its adapter), not the base:
+    # at the first step the policy is that model exactly. The saved adapter is the trained one alone.
+    assert next(row["kl"] for row in rows if "kl" in row) == 0.0
+    assert not (trained.weights / "ref").exists()

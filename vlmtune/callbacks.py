@@ -31,6 +31,19 @@ KEYS = {
     "completions/clipped_ratio": "completions_clipped",
     "clip_ratio/region_mean": "clip_ratio",
     **{key: key for key in memory.KEYS},  # peak memory since the previous row (vlmtune/observe/memory.py)
+    # preference tuning (dpo): rewards are beta x log(p / p_reference) of each answer
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+    "eval_rewards/chosen": "eval_reward_chosen",
+    "eval_rewards/rejected": "eval_reward_rejected",
+    "eval_rewards/margins": "eval_reward_margin",
+    "eval_rewards/accuracies": "eval_preference_accuracy",
+    "eval_logps/chosen": "eval_logp_chosen",
+    "eval_logps/rejected": "eval_logp_rejected",
 }
 # Keys named after something of the run (a grpo reward's name) -> our key.
 PATTERNS = ((re.compile(r"rewards/(\w+)/mean"), "reward_{}"),)

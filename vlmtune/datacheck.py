@@ -22,7 +22,13 @@ def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, CheckedS
         processor, family, max_length=None, train_on_responses_only=recipe.data.train_on_responses_only
     )
     reader, measure = SampleReader, collator.count_tokens
-    if recipe.train.objective == "grpo":  # prompts: a sample's conversation before its answer, + completions
+    if recipe.train.objective == "dpo":  # preference pairs: both answers of every pair read and measured
+        from vlmtune.stages.dpo import pair_reading
+
+        reader, measure = pair_reading(processor, family)
+    elif (
+        recipe.train.objective == "grpo"
+    ):  # prompts: a sample's conversation before its answer, + completions
         from vlmtune.stages.grpo import prompt_reading
 
         reader, measure = prompt_reading(processor, recipe.grpo)

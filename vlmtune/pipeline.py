@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, observe, rundir
+from vlmtune import checkpoint, evaluate, observe, rundir, trained
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import grpo, load, lora, sft
+from vlmtune.stages import dpo, grpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft, "grpo": grpo}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "dpo": dpo, "grpo": grpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -62,15 +62,18 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
 
     objective = OBJECTIVES[recipe.train.objective]
     with stage(run, "load") as figures:
+        start = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
         if hasattr(objective, "before_load"):  # e.g. grpo's reward functions: refused before any weight loads
             objective.before_load(recipe.objective_options())
         figures.update(estimate_memory(run, recipe, device, warn), **observe.before_load())
-        loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
+        loaded = load.load(start.model, recipe.quantization, recipe.data.max_image_pixels, device)
         load.write_artifacts(run, loaded)
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
+        model = lora.apply(
+            loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter
+        )
         lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:

@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlmtune.data import Problem, Sample, SampleError, SampleReader, invalid_samples_error, open_records
@@ -147,7 +147,7 @@ def _measure(sample: Sample, data: DataSection, measure: Measure | None) -> tupl
         over = sum(budget is not None and im.width * im.height > budget for im in opened)
         if measure is None:
             return None, over
-        decoded = Sample(sample.index, sample.messages, opened, sample.image_fields, sample.format)
+        decoded = replace(sample, images=opened)
         try:
             return measure(decoded), over
         except VlmtuneError:

@@ -19,6 +19,8 @@ from vlmtune.choices import (
     AttnImplementation,
     DataFormat,
     Device,
+    DpoLoss,
+    DpoReference,
     Dtype,
     GrpoLoss,
     LoraBias,
@@ -49,6 +51,12 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     attn_implementation: AttnImplementation | None = Field(
         None, description="Attention kernel; None lets transformers choose (sdpa where supported)."
+    )
+    adapter: str | None = Field(
+        None,
+        description="A finished run folder of this same base model to train on from: its trained adapter "
+        "(or, for lora.method full, its full weights) is loaded, trainable, instead of a fresh one; the lora "
+        "section must describe that adapter as its run did (e.g. an SFT run, then DPO from it).",
     )
 
     @field_validator("name")
@@ -220,9 +228,9 @@ class DataSection(Section):
 class TrainSection(Section):
     objective: Objective = Field(
         "sft",
-        description="What the train stage optimises: sft = supervised fine-tuning on the answers; grpo = online "
-        "RL, rewarding sampled answers (docs/rl.md). An objective with knobs reads them from the recipe section of "
-        "the same name.",
+        description="What the train stage optimises: sft = supervised fine-tuning on the answers; dpo = "
+        "preference tuning on chosen/rejected pairs (docs/preference.md); grpo = online RL, rewarding sampled "
+        "answers (docs/rl.md). An objective with knobs reads them from the recipe section of the same name.",
     )
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
@@ -262,6 +270,57 @@ class TrainSection(Section):
         False, description="torch.compile the model (CUDA; first steps pay the compile)."
     )
     device: Device = Field("auto", description="auto = CUDA when available.")
+
+
+class DpoSection(Section):
+    """Knobs of preference tuning (train.objective: dpo), run through TRL's DPOTrainer."""
+
+    SMOOTHED_LOSSES: ClassVar[tuple[str, ...]] = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="How far the model may move from the reference: higher keeps it closer (for ipo, the "
+        "regularisation tau). Rewards are beta times the log-probability ratio to the reference.",
+    )
+    loss_type: DpoLoss = Field(
+        "sigmoid",
+        description="The preference loss: sigmoid = DPO; ipo = IPO (squared, length-normalised); hinge = SLiC; "
+        "robust = DPO with noisy labels (label_smoothing); the others as TRL's DPOTrainer names them.",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a supervised loss on the chosen answers added to the preference loss (RPO). "
+        "Pure DPO can lower the chosen answer's own likelihood and break its end-of-turn token on short "
+        "answers; 0.2-1.0 keeps answers well formed.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed share of flipped preference labels (robust, aot, aot_unpaired) or EXO's epsilon "
+        "(exo_pair needs it above 0). The other losses do not read it.",
+    )
+    reference: DpoReference = Field(
+        "start",
+        description="The frozen model rewards are measured against. start: the model training starts from (the "
+        "base for a fresh adapter; model.adapter's adapter, frozen, when continuing a run; a frozen copy for full "
+        "fine-tuning). base: the base model even when model.adapter continues a run (LoRA only).",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_read(self) -> DpoSection:
+        if self.label_smoothing and self.loss_type not in self.SMOOTHED_LOSSES:
+            raise ValueError(
+                f"dpo.label_smoothing is set but loss_type {self.loss_type} does not read it; use loss_type robust "
+                f"(conservative DPO) or one of {', '.join(self.SMOOTHED_LOSSES)}, or drop label_smoothing"
+            )
+        if self.loss_type == "exo_pair" and not self.label_smoothing:
+            raise ValueError(
+                "dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)"
+            )
+        return self
 
 
 # --- grpo: rewards and knobs ---------------------------------------------------------------------
@@ -441,6 +500,24 @@ class GrpoSection(Section):
         return self
 
 
+# Keys only some objectives read, with the reason; a value other than the default under another
+# objective is an error (the default itself is accepted: resolved.yaml writes every key).
+OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("data", "train_on_responses_only"): (
+        ("sft",),
+        "preference pairs are always scored on their answers only, GRPO's completions too",
+    ),
+    ("train", "supervised_loss"): (
+        ("sft",),
+        "DPO scores answers with TRL's chunked log-probabilities, and so does GRPO",
+    ),
+    ("lora", "dropout"): (
+        ("sft",),
+        "DPO turns dropout off so the model and its reference score answers alike; so does GRPO",
+    ),
+}
+
+
 class OutputSection(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
     name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
@@ -467,6 +544,9 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
+    dpo: DpoSection | None = Field(
+        None, description="Read when train.objective is dpo (filled with its defaults then)."
+    )
     grpo: GrpoSection | None = Field(
         None, description="Read when train.objective is grpo (its rewards are required then)."
     )
@@ -493,18 +573,31 @@ class Recipe(Section):
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
-        self._objective_sections_match()
+        self._objective_keys_apply()
+        dpo = self.dpo
+        if dpo and dpo.reference == "base" and self.model.adapter and self.lora.method == "full":
+            raise ValueError(
+                "dpo.reference base with lora.method full and model.adapter would need the base as a second full "
+                "copy; use reference: start (the run's weights, frozen), or continue a LoRA run"
+            )
         if self.grpo is not None:
             self._grpo_batches_hold_whole_groups(self.grpo)
         return self
 
-    def _objective_sections_match(self) -> None:
+    def _objective_keys_apply(self) -> None:
         objective = self.train.objective
         for other in words(Objective):
             if other != objective and getattr(self, other, None) is not None:
                 raise ValueError(
                     f"a `{other}:` section is given but train.objective is {objective}; set train.objective: "
                     f"{other}, or remove the section"
+                )
+        for (section, key), (readers, why) in OBJECTIVE_ONLY.items():
+            part = getattr(self, section)
+            if objective not in readers and getattr(part, key) != type(part).model_fields[key].default:
+                raise ValueError(
+                    f"{section}.{key} applies to {' and '.join(readers)} only, and train.objective is {objective} "
+                    f"({why}); remove it"
                 )
 
     def _grpo_batches_hold_whole_groups(self, grpo: GrpoSection) -> None:
@@ -606,7 +699,12 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
             "image_root": local(recipe.data.image_root, must_look_local=True),
         }
     )
-    model = recipe.model.model_copy(update={"name": local(recipe.model.name, must_look_local=True)})
+    model = recipe.model.model_copy(
+        update={
+            "name": local(recipe.model.name, must_look_local=True),
+            "adapter": local(recipe.model.adapter, must_look_local=True),
+        }
+    )
     grpo = recipe.grpo and recipe.grpo.model_copy(
         update={"rewards": [_beside(reward, base_dir) for reward in recipe.grpo.rewards]}
     )

@@ -80,6 +80,8 @@ def training_method(
         optim=train.optim,
         gradient_checkpointing=train.gradient_checkpointing,
         supervised_loss=train.supervised_loss,
+        objective=train.objective,
+        continues_adapter=model.adapter is not None,
     )
 
 
@@ -170,16 +172,11 @@ def with_objective(
     recipe: Recipe, training: TrainingMethod, work: Workload
 ) -> tuple[TrainingMethod, Workload]:
     """The chosen objective's own memory: grpo samples a whole optimizer step's completions at once,
-    and full fine-tuning with its KL penalty holds a frozen copy of the weights."""
+    and holds a frozen reference only with its KL penalty (beta > 0)."""
     grpo = recipe.grpo if recipe.train.objective == "grpo" else None
     if grpo is None:
         return training, work
-    training = replace(
-        training,
-        reference_copy=recipe.lora.method == "full" and grpo.beta > 0,
-        logprob_tiles=True,
-        supervised_loss=False,  # train.supervised_loss is SFT's; TRL scores the completions itself
-    )
+    training = replace(training, reference=grpo.beta > 0)
     work = replace(
         work, steps_per_generation=recipe.train.grad_accum, completion_tokens=grpo.max_completion_length
     )

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vlmtune import rewards, rundir
@@ -30,8 +29,17 @@ from vlmtune.preflight import CheckedSplit, Measure, check_split
 from vlmtune.recipe import DataSection, GrpoSection, TrainSection
 from vlmtune.rundir import RunDir
 from vlmtune.stages import TrainResult
+from vlmtune.stages.common import (
+    REFERENCE_ADAPTER,
+    Selected,
+    adds_nothing,
+    positions,
+    run_trainer,
+    select,
+    trainer_arguments,
+)
 
-POSITION = "position"  # the dataset column TRL hands back: a prompt's place in our list
+POSITION = "position"  # the dataset column TRL hands back (stages.common.positions): a prompt's place
 # Model inputs TRL 1.16's GRPOTrainer passes on to the model besides ids, mask and pixel_values.
 TRL_GRPO_INPUTS = frozenset(
     {"image_grid_thw", "mm_token_type_ids", "token_type_ids", "pixel_attention_mask", "image_sizes",
@@ -117,8 +125,8 @@ def prompt_reading(processor: Any, options: GrpoSection) -> tuple[type, Measure]
 
 def prepare_prompts(
     processor: Any, data: DataSection, train: TrainSection, options: GrpoSection, scorers: list, run: RunDir
-) -> tuple[list[Prompt], list[Prompt]]:
-    """Pre-flight every split, write the data report, return the train and eval prompts."""
+) -> tuple[Selected, Selected]:
+    """Pre-flight every split, write the data report, return the train and eval prompts (and lengths)."""
     reader, measure = prompt_reading(processor, options)
 
     def check(name: str, source: str) -> CheckedSplit:
@@ -128,22 +136,18 @@ def prepare_prompts(
     if data.eval:
         reports["eval"] = check("eval", data.eval)
     run.write_json(rundir.DATA_REPORT, {name: report.to_json() for name, report in reports.items()})
-    train_prompts = [prompt_of(s) for s in select(reports["train"].samples, data, train.seed)]
-    eval_prompts = [prompt_of(s) for s in reports["eval"].samples] if data.eval else []
-    for prompts, report in ((train_prompts, reports["train"]), (eval_prompts, reports.get("eval"))):
+    chosen = select(reports["train"], data, train.seed)
+    held_out = reports.get("eval")
+    splits = (
+        Selected([prompt_of(s) for s in chosen.items], chosen.lengths),
+        Selected([prompt_of(s) for s in held_out.samples], held_out.lengths)
+        if held_out
+        else Selected([], []),
+    )
+    for split, report in zip(splits, (reports["train"], held_out), strict=True):
         if report is not None:
-            check_references(prompts, scorers, report.source)
-    return train_prompts, eval_prompts
-
-
-def select(samples: list[Sample], data: DataSection, seed: int) -> list[Sample]:
-    """data.shuffle (with train.seed) and data.max_samples, as SFT applies them."""
-    order = list(range(len(samples)))
-    if data.shuffle:
-        random.Random(seed).shuffle(order)
-    if data.max_samples:
-        order = order[: data.max_samples]
-    return [samples[i] for i in order]
+            check_references(split.items, scorers, report.source)
+    return splits
 
 
 def check_references(prompts: list[Prompt], scorers: list, source: str) -> None:
@@ -190,12 +194,6 @@ class PromptRows:
                 {"prompt": self.prompts[position].messages, "images": opened[position], POSITION: position}
             )
         return out
-
-
-def positions(start: int, count: int) -> Any:
-    from datasets import Dataset
-
-    return Dataset.from_dict({POSITION: list(range(start, start + count))})
 
 
 # --- rewards as TRL calls them --------------------------------------------------------------------
@@ -359,44 +357,11 @@ def grpo_config(
 ) -> Any:  # fmt: skip
     from trl import GRPOConfig
 
-    from vlmtune.observe.trackers import trainer_args
-
-    evaluates = has_eval and train.eval_steps is not None
     return GRPOConfig(
-        output_dir=str(run / rundir.CHECKPOINTS),
-        max_steps=train.max_steps,
-        num_train_epochs=train.epochs,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.lr,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        optim=train.optim,
-        seed=train.seed,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        eval_strategy="steps" if evaluates else "no",
-        eval_steps=train.eval_steps,
-        eval_on_start=evaluates,  # the held-out reward before the first step: the baseline to beat
-        activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={
-            "use_reentrant": False
-        },  # reentrant starves vision LoRA of gradients
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16" and device == "cuda",
-        use_cpu=device == "cpu",
-        dataloader_num_workers=train.num_workers,
-        torch_compile=train.torch_compile,
-        **trainer_args(report_to, run),  # report_to, run_name
-        disable_tqdm=True,
-        remove_unused_columns=False,  # rows are positions for PromptRows, and reward columns must survive
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to),
+        eval_on_start=has_eval and train.eval_steps is not None,  # the held-out reward before any step
         shuffle_dataset=data.shuffle,
-        # the grpo section
+        disable_dropout=True,  # sampled, scored and referenced alike (lora.dropout is refused for grpo)
         num_generations=options.num_generations,
         max_completion_length=options.max_completion_length,
         temperature=options.temperature,
@@ -438,19 +403,12 @@ def train(
     callbacks: list | None = None,
     report_to: list[str] | None = None,
 ) -> TrainResult:
-    from transformers.trainer_callback import PrinterCallback
-
-    from vlmtune import observe
-
     trainer = build_trainer(
         model, processor, family, data, train_section, options, run=run, device=device, dtype=dtype,
         callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
-    trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
-    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
-    trainer.train(resume_from_checkpoint=resume or None)
-    output = save_final(trainer.model, processor, run)
-    return result(run, trainer.state.global_step, output)
+    result = run_trainer(trainer, processor, run, device, resume)
+    return replace(result, figures=reward_figures(run))
 
 
 def build_trainer(
@@ -472,8 +430,8 @@ def build_trainer(
 
     check_family(family)
     scorers = rewards.build(options.rewards)
-    train_prompts, eval_prompts = prepare_prompts(processor, data, train_section, options, scorers, run)
-    prompts = train_prompts + eval_prompts  # train and eval rows index one list
+    train_split, eval_split = prepare_prompts(processor, data, train_section, options, scorers, run)
+    prompts = train_split.items + eval_split.items  # train and eval rows index one list
     weights = [scorer.weight for scorer in scorers]
     trainer = trainer_class()(
         model=model,
@@ -485,12 +443,12 @@ def build_trainer(
             run,
             device=device,
             dtype=dtype,
-            has_eval=bool(eval_prompts),
+            has_eval=bool(eval_split.items),
             suppress=suppressed_tokens(model, processor, family),
             report_to=report_to or [],
-        ),  # fmt: skip
-        train_dataset=positions(0, len(train_prompts)),
-        eval_dataset=positions(len(train_prompts), len(eval_prompts)) if eval_prompts else None,
+        ),
+        train_dataset=positions(0, train_split.lengths),
+        eval_dataset=positions(len(train_split.items), eval_split.lengths) if eval_split.items else None,
         processing_class=rollout_processor(processor, prompts[0]),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         prompts=prompts,
@@ -498,9 +456,6 @@ def build_trainer(
     )
     drop_needless_reference_copy(trainer.model)
     return trainer
-
-
-REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of an adapter it is handed
 
 
 def drop_needless_reference_copy(model: Any) -> None:
@@ -511,45 +466,7 @@ def drop_needless_reference_copy(model: Any) -> None:
         model.delete_adapter(REFERENCE_ADAPTER)
 
 
-def adds_nothing(model: Any) -> bool:
-    """Is the active adapter still the identity (peft initialises every lora_B to zero)?"""
-    import torch
-
-    active = f".{model.active_adapter}."
-    for name, param in model.named_parameters():
-        if active in name and "lora_B" in name and torch.count_nonzero(param):
-            return False
-    for module in model.modules():  # lora.train_projector: a trainable copy of the projector
-        copies = getattr(module, "modules_to_save", None)
-        if copies is not None and model.active_adapter in copies:
-            original, trained = module.original_module.state_dict(), copies[model.active_adapter].state_dict()
-            if any(not torch.equal(original[key], trained[key]) for key in original):
-                return False
-    return True
-
-
-def save_final(model: Any, processor: Any, run: RunDir) -> str:
-    """3-train/adapter (the trained adapter only, never TRL's frozen reference copy) or 3-train/model."""
-    from vlmtune.processing import save_processor
-
-    if hasattr(model, "peft_config"):
-        out = run / rundir.ADAPTER
-        model.save_pretrained(str(out), selected_adapters=[model.active_adapter])
-    else:
-        out = run / rundir.FULL_MODEL
-        model.save_pretrained(str(out))
-    save_processor(processor, out)
-    return str(out)
-
-
-def result(run: RunDir, steps: int, output: str) -> TrainResult:
-    """Losses as every objective reports them, plus the mean reward at the first and last logged step."""
+def reward_figures(run: RunDir) -> dict:
+    """summary.json's headline of a grpo run: the mean reward at the first and last logged step."""
     rows = [row for row in run.read_jsonl(rundir.METRICS) if row.get("reward") is not None]
-    losses = run.losses()
-    return TrainResult(
-        losses[0] if losses else None,
-        losses[-1] if losses else None,
-        steps,
-        output,
-        figures={"first_reward": rows[0]["reward"], "last_reward": rows[-1]["reward"]} if rows else {},
-    )
+    return {"first_reward": rows[0]["reward"], "last_reward": rows[-1]["reward"]} if rows else {}

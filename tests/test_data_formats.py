@@ -91,10 +91,11 @@ def test_explicit_format_overrides_detection(tmp_path: Path):
     split = read_split(
         str(FORMATS / "llamafactory.json"), DataSection(train="x", format="messages", on_bad_sample="skip")
     )
-    # Read as OpenAI messages, `<image>` is plain text: a marker beside an image list is ambiguous.
-    assert [p.index for p in split.problems] == [0, 1]
-    assert "`<image>` in the text of a `messages` sample" in split.problems[0].reason
-    assert "data.format: auto or sharegpt" in split.problems[0].reason
+    # Read as OpenAI messages, `<image>` is plain text and the images go first, as TRL reads strings.
+    assert split.problems == []
+    assert split.samples[1].messages[0]["content"] == [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "<image><image>Which image is blue?"},
+    ]  # fmt: skip
     with pytest.raises(DataError, match=r"sample 0: answer: column missing"):
         read_split(str(FORMATS / "trl.jsonl"), DataSection(train="x", format="columns"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmtune.collator import VisionCollator
+from vlmtune.data import SampleReader
 from vlmtune.errors import DataError
 from vlmtune.lengths import TokenCounter
 from vlmtune.preflight import CheckedSplit, scan_split
@@ -26,11 +27,23 @@ def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, CheckedS
     collator = VisionCollator(
         processor, family, max_length=None, train_on_responses_only=recipe.data.train_on_responses_only
     )
-    counter = TokenCounter(collator)
+    # SFT samples are measured from their image sizes; the other objectives read their own records
+    # (pairs, prompts) and measure them with the processor.
+    reader, measure = SampleReader, TokenCounter(collator)
+    if recipe.train.objective == "dpo":  # preference pairs: both answers of every pair read and measured
+        from vlmtune.stages.dpo import pair_reading
+
+        reader, measure = pair_reading(processor, family)
+    elif (
+        recipe.train.objective == "grpo"
+    ):  # prompts: a sample's conversation before its answer, + completions
+        from vlmtune.stages.grpo import prompt_reading
+
+        reader, measure = prompt_reading(processor, recipe.grpo)
     # Collect every problem instead of stopping at the first: that is the point of a check.
     splits = {"train": recipe.data.train, "eval": recipe.data.eval}
     return {
-        name: scan_split(name, source, recipe.data, recipe.train.max_length, counter, console)
+        name: scan_split(name, source, recipe.data, recipe.train.max_length, measure, console, reader=reader)
         for name, source in splits.items()
         if source
     }

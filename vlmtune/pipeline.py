@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, observe, rundir
+from vlmtune import checkpoint, evaluate, observe, rundir, trained
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import load, lora, sft
+from vlmtune.stages import dpo, grpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "dpo": dpo, "grpo": grpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -60,23 +60,30 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
     device = checkpoint.choose_device(recipe.train.device)
     run.write_json(rundir.ENV, environment_report(device))
 
+    objective = OBJECTIVES[recipe.train.objective]
     with stage(run, "load") as figures:
+        start = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
+        if hasattr(objective, "before_load"):  # e.g. grpo's reward functions: refused before any weight loads
+            objective.before_load(recipe.objective_options())
         figures.update(estimate_memory(run, recipe, device, warn), **observe.before_load())
-        loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
+        loaded = load.load(start.model, recipe.quantization, recipe.data.max_image_pixels, device)
         load.write_artifacts(run, loaded)
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
+        model = lora.apply(
+            loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter
+        )
         lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:
-        result = OBJECTIVES[recipe.train.objective].train(
+        result = objective.train(
             model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
             run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
             report_to=recipe.output.report_to,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        figures.update(result.figures)
         figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
 
     if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage

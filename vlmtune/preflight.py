@@ -247,18 +247,20 @@ def scan_split(
     console: Any = None,
     *,
     split: str | None = None,
+    reader: Any = SampleReader,
 ) -> CheckedSplit:
     """Every sample of one split checked (and measured, given ``measure``); problems collected, never raised.
 
     ``measure`` is a TokenCounter (lengths from image sizes, checked against the processor), a
     ``Measure`` called with the sample's images decoded (exact, slow), or None (no lengths, and no
     length limit applies). ``split`` names the split of a saved or hub dataset (default: the data
-    section's train or eval split, after ``name``).
+    section's train or eval split, after ``name``). ``reader``: the class that reads one record (SFT
+    samples; vlmtune.data.preference.PairReader reads preference pairs, which the measure then gets).
     """
     if split is None:
         split = data.train_split if name == "train" else data.eval_split
     records = open_records(source, split, data.subset)
-    reader = SampleReader.from_section(data, records.root, records.table)
+    reading = reader.from_section(data, records.root, records.table)
     report = CheckedSplit(
         name,
         records.source,
@@ -268,7 +270,7 @@ def scan_split(
         max_image_pixels=data.max_image_pixels,
         image_check=data.image_check,
     )
-    chunks = _read_chunks(records.rows, reader)
+    chunks = _read_chunks(records.rows, reading)
     first = next(chunks, None)
     if first is None:
         return report
@@ -281,8 +283,8 @@ def scan_split(
     return report
 
 
-def _read_chunks(rows: Iterable[tuple[int, Any]], reader: SampleReader) -> Iterator[list]:
-    """(index, Sample or SampleError) pairs, CHUNK at a time, in the order of the data."""
+def _read_chunks(rows: Iterable[tuple[int, Any]], reader: Any) -> Iterator[list]:
+    """(index, sample or SampleError) pairs, CHUNK at a time, in the order of the data."""
     chunk: list = []
     for index, record in rows:
         try:
@@ -302,7 +304,8 @@ def _prepend(first: list, rest: Iterator[list]) -> Iterator[list]:
 
 
 def _samples(chunk: list) -> list[Sample]:
-    return [item for _, item in chunk if isinstance(item, Sample)]
+    """The readable items of a chunk: Samples, or whatever the reader reads (preference pairs)."""
+    return [item for _, item in chunk if not isinstance(item, SampleError)]
 
 
 def _add(report: CheckedSplit, chunk: list, outcomes: list[Outcome]) -> None:
@@ -439,9 +442,10 @@ def check_split(
     console: Any = None,
     *,
     split: str | None = None,
+    reader: Any = SampleReader,
 ) -> CheckedSplit:
     """Scan a split, then raise or drop per data.on_bad_sample / data.too_long (all problems at once)."""
-    report = scan_split(name, path, data, max_length, measure, console, split=split)
+    report = scan_split(name, path, data, max_length, measure, console, split=split, reader=reader)
     if report.skipped and data.on_bad_sample == "error":
         raise invalid_samples_error(report.source, report.skipped, report.total)
     if report.too_long and data.too_long == "error":

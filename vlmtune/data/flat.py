@@ -181,6 +181,11 @@ def _refuse_unread_images(record: dict, read: set[str]) -> None:
             )
 
 
+def text_cell(record: dict, column: str) -> str:
+    """A required text column: a named problem when it is missing, null or not text."""
+    return string_of(_cell(record, column), column)
+
+
 def _cell(record: dict, column: str) -> Any:
     if column not in record:
         raise SampleError(

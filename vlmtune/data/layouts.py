@@ -64,6 +64,7 @@ class SampleReader:
     url_timeout: float
     columns_mapped: bool = False  # data.columns or data.prompt set: plain columns are read as mapped
     table: Any = None  # rows' source when Arrow-backed: embedded images become RowImage references
+    require_answer: bool = True  # GRPO's prompts may end at a user turn (vlmtune.stages.grpo.PromptReader)
 
     @classmethod
     def from_section(cls, data: DataSection, default_root: Path, table: Any = None) -> SampleReader:
@@ -85,13 +86,19 @@ class SampleReader:
         if not isinstance(record, dict):
             raise SampleError("sample", f"expected an object (a JSON dict), got {type(record).__name__}")
         layout = self.detect(record)
-        built = self._build(layout, record)
-        require_assistant_text(built.messages, built.where)
+        built = self.build(layout, record)
+        if self.require_answer:
+            require_assistant_text(built.messages, built.where)
+        images, fields = self.images(index, built)
+        return Sample(index, built.messages, images, fields, layout, built.trained_from)
+
+    def images(self, index: int, built: Built) -> tuple[list, list[str]]:
+        """The lazy sources of a built record's images, in order, and where each came from. A record
+        that references no image but has an image column gets them before its first user text."""
         if not built.slots and built.column:
             put_images_first(built.messages, len(built.column), built.column_key, built.slots)
         found = fill_slots(built.slots, built.column, built.column_key, built.marker)
-        images = [self.source(index, f) for f in found]
-        return Sample(index, built.messages, images, [f.field for f in found], layout, built.trained_from)
+        return [self.source(index, f) for f in found], [f.field for f in found]
 
     def detect(self, record: dict) -> str:
         """The layout of a record from its keys (data.format when it is not auto)."""
@@ -129,7 +136,8 @@ class SampleReader:
 
     # --- layouts -----------------------------------------------------------------------------
 
-    def _build(self, layout: str, record: dict) -> Built:
+    def build(self, layout: str, record: dict) -> Built:
+        """A record read in one layout: its messages and its image references, not yet resolved."""
         if layout in ("messages", "sharegpt"):
             return self._conversation(record, marker=self.placeholder if layout == "sharegpt" else None)
         if layout == "prompt_completion":
@@ -150,12 +158,6 @@ class SampleReader:
         messages = system_turn(record, marker, slots)
         messages += turns_of(record[key], key, marker, slots)
         column, column_key = column_images(record)
-        if marker is None and column and _strings_hold(messages, self.placeholder):
-            raise SampleError(
-                key,
-                f"`{self.placeholder}` in the text of a `messages` sample, whose strings are plain text: read "
-                "it as sharegpt (data.format: auto or sharegpt) to put each image at its marker",
-            )
         return Built(messages, slots, column, column_key, marker, key)
 
     def _prompt_completion(self, record: dict) -> Built:
@@ -231,10 +233,6 @@ def _one_key(pair: dict, names: tuple[str, ...], where: str) -> str:
         got = "none" if not present else " and ".join(f"`{p}`" for p in present)
         raise SampleError(where, f"expected exactly one of {', '.join(f'`{n}`' for n in names)}, got {got}")
     return present[0]
-
-
-def _strings_hold(messages: list[dict], marker: str) -> bool:
-    return any(marker in part.get("text", "") for m in messages for part in m["content"])
 
 
 def _stays_in_table(found: Found) -> bool:

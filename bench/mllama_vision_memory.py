@@ -164,7 +164,12 @@ def measure(args: argparse.Namespace) -> dict:
     sdpa_choice = None
     if cuda:  # which kernel torch's dispatcher picks for q/k/v of this shape with Mllama's bf16 float mask
         q = torch.zeros(
-            args.batch, config.attention_heads, padded // args.batch, 80, device="cuda", dtype=torch.bfloat16
+            args.batch,
+            config.attention_heads,
+            padded // args.batch,
+            config.hidden_size // config.attention_heads,
+            device="cuda",
+            dtype=torch.bfloat16,
         )
         bias = torch.zeros(
             args.batch, 1, padded // args.batch, padded // args.batch, device="cuda", dtype=q.dtype

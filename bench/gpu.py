@@ -448,7 +448,10 @@ def first_line(exc: BaseException) -> str:
 
 def run_part(name: str, s: Settings, work: Path, result: Path) -> int:
     """The child side: run one part, write its figures (also as it goes) to ``result``."""
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(
+        work, ignore_errors=True
+    )  # a second launch on a warm machine: vlmtune never reuses a run folder
+    work.mkdir(parents=True)
 
     def emit(figures: dict) -> None:
         write_json(result, {"status": "running", **figures})

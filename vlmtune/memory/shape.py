@@ -123,7 +123,7 @@ def shape_of(model: Any, family: Family) -> ModelShape:
     text = model.config.get_text_config()
     vision_cfg = getattr(model.config, "vision_config", None)
     vision_hidden = getattr(vision_cfg, "hidden_size", 0) or getattr(vision_cfg, "embed_dim", 0) or 0
-    layers = group_layers(linears, family, checkpointable_blocks(model))
+    layers = group_layers(linears, family, checkpointable_blocks(model, family))
     vision_layers = [layer.width for layer in layers if layer.component == "vision"]
     return ModelShape(
         family=family.name,
@@ -139,17 +139,21 @@ def shape_of(model: Any, family: Family) -> ModelShape:
     )
 
 
-def checkpointable_blocks(model: Any) -> frozenset[str]:
-    """Names of the blocks ``gradient_checkpointing_enable()`` wraps: transformers' GradientCheckpointingLayer.
+def checkpointable_blocks(model: Any, family: Family) -> frozenset[str]:
+    """Names of the blocks gradient checkpointing reaches in a vlmtune run.
 
-    A model's gradient_checkpointing flag reaches every module that has one, but only these blocks act
-    on it; MllamaVisionEncoder carries the flag and ignores it (transformers 5.17-5.23).
+    transformers checkpoints its GradientCheckpointingLayer blocks; the load stage makes every other
+    transformer block one too (vlmtune.checkpointing: Mllama's vision layers), and the estimate
+    describes vlmtune's run. A block neither covers keeps every activation.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return frozenset(
+    from vlmtune.checkpointing import transformer_blocks
+
+    wrapped = {
         name for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)
-    )
+    }
+    return frozenset(wrapped | {name for name, _ in transformer_blocks(model, family)})
 
 
 # --- layers from Linear names ----------------------------------------------------------------------

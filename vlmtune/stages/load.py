@@ -52,6 +52,7 @@ def load(
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from vlmtune.checkpointing import checkpoint_every_block
     from vlmtune.processing import load_processor
 
     path, family = detect(model.name, model.revision)
@@ -66,6 +67,7 @@ def load(
     )
     check_keep_16bit(loaded, quant.keep_16bit)
     keep_quantized_layers_trainable(loaded)
+    checkpoint_every_block(loaded, family)  # train.gradient_checkpointing must reach Mllama's vision layers
     processor = load_processor(path, family, max_image_pixels, revision=model.revision)
     return Loaded(loaded, processor, family, path, model_report(loaded, family))
 

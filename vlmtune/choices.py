@@ -20,6 +20,7 @@ Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
 Objective = Literal["sft"]  # what the train stage optimises; each has a module in vlmtune/stages/
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+Strategy = Literal["ddp", "fsdp"]  # how ranks share the work under torchrun / accelerate launch
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).
 NO_QUANTIZATION = ("none", "null", "16", "off")

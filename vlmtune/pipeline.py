@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, rundir
+from vlmtune import checkpoint, distributed, evaluate, rundir
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
@@ -35,37 +35,61 @@ def run(
     callbacks=None,
     warn: Warn = _stderr,
 ) -> RunDir:
-    """A new run folder, trained to the end."""
+    """A new run folder, trained to the end. Under torchrun rank 0 names and creates it, the others learn it."""
+    device = checkpoint.choose_device(recipe.train.device)
+    with distributed.session(device, recipe.train.distributed) as here:
+        path = distributed.from_writer(lambda: _create(recipe, recipe_text, run_name, run_dir).path)
+        run = RunDir(path, writer=here.writer)
+        return _stages(recipe, run, device, here, resume=False, callbacks=callbacks, warn=warn)
+
+
+def _create(recipe: Recipe, recipe_text: str, run_name: str, run_dir: Path | None) -> RunDir:
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
     run.write_text(rundir.RECIPE, recipe_text)
     run.write_text(rundir.RESOLVED, recipe.to_yaml())
     run.init_summary(recipe.output.name or run_name)
-    return _stages(recipe, run, resume=False, callbacks=callbacks, warn=warn)
+    return run
 
 
 def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
-    """Continue a run folder from its last checkpoint, with the recipe it was started with."""
+    """Continue a run folder from its last checkpoint, with the recipe (and rank count) it was started with."""
     from vlmtune.recipe import load_recipe
 
     run = RunDir.open(run_path)
     recipe = load_recipe(run / rundir.RESOLVED)
-    return _stages(recipe, run, resume=bool(run.checkpoints()), callbacks=callbacks, warn=warn)
-
-
-def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) -> RunDir:
-    started = time.time()
+    distributed.check_resume(run.summary().get("distributed"), distributed.ranks(), run.path)
     device = checkpoint.choose_device(recipe.train.device)
+    with distributed.session(device, recipe.train.distributed) as here:
+        run = RunDir.open(run_path, writer=here.writer)
+        resume_training = bool(run.checkpoints())
+        return _stages(recipe, run, device, here, resume=resume_training, callbacks=callbacks, warn=warn)
+
+
+def _stages(
+    recipe: Recipe, run: RunDir, device: str, here: distributed.Ranks, resume: bool, callbacks, warn: Warn
+) -> RunDir:
+    started = time.time()
+    train = recipe.train
     run.write_json(rundir.ENV, environment_report(device))
+    launch = distributed.summary_figures(train.distributed, here, train.batch_size, train.grad_accum)
+    run.record(distributed=launch)
+    sharded = distributed.strategy_of(train.distributed, here) == "fsdp"
 
     with stage(run, "load") as figures:
-        figures.update(estimate_memory(run, recipe, device, warn))
-        loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
-        load.write_artifacts(run, loaded)
+        if run.writer:  # only rank 0 writes the estimate and warns
+            figures.update(estimate_memory(run, recipe, device, warn))
+        loaded = load.load(
+            recipe.model, recipe.quantization, recipe.data.max_image_pixels, distributed.local_device(device, here),
+            shardable=sharded,
+        )  # fmt: skip
+        if run.writer:
+            load.write_artifacts(run, loaded)
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
         model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
-        lora.write_artifacts(run, model, loaded.family, lora_plan)
+        if run.writer:
+            lora.write_artifacts(run, model, loaded.family, lora_plan)
 
     with stage(run, "train") as figures:
         result = OBJECTIVES[recipe.train.objective].train(
@@ -74,7 +98,7 @@ def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) ->
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
 
-    if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage
+    if recipe.train.eval_generate and run.writer:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:
             figures.update(evaluate.after_training(model, loaded.processor, recipe.model, recipe.data, run))
 

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtune import rundir
+from vlmtune import distributed, rundir
 from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
 from vlmtune.families import Family
@@ -80,7 +80,10 @@ def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
     return SampleSet([checked.samples[i] for i in order], [checked.lengths[i] for i in order])
 
 
-def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> Any:
+def sft_config(
+    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, parallel: dict | None = None
+) -> Any:
+    """``parallel``: the launch's DDP / FSDP arguments (vlmtune.distributed.trainer_arguments)."""
     from trl import SFTConfig
 
     return SFTConfig(
@@ -121,6 +124,7 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
+        **(parallel or {}),
     )
 
 
@@ -144,9 +148,10 @@ def train(
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
     samples = train_split.samples + (eval_split.samples if eval_split else [])
+    parallel = distributed.trainer_arguments(train_section.distributed, device, model, family)
     trainer = VlmtuneTrainer(
         model=model,
-        args=sft_config(train_section, run, device, dtype, eval_split is not None),
+        args=sft_config(train_section, run, device, dtype, eval_split is not None, parallel),
         train_dataset=positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
@@ -158,6 +163,7 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    distributed.shard_on_cpu(trainer)
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer, processor, run)
     losses = run.losses()
@@ -171,6 +177,8 @@ def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
 
     is_peft = hasattr(trainer.model, "peft_config")
     out = run / (rundir.ADAPTER if is_peft else rundir.FULL_MODEL)
-    trainer.model.save_pretrained(str(out))
-    save_processor(processor, out)
+    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from every rank's shard
+    if run.writer:
+        trainer.model.save_pretrained(str(out), state_dict=state_dict)
+        save_processor(processor, out)
     return str(out)

@@ -90,6 +90,7 @@ def _stages(
         model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
         if run.writer:
             lora.write_artifacts(run, model, loaded.family, lora_plan)
+    distributed.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
 
     with stage(run, "train") as figures:
         result = OBJECTIVES[recipe.train.objective].train(

@@ -497,14 +497,28 @@ def _suggestion(loc: tuple[str, ...]) -> str:
             return f"; did you mean `{close[0]}`?"
         owner = _section_with_field(loc[0])
         return f"; did you mean `{owner}.{loc[0]}`?" if owner else f"; sections are {', '.join(sections)}"
-    if loc[0] not in sections or len(loc) != 2:
+    if loc[0] not in sections:
         return ""
+    if len(loc) > 2:  # a key of a nested section (train.distributed.*)
+        return _nested_suggestion(loc)
     owner = _section_with_field(loc[1])
     if owner and owner != loc[0]:
         return f"; it belongs in the `{owner}` section"
     names = list(Recipe.model_fields[loc[0]].annotation.model_fields)
     close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
     return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
+
+
+def _nested_suggestion(loc: tuple[str, ...]) -> str:
+    model: Any = Recipe
+    for key in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return ""
+        model = field.annotation
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean `{'.'.join(loc[:-1])}.{close[0]}`?" if close else ""
 
 
 def _section_with_field(name: str) -> str | None:

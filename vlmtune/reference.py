@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import typing
 
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from vlmtune.recipe import Recipe
@@ -34,10 +35,26 @@ def _default(field: typing.Any) -> str:
 def recipe_reference() -> str:
     lines = [HEADER]
     for section_name, section_field in Recipe.model_fields.items():
-        section = section_field.annotation
-        lines += [f"\n## `{section_name}`\n", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for name, field in section.model_fields.items():
-            meaning = (field.description or "").replace("|", "\\|")
-            type_name = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{section_name}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")
+        lines += _section_table(section_name, section_field.annotation)
     return "\n".join(lines) + "\n"
+
+
+def _section_table(dotted: str, section: type[BaseModel]) -> list[str]:
+    """One table per section; a nested section (train.distributed) gets its own table after its parent's."""
+    lines = [f"\n## `{dotted}`\n", "| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    for name, field in section.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|")
+        if _is_section(field.annotation):
+            lines.append(f"| `{dotted}.{name}` | section | see below | {meaning} |")
+            nested.append((f"{dotted}.{name}", field.annotation))
+            continue
+        type_name = _type_name(field.annotation).replace("|", "\\|")
+        lines.append(f"| `{dotted}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")
+    for name, annotation in nested:
+        lines += _section_table(name, annotation)
+    return lines
+
+
+def _is_section(annotation: typing.Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

@@ -77,7 +77,7 @@ def _stages(
 
     with stage(run, "load") as figures:
         if run.writer:  # only rank 0 writes the estimate and warns
-            figures.update(estimate_memory(run, recipe, device, warn))
+            figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
         loaded = load.load(
             recipe.model, recipe.quantization, recipe.data.max_image_pixels, distributed.local_device(device, here),
             shardable=sharded,
@@ -127,23 +127,28 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
     run.set_stage(name, "done", **figures)
 
 
-def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn) -> dict:
+def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn, gpus: int = 1) -> dict:
     """Write 1-load/memory_estimate.json; warn when the peak exceeds what the device has free.
 
+    Spread over ``gpus`` ranks, the peak is one GPU's under the recipe's strategy (DDP or FSDP).
     An estimate must never stop a run that would work, so a failure is a warning, not an error.
     """
     from vlmtune.memory import estimate_recipe
     from vlmtune.units import human_bytes
 
     try:
-        estimate = estimate_recipe(recipe)
+        estimate = estimate_recipe(recipe, gpus=gpus)
     except Exception as exc:  # an unusual config the estimator cannot read
         warn(f"no memory estimate ({str(exc).splitlines()[0]}); training goes on")
         return {}
     figures = estimate.to_json()
     run.write_json(rundir.MEMORY_ESTIMATE, figures)
+    strategy = recipe.train.distributed.strategy
+    peak, terms = figures["peak_bytes"], figures["terms"]
+    if gpus > 1:
+        peak, terms = figures["per_gpu"][strategy]["peak_bytes"], figures["per_gpu"][strategy]["terms"]
     # The estimate is for a GPU; training on CPU has no CUDA context to hold.
-    needed = figures["peak_bytes"] - (figures["terms"]["overhead"] if device == "cpu" else 0)
+    needed = peak - (terms["overhead"] if device == "cpu" else 0)
     free = checkpoint.free_memory(device)
     if free is not None and needed > free:
         warn(

@@ -8,10 +8,14 @@ import pytest
 
 from vlmtune import memory as mem
 from vlmtune.families import detect_family
-
-from test_memory import recipe_for
+from vlmtune.recipe import Recipe, parse_recipe
 
 QWEN_7B = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def recipe_for(model: str, **sections) -> Recipe:
+    raw = {"model": {"name": model}, "data": {"train": "unused.jsonl"}, **sections}
+    return parse_recipe(json.dumps(raw), source="test")
 
 
 def spread(model: str, gpus: int, **sections) -> mem.MemoryEstimate:

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from vlmtune import rundir
+from vlmtune.observe import memory
 from vlmtune.rundir import RunDir
 
 # Trainer log keys -> our stable keys (scripts read metrics.jsonl; keep these names).
@@ -17,6 +18,7 @@ KEYS = {
     "grad_norm": "grad_norm",
     "mean_token_accuracy": "token_accuracy",
     "padding_fraction": "padding_fraction",
+    **{key: key for key in memory.KEYS},  # peak memory since the previous row (vlmtune/observe/memory.py)
 }
 
 

@@ -21,6 +21,12 @@ Device = Literal["auto", "cpu", "cuda"]
 Objective = Literal["sft"]  # what the train stage optimises; each has a module in vlmtune/stages/
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Strategy = Literal["ddp", "fsdp"]  # how ranks share the work under torchrun / accelerate launch
+# Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
+# what each needs installed.
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "neptune", "dvclive", "swanlab",
+    "codecarbon", "azure_ml", "dagshub", "flyte",
+]  # fmt: skip
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).
 NO_QUANTIZATION = ("none", "null", "16", "off")

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, distributed, evaluate, rundir
+from vlmtune import checkpoint, distributed, evaluate, observe, rundir
+from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
@@ -36,6 +37,7 @@ def run(
     warn: Warn = _stderr,
 ) -> RunDir:
     """A new run folder, trained to the end. Under torchrun rank 0 names and creates it, the others learn it."""
+    require_installed(recipe.output.report_to)  # before the run folder exists
     device = checkpoint.choose_device(recipe.train.device)
     with distributed.session(device, recipe.train.distributed) as here:
         path = distributed.from_writer(lambda: _create(recipe, recipe_text, run_name, run_dir).path)
@@ -57,6 +59,7 @@ def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
 
     run = RunDir.open(run_path)
     recipe = load_recipe(run / rundir.RESOLVED)
+    require_installed(recipe.output.report_to)
     distributed.check_resume(run.summary().get("distributed"), distributed.ranks(), run.path)
     device = checkpoint.choose_device(recipe.train.device)
     with distributed.session(device, recipe.train.distributed) as here:
@@ -78,6 +81,7 @@ def _stages(
     with stage(run, "load") as figures:
         if run.writer:  # only rank 0 writes the estimate and warns
             figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
+        figures.update(observe.before_load())
         loaded = load.load(
             recipe.model, recipe.quantization, recipe.data.max_image_pixels, distributed.local_device(device, here),
             shardable=sharded,
@@ -96,8 +100,11 @@ def _stages(
         result = OBJECTIVES[recipe.train.objective].train(
             model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
             run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
+            report_to=recipe.output.report_to,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        if run.writer:
+            figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
 
     if recipe.train.eval_generate and run.writer:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:
@@ -142,11 +149,11 @@ def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn, gpus: 
         warn(f"no memory estimate ({str(exc).splitlines()[0]}); training goes on")
         return {}
     figures = estimate.to_json()
-    run.write_json(rundir.MEMORY_ESTIMATE, figures)
-    strategy = recipe.train.distributed.strategy
     peak, terms = figures["peak_bytes"], figures["terms"]
-    if gpus > 1:
+    if gpus > 1:  # what one GPU holds under the run's strategy
+        strategy = figures["strategy"] = recipe.train.distributed.strategy
         peak, terms = figures["per_gpu"][strategy]["peak_bytes"], figures["per_gpu"][strategy]["terms"]
+    run.write_json(rundir.MEMORY_ESTIMATE, figures)
     # The estimate is for a GPU; training on CPU has no CUDA context to hold.
     needed = peak - (terms["overhead"] if device == "cpu" else 0)
     free = checkpoint.free_memory(device)

@@ -27,6 +27,7 @@ from vlmtune.choices import (
     QuantType,
     Scheduler,
     Strategy,
+    Tracker,
 )
 from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
@@ -287,6 +288,20 @@ class TrainSection(Section):
 class OutputSection(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
     name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers to send the logged metrics to (the trainer's report_to), e.g. "
+        "[tensorboard] (event files in 3-train/tensorboard/) or [wandb, mlflow]; each must be installed. "
+        "metrics.jsonl is written either way.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: Any) -> Any:
+        """`report_to: wandb` and `report_to: none`, as HF configs write them."""
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class Recipe(Section):

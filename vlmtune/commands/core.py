@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from vlmtune.commands import observe
+
 console = Console(highlight=False)
 
 RECIPE_ARG = typer.Argument(..., help="A recipe .yaml file.", show_default=False)
@@ -74,6 +76,7 @@ def _print_summary(run) -> None:
     evaluated = summary["stages"].get("eval")
     if evaluated and evaluated.get("status") == "done":
         console.print(f"eval:       {_scores(evaluated)}")
+    observe.print_training_end(run)  # curves in short, measured vs estimated memory, the picture
 
 
 def _scores(figures: dict) -> str:

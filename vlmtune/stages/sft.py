@@ -81,10 +81,18 @@ def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
 
 
 def sft_config(
-    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, parallel: dict | None = None
+    train: TrainSection,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    has_eval: bool,
+    report_to: list[str],
+    parallel: dict | None = None,
 ) -> Any:
     """``parallel``: the launch's DDP / FSDP arguments (vlmtune.distributed.trainer_arguments)."""
     from trl import SFTConfig
+
+    from vlmtune.observe.trackers import trainer_args
 
     return SFTConfig(
         output_dir=str(run / rundir.CHECKPOINTS),
@@ -118,7 +126,7 @@ def sft_config(
         length_column_name="length",
         torch_compile=train.torch_compile,
         prediction_loss_only=True,  # eval needs the loss only; never the logits
-        report_to="none",
+        **trainer_args(report_to, run),  # report_to, run_name
         disable_tqdm=True,
         # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
         remove_unused_columns=False,
@@ -141,7 +149,9 @@ def train(
     dtype: str,
     resume: bool = False,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> TrainResult:
+    from vlmtune import observe
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
 
@@ -151,7 +161,7 @@ def train(
     parallel = distributed.trainer_arguments(train_section.distributed, device, model, family)
     trainer = VlmtuneTrainer(
         model=model,
-        args=sft_config(train_section, run, device, dtype, eval_split is not None, parallel),
+        args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or [], parallel),
         train_dataset=positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
@@ -163,6 +173,7 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)
     trainer.train(resume_from_checkpoint=resume or None)
     output = save_final(trainer, processor, run)

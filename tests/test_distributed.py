@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,11 +94,12 @@ def run_command(command: list[str], timeout: int = LAUNCH_TIMEOUT) -> subprocess
     )
 
 
-def torchrun(recipe_path: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*train_args: str | Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m vlmtune train ARGS` on loopback."""
     return run_command([
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "vlmtune", "train", str(recipe_path), *args,
+        "-m", "vlmtune", "train", *map(str, train_args),
     ])  # fmt: skip
 
 
@@ -251,6 +253,31 @@ def test_two_nodes_on_loopback_write_one_run_folder(ddp_run, tmp_path: Path):
     assert figures["world_size"] == 2 and figures["nodes"] == 2
     assert (two_nodes / "3-train" / "adapter" / "adapter_model.safetensors").is_file()
     assert_same_losses(losses(run), losses(two_nodes))
+
+
+def stopped_after_step_two(run: Path, copy: Path) -> Path:
+    """A copy of a finished 4-step run as it was when stopped after its step-2 checkpoint."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "3-train" / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(copy / "3-train" / "adapter")
+    metrics = copy / "3-train" / "metrics.jsonl"
+    rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2]
+    metrics.write_text("".join(row + "\n" for row in rows))
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["status"] = summary["stages"]["train"]["status"] = "interrupted"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    return copy
+
+
+def test_a_two_rank_run_resumes_under_the_same_launch(ddp_run, tmp_path: Path):
+    run, _ = ddp_run
+    stopped = stopped_after_step_two(run, tmp_path / run.name)
+    result = torchrun("--resume", stopped)
+    succeeded(result)
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "done"
+    assert (stopped / "3-train" / "adapter" / "adapter_model.safetensors").is_file()
+    # Steps 3 and 4 trained again from the checkpoint, each rank from its own RNG state: as before.
+    assert_same_losses(losses(run), losses(stopped))
 
 
 def test_a_user_error_on_rank_zero_stops_every_rank_with_its_message(tmp_path: Path):

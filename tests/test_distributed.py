@@ -255,11 +255,11 @@ def test_two_nodes_on_loopback_write_one_run_folder(ddp_run, tmp_path: Path):
     assert_same_losses(losses(run), losses(two_nodes))
 
 
-def stopped_after_step_two(run: Path, copy: Path) -> Path:
+def stopped_after_step_two(run: Path, copy: Path, output: str = "adapter") -> Path:
     """A copy of a finished 4-step run as it was when stopped after its step-2 checkpoint."""
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "3-train" / "checkpoints" / "checkpoint-4")
-    shutil.rmtree(copy / "3-train" / "adapter")
+    shutil.rmtree(copy / "3-train" / output)
     metrics = copy / "3-train" / "metrics.jsonl"
     rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2]
     metrics.write_text("".join(row + "\n" for row in rows))
@@ -294,32 +294,43 @@ def test_a_user_error_on_rank_zero_stops_every_rank_with_its_message(tmp_path: P
 # --- FSDP on CPU ---------------------------------------------------------------------------------
 
 
-def test_fsdp_full_finetuning_matches_one_process(tmp_path: Path):
-    """FSDP2 shards the model over two ranks (the blank-image guard keeps the vision tower in step)."""
-    sections = {"quantization": {"bits": None}, "lora": {"method": "full"}}
-    sharded = recipe(tmp_path / "fsdp", **sections, distributed={"strategy": "fsdp"})
-    result = torchrun(sharded)
+FULL = {"quantization": {"bits": None}, "lora": {"method": "full"}}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    """FSDP2 full fine-tuning over two ranks (the blank-image guard keeps the vision tower in step)."""
+    path = recipe(tmp_path_factory.mktemp("fsdp"), **FULL, distributed={"strategy": "fsdp"})
+    result = torchrun(path)
     succeeded(result)
     assert "2 ranks (fsdp)" in result.stdout
-    unsharded = recipe(tmp_path / "one", **sections, train={"batch_size": 2})
+    return the_run_folder(path)
+
+
+def test_fsdp_full_finetuning_matches_one_process(fsdp_run: Path, tmp_path: Path):
+    unsharded = recipe(tmp_path, **FULL, train={"batch_size": 2})
     succeeded(single(unsharded))
-    a, b = the_run_folder(sharded), the_run_folder(unsharded)
-    assert json.loads((a / "summary.json").read_text())["distributed"]["strategy"] == "fsdp"
-    assert_same_losses(losses(a), losses(b))
+    one = the_run_folder(unsharded)
+    assert json.loads((fsdp_run / "summary.json").read_text())["distributed"]["strategy"] == "fsdp"
+    assert_same_losses(losses(fsdp_run), losses(one))
     # The final model is whole (gathered from both shards), written once, equal to the one-process model.
-    fsdp_model, one_model = (
-        tensors(a / "3-train" / "model" / "model.safetensors"),
-        tensors(b / "3-train" / "model" / "model.safetensors"),
-    )
-    assert fsdp_model.keys() == one_model.keys()
-    assert all(fsdp_model[k].shape == one_model[k].shape for k in one_model)
-    assert max(float((fsdp_model[k] - one_model[k]).abs().max()) for k in one_model) < WEIGHT_TOLERANCE
-    # Checkpoints are sharded: one file per rank.
-    shards = sorted(
-        p.name
-        for p in (a / "3-train" / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp_0").glob("*.distcp")
-    )
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    sharded_model = tensors(fsdp_run / "3-train" / "model" / "model.safetensors")
+    one_model = tensors(one / "3-train" / "model" / "model.safetensors")
+    assert sharded_model.keys() == one_model.keys()
+    assert all(sharded_model[k].shape == one_model[k].shape for k in one_model)
+    assert max(float((sharded_model[k] - one_model[k]).abs().max()) for k in one_model) < WEIGHT_TOLERANCE
+
+
+def test_fsdp_resumes_from_its_sharded_checkpoint(fsdp_run: Path, tmp_path: Path):
+    checkpoint = fsdp_run / "3-train" / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in checkpoint.glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]  # a shard per rank
+    stopped = stopped_after_step_two(fsdp_run, tmp_path / fsdp_run.name, output="model")
+    succeeded(torchrun("--resume", stopped))
+    assert (stopped / "3-train" / "model" / "model.safetensors").is_file()
+    assert_same_losses(losses(fsdp_run), losses(stopped))
 
 
 def test_fsdp_qlora_trains_with_16bit_storage(tmp_path: Path):

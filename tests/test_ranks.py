@@ -14,6 +14,7 @@ from vlmtune.errors import ModelError, RecipeError, RunDirError, VlmtuneError
 from vlmtune.families import FAMILIES, get_family
 from vlmtune.recipe import DistributedSection, parse_recipe
 from vlmtune.rundir import RunDir
+from vlmtune.text_only import TextOnlyGuard
 
 from conftest import PIXEL_BUDGET, TEXT_ONLY
 
@@ -273,7 +274,7 @@ def test_a_4bit_model_in_uint8_storage_is_refused_for_fsdp():
 # --- the blank image that keeps FSDP ranks in step ------------------------------------------------
 
 
-class PeerHasAnImage(distributed.TextOnlyGuard):
+class PeerHasAnImage(TextOnlyGuard):
     """The guard as on a rank whose peer's batch has an image (no process group needed)."""
 
     def some_rank_has_an_image(self, has_image: bool) -> bool:
@@ -305,7 +306,7 @@ def text_only_step(name: str, guarded: bool):
         for n, p in loaded.model.named_parameters()
         if family.component_of(n.rsplit(".", 1)[0]) == "vision"
     }
-    return float(loss), vision
+    return float(loss.detach()), vision
 
 
 # PaliGemma's processor refuses a sample without an image, so it never has a text-only batch.

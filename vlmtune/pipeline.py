@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, distributed, evaluate, observe, rundir
+from vlmtune import checkpoint, distributed, evaluate, observe, rundir, text_only
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
@@ -94,7 +94,7 @@ def _stages(
         model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
         if run.writer:
             lora.write_artifacts(run, model, loaded.family, lora_plan)
-    distributed.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
+    text_only.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
 
     with stage(run, "train") as figures:
         result = OBJECTIVES[recipe.train.objective].train(

@@ -127,11 +127,23 @@ def test_fsdp_wraps_the_blocks_named_by_the_family_record(launched, meta_model):
         DistributedSection(strategy="fsdp"), "cuda", meta_model("qwen2_vl"), get_family("qwen2_vl")
     )
     assert args["ddp_backend"] == "nccl" and "ddp_find_unused_parameters" not in args
-    assert args["fsdp_config"]["version"] == 2
+    assert args["fsdp"] is True
+    assert args["fsdp_config"]["version"] == 2 and args["fsdp_config"]["reshard_after_forward"] is True
     assert args["fsdp_config"]["transformer_layer_cls_to_wrap"] == [
         "Qwen2VLVisionBlock",
         "Qwen2VLDecoderLayer",
     ]
+
+
+def test_fsdp1_where_torch_has_no_fsdp2(launched, meta_model, monkeypatch):
+    launched(2)
+    monkeypatch.setattr(distributed, "fsdp_version", lambda: 1)
+    args = distributed.trainer_arguments(
+        DistributedSection(strategy="fsdp"), "cuda", meta_model("qwen2_vl"), get_family("qwen2_vl")
+    )
+    assert (
+        args["fsdp_config"]["version"] == 1 and args["fsdp_config"]["reshard_after_forward"] == "FULL_SHARD"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

@@ -287,16 +287,25 @@ def trainer_arguments(section: DistributedSection, device: str, model: Any, fami
         # detection DDP waits for those gradients forever (docs/distributed.md has the measurement).
         args["ddp_find_unused_parameters"] = True
         return args
-    args["fsdp"] = "full_shard auto_wrap"
+    version = fsdp_version()
+    args["fsdp"] = True
     args["fsdp_config"] = {
-        "version": 2,
-        "transformer_layer_cls_to_wrap": block_classes(model, family),
-        "reshard_after_forward": True,
+        "version": version,
+        "transformer_layer_cls_to_wrap": block_classes(model, family),  # each block one unit
+        # Full shard: a unit's parameters are freed again after its forward (FSDP1 names the strategy).
+        "reshard_after_forward": True if version == 2 else "FULL_SHARD",
         # save_pretrained gets whole tensors (gathered to rank 0), so the adapter or model folder is
         # the same as a single-GPU run's; the checkpoints stay sharded (one file per rank).
         "state_dict_type": "SHARDED_STATE_DICT",
     }
     return args
+
+
+def fsdp_version() -> int:
+    """FSDP2 (per-parameter sharding, torch >= 2.6) where the installed torch has it, else FSDP1."""
+    import torch.distributed.fsdp as fsdp
+
+    return 2 if hasattr(fsdp, "fully_shard") else 1
 
 
 def shard_on_cpu(trainer: Any) -> None:

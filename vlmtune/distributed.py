@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from vlmtune.errors import ModelError, RunDirError, VlmtuneError
+from vlmtune.errors import ModelError, RecipeError, RunDirError, VlmtuneError
 from vlmtune.families import Family
 from vlmtune.recipe import DistributedSection
 
@@ -243,6 +243,23 @@ def check_resume(recorded: dict | None, here: Ranks, run_path: Any) -> None:
         "checkpoint holds per-rank state, and the effective batch and the data order depend on the rank count",
         hint=f"resume it as it was launched: {launch}; or start a new run with this launch",
     )
+
+
+# Objectives that run under FSDP. TRL's DPOTrainer and GRPOTrainer shard their frozen reference (and
+# gather weights for generation) only when accelerate set FSDP up before they were built; on CPU
+# vlmtune switches FSDP on after (shard_on_cpu), so neither path can be tested here: refused.
+FSDP_OBJECTIVES = ("sft",)
+
+
+def check_objective(objective: str, section: DistributedSection, here: Ranks) -> None:
+    """Refuse a strategy the objective is not run under, before any process group, folder or weight."""
+    if strategy_of(section, here) == "fsdp" and objective not in FSDP_OBJECTIVES:
+        raise RecipeError(
+            f"train.objective {objective} does not run under FSDP in vlmtune (train.distributed.strategy: fsdp); "
+            "only sft does",
+            hint=f"use train.distributed.strategy: ddp for {objective} (each GPU holds the whole model), or "
+            "train.objective: sft",
+        )
 
 
 def local_device(device: str, here: Ranks) -> str:

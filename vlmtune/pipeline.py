@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, distributed, evaluate, observe, rundir, text_only
+from vlmtune import checkpoint, distributed, evaluate, observe, rundir, text_only, trained
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import load, lora, sft
+from vlmtune.stages import dpo, grpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "dpo": dpo, "grpo": grpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -38,6 +38,7 @@ def run(
 ) -> RunDir:
     """A new run folder, trained to the end. Under torchrun rank 0 names and creates it, the others learn it."""
     require_installed(recipe.output.report_to)  # before the run folder exists
+    distributed.check_objective(recipe.train.objective, recipe.train.distributed, distributed.ranks())
     device = checkpoint.choose_device(recipe.train.device)
     with distributed.session(device, recipe.train.distributed) as here:
         path = distributed.from_writer(lambda: _create(recipe, recipe_text, run_name, run_dir).path)
@@ -61,6 +62,7 @@ def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
     recipe = load_recipe(run / rundir.RESOLVED)
     require_installed(recipe.output.report_to)
     distributed.check_resume(run.summary().get("distributed"), distributed.ranks(), run.path)
+    distributed.check_objective(recipe.train.objective, recipe.train.distributed, distributed.ranks())
     device = checkpoint.choose_device(recipe.train.device)
     with distributed.session(device, recipe.train.distributed) as here:
         run = RunDir.open(run_path, writer=here.writer)
@@ -76,33 +78,40 @@ def _stages(
     run.write_json(rundir.ENV, environment_report(device))
     launch = distributed.summary_figures(train.distributed, here, train.batch_size, train.grad_accum)
     run.record(distributed=launch)
-    sharded = distributed.strategy_of(train.distributed, here) == "fsdp"
+    strategy = distributed.strategy_of(train.distributed, here)
 
+    objective = OBJECTIVES[recipe.train.objective]
     with stage(run, "load") as figures:
+        start = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
+        if hasattr(objective, "before_load"):  # e.g. grpo's reward functions: refused before any weight loads
+            objective.before_load(recipe.objective_options())
         if run.writer:  # only rank 0 writes the estimate and warns
             figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
         figures.update(observe.before_load())
         loaded = load.load(
-            recipe.model, recipe.quantization, recipe.data.max_image_pixels, distributed.local_device(device, here),
-            shardable=sharded,
+            start.model, recipe.quantization, recipe.data.max_image_pixels, distributed.local_device(device, here),
+            shardable=strategy == "fsdp",
         )  # fmt: skip
         if run.writer:
             load.write_artifacts(run, loaded)
 
     with stage(run, "lora"):
         lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
+        model = lora.apply(
+            loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter
+        )
         if run.writer:
             lora.write_artifacts(run, model, loaded.family, lora_plan)
     text_only.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
 
     with stage(run, "train") as figures:
-        result = OBJECTIVES[recipe.train.objective].train(
+        result = objective.train(
             model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
             run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
             report_to=recipe.output.report_to,
         )  # fmt: skip
         figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        figures.update(result.figures)
         if run.writer:
             figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
 

@@ -7,8 +7,9 @@ once with its key path, its YAML line and a did-you-mean, and the validated reci
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,16 +19,21 @@ from vlmtune.choices import (
     AttnImplementation,
     DataFormat,
     Device,
+    DpoLoss,
+    DpoReference,
     Dtype,
+    GrpoLoss,
     LoraBias,
     LoraMethod,
     Objective,
     Optimizer,
     QuantBits,
     QuantType,
+    RewardScaling,
     Scheduler,
     Strategy,
     Tracker,
+    words,
 )
 from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
@@ -46,6 +52,12 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     attn_implementation: AttnImplementation | None = Field(
         None, description="Attention kernel; None lets transformers choose (sdpa where supported)."
+    )
+    adapter: str | None = Field(
+        None,
+        description="A finished run folder of this same base model to train on from: its trained adapter "
+        "(or, for lora.method full, its full weights) is loaded, trainable, instead of a fresh one; the lora "
+        "section must describe that adapter as its run did (e.g. an SFT run, then DPO from it).",
     )
 
     @field_validator("name")
@@ -145,9 +157,12 @@ class DataSection(Section):
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
     format: DataFormat = Field(
         "auto",
-        description="Sample layout. messages: OpenAI/TRL `messages` with content parts; sharegpt: "
-        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; columns: "
-        "plain columns named by `columns`; auto: decided per sample from its keys (see docs/data.md).",
+        description="Sample layout. messages: OpenAI/TRL/Axolotl `messages` with content parts; sharegpt: "
+        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; "
+        "prompt_completion: TRL `prompt` + `completion` (loss on the completion); exchanges: a list of "
+        "user/assistant pairs (The Cauldron's `texts`); query_response: ms-swift query/response/history "
+        "(and aliases, alpaca instruction/input/output); columns: plain columns named by `columns`; auto: "
+        "decided per sample from its keys (see docs/data.md).",
     )
     columns: dict[Literal["image", "question", "answer", "system"], str | None] = Field(
         default_factory=lambda: dict(DataSection.DEFAULT_COLUMNS),
@@ -196,6 +211,19 @@ class DataSection(Section):
     url_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on."
     )
+    image_check: Literal["fast", "full"] = Field(
+        "fast",
+        description="How the pre-flight proves each image whole. fast: a JPEG's segments and scans walked to "
+        "its end marker, a PNG's chunks read to the end with their checksums, other formats decoded; full: "
+        "every pixel decoded (slower; also catches compressed data corrupted inside an intact file).",
+    )
+    check_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Worker processes the pre-flight checks samples in; 0 = this process only; null = one per "
+        "CPU core but one, for sets of 5,000 samples or more on machines of 4 cores or more (on 2 cores "
+        "workers cost more than they give).",
+    )
 
     @field_validator("columns", mode="after")
     @classmethod
@@ -238,8 +266,9 @@ class DistributedSection(Section):
 class TrainSection(Section):
     objective: Objective = Field(
         "sft",
-        description="What the train stage optimises: sft = supervised fine-tuning on the answers. An "
-        "objective with knobs reads them from the recipe section of the same name.",
+        description="What the train stage optimises: sft = supervised fine-tuning on the answers; dpo = "
+        "preference tuning on chosen/rejected pairs (docs/preference.md); grpo = online RL, rewarding sampled "
+        "answers (docs/rl.md). An objective with knobs reads them from the recipe section of the same name.",
     )
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
@@ -285,6 +314,252 @@ class TrainSection(Section):
     )
 
 
+class DpoSection(Section):
+    """Knobs of preference tuning (train.objective: dpo), run through TRL's DPOTrainer."""
+
+    SMOOTHED_LOSSES: ClassVar[tuple[str, ...]] = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="How far the model may move from the reference: higher keeps it closer (for ipo, the "
+        "regularisation tau). Rewards are beta times the log-probability ratio to the reference.",
+    )
+    loss_type: DpoLoss = Field(
+        "sigmoid",
+        description="The preference loss: sigmoid = DPO; ipo = IPO (squared, length-normalised); hinge = SLiC; "
+        "robust = DPO with noisy labels (label_smoothing); the others as TRL's DPOTrainer names them.",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a supervised loss on the chosen answers added to the preference loss (RPO). "
+        "Pure DPO can lower the chosen answer's own likelihood and break its end-of-turn token on short "
+        "answers; 0.2-1.0 keeps answers well formed.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed share of flipped preference labels (robust, aot, aot_unpaired) or EXO's epsilon "
+        "(exo_pair needs it above 0). The other losses do not read it.",
+    )
+    reference: DpoReference = Field(
+        "start",
+        description="The frozen model rewards are measured against. start: the model training starts from (the "
+        "base for a fresh adapter; model.adapter's adapter, frozen, when continuing a run; a frozen copy for full "
+        "fine-tuning). base: the base model even when model.adapter continues a run (LoRA only).",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_read(self) -> DpoSection:
+        if self.label_smoothing and self.loss_type not in self.SMOOTHED_LOSSES:
+            raise ValueError(
+                f"dpo.label_smoothing is set but loss_type {self.loss_type} does not read it; use loss_type robust "
+                f"(conservative DPO) or one of {', '.join(self.SMOOTHED_LOSSES)}, or drop label_smoothing"
+            )
+        if self.loss_type == "exo_pair" and not self.label_smoothing:
+            raise ValueError(
+                "dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)"
+            )
+        return self
+
+
+# --- grpo: rewards and knobs ---------------------------------------------------------------------
+
+REWARD_NAME = re.compile(r"[a-z][a-z0-9_]*")  # becomes a metrics key: reward_<name>
+RESERVED_REWARD_NAMES = ("std", "group_std")  # reward_std, reward_group_std are the total's spreads
+MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+class RewardSpec(Section):
+    type: str = Field(description="The kind of reward (each kind narrows it to its own word).")
+    weight: float = Field(
+        1.0,
+        description="Its share of the total reward (negative: a penalty; 0: logged, never trained on).",
+    )
+    name: str | None = Field(
+        None,
+        description="The name its metrics are logged under (reward_<name> in metrics.jsonl); default: the type, "
+        "or the function's name.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _metric_key(cls, value: str | None) -> str | None:
+        if value is not None and not REWARD_NAME.fullmatch(value):
+            raise ValueError(
+                f"reward name {value!r} must be lower case letters, digits and _ (a metrics key)"
+            )
+        if value in RESERVED_REWARD_NAMES:
+            raise ValueError(
+                f"reward name {value!r} is taken by the total reward's reward_{value}; pick another"
+            )
+        return value
+
+    @property
+    def label(self) -> str:
+        """The stable name of this reward in metrics.jsonl and completions.jsonl."""
+        return self.name or self.type
+
+
+class ExactMatchReward(RewardSpec):
+    """1 when the completion equals the reference answer (case, spaces and trailing punctuation aside)."""
+
+    type: Literal["exact_match"]
+
+
+class ContainsReward(RewardSpec):
+    """1 when the completion contains the reference answer (compared as exact_match compares)."""
+
+    type: Literal["contains"]
+
+
+class RegexReward(RewardSpec):
+    """1 when the whole completion (outer whitespace aside) matches ``pattern``; `.` also matches newlines."""
+
+    type: Literal["regex"]
+    pattern: str = Field(description="A Python regular expression the whole completion must match.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"pattern {value!r} is not a valid regular expression: {exc}") from None
+        return value
+
+
+class NumberReward(RewardSpec):
+    """1 when the last number in the completion is within tolerance of the reference's last number."""
+
+    type: Literal["number"]
+    tolerance: float = Field(0.0, ge=0, description="Absolute difference accepted.")
+    relative_tolerance: float = Field(
+        0.0, ge=0, description="Difference accepted as a fraction of the reference (0.01 = 1%)."
+    )
+
+
+class LengthReward(RewardSpec):
+    """0 up to ``max_tokens`` completion tokens, then falling linearly to -1 at twice that."""
+
+    type: Literal["length"]
+    max_tokens: int = Field(gt=0, description="Completion tokens allowed before the penalty starts.")
+
+
+class FunctionReward(RewardSpec):
+    """A Python function of yours; runs only with grpo.allow_code: true (docs/rl.md has its signature)."""
+
+    type: Literal["function"]
+    function: str = Field(
+        description="module:function, e.g. my_rewards:brevity (my_rewards.py beside the recipe, or an "
+        "importable module), or path/to/file.py:function."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, value: str) -> str:
+        if not MODULE_FUNCTION.fullmatch(value):
+            raise ValueError(f"{value!r} is not module:function (e.g. my_rewards:brevity)")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or MODULE_FUNCTION.fullmatch(self.function)["function"].lower()
+
+
+Reward = Annotated[
+    ExactMatchReward | ContainsReward | RegexReward | NumberReward | LengthReward | FunctionReward,
+    Field(discriminator="type"),
+]
+REWARD_KINDS = get_args(get_args(Reward)[0])  # the reward classes, for docs and checks
+
+
+class GrpoSection(Section):
+    """Knobs of online RL (train.objective: grpo), run through TRL's GRPOTrainer."""
+
+    num_generations: int = Field(
+        4,
+        ge=2,
+        description="Completions sampled per prompt; each is rewarded against the others of its group. "
+        "train.batch_size x train.grad_accum (completions per optimizer step) must be a multiple of it.",
+    )
+    max_completion_length: int = Field(
+        128,
+        gt=0,
+        description="New tokens per completion at most; longer ones are cut (see completions_clipped).",
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens this likely."
+    )
+    beta: float = Field(
+        0.04,
+        ge=0,
+        description="Weight of the KL penalty to the model training started from (logged as kl); 0 drops the "
+        "reference forward pass and the kl metric.",
+    )
+    loss_type: GrpoLoss = Field(
+        "dapo",
+        description="How token losses are averaged: dapo (tokens of the whole batch), grpo (per completion, then "
+        "per batch), dr_grpo (a constant: no length bias), bnpo (tokens of the local batch), cispo, sapo (as in "
+        "TRL's GRPOTrainer).",
+    )
+    scale_rewards: RewardScaling = Field(
+        "group",
+        description="Advantages are rewards minus their group's mean, divided by the std of the group, of the "
+        "batch, or none (Dr. GRPO).",
+    )
+    rewards: list[Reward] = Field(
+        min_length=1,
+        description="What a completion is scored by, each weighted and logged as reward_<name>: exact_match, "
+        "contains, regex, number, length, or a function of yours (see below and docs/rl.md).",
+    )
+    allow_code: bool = Field(
+        False,
+        description="Let a `type: function` reward import and run your Python code; without it such a recipe is "
+        "refused before anything loads.",
+    )
+    completions_to_log: int = Field(
+        8, ge=0, description="Completions written to 3-train/completions.jsonl at each logging step."
+    )
+
+    @model_validator(mode="after")
+    def _rewards_named_once_and_code_allowed(self) -> GrpoSection:
+        labels = [reward.label for reward in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(
+                f"two rewards would be logged as {', '.join(twice)}; give each a different `name`"
+            )
+        code = [reward.function for reward in self.rewards if isinstance(reward, FunctionReward)]
+        if code and not self.allow_code:
+            raise ValueError(
+                f"rewards name Python code ({', '.join(code)}) but grpo.allow_code is false: a recipe never runs "
+                "code unless it says so; set grpo.allow_code: true if you trust that code"
+            )
+        return self
+
+
+# Keys only some objectives read, with the reason; a value other than the default under another
+# objective is an error (the default itself is accepted: resolved.yaml writes every key).
+OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("data", "train_on_responses_only"): (
+        ("sft",),
+        "preference pairs are always scored on their answers only, GRPO's completions too",
+    ),
+    ("train", "supervised_loss"): (
+        ("sft",),
+        "DPO scores answers with TRL's chunked log-probabilities, and so does GRPO",
+    ),
+    ("lora", "dropout"): (
+        ("sft",),
+        "DPO turns dropout off so the model and its reference score answers alike; so does GRPO",
+    ),
+}
+
+
 class OutputSection(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
     name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
@@ -311,6 +586,24 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
+    dpo: DpoSection | None = Field(
+        None, description="Read when train.objective is dpo (filled with its defaults then)."
+    )
+    grpo: GrpoSection | None = Field(
+        None, description="Read when train.objective is grpo (its rewards are required then)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chosen_objective_has_its_section(cls, raw: Any) -> Any:
+        """The chosen objective's section takes its defaults when the recipe leaves it out."""
+        if not isinstance(raw, dict):
+            return raw
+        train = raw.get("train")
+        objective = train.get("objective") if isinstance(train, dict) else getattr(train, "objective", None)
+        if isinstance(objective, str) and objective in cls.model_fields and raw.get(objective) is None:
+            return {**raw, objective: {}}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -324,7 +617,46 @@ class Recipe(Section):
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
+        self._objective_keys_apply()
+        dpo = self.dpo
+        if dpo and dpo.reference == "base" and self.model.adapter and self.lora.method == "full":
+            raise ValueError(
+                "dpo.reference base with lora.method full and model.adapter would need the base as a second full "
+                "copy; use reference: start (the run's weights, frozen), or continue a LoRA run"
+            )
+        if self.grpo is not None:
+            self._grpo_batches_hold_whole_groups(self.grpo)
         return self
+
+    def _objective_keys_apply(self) -> None:
+        objective = self.train.objective
+        for other in words(Objective):
+            if other != objective and getattr(self, other, None) is not None:
+                raise ValueError(
+                    f"a `{other}:` section is given but train.objective is {objective}; set train.objective: "
+                    f"{other}, or remove the section"
+                )
+        for (section, key), (readers, why) in OBJECTIVE_ONLY.items():
+            part = getattr(self, section)
+            if objective not in readers and getattr(part, key) != type(part).model_fields[key].default:
+                raise ValueError(
+                    f"{section}.{key} applies to {' and '.join(readers)} only, and train.objective is {objective} "
+                    f"({why}); remove it"
+                )
+
+    def _grpo_batches_hold_whole_groups(self, grpo: GrpoSection) -> None:
+        per_step = self.train.batch_size * self.train.grad_accum
+        if per_step % grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size x train.grad_accum = {per_step} completions per optimizer step is not a multiple "
+                f"of grpo.num_generations {grpo.num_generations}: every prompt needs its whole group of completions "
+                "in one step; change batch_size, grad_accum or num_generations"
+            )
+        if self.train.eval_steps and self.train.batch_size % grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not a multiple of grpo.num_generations "
+                f"{grpo.num_generations}, which evaluation needs (one group per held-out prompt per batch)"
+            )
 
     def objective_options(self) -> Section | None:
         """The section of knobs of the chosen objective (a top-level section named after it), if any."""
@@ -425,12 +757,32 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
             "image_root": local(recipe.data.image_root, must_look_local=True),
         }
     )
-    model = recipe.model.model_copy(update={"name": local(recipe.model.name, must_look_local=True)})
+    model = recipe.model.model_copy(
+        update={
+            "name": local(recipe.model.name, must_look_local=True),
+            "adapter": local(recipe.model.adapter, must_look_local=True),
+        }
+    )
+    grpo = recipe.grpo and recipe.grpo.model_copy(
+        update={"rewards": [_beside(reward, base_dir) for reward in recipe.grpo.rewards]}
+    )
     out_dir = Path(recipe.output.dir).expanduser()
     output = recipe.output.model_copy(
         update={"dir": str(out_dir if out_dir.is_absolute() else (base_dir / out_dir).resolve())}
     )
-    return recipe.model_copy(update={"data": data, "model": model, "output": output})
+    return recipe.model_copy(update={"data": data, "model": model, "output": output, "grpo": grpo})
+
+
+def _beside(reward: Any, base_dir: Path) -> Any:
+    """A function reward whose module is a file beside the recipe, named by its absolute path."""
+    if not isinstance(reward, FunctionReward):
+        return reward
+    module, function = reward.function.rsplit(":", 1)
+    relative = Path(module) if module.endswith(".py") else Path(*module.split(".")).with_suffix(".py")
+    candidate = relative.expanduser() if relative.expanduser().is_absolute() else base_dir / relative
+    if not candidate.is_file():
+        return reward  # an importable module (or a missing file, reported when the run starts)
+    return reward.model_copy(update={"function": f"{candidate.resolve()}:{function}"})
 
 
 # --- error messages with line numbers ----------------------------------------------------------
@@ -499,6 +851,8 @@ ALIASES = {
     "load_in_8bit": "quantization.bits",
     "output_dir": "output.dir",
     "lora_target_modules": "lora.target_modules",
+    "reward_funcs": "grpo.rewards",
+    "reward_weights": "grpo.rewards",
 }
 
 
@@ -519,7 +873,7 @@ def _suggestion(loc: tuple[str, ...]) -> str:
     owner = _section_with_field(loc[1])
     if owner and owner != loc[0]:
         return f"; it belongs in the `{owner}` section"
-    names = list(Recipe.model_fields[loc[0]].annotation.model_fields)
+    names = list(section_types()[loc[0]].model_fields)
     close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
     return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
 
@@ -537,10 +891,23 @@ def _nested_suggestion(loc: tuple[str, ...]) -> str:
 
 
 def _section_with_field(name: str) -> str | None:
-    for section, field in Recipe.model_fields.items():
-        if name in field.annotation.model_fields:
+    for section, model in section_types().items():
+        if name in model.model_fields:
             return section
     return None
+
+
+def section_types() -> dict[str, type[Section]]:
+    """Each top-level section's schema class (an objective's optional section unwrapped)."""
+    types = {}
+    for name, field in Recipe.model_fields.items():
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            annotation = next(
+                t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Section)
+            )
+        types[name] = annotation
+    return types
 
 
 def recipe_json_schema() -> dict:

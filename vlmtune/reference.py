@@ -8,7 +8,10 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from vlmtune.recipe import Recipe
+from vlmtune.recipe import REWARD_KINDS, Recipe, section_types
+
+# List fields whose items are sections of several kinds, each told apart by its `type`.
+KINDS = {("grpo", "rewards"): REWARD_KINDS}
 
 HEADER = """# Recipe reference
 
@@ -35,26 +38,52 @@ def _default(field: typing.Any) -> str:
 def recipe_reference() -> str:
     lines = [HEADER]
     for section_name, section_field in Recipe.model_fields.items():
-        lines += _section_table(section_name, section_field.annotation)
+        section = section_types()[section_name]
+        lines.append(f"\n## `{section_name}`\n")
+        if section_field.default is None:  # an objective's section
+            lines.append(f"{section_field.description}\n")
+        lines += _table(section_name, section)
+        for (owner, field_name), kinds in KINDS.items():
+            if owner == section_name:
+                lines += _kinds(f"{section_name}.{field_name}", kinds)
+        lines += _subsections(section_name, section)
     return "\n".join(lines) + "\n"
 
 
-def _section_table(dotted: str, section: type[BaseModel]) -> list[str]:
-    """One table per section; a nested section (train.distributed) gets its own table after its parent's."""
-    lines = [f"\n## `{dotted}`\n", "| key | type | default | meaning |", "|---|---|---|---|"]
-    nested = []
-    for name, field in section.model_fields.items():
-        meaning = (field.description or "").replace("|", "\\|")
+def _subsections(prefix: str, model: typing.Any) -> list[str]:
+    """A section inside a section (train.distributed) gets its own table after its parent's."""
+    lines = []
+    for name, field in model.model_fields.items():
         if _is_section(field.annotation):
-            lines.append(f"| `{dotted}.{name}` | section | see below | {meaning} |")
-            nested.append((f"{dotted}.{name}", field.annotation))
-            continue
-        type_name = _type_name(field.annotation).replace("|", "\\|")
-        lines.append(f"| `{dotted}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")
-    for name, annotation in nested:
-        lines += _section_table(name, annotation)
+            lines += [f"\n## `{prefix}.{name}`\n", *_table(f"{prefix}.{name}", field.annotation)]
+            lines += _subsections(f"{prefix}.{name}", field.annotation)
     return lines
 
 
 def _is_section(annotation: typing.Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _table(prefix: str, model: typing.Any, skip: tuple[str, ...] = ()) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        meaning = (field.description or "").replace("|", "\\|")
+        if _is_section(field.annotation):
+            lines.append(f"| `{prefix}.{name}` | section | see below | {meaning} |")
+            continue
+        nested = any(key == (prefix, name) for key in KINDS)
+        type_name = "list of the kinds below" if nested else _type_name(field.annotation).replace("|", "\\|")
+        lines.append(f"| `{prefix}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")
+    return lines
+
+
+def _kinds(prefix: str, kinds: tuple) -> list[str]:
+    """One table per kind of a list's items, under the `type` that selects it."""
+    lines = []
+    for kind in kinds:
+        word = typing.get_args(kind.model_fields["type"].annotation)[0]
+        lines += [f"\n### `{prefix}`: `type: {word}`\n", f"{kind.__doc__.strip()}\n"]
+        lines += _table(f"{prefix}[]", kind, skip=("type",))
+    return lines

@@ -24,7 +24,7 @@ def train(
     run_dir: Path = typer.Option(None, "--run-dir", help="Write to exactly this folder (must not exist)."),
     resume: Path = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
 ) -> None:
-    """Train from a recipe: load -> lora -> sft, artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft or grpo), artifacts in a new run folder.
 
     Examples:
 
@@ -69,6 +69,8 @@ def _print_summary(run) -> None:
     trained = summary["stages"]["train"]
     first, last = trained.get("first_loss"), trained.get("last_loss")
     loss = f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
+    if trained.get("first_reward") is not None:  # grpo: the reward says more than its loss
+        loss += f", reward {trained['first_reward']:.4f} -> {trained['last_reward']:.4f}"
     console.print(
         f"[bold green]done[/] in {summary.get('seconds', 0):.0f} s: {trained.get('steps', 0)} steps, "
         f"loss {loss}\nrun folder: [bold]{run.path}[/]\noutput:     {summary.get('output')}"
@@ -83,10 +85,16 @@ def _scores(figures: dict) -> str:
     """The eval stage's headline, from the figures summary.json keeps for it."""
     if "exact_match" not in figures:
         return figures.get("skipped", "no scores")
-    return (
-        f"exact match {figures['exact_match']:.3f} (base {figures['base_exact_match']:.3f}), "
-        f"contains {figures['contains']:.3f} (base {figures['base_contains']:.3f}) on {figures['n']} samples"
-    )
+    scores = [
+        f"{label} {figures[key]:.3f} (base {figures[f'base_{key}']:.3f})"
+        for key, label in (
+            ("exact_match", "exact match"),
+            ("contains", "contains"),
+            ("preference_accuracy", "preference accuracy"),
+        )
+        if key in figures
+    ]
+    return f"{', '.join(scores)} on {figures['n']} samples"
 
 
 def validate(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:
@@ -124,18 +132,27 @@ def data_check(
     as_json: bool = typer.Option(
         False, "--json", help="Print the report as JSON (the data_report.json keys)."
     ),
+    full_decode: bool = typer.Option(
+        False, "--full-decode", help="Decode every pixel of every image (data.image_check: full); slower."
+    ),
 ) -> None:
-    """Pre-flight every sample of the recipe's data (no model weights loaded); non-zero on bad data."""
+    """Pre-flight every sample of the recipe's data (no model weights loaded).
+
+    Exits 2 when training would stop on a problem; with data.on_bad_sample: skip or data.too_long: drop
+    it lists the samples training would leave out and exits 0.
+    """
     _quiet_libraries()
     from vlmtune.datacheck import check_recipe_data, fail_on_problems, render_report
 
-    parsed = _load(recipe, overrides)
+    parsed = _load(recipe, [*(overrides or []), *(["data.image_check=full"] if full_decode else [])])
     reports = check_recipe_data(parsed, None if as_json else console)
     if as_json:
         print(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
     else:
-        render_report(reports, console)
-    fail_on_problems(reports)  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
+        render_report(reports, parsed.data, console)
+    fail_on_problems(
+        reports, parsed.data
+    )  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
 
 
 def _load(recipe: Path, overrides: list[str] | None):

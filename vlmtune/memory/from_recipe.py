@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vlmtune.distributed import FSDP_OBJECTIVES
 from vlmtune.errors import ModelError, VlmtuneError
 from vlmtune.families import Family
 from vlmtune.image_tokens import (
@@ -81,6 +82,8 @@ def training_method(
         optim=train.optim,
         gradient_checkpointing=train.gradient_checkpointing,
         supervised_loss=train.supervised_loss,
+        objective=train.objective,
+        continues_adapter=model.adapter is not None,
     )
 
 
@@ -159,6 +162,7 @@ def estimate_recipe(
         resolved.config, family, recipe.data, recipe.train, seq_len=seq_len, images_per_sample=images_per_sample,
         image_size=image_size, tokens_per_image=tokens_per_image, folder=resolved.folder,
     )  # fmt: skip
+    training, work = with_objective(recipe, training, work)
     result = estimate(
         shape,
         training,
@@ -170,8 +174,28 @@ def estimate_recipe(
     )
     if gpus == 1:
         return result
+    if recipe.train.objective not in FSDP_OBJECTIVES:  # vlmtune refuses FSDP for it: DDP's figure only
+        note = f"per GPU: DDP only; train.objective {recipe.train.objective} is not run under FSDP"
+        return replace(
+            result, gpus=gpus, per_gpu=(data_parallel(result.terms, gpus),), notes=(*result.notes, note)
+        )
     per_gpu = (
         data_parallel(result.terms, gpus),
         fully_sharded(shape, training, result.terms, gpus, family.block_lists),
     )
     return replace(result, gpus=gpus, per_gpu=per_gpu)
+
+
+def with_objective(
+    recipe: Recipe, training: TrainingMethod, work: Workload
+) -> tuple[TrainingMethod, Workload]:
+    """The chosen objective's own memory: grpo samples a whole optimizer step's completions at once,
+    and holds a frozen reference only with its KL penalty (beta > 0)."""
+    grpo = recipe.grpo if recipe.train.objective == "grpo" else None
+    if grpo is None:
+        return training, work
+    training = replace(training, reference=grpo.beta > 0)
+    work = replace(
+        work, steps_per_generation=recipe.train.grad_accum, completion_tokens=grpo.max_completion_length
+    )
+    return training, work

@@ -78,6 +78,9 @@ def fully_sharded(
             "gathered": gathered if gpus > 1 else 0,
             "activations": terms["activations"],
             "logits": terms["logits"],
+            # A full fine-tune's frozen reference would be sharded like the weights; sampling is per GPU.
+            **({"reference": shard(terms["reference"])} if terms.get("reference") else {}),
+            **({"generation": terms["generation"]} if "generation" in terms else {}),
             "overhead": terms["overhead"],
         },
     )

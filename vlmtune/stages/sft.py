@@ -10,14 +10,16 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtune import distributed, rundir
+from vlmtune import rundir
 from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
 from vlmtune.families import Family
+from vlmtune.lengths import TokenCounter
 from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
 from vlmtune.stages import TrainResult
+from vlmtune.stages.common import parallel_arguments, run_trainer, trainer_arguments
 
 
 @dataclass
@@ -58,9 +60,10 @@ def prepare_data(
         processor, family, max_length=None, train_on_responses_only=data.train_on_responses_only
     )
 
-    reports = {"train": check_split("train", data.train, data, train.max_length, collator.count_tokens)}
+    counter = TokenCounter(collator)  # lengths as the processor builds them, from image sizes alone
+    reports = {"train": check_split("train", data.train, data, train.max_length, counter)}
     if data.eval:
-        reports["eval"] = check_split("eval", data.eval, data, train.max_length, collator.count_tokens)
+        reports["eval"] = check_split("eval", data.eval, data, train.max_length, counter)
     run.write_json(rundir.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
     collator.max_length = train.max_length
     eval_split = reports.get("eval")
@@ -89,50 +92,14 @@ def sft_config(
     report_to: list[str],
     parallel: dict | None = None,
 ) -> Any:
-    """``parallel``: the launch's DDP / FSDP arguments (vlmtune.distributed.trainer_arguments)."""
+    """``parallel``: the launch's DDP / FSDP arguments (stages.common.parallel_arguments)."""
     from trl import SFTConfig
 
-    from vlmtune.observe.trackers import trainer_args
-
     return SFTConfig(
-        output_dir=str(run / rundir.CHECKPOINTS),
-        max_steps=train.max_steps,
-        num_train_epochs=train.epochs,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.lr,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        optim=train.optim,
-        seed=train.seed,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        eval_strategy="steps" if has_eval and train.eval_steps else "no",
-        eval_steps=train.eval_steps,
-        activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={
-            "use_reentrant": False
-        },  # reentrant starves vision LoRA of gradients
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16" and device == "cuda",
-        use_cpu=device == "cpu",
-        dataloader_num_workers=train.num_workers,
-        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        length_column_name="length",
-        torch_compile=train.torch_compile,
-        prediction_loss_only=True,  # eval needs the loss only; never the logits
-        **trainer_args(report_to, run),  # report_to, run_name
-        disable_tqdm=True,
-        # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
-        remove_unused_columns=False,
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to, parallel),
+        # Our collator builds the batches: TRL must not tokenize the data itself.
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
-        **(parallel or {}),
     )
 
 
@@ -151,14 +118,13 @@ def train(
     callbacks: list | None = None,
     report_to: list[str] | None = None,
 ) -> TrainResult:
-    from vlmtune import observe
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
 
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
     samples = train_split.samples + (eval_split.samples if eval_split else [])
-    parallel = distributed.trainer_arguments(train_section.distributed, device, model, family)
+    parallel = parallel_arguments(train_section, device, model, family)
     trainer = VlmtuneTrainer(
         model=model,
         args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or [], parallel),
@@ -169,27 +135,4 @@ def train(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
     )
-    # Our metrics writer and progress bar replace the printed log dicts.
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
-    distributed.shard_on_cpu(trainer)
-    trainer.train(resume_from_checkpoint=resume or None)
-    output = save_final(trainer, processor, run)
-    losses = run.losses()
-    return TrainResult(
-        losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
-    )
-
-
-def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
-    from vlmtune.processing import save_processor
-
-    is_peft = hasattr(trainer.model, "peft_config")
-    out = run / (rundir.ADAPTER if is_peft else rundir.FULL_MODEL)
-    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from every rank's shard
-    if run.writer:
-        trainer.model.save_pretrained(str(out), state_dict=state_dict)
-        save_processor(processor, out)
-    return str(out)
+    return run_trainer(trainer, processor, run, device, resume)

@@ -85,6 +85,17 @@ def test_fsdp_is_what_makes_full_finetuning_of_a_72b_model_fit_on_8_gpus():
     assert sixteen["fsdp"].peak_bytes < strategies["fsdp"].peak_bytes
 
 
+@pytest.mark.parametrize(
+    ("objective", "knobs"), [("dpo", {}), ("grpo", {"grpo": {"rewards": [{"type": "contains"}]}})]
+)
+def test_objectives_refused_under_fsdp_get_the_ddp_figure_only(objective: str, knobs: dict):
+    result = spread(QWEN_7B, 4, train={"objective": objective, "grad_accum": 8}, **knobs)
+    assert [p.strategy for p in result.per_gpu] == ["ddp"]
+    assert per_gpu(result)["ddp"].peak_bytes == result.peak_bytes + result.terms["gradients"]
+    assert f"per GPU: DDP only; train.objective {objective} is not run under FSDP" in result.notes
+    assert set(result.to_json()["per_gpu"]) == {"ddp"}
+
+
 def test_the_command_prints_both_strategies_per_gpu():
     from typer.testing import CliRunner
 

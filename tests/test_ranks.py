@@ -204,6 +204,37 @@ def test_fsdp_accepts_qlora():
     assert recipe.quantization.bits == 4 and recipe.train.distributed.strategy == "fsdp"
 
 
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_fsdp_is_refused_for_the_preference_and_rl_objectives(launched, objective: str):
+    fsdp = DistributedSection(strategy="fsdp")
+    distributed.check_objective(objective, fsdp, distributed.ranks())  # one process: no FSDP runs at all
+    launched(2)
+    distributed.check_objective("sft", fsdp, distributed.ranks())
+    distributed.check_objective(objective, DistributedSection(strategy="ddp"), distributed.ranks())
+    with pytest.raises(RecipeError) as err:
+        distributed.check_objective(objective, fsdp, distributed.ranks())
+    assert f"train.objective {objective} does not run under FSDP" in err.value.message
+    assert f"train.distributed.strategy: ddp for {objective}" in err.value.hint
+
+
+def test_a_dpo_launch_under_fsdp_exits_2_before_any_folder_or_process_group(tmp_path):
+    """Every rank refuses on its own, from the launch variables alone: no rank waits for another."""
+    from conftest import write_recipe
+    from test_cli import vlmtune
+
+    path = write_recipe(
+        tmp_path, data={"train": "pairs.jsonl"}, output={"dir": str(tmp_path / "runs")},
+        train={"objective": "dpo", "distributed": {"strategy": "fsdp", "timeout": 10}},
+    )  # fmt: skip
+    # Rank 1: it would wait for rank 0 if it did not refuse on its own.
+    launch = dict(zip(LAUNCH_VARIABLES, ("2", "1", "1", "2"), strict=True))
+    result = vlmtune("train", str(path), env_extra=launch)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train.objective dpo does not run under FSDP" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 # --- who writes, and what a resume checks ---------------------------------------------------------
 
 

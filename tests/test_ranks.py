@@ -223,7 +223,7 @@ def test_a_dpo_launch_under_fsdp_exits_2_before_any_folder_or_process_group(tmp_
     from test_cli import vlmtune
 
     path = write_recipe(
-        tmp_path, data={"train": "pairs.jsonl"}, output={"dir": str(tmp_path / "runs")},
+        tmp_path, model={"name": "tiny:qwen2_vl"}, data={"train": "pairs.jsonl"}, output={"dir": str(tmp_path / "runs")},
         train={"objective": "dpo", "distributed": {"strategy": "fsdp", "timeout": 10}},
     )  # fmt: skip
     # Rank 1: it would wait for rank 0 if it did not refuse on its own.

@@ -39,7 +39,8 @@ Goals, printed as pass/fail beside the figures:
 In a dry run the same goals are computed from CPU figures and mean nothing; the run checks the code.
 
 Results: one JSON (bench/results/gpu-<date>.json; a dry run's goes under .cache/) and a table;
-the parts' logs, combined, beside it (<name>.log). Not yet measured on a GPU.
+the parts' logs, combined, beside it (<name>.log). First measured on an H200 on 2026-11-30
+(docs/benchmarks.md; bench/results/gpu-2026-11-30-h200.json).
 """
 
 from __future__ import annotations

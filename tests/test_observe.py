@@ -80,7 +80,7 @@ def test_the_picture_is_a_png_drawn_from_metrics_jsonl(tmp_path: Path):
     assert plotted["token accuracy"]["eval"] == ([2, 4], [0.2, 0.3])
 
     path = curves.write_png(drawn, tmp_path / "out" / "curves.png", "r")
-    assert png_size(path) == (curves.FIGSIZE[0] * curves.DPI, curves.FIGSIZE[1] * curves.DPI)
+    assert png_size(path) == (1100, 700), "SFT: loss, learning rate, grad norm, token accuracy"
     from PIL import Image
 
     with Image.open(path) as image:
@@ -88,6 +88,47 @@ def test_the_picture_is_a_png_drawn_from_metrics_jsonl(tmp_path: Path):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50, "a blank picture has a handful of colours; curves have many"
     assert [p.name for p in path.parent.iterdir()] == ["curves.png"], "no temporary file left behind"
+
+
+def plotted_lines(fig) -> dict[str, dict[str, list]]:
+    return {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+            for ax in fig.axes}  # fmt: skip
+
+
+def test_a_dpo_run_draws_its_rewards_and_preference_accuracy_instead_of_token_accuracy(tmp_path: Path):
+    logged = [{"step": s, "loss": 0.7 - s / 100, "learning_rate": 1e-5, "grad_norm": 1.0,
+               "reward_chosen": s / 10, "reward_rejected": -s / 10, "reward_margin": s / 5,
+               "preference_accuracy": 0.5 + s / 20} for s in (1, 2, 3)]  # fmt: skip
+    logged.append({"step": 3, "eval_loss": 0.6, "eval_preference_accuracy": 0.75})
+    fig = curves.figure(curves.extract(logged), "dpo")
+    lines = plotted_lines(fig)
+    assert list(lines) == [
+        "loss",
+        "learning rate",
+        "gradient norm",
+        "preference rewards",
+        "preference accuracy",
+    ]
+    assert lines["preference rewards"] == {"chosen": [0.1, 0.2, 0.3], "rejected": [-0.1, -0.2, -0.3],
+                                           "margin": [0.2, 0.4, 0.6]}  # fmt: skip
+    assert lines["preference accuracy"] == {"train": [0.55, 0.6, 0.65], "eval": [0.75]}
+    path = curves.write_png(curves.extract(logged), tmp_path / "curves.png", "dpo")
+    assert png_size(path) == (1650, 700), "five panels: two rows of three"
+    summary = dict(curves.summary_lines(curves.extract(logged)))
+    assert summary["reward margin"] == "0.200 -> 0.600" and summary["pref. accuracy"] == "0.550 -> 0.650"
+    assert "token accuracy" not in summary
+
+
+def test_a_grpo_run_draws_its_reward_and_kl():
+    logged = [{"step": s, "loss": 0.0, "learning_rate": 1e-5, "grad_norm": 0.5, "reward": r, "kl": s / 1000}
+              for s, r in ((1, 0.25), (2, 0.5), (3, 0.75), (4, 0.5))]  # fmt: skip
+    logged.append({"step": 4, "eval_loss": 0.0, "eval_reward": 0.6})
+    lines = plotted_lines(curves.figure(curves.extract(logged), "grpo"))
+    assert list(lines) == ["loss", "learning rate", "gradient norm", "reward", "kl"]
+    assert lines["reward"] == {"train": [0.25, 0.5, 0.75, 0.5], "eval": [0.6]}
+    summary = dict(curves.summary_lines(curves.extract(logged)))
+    assert summary["reward"].endswith("0.250 -> 0.500 (max 0.750 at step 3)")
+    assert summary["eval reward"] == "0.600 -> 0.600" and summary["kl"] == "0.0010 -> 0.0040"
 
 
 def test_a_panel_with_nothing_logged_says_so():

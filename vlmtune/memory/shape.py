@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -46,6 +46,9 @@ class Layer:
     component: str  # vision | language | other
     width: int  # channels of the block's input (what a checkpoint keeps)
     elems: int  # 16-bit elements autograd saves per token in one forward, without LoRA
+    # Does gradient checkpointing reach this block? transformers checkpoints only GradientCheckpointingLayer
+    # blocks; others (Mllama's vision encoder layers) keep every activation whatever the recipe says.
+    checkpointable: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def shape_of(model: Any, family: Family) -> ModelShape:
     text = model.config.get_text_config()
     vision_cfg = getattr(model.config, "vision_config", None)
     vision_hidden = getattr(vision_cfg, "hidden_size", 0) or getattr(vision_cfg, "embed_dim", 0) or 0
-    layers = group_layers(linears, family)
+    layers = group_layers(linears, family, checkpointable_blocks(model))
     vision_layers = [layer.width for layer in layers if layer.component == "vision"]
     return ModelShape(
         family=family.name,
@@ -133,6 +136,19 @@ def shape_of(model: Any, family: Family) -> ModelShape:
         vision_hidden=vision_layers[0] if vision_layers else int(vision_hidden),
         tied_lm_head=tied_lm_head(model),
         projector_prefixes=family.projector_prefixes,
+    )
+
+
+def checkpointable_blocks(model: Any) -> frozenset[str]:
+    """Names of the blocks ``gradient_checkpointing_enable()`` wraps: transformers' GradientCheckpointingLayer.
+
+    A model's gradient_checkpointing flag reaches every module that has one, but only these blocks act
+    on it; MllamaVisionEncoder carries the flag and ignores it (transformers 5.17-5.23).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return frozenset(
+        name for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)
     )
 
 
@@ -154,8 +170,13 @@ def _matches(name: str, suffixes: tuple[str, ...]) -> int | None:
     return None
 
 
-def group_layers(linears: Iterable[Linear], family: Family) -> tuple[Layer, ...]:
-    """Transformer blocks of the vision and language towers, from the family's Linear names."""
+def group_layers(
+    linears: Iterable[Linear], family: Family, checkpointable: Collection[str] | None = None
+) -> tuple[Layer, ...]:
+    """Transformer blocks of the vision and language towers, from the family's Linear names.
+
+    ``checkpointable``: the blocks gradient checkpointing reaches (``checkpointable_blocks``); None: all.
+    """
     names = {
         "vision": (family.vision_attention, family.vision_mlp),
         "language": (family.language_attention, family.language_mlp),
@@ -183,7 +204,7 @@ def group_layers(linears: Iterable[Linear], family: Family) -> tuple[Layer, ...]
         width, elems = layer_activation_elems(
             [attention[i] for i in sorted(attention)], [mlp[i] for i in sorted(mlp)]
         )
-        layers.append(Layer(key, component, width, elems))
+        layers.append(Layer(key, component, width, elems, checkpointable is None or key in checkpointable))
     return tuple(layers)
 
 

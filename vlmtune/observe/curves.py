@@ -1,7 +1,9 @@
 """Curves of a run: the series metrics.jsonl holds, a PNG of them, and a few lines for a terminal.
 
-Any objective's rows work: keys this module does not draw (DPO's rewards, GRPO's completions) are
-ignored, and a row without a loss (an eval row, a memory-only row) feeds only the series it has.
+Any objective's rows work. Loss, learning rate and gradient norm are always drawn; the panels
+after them are the objective's own (token accuracy for SFT, rewards and preference accuracy for
+DPO, reward and KL for GRPO), chosen by what the rows hold, never by the objective's name. Keys no
+panel names are ignored, and a row without a loss (an eval row) feeds only the series it has.
 matplotlib is imported inside the drawing functions, with the Agg canvas (no display, no pyplot
 state): the CLI's other commands never pay for it.
 """
@@ -32,12 +34,24 @@ class Panel:
     keys: tuple[tuple[str, str], ...]  # (metrics.jsonl key, legend label), drawn in this order
 
 
-PANELS = (
+# Drawn whatever was logged ("not logged" where nothing was).
+CORE_PANELS = (
     Panel("loss", (("loss", "train"), ("eval_loss", "eval"))),
     Panel("learning rate", (("learning_rate", "learning rate"),)),
     Panel("gradient norm", (("grad_norm", "grad norm"),)),
-    Panel("token accuracy", (("token_accuracy", "train"), ("eval_mean_token_accuracy", "eval"))),
 )
+# Drawn when logged; the first one stands in, empty, when none was (a run with no step yet).
+OBJECTIVE_PANELS = (
+    Panel("token accuracy", (("token_accuracy", "train"), ("eval_mean_token_accuracy", "eval"))),
+    Panel(
+        "preference rewards",
+        (("reward_chosen", "chosen"), ("reward_rejected", "rejected"), ("reward_margin", "margin")),
+    ),
+    Panel("preference accuracy", (("preference_accuracy", "train"), ("eval_preference_accuracy", "eval"))),
+    Panel("reward", (("reward", "train"), ("eval_reward", "eval"))),
+    Panel("kl", (("kl", "train"),)),
+)
+PANELS = CORE_PANELS + OBJECTIVE_PANELS
 
 
 def series(rows: list[dict], key: str, label: str) -> Series:
@@ -57,19 +71,33 @@ def extract(rows: list[dict]) -> dict[str, list[Series]]:
 
 # --- the picture ---------------------------------------------------------------------------------
 
-FIGSIZE = (11.0, 7.0)  # inches
-DPI = 100  # so the PNG is 1100 x 700 pixels
+PANEL_SIZE = (5.5, 3.5)  # inches
+DPI = 100  # so a panel is 550 x 350 pixels and the usual 2 x 2 picture 1100 x 700
+
+
+def drawn_panels(curves: dict[str, list[Series]]) -> list[Panel]:
+    """The core panels, then the objective's panels that have values (at least one, maybe empty)."""
+    logged = [panel for panel in OBJECTIVE_PANELS if curves.get(panel.title)]
+    return [*CORE_PANELS, *(logged or OBJECTIVE_PANELS[:1])]
+
+
+def figure_size(panel_count: int) -> tuple[float, float]:
+    """Two rows of panels, as many columns as they need."""
+    columns = math.ceil(panel_count / 2)
+    return (PANEL_SIZE[0] * columns, PANEL_SIZE[1] * 2)
 
 
 def figure(curves: dict[str, list[Series]], title: str) -> Any:
-    """A matplotlib Figure (Agg canvas) with one panel per entry of PANELS."""
+    """A matplotlib Figure (Agg canvas) with the panels of ``drawn_panels``, two rows of them."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    panels = drawn_panels(curves)
+    fig = Figure(figsize=figure_size(len(panels)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title)
-    for ax, panel in zip(fig.subplots(2, 2).flat, PANELS, strict=True):
+    axes = fig.subplots(2, math.ceil(len(panels) / 2), squeeze=False).flat
+    for ax, panel in zip(axes, panels, strict=False):
         ax.set_title(panel.title)
         drawn = curves.get(panel.title, [])
         if not drawn:
@@ -88,6 +116,8 @@ def figure(curves: dict[str, list[Series]], title: str) -> Any:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         if len(drawn) > 1:
             ax.legend()
+    for ax in list(fig.axes)[len(panels) :]:  # an odd count leaves the last slot empty
+        fig.delaxes(ax)
     return fig
 
 
@@ -170,4 +200,16 @@ def summary_lines(curves: dict[str, list[Series]]) -> list[tuple[str, str]]:
         lines.append(("token accuracy", _trend(acc, 3)))
     if eacc := by_key.get("eval_mean_token_accuracy"):
         lines.append(("eval accuracy", _trend(eacc, 3)))
+    if margin := by_key.get("reward_margin"):
+        lines.append(("reward margin", _trend(margin, 3)))
+    if pacc := by_key.get("preference_accuracy"):
+        lines.append(("pref. accuracy", _trend(pacc, 3)))
+    if reward := by_key.get("reward"):
+        high = _highest(reward)
+        best = f" (max {_g(high[0], 3)} at step {high[1]})" if high else ""
+        lines.append(("reward", f"{sparkline(reward.values)}  {_trend(reward, 3)}{best}"))
+    if ereward := by_key.get("eval_reward"):
+        lines.append(("eval reward", _trend(ereward, 3)))
+    if kl := by_key.get("kl"):
+        lines.append(("kl", _trend(kl, 4)))
     return lines

@@ -21,7 +21,9 @@ def test_every_shipped_recipe_validates_and_documents_its_command(path: Path):
     recipe = load_recipe(path)
     assert recipe.model.name
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
-    assert first_line.startswith("# vlmtune "), "a recipe starts with the command that runs it"
+    assert first_line.startswith(("# vlmtune ", "# torchrun ")), (
+        "a recipe starts with the command that runs it"
+    )
     assert str(path.relative_to(ROOT)) in first_line
 
 

@@ -72,6 +72,10 @@ class Family:
     pixel_budget: Callable[[Any, int], None] | None = None
     # The processor (or, for Qwen, its image processor alone) -> the settings tokens_per_image reads.
     image_settings: Callable[[Any], ImageSettings] = field(default=lambda processor: ImageSettings())
+    # The module lists that hold the transformer blocks, vision tower first: FSDP shards each block
+    # as one unit. Lists, not class names: a family's checkpoints differ in backbone (Llava has
+    # Llama, Mistral or Qwen2 blocks, CLIP or SigLIP towers), so the classes are read from the model.
+    block_lists: tuple[str, ...] = ()
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -114,6 +118,7 @@ _QWEN_COMMON = dict(
     tokens_per_image=it.qwen_tokens,
     pixel_budget=it.qwen_budget,
     image_settings=it.qwen_settings,
+    block_lists=("model.visual.blocks", "model.language_model.layers"),
 )
 
 QWEN2_VL = Family(
@@ -159,6 +164,7 @@ _LLAVA_LAYOUT = dict(
     vision_prefix="model.vision_tower",
     projector_prefixes=("model.multi_modal_projector",),
     language_prefix="model.language_model",
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
 )
 
 LLAVA = Family(
@@ -213,7 +219,10 @@ _PIXTRAL_COMMON = dict(
     image_layout=it.pixtral_grid,
     pixel_budget=it.pixtral_budget,
     image_settings=it.pixtral_settings,
-    **_LLAVA_LAYOUT,
+    **{
+        **_LLAVA_LAYOUT,
+        "block_lists": ("model.vision_tower.transformer.layers", "model.language_model.layers"),
+    },
 )
 
 PIXTRAL = Family(
@@ -261,6 +270,11 @@ MLLAMA = Family(
     extra_inputs=("cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"),
     tokens_per_image=it.one_token,
     image_settings=it.mllama_settings,
+    block_lists=(
+        "model.vision_model.transformer.layers",
+        "model.vision_model.global_transformer.layers",
+        "model.language_model.layers",  # self-attention and cross-attention decoder layers
+    ),
 )
 
 _IDEFICS3_COMMON = dict(
@@ -278,6 +292,7 @@ _IDEFICS3_COMMON = dict(
     image_layout=it.idefics3_tiles,
     pixel_budget=it.idefics3_budget,
     image_settings=it.idefics3_settings,
+    block_lists=("model.vision_model.encoder.layers", "model.text_model.layers"),
 )
 
 IDEFICS3 = Family(
@@ -348,7 +363,7 @@ INTERNVL = Family(
     tokens_per_image=it.internvl_tokens,
     pixel_budget=it.internvl_budget,
     image_settings=it.internvl_settings,
-    **_LLAVA_LAYOUT,
+    **{**_LLAVA_LAYOUT, "block_lists": ("model.vision_tower.encoder.layer", "model.language_model.layers")},
 )
 
 FAMILIES: tuple[Family, ...] = (

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from vlmtune.data import Problem, Sample, SampleError, SampleReader, invalid_samples_error, open_records
+from vlmtune.distributed import from_writer
 from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.images import ImageProblem, image_size, open_image
 from vlmtune.lengths import TokenCounter
@@ -444,7 +445,24 @@ def check_split(
     split: str | None = None,
     reader: Any = SampleReader,
 ) -> CheckedSplit:
-    """Scan a split, then raise or drop per data.on_bad_sample / data.too_long (all problems at once)."""
+    """Scan a split, then raise or drop per data.on_bad_sample / data.too_long (all problems at once).
+
+    Under torchrun only rank 0 reads and checks the data; the other ranks receive its result (the
+    kept samples, pairs or prompts hold lazy image sources, so what travels is small) or its error.
+    """
+    return from_writer(lambda: _check_split(name, path, data, max_length, measure, console, split, reader))
+
+
+def _check_split(
+    name: str,
+    path: str,
+    data: DataSection,
+    max_length: int | None,
+    measure: TokenCounter | Measure | None,
+    console: Any,
+    split: str | None,
+    reader: Any,
+) -> CheckedSplit:
     report = scan_split(name, path, data, max_length, measure, console, split=split, reader=reader)
     if report.skipped and data.on_bad_sample == "error":
         raise invalid_samples_error(report.source, report.skipped, report.total)

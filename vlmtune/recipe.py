@@ -31,6 +31,7 @@ from vlmtune.choices import (
     QuantType,
     RewardScaling,
     Scheduler,
+    Strategy,
     Tracker,
     words,
 )
@@ -241,6 +242,27 @@ class DataSection(Section):
         return self
 
 
+class DistributedSection(Section):
+    """How ranks share the work when the run is launched by torchrun or accelerate launch.
+
+    A plain `vlmtune train` is one process and ignores this section; docs/distributed.md shows the
+    launches and what each strategy costs in memory.
+    """
+
+    strategy: Strategy = Field(
+        "ddp",
+        description="ddp: every rank holds the whole model (its own 4-bit copy) and trains on its share of "
+        "the batches; fsdp: parameters, gradients and optimizer states are sharded across ranks (FSDP2), for "
+        "models that do not fit one GPU, each vision and decoder block wrapped as one unit.",
+    )
+    timeout: int = Field(
+        1800,
+        gt=0,
+        description="Seconds a rank waits for the others in one collective before the run fails: a stuck "
+        "rank becomes an error instead of a silent hang.",
+    )
+
+
 class TrainSection(Section):
     objective: Objective = Field(
         "sft",
@@ -286,6 +308,10 @@ class TrainSection(Section):
         False, description="torch.compile the model (CUDA; first steps pay the compile)."
     )
     device: Device = Field("auto", description="auto = CUDA when available.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection,
+        description="Under torchrun / accelerate launch: the strategy (ddp or fsdp) and the collective timeout.",
+    )
 
 
 class DpoSection(Section):
@@ -585,6 +611,8 @@ class Recipe(Section):
             raise ValueError(
                 "lora.method full cannot train quantized weights; set quantization.bits: null, or use lora"
             )
+        if self.train.distributed.strategy == "fsdp":
+            _check_fsdp(self)
         if self.train.eval_steps and not self.data.eval:
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
@@ -636,6 +664,20 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _check_fsdp(recipe: Recipe) -> None:
+    """What FSDP cannot shard, refused before anything loads."""
+    if recipe.quantization.bits == 8:
+        raise ValueError(
+            "train.distributed.strategy fsdp cannot shard 8-bit (LLM.int8) weights; use quantization.bits: 4 "
+            "(QLoRA: the 4-bit weights are stored in model.dtype so FSDP can shard them) or null, or strategy: ddp"
+        )
+    if recipe.train.eval_generate:
+        raise ValueError(
+            "train.eval_generate cannot run under strategy fsdp (generation would need every rank); set it to "
+            "false and run `vlmtune eval RUN_DIR` on the finished run"
+        )
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -824,14 +866,28 @@ def _suggestion(loc: tuple[str, ...]) -> str:
             return f"; did you mean `{close[0]}`?"
         owner = _section_with_field(loc[0])
         return f"; did you mean `{owner}.{loc[0]}`?" if owner else f"; sections are {', '.join(sections)}"
-    if loc[0] not in sections or len(loc) != 2:
+    if loc[0] not in sections:
         return ""
+    if len(loc) > 2:  # a key of a nested section (train.distributed.*)
+        return _nested_suggestion(loc)
     owner = _section_with_field(loc[1])
     if owner and owner != loc[0]:
         return f"; it belongs in the `{owner}` section"
     names = list(section_types()[loc[0]].model_fields)
     close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
     return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
+
+
+def _nested_suggestion(loc: tuple[str, ...]) -> str:
+    model: Any = Recipe
+    for key in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return ""
+        model = field.annotation
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean `{'.'.join(loc[:-1])}.{close[0]}`?" if close else ""
 
 
 def _section_with_field(name: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import typing
 
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from vlmtune.recipe import REWARD_KINDS, Recipe, section_types
@@ -45,7 +46,22 @@ def recipe_reference() -> str:
         for (owner, field_name), kinds in KINDS.items():
             if owner == section_name:
                 lines += _kinds(f"{section_name}.{field_name}", kinds)
+        lines += _subsections(section_name, section)
     return "\n".join(lines) + "\n"
+
+
+def _subsections(prefix: str, model: typing.Any) -> list[str]:
+    """A section inside a section (train.distributed) gets its own table after its parent's."""
+    lines = []
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            lines += [f"\n## `{prefix}.{name}`\n", *_table(f"{prefix}.{name}", field.annotation)]
+            lines += _subsections(f"{prefix}.{name}", field.annotation)
+    return lines
+
+
+def _is_section(annotation: typing.Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _table(prefix: str, model: typing.Any, skip: tuple[str, ...] = ()) -> list[str]:
@@ -54,6 +70,9 @@ def _table(prefix: str, model: typing.Any, skip: tuple[str, ...] = ()) -> list[s
         if name in skip:
             continue
         meaning = (field.description or "").replace("|", "\\|")
+        if _is_section(field.annotation):
+            lines.append(f"| `{prefix}.{name}` | section | see below | {meaning} |")
+            continue
         nested = any(key == (prefix, name) for key in KINDS)
         type_name = "list of the kinds below" if nested else _type_name(field.annotation).replace("|", "\\|")
         lines.append(f"| `{prefix}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")

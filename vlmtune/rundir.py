@@ -3,6 +3,9 @@
 runs/<name>-<YYYYmmdd-HHMMSS>/
   recipe.yaml  resolved.yaml  env.json  summary.json
   1-load/  2-lora/  3-train/  4-eval/
+
+Under torchrun every rank holds a RunDir of the same folder, but only the writer's (rank 0's)
+writes happen: the others' are no-ops, so every stage and objective writes once without asking.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 @dataclass(frozen=True)
 class RunDir:
     path: Path
+    writer: bool = True  # False on the ranks of a launch that are not rank 0: they never write here
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -105,30 +109,34 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def open(cls, path: Path) -> RunDir:
-        """An existing run folder, checked to be one."""
+    def open(cls, path: Path, writer: bool = True) -> RunDir:
+        """An existing run folder, checked to be one (``writer=False``: this rank only reads it)."""
         path = Path(path)
         if not (path / SUMMARY).is_file():
             raise RunDirError(
                 f"{path} is not a vlmtune run folder (no {SUMMARY})",
                 hint="pass a folder that `vlmtune train` created, e.g. runs/demo-20260101-120000",
             )
-        return cls(path)
+        return cls(path, writer)
 
     # --- files ---------------------------------------------------------------------------------
 
     def write_json(self, name: str, data: Any) -> Path:
-        write_json_atomic(self.path / name, data)
+        if self.writer:
+            write_json_atomic(self.path / name, data)
         return self.path / name
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text(encoding="utf-8"))
 
     def write_text(self, name: str, text: str) -> Path:
-        write_text_atomic(self.path / name, text)
+        if self.writer:
+            write_text_atomic(self.path / name, text)
         return self.path / name
 
     def append_jsonl(self, name: str, row: dict) -> None:
+        if not self.writer:
+            return
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
@@ -157,6 +165,8 @@ class RunDir:
     # --- summary -------------------------------------------------------------------------------
 
     def init_summary(self, recipe_name: str) -> None:
+        if not self.writer:
+            return
         self.write_json(
             SUMMARY,
             {
@@ -171,6 +181,8 @@ class RunDir:
         return self.read_json(SUMMARY)
 
     def set_stage(self, stage: str, status: str, **figures: Any) -> None:
+        if not self.writer:
+            return
         summary = self.summary()
         entry = summary["stages"].setdefault(stage, {})
         now = time.time()
@@ -183,8 +195,13 @@ class RunDir:
         self.write_json(SUMMARY, summary)
 
     def set_status(self, status: str, **figures: Any) -> None:
+        self.record(status=status, **figures)
+
+    def record(self, **figures: Any) -> None:
+        """Top-level summary.json entries (the status, times, the distributed launch)."""
+        if not self.writer:
+            return
         summary = self.summary()
-        summary["status"] = status
         summary.update(figures)
         self.write_json(SUMMARY, summary)
 

@@ -39,16 +39,20 @@ def train(
     if (recipe is None) == (resume is None):
         raise RecipeError("give either a RECIPE or --resume RUN_DIR", hint="vlmtune train recipes/demo.yaml")
     _quiet_libraries()
-    from vlmtune import pipeline
+    from vlmtune import distributed, pipeline
     from vlmtune.callbacks import RichProgress
 
-    progress = [RichProgress(console)]
+    here = distributed.ranks()
+    console.quiet = not here.writer  # under torchrun only rank 0 prints (errors still reach stderr)
+    progress = [RichProgress(console)] if here.writer else []
     if resume is not None:
         console.print(f"resuming [bold]{resume}[/]")
         run = pipeline.resume(resume, callbacks=progress, warn=_warn)
     else:
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
+        train = parsed.train
+        console.print(distributed.describe(train.distributed, here, train.batch_size, train.grad_accum))
         text = recipe.read_text(encoding="utf-8")
         run = pipeline.run(parsed, text, recipe.stem, run_dir, callbacks=progress, warn=_warn)
     _print_summary(run)

@@ -113,6 +113,13 @@ def estimate_memory(
         show_default=False,
         help="Card size, e.g. 24GB: does it fit, and the largest batch size and sequence length that do.",
     ),
+    gpus: int = typer.Option(
+        1,
+        "--gpus",
+        min=1,
+        help="GPUs the run is spread over (torchrun --nproc-per-node x nodes): adds the per-GPU peak under "
+        "DDP and under FSDP. batch_size stays per GPU.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     list_models: bool = typer.Option(
         False, "--list-models", help="List the bundled offline configs and exit."
@@ -134,6 +141,8 @@ def estimate_memory(
         vlmtune estimate-memory recipes/demo.yaml --set train.batch_size=8 --no-grad-ckpt
 
         vlmtune estimate-memory --model Qwen/Qwen2-VL-7B-Instruct --objective dpo
+
+        vlmtune estimate-memory --model Qwen/Qwen2.5-VL-72B-Instruct --full --gpus 8 --gpu-memory 80GB
     """
     from vlmtune import memory as mem
     from vlmtune.errors import RecipeError
@@ -154,8 +163,8 @@ def estimate_memory(
     parsed = _recipe(recipe, model, [*(overrides or []), *knobs])
     _quiet_libraries()
     result = mem.estimate_recipe(
-        parsed, gpu_bytes=gpu_bytes, seq_len=seq_len, images_per_sample=images_per_sample, image_size=size,
-        tokens_per_image=image_tokens,
+        parsed, gpus=gpus, gpu_bytes=gpu_bytes, seq_len=seq_len, images_per_sample=images_per_sample,
+        image_size=size, tokens_per_image=image_tokens,
     )  # fmt: skip
     if json_out:
         print(json.dumps(result.to_json(), indent=2))
@@ -251,8 +260,48 @@ def render(result) -> None:
     console.print(terms)
     if result.fit is not None:
         console.print(fit_text(result.fit, work))
+    if result.per_gpu:
+        render_per_gpu(result)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
+
+
+PER_GPU_TERMS = {
+    "buckets": "DDP's gradient buckets: a second copy of the trainable gradients",
+    "gathered": "FSDP: the root unit (embeddings, lm_head, projector) and two blocks gathered whole, with "
+    "their gradients before the reduce-scatter",
+}
+
+
+def render_per_gpu(result) -> None:
+    """One column per strategy: what each GPU holds when the run is spread over --gpus GPUs."""
+    from rich.table import Table
+
+    from vlmtune import units
+
+    per_gpu = {p.strategy: p for p in result.per_gpu}
+    table = Table(title=f"per GPU, spread over {result.gpus} GPUs", title_justify="left", show_footer=True)
+    table.add_column("term", footer="peak per GPU")
+    for strategy, p in per_gpu.items():
+        table.add_column(strategy, justify="right", footer=f"[bold]{units.human_bytes(p.peak_bytes)}[/]")
+    table.add_column("what")
+    names = dict.fromkeys(name for p in per_gpu.values() for name in p.terms)
+    for name in names:
+        cells = [units.human_bytes(p.terms[name]) if name in p.terms else "-" for p in per_gpu.values()]
+        what = PER_GPU_TERMS.get(name) or (
+            "sharded over the GPUs under FSDP" if name in SHARDED else "per GPU"
+        )
+        table.add_row(name, *cells, what)
+    console.print(table)
+    if result.fit is not None:
+        for strategy, p in per_gpu.items():
+            verdict = (
+                "[bold green]fits[/]" if p.peak_bytes <= result.fit.gpu_bytes else "[bold red]does not fit[/]"
+            )
+            console.print(f"{strategy}: {verdict} in {units.human_bytes(result.fit.gpu_bytes)} per GPU")
+
+
+SHARDED = ("weights", "lora", "gradients", "optimizer")
 
 
 def describe_term(name: str, result) -> str:

@@ -7,6 +7,7 @@ Three layers, as accelerate's estimator does it:
 2. ``estimate``: pure functions of a ``ModelShape``, a ``TrainingMethod`` (quantization, LoRA,
    optimizer) and a ``Workload`` (batch, tokens, images) -> bytes per term.
 3. ``from_recipe`` builds those inputs from a recipe (``configs`` finds the model's config);
+   ``parallel`` spreads the terms over several GPUs (per-GPU peak under DDP and FSDP);
    ``vlmtune/commands/memory.py`` parses the CLI and renders the result.
 """
 
@@ -27,6 +28,7 @@ from vlmtune.memory.estimate import (
     weight_components,
 )
 from vlmtune.memory.from_recipe import estimate_recipe, training_method, workload_for
+from vlmtune.memory.parallel import PerGpu, data_parallel, fully_sharded, unit_bytes
 from vlmtune.memory.shape import ModelShape, describe_model, shape_of
 from vlmtune.units import GiB, MiB
 
@@ -40,12 +42,15 @@ __all__ = [
     "MiB",
     "ModelConfig",
     "ModelShape",
+    "PerGpu",
     "TrainingMethod",
     "Workload",
     "bundled_configs",
+    "data_parallel",
     "describe_model",
     "estimate",
     "estimate_recipe",
+    "fully_sharded",
     "optimizer_bytes",
     "peak_bytes",
     "quantized_bytes",
@@ -54,6 +59,7 @@ __all__ = [
     "shape_of",
     "trainable_tensors",
     "training_method",
+    "unit_bytes",
     "weight_components",
     "workload_for",
 ]

@@ -179,6 +179,8 @@ class MemoryEstimate:
     notes: tuple[str, ...] = ()
     fit: Fit | None = None
     source: str = ""
+    gpus: int = 1
+    per_gpu: tuple = ()  # vlmtune.memory.parallel.PerGpu under DDP and FSDP, when spread over gpus > 1
 
     @property
     def total_params(self) -> int:
@@ -240,6 +242,10 @@ class MemoryEstimate:
         }
         if self.fit is not None:
             out["fits"] = self.fit.to_json()
+        if self.per_gpu:
+            gpu_bytes = self.fit.gpu_bytes if self.fit is not None else None
+            out["gpus"] = self.gpus
+            out["per_gpu"] = {p.strategy: p.to_json(gpu_bytes) for p in self.per_gpu}
         return out
 
 

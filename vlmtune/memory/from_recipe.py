@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vlmtune.distributed import FSDP_OBJECTIVES
 from vlmtune.errors import ModelError, VlmtuneError
 from vlmtune.families import Family
 from vlmtune.image_tokens import (
@@ -23,6 +24,7 @@ from vlmtune.image_tokens import (
 from vlmtune.lora_targets import present_projectors, select_targets
 from vlmtune.memory.configs import resolve_config
 from vlmtune.memory.estimate import MemoryEstimate, TrainingMethod, Workload, estimate
+from vlmtune.memory.parallel import data_parallel, fully_sharded
 from vlmtune.memory.shape import ModelShape, describe_model
 from vlmtune.recipe import DataSection, LoraSection, ModelSection, QuantizationSection, Recipe, TrainSection
 
@@ -139,13 +141,17 @@ def _cross_attention_tiles(config: Any) -> int | None:
 def estimate_recipe(
     recipe: Recipe,
     *,
+    gpus: int = 1,
     gpu_bytes: int | None = None,
     seq_len: int | None = None,
     images_per_sample: int = 1,
     image_size: tuple[int, int] | None = None,
     tokens_per_image: int | None = None,
 ) -> MemoryEstimate:
-    """The memory a recipe's training step needs; reads only the model's config, never its weights."""
+    """The memory a recipe's training step needs; reads only the model's config, never its weights.
+
+    ``gpus`` > 1 adds the per-GPU peak under DDP and under FSDP (vlmtune.memory.parallel).
+    """
     from vlmtune.families import detect_family
 
     resolved = resolve_config(recipe.model.name, recipe.model.revision)
@@ -157,7 +163,7 @@ def estimate_recipe(
         image_size=image_size, tokens_per_image=tokens_per_image, folder=resolved.folder,
     )  # fmt: skip
     training, work = with_objective(recipe, training, work)
-    return estimate(
+    result = estimate(
         shape,
         training,
         work,
@@ -166,6 +172,18 @@ def estimate_recipe(
         gpu_bytes=gpu_bytes,
         notes=notes,
     )
+    if gpus == 1:
+        return result
+    if recipe.train.objective not in FSDP_OBJECTIVES:  # vlmtune refuses FSDP for it: DDP's figure only
+        note = f"per GPU: DDP only; train.objective {recipe.train.objective} is not run under FSDP"
+        return replace(
+            result, gpus=gpus, per_gpu=(data_parallel(result.terms, gpus),), notes=(*result.notes, note)
+        )
+    per_gpu = (
+        data_parallel(result.terms, gpus),
+        fully_sharded(shape, training, result.terms, gpus, family.block_lists),
+    )
+    return replace(result, gpus=gpus, per_gpu=per_gpu)
 
 
 def with_objective(

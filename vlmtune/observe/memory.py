@@ -86,8 +86,12 @@ def _highest(rows: list[dict], key: str) -> int | None:
 
 
 def estimated_bytes(estimate: dict) -> int:
-    """memory_estimate.json's peak without the CUDA context, which no measured figure here holds."""
-    return int(estimate["peak_bytes"] - estimate["terms"]["overhead"])
+    """memory_estimate.json's peak without the CUDA context, which no measured figure here holds.
+
+    A run spread over several GPUs compares against one GPU's share under its strategy.
+    """
+    figures = estimate.get("per_gpu", {}).get(estimate.get("strategy")) or estimate
+    return int(figures["peak_bytes"] - figures["terms"]["overhead"])
 
 
 def measured_peak(rows: list[dict], estimate: dict | None, rss_before_load: int | None) -> dict:

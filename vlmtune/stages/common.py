@@ -1,9 +1,13 @@
-"""What every objective's train stage shares around its TRL trainer (dpo today; grpo can use it too).
+"""What every objective's train stage shares around its TRL trainer (sft, dpo, grpo).
 
-An objective pre-flights its items (pairs, prompts) through vlmtune.preflight, hands TRL a dataset
-of positions (TRL only takes `datasets` datasets; the items, with their lazy images, stay in our
-collator), builds its trainer from ``trainer_arguments`` plus its own knobs, and ``run_trainer``
+An objective pre-flights its items (samples, pairs, prompts) through vlmtune.preflight, hands TRL a
+dataset of positions (TRL only takes `datasets` datasets; the items, with their lazy images, stay in
+our collator), builds its trainer from ``trainer_arguments`` plus its own knobs, and ``run_trainer``
 trains it with vlmtune's metrics writer and observers and saves the final weights into 3-train/.
+
+Under torchrun this is where every objective gets the launch's behaviour: ``trainer_arguments``
+carries the DDP / FSDP arguments (``parallel_arguments``), and ``run_trainer`` switches FSDP on for
+CPU, gathers a sharded model's weights and lets rank 0 alone write them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtune import rundir
+from vlmtune import distributed, rundir
+from vlmtune.families import Family
 from vlmtune.preflight import CheckedSplit
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
@@ -58,10 +63,25 @@ class IndexedCollator:
         return self.collate([self.items[row["position"]] for row in rows])
 
 
+def parallel_arguments(train: TrainSection, device: str, model: Any, family: Family) -> dict:
+    """The launch's DDP / FSDP TrainingArguments (nothing for one process): ``trainer_arguments``' ``parallel``."""
+    return distributed.trainer_arguments(train.distributed, device, model, family)
+
+
 def trainer_arguments(
-    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, report_to: list[str]
+    train: TrainSection,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    has_eval: bool,
+    report_to: list[str],
+    parallel: dict | None = None,
 ) -> dict:
-    """The TrainingArguments every objective takes from the train section (and output.report_to)."""
+    """The TrainingArguments every objective takes from the train section (and output.report_to).
+
+    ``parallel``: the launch's DDP / FSDP arguments (``parallel_arguments``); a run under torchrun
+    without them would train each rank alone.
+    """
     from vlmtune.observe.trackers import trainer_args
 
     return dict(
@@ -98,6 +118,7 @@ def trainer_arguments(
         **trainer_args(report_to, run),  # report_to, run_name
         disable_tqdm=True,
         remove_unused_columns=False,  # the rows are positions for our collator, not model inputs
+        **(parallel or {}),
     )
 
 
@@ -109,24 +130,34 @@ def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: 
 
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
+    distributed.shard_on_cpu(trainer)
     trainer.train(resume_from_checkpoint=resume or None)
-    output = save_final(trainer.model, processor, run)
+    output = save_final(trainer, processor, run)
+    # Every rank waits for rank 0's last metrics row and the saved weights before reading or leaving.
+    distributed.barrier()
     losses = run.losses()
     return TrainResult(
         losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
     )
 
 
-def save_final(model: Any, processor: Any, run: RunDir) -> str:
-    """3-train/adapter (the trained adapter only, not a frozen reference copy) or 3-train/model."""
+def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
+    """3-train/adapter (the trained adapter only, not a frozen reference copy) or 3-train/model.
+
+    Every rank calls it (under FSDP, gathering the shards is a collective); rank 0 alone writes.
+    """
     from vlmtune.processing import save_processor
 
-    if hasattr(model, "peft_config"):
-        out = run / rundir.ADAPTER
-        model.save_pretrained(str(out), selected_adapters=[model.active_adapter])
+    model = trainer.model
+    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from every rank's shard; else None
+    is_peft = hasattr(model, "peft_config")
+    out = run / (rundir.ADAPTER if is_peft else rundir.FULL_MODEL)
+    if not run.writer:
+        return str(out)
+    if is_peft:
+        model.save_pretrained(str(out), state_dict=state_dict, selected_adapters=[model.active_adapter])
     else:
-        out = run / rundir.FULL_MODEL
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), state_dict=state_dict)
     save_processor(processor, out)
     return str(out)
 

@@ -27,6 +27,7 @@ from vlmtune.stages.common import (
     IndexedCollator,
     Selected,
     adds_nothing,
+    parallel_arguments,
     positions,
     run_trainer,
     select,
@@ -69,7 +70,9 @@ def dpo_config(
     dtype: str,
     has_eval: bool,
     report_to: list[str] | None = None,
+    parallel: dict | None = None,
 ) -> Any:
+    """``parallel``: the launch's DDP arguments (stages.common.parallel_arguments)."""
     from trl import DPOConfig
 
     losses, weights = [options.loss_type], [1.0]
@@ -77,7 +80,7 @@ def dpo_config(
         losses.append("sft")
         weights.append(options.sft_weight)
     return DPOConfig(
-        **trainer_arguments(train, run, device, dtype, has_eval, report_to or []),
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to or [], parallel),
         beta=options.beta,
         loss_type=losses,
         loss_weights=weights,
@@ -150,10 +153,13 @@ def build_trainer(
     collator, train_pairs, eval_pairs = prepare_pairs(processor, family, data, train_section, run)
     pairs = train_pairs.items + (eval_pairs.items if eval_pairs else [])  # train and eval rows index one list
     is_peft = hasattr(model, "peft_config")
+    parallel = parallel_arguments(train_section, device, model, family)
     trainer = preference_trainer_class()(
         model=model,
         ref_model=None if is_peft else frozen_copy(model),
-        args=dpo_config(train_section, options, run, device, dtype, eval_pairs is not None, report_to),
+        args=dpo_config(
+            train_section, options, run, device, dtype, eval_pairs is not None, report_to, parallel
+        ),
         train_dataset=positions(0, train_pairs.lengths),
         eval_dataset=positions(len(train_pairs.items), eval_pairs.lengths) if eval_pairs else None,
         processing_class=processor,

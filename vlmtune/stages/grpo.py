@@ -33,6 +33,7 @@ from vlmtune.stages.common import (
     REFERENCE_ADAPTER,
     Selected,
     adds_nothing,
+    parallel_arguments,
     positions,
     run_trainer,
     select,
@@ -353,12 +354,13 @@ def rollout_processor(processor: Any, prompt: Prompt) -> Any:
 
 def grpo_config(
     train: TrainSection, options: GrpoSection, data: DataSection, run: RunDir, *, device: str, dtype: str,
-    has_eval: bool, suppress: list[int], report_to: list[str],
+    has_eval: bool, suppress: list[int], report_to: list[str], parallel: dict | None = None,
 ) -> Any:  # fmt: skip
+    """``parallel``: the launch's DDP arguments (stages.common.parallel_arguments)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
-        **trainer_arguments(train, run, device, dtype, has_eval, report_to),
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to, parallel),
         eval_on_start=has_eval and train.eval_steps is not None,  # the held-out reward before any step
         shuffle_dataset=data.shuffle,
         disable_dropout=True,  # sampled, scored and referenced alike (lora.dropout is refused for grpo)
@@ -446,6 +448,7 @@ def build_trainer(
             has_eval=bool(eval_split.items),
             suppress=suppressed_tokens(model, processor, family),
             report_to=report_to or [],
+            parallel=parallel_arguments(train_section, device, model, family),
         ),
         train_dataset=positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.items), eval_split.lengths) if eval_split.items else None,

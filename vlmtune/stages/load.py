@@ -27,7 +27,10 @@ class Loaded:
     report: dict
 
 
-def quantization_config(quant: QuantizationSection, family: Family, compute_dtype: Any) -> Any:
+def quantization_config(
+    quant: QuantizationSection, family: Family, compute_dtype: Any, shardable: bool = False
+) -> Any:
+    """bitsandbytes' settings; ``shardable``: 4-bit weights stored in the 16-bit dtype, as FSDP needs."""
     if quant.bits is None:
         return None
     from transformers import BitsAndBytesConfig
@@ -36,19 +39,30 @@ def quantization_config(quant: QuantizationSection, family: Family, compute_dtyp
     skip = [*family.keep_16bit(), *quant.keep_16bit]
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    # FSDP shards every parameter of a block alike; packed 4-bit weights in a uint8 tensor would
+    # not mix with the block's 16-bit ones (norms, LoRA), so they are packed into compute-dtype storage.
+    storage = {"bnb_4bit_quant_storage": compute_dtype} if shardable else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=skip,
+        **storage,
     )
 
 
 def load(
-    model: ModelSection, quant: QuantizationSection, max_image_pixels: int | None, device: str
+    model: ModelSection,
+    quant: QuantizationSection,
+    max_image_pixels: int | None,
+    device: str,
+    shardable: bool = False,
 ) -> Loaded:
-    """The model on ``device`` and its processor, with the pixel budget applied."""
+    """The model on ``device`` and its processor, with the pixel budget applied.
+
+    ``shardable``: the model will be sharded by FSDP, so 4-bit weights use the 16-bit storage dtype.
+    """
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -61,11 +75,13 @@ def load(
         path,
         revision=model.revision,
         dtype=dtype,
-        quantization_config=quantization_config(quant, family, dtype),
+        quantization_config=quantization_config(quant, family, dtype, shardable),
         device_map={"": device},
         attn_implementation=model.attn_implementation,
     )
     check_keep_16bit(loaded, quant.keep_16bit)
+    if shardable:
+        check_quant_storage(loaded, dtype)
     keep_quantized_layers_trainable(loaded)
     checkpoint_every_block(loaded, family)  # train.gradient_checkpointing must reach Mllama's vision layers
     processor = load_processor(path, family, max_image_pixels, revision=model.revision)
@@ -80,6 +96,20 @@ def check_keep_16bit(model: Any, prefixes: list[str]) -> None:
                 f"quantization.keep_16bit entry {prefix!r} names no module of this model",
                 hint="write full module prefixes as `vlmtune inspect` lists them, e.g. model.language_model.layers.0",
             )
+
+
+def check_quant_storage(model: Any, dtype: Any) -> None:
+    """Every 4-bit weight stored in ``dtype``: FSDP cannot shard a block whose tensors differ in dtype."""
+    odd = sorted(
+        {f"{name} ({param.dtype})" for name, param in model.named_parameters()
+         if type(param).__name__ == "Params4bit" and param.dtype != dtype}
+    )  # fmt: skip
+    if odd:
+        raise ModelError(
+            f"FSDP needs the 4-bit weights stored as {dtype}, but {len(odd)} are not, e.g. {odd[0]}",
+            hint="this bitsandbytes does not honour bnb_4bit_quant_storage: upgrade bitsandbytes, or use "
+            "train.distributed.strategy: ddp",
+        )
 
 
 def keep_quantized_layers_trainable(model: Any) -> None:

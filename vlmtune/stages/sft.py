@@ -19,6 +19,7 @@ from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
 from vlmtune.stages import TrainResult
+from vlmtune.stages.common import parallel_arguments, run_trainer, trainer_arguments
 
 
 @dataclass
@@ -83,48 +84,20 @@ def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
 
 
 def sft_config(
-    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, report_to: list[str]
+    train: TrainSection,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    has_eval: bool,
+    report_to: list[str],
+    parallel: dict | None = None,
 ) -> Any:
+    """``parallel``: the launch's DDP / FSDP arguments (stages.common.parallel_arguments)."""
     from trl import SFTConfig
 
-    from vlmtune.observe.trackers import trainer_args
-
     return SFTConfig(
-        output_dir=str(run / rundir.CHECKPOINTS),
-        max_steps=train.max_steps,
-        num_train_epochs=train.epochs,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.lr,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        optim=train.optim,
-        seed=train.seed,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        eval_strategy="steps" if has_eval and train.eval_steps else "no",
-        eval_steps=train.eval_steps,
-        activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={
-            "use_reentrant": False
-        },  # reentrant starves vision LoRA of gradients
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16" and device == "cuda",
-        use_cpu=device == "cpu",
-        dataloader_num_workers=train.num_workers,
-        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        length_column_name="length",
-        torch_compile=train.torch_compile,
-        prediction_loss_only=True,  # eval needs the loss only; never the logits
-        **trainer_args(report_to, run),  # report_to, run_name
-        disable_tqdm=True,
-        # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
-        remove_unused_columns=False,
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to, parallel),
+        # Our collator builds the batches: TRL must not tokenize the data itself.
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
     )
@@ -145,16 +118,16 @@ def train(
     callbacks: list | None = None,
     report_to: list[str] | None = None,
 ) -> TrainResult:
-    from vlmtune import observe
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
 
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
     samples = train_split.samples + (eval_split.samples if eval_split else [])
+    parallel = parallel_arguments(train_section, device, model, family)
     trainer = VlmtuneTrainer(
         model=model,
-        args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or []),
+        args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or [], parallel),
         train_dataset=positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
@@ -162,24 +135,4 @@ def train(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
     )
-    # Our metrics writer and progress bar replace the printed log dicts.
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
-    trainer.train(resume_from_checkpoint=resume or None)
-    output = save_final(trainer, processor, run)
-    losses = run.losses()
-    return TrainResult(
-        losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
-    )
-
-
-def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
-    from vlmtune.processing import save_processor
-
-    is_peft = hasattr(trainer.model, "peft_config")
-    out = run / (rundir.ADAPTER if is_peft else rundir.FULL_MODEL)
-    trainer.model.save_pretrained(str(out))
-    save_processor(processor, out)
-    return str(out)
+    return run_trainer(trainer, processor, run, device, resume)

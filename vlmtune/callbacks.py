@@ -81,3 +81,13 @@ class RichProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class StepCounter(TrainerCallback):
+    """Keeps the last finished step in a stage's figures, so an interrupted run can say where it was."""
+
+    def __init__(self, figures: dict):
+        self.figures = figures
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.figures["last_step"] = state.global_step

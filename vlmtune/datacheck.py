@@ -44,12 +44,22 @@ def render_report(reports: dict[str, CheckedSplit], console: Any) -> None:
         console.print(table)
         for problem in report.problems:
             console.print(Text("  x ", style="red") + Text(str(problem)), soft_wrap=True)
-    if not any(report.problems for report in reports.values()):
+    if not any(report.problems for report in reports.values()) and all(r.samples for r in reports.values()):
         console.print(Text("every sample is usable", style="bold green"))
 
 
 def fail_on_problems(reports: dict[str, CheckedSplit]) -> None:
-    """A DataError (non-zero exit) when any split has a problem; the report above lists them."""
+    """A DataError (non-zero exit) when any split has a problem or nothing usable; the report above lists them."""
+    empty = [
+        f"{name} ({report.source}: {report.total} read)"
+        for name, report in reports.items()
+        if not report.samples
+    ]
+    if empty:
+        raise DataError(
+            f"nothing to train on: no usable sample in {', '.join(empty)}",
+            hint="point data.train (and data.eval) at files that hold samples; problems, if any, are listed above",
+        )
     counts = {name: len(report.problems) for name, report in reports.items() if report.problems}
     if counts:
         where = ", ".join(f"{n} in {name}" for name, n in counts.items())

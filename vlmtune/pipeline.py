@@ -1,20 +1,25 @@
 """run(recipe): the three stages in order (and eval, when asked). Each stage gets only its own sections.
 
 Each stage's artifacts are written before the next starts, and summary.json records every
-stage's status, so a crash late in training still leaves a readable run folder.
+stage's status, so a crash late in training still leaves a readable run folder. One process at a
+time trains a run folder (vlmtune.runlock); a stop by signal marks the run `interrupted` with the
+step it reached and the command that resumes it (vlmtune.signals, vlmtune.resuming).
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, rundir
+from vlmtune import checkpoint, evaluate, resuming, rundir, runlock, signals, trainer_checkpoints
+from vlmtune.errors import RunDirError
 from vlmtune.recipe import Recipe
+from vlmtune.resuming import Start
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import load, lora, sft
 
@@ -27,6 +32,27 @@ def _stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal (Ctrl-C, SIGTERM); summary.json says `interrupted` and how to resume."""
+
+    def __init__(self, run: RunDir, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.run = run
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def run(
     recipe: Recipe,
     recipe_text: str,
@@ -37,49 +63,84 @@ def run(
 ) -> RunDir:
     """A new run folder, trained to the end."""
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
-    run.write_text(rundir.RECIPE, recipe_text)
-    run.write_text(rundir.RESOLVED, recipe.to_yaml())
-    run.init_summary(recipe.output.name or run_name)
-    return _stages(recipe, run, resume=False, callbacks=callbacks, warn=warn)
+    with runlock.hold(run.path), recorded(run):
+        run.write_text(rundir.RECIPE, recipe_text)
+        run.write_text(rundir.RESOLVED, recipe.to_yaml())
+        run.init_summary(recipe.output.name or run_name)
+        run.set_status("running", resolved=resuming.baseline(recipe))
+        return _stages(recipe, run, Start(), callbacks=callbacks, warn=warn)
 
 
-def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
-    """Continue a run folder from its last checkpoint, with the recipe it was started with."""
-    from vlmtune.recipe import load_recipe
+def resume(
+    run_path: Path,
+    overrides: list[str] | None = None,
+    callbacks=None,
+    warn: Warn = _stderr,
+    say: Callable[[str], None] = _say,
+) -> RunDir:
+    """Continue a run folder where it stopped, with the recipe it was started with.
 
+    Raises resuming.NothingToResume for a finished run (which is left untouched).
+    """
+    overrides = overrides or []
     run = RunDir.open(run_path)
-    recipe = load_recipe(run / rundir.RESOLVED)
-    return _stages(recipe, run, resume=bool(run.checkpoints()), callbacks=callbacks, warn=warn)
+    resuming.refuse_if_finished(run, overrides)
+    with runlock.hold(run.path):
+        recipe, start = resuming.plan(run, overrides)
+        with recorded(run):
+            for skipped in start.skipped:
+                warn(f"skipped {skipped.path.name}: {skipped.reason}")
+            say(resuming.describe(run, start))
+            resuming.record(run, recipe, start, overrides)
+            return _stages(recipe, run, start, callbacks=callbacks, warn=warn)
 
 
-def _stages(recipe: Recipe, run: RunDir, resume: bool, callbacks, warn: Warn) -> RunDir:
+def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) -> RunDir:
     started = time.time()
     device = checkpoint.choose_device(recipe.train.device)
     run.write_json(rundir.ENV, environment_report(device))
 
-    with stage(run, "load") as figures:
-        figures.update(estimate_memory(run, recipe, device, warn))
-        loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
-        load.write_artifacts(run, loaded)
+    if start.train_done:  # killed after the final weights were written: only the eval is left
+        model, processor, output = _trained_model(run, recipe, device)
+    else:
+        with stage(run, "load") as figures:
+            figures.update(estimate_memory(run, recipe, device, warn))
+            loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
+            load.write_artifacts(run, loaded)
 
-    with stage(run, "lora"):
-        lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
-        lora.write_artifacts(run, model, loaded.family, lora_plan)
+        with stage(run, "lora"):
+            lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
+            model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
+            lora.write_artifacts(run, model, loaded.family, lora_plan)
 
-    with stage(run, "train") as figures:
-        result = OBJECTIVES[recipe.train.objective].train(
-            model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
-            run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
-        )  # fmt: skip
-        figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        run.keep_metrics_until(start.step)  # the steps after the checkpoint are logged again
+        with stage(run, "train") as figures:
+            from vlmtune.callbacks import StepCounter
+
+            result = OBJECTIVES[recipe.train.objective].train(
+                model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
+                run=run, device=device, dtype=recipe.model.dtype,
+                resume=start.checkpoint.path if start.checkpoint else None,
+                callbacks=[StepCounter(figures), *(callbacks or [])],
+            )  # fmt: skip
+            figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+        processor, output = loaded.processor, result.output
 
     if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:
-            figures.update(evaluate.after_training(model, loaded.processor, recipe.model, recipe.data, run))
+            figures.update(evaluate.after_training(model, processor, recipe.model, recipe.data, run))
 
-    run.set_status("done", seconds=round(time.time() - started, 1), output=result.output)
+    run.set_status("done", seconds=round(time.time() - started, 1), output=output)
     return run
+
+
+def _trained_model(run: RunDir, recipe: Recipe, device: str) -> tuple[Any, Any, str]:
+    """The base as trained plus the run's final weights, for an eval left to do."""
+    from vlmtune.trained import load_for_inference, open_trained_run
+
+    trained = open_trained_run(run.path)
+    inference = load_for_inference(trained, device=device)
+    return inference.model, inference.processor, str(trained.weights)
 
 
 @contextlib.contextmanager
@@ -90,16 +151,71 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
     try:
         yield figures
     except KeyboardInterrupt:
-        run.set_stage(name, "interrupted", **figures)
-        run.set_status("interrupted")
+        with signals.deferred():
+            run.set_stage(name, "interrupted", **figures)
         raise
     except BaseException as exc:
-        run.set_stage(
-            name, "failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-        )
-        run.set_status("failed")
+        error = disk_full(exc) or exc
+        with signals.deferred():
+            run.set_stage(
+                name, "failed", **figures, **getattr(error, "figures", {}), error=_first_line(error)
+            )
+            run.set_status("failed")
+        if error is not exc:
+            raise error from exc
         raise
     run.set_stage(name, "done", **figures)
+
+
+@contextlib.contextmanager
+def recorded(run: RunDir) -> Iterator[None]:
+    """Whatever stops the process between stages too, summary.json never stays `running`."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        with signals.deferred():
+            mark_interrupted(run, signum)
+        raise Stopped(run, signum) from exc
+    except BaseException as exc:
+        with signals.deferred(), contextlib.suppress(RunDirError):  # a damaged summary.json stays as it is
+            if run.summary().get("status") == "running":
+                run.set_status("failed", error=_first_line(disk_full(exc) or exc))
+        error = disk_full(exc)
+        if error is not None:
+            raise error from exc
+        raise
+
+
+def mark_interrupted(run: RunDir, signum: int) -> None:
+    """summary.json: interrupted, by which signal, the last step done and where a resume starts."""
+    summary = run.summary()
+    last_step = summary.get("stages", {}).get("train", {}).get("last_step")
+    newest = trainer_checkpoints.choose(run / rundir.CHECKPOINTS).chosen
+    run.set_status(
+        "interrupted",
+        stopped_by=signal.Signals(signum).name,
+        last_step=last_step,
+        resume_from_step=newest.step if newest else 0,
+        resume_command=f"vlmtune train --resume {run.path}",
+    )
+
+
+def disk_full(exc: BaseException) -> RunDirError | None:
+    """A full disk, said plainly; the half-written checkpoint it left is skipped by a resume."""
+    if isinstance(exc, OSError) and exc.errno in rundir.DISK_FULL:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return RunDirError(
+            f"no space left on the device{where}",
+            hint="free some space (old run folders and their 3-train/checkpoints are the usual bulk), then "
+            "continue with `vlmtune train --resume RUN`",
+        )
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
 def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn) -> dict:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmtune import rundir
 from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
+from vlmtune.errors import DataError
 from vlmtune.families import Family
 from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
@@ -62,6 +64,12 @@ def prepare_data(
     if data.eval:
         reports["eval"] = check_split("eval", data.eval, data, train.max_length, collator.count_tokens)
     run.write_json(rundir.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
+    if not reports["train"].samples:
+        raise DataError(
+            f"nothing to train on: the training data {data.train} has no usable sample "
+            f"({reports['train'].total} read)",
+            hint="point data.train at a file with samples; `vlmtune data check RECIPE` lists what was refused",
+        )
     collator.max_length = train.max_length
     eval_split = reports.get("eval")
     return (
@@ -100,7 +108,7 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
+        save_total_limit=None,  # vlmtune rotates: only complete checkpoints count (trainer_checkpoints)
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
         activation_checkpointing=train.gradient_checkpointing,
@@ -135,11 +143,13 @@ def train(
     run: RunDir,
     device: str,
     dtype: str,
-    resume: bool = False,
+    resume: Path | None = None,
     callbacks: list | None = None,
 ) -> TrainResult:
+    """Train to the recipe's end; ``resume`` is the complete checkpoint to continue from (None: step 0)."""
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
+    from vlmtune.trainer_checkpoints import step_of
 
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
@@ -153,17 +163,31 @@ def train(
         data_collator=SampleCollator(collator, samples),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
+        keep_checkpoints=train_section.save_total_limit,
+        dtype=dtype,
     )
     # Our metrics writer and progress bar replace the printed log dicts.
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=resume or None)
+    start = (step_of(resume) or 0) if resume is not None else 0
+    if resume is not None and start >= planned_steps(trainer):
+        # Stopped after its last step was saved (during the final save or later): nothing is left to
+        # train, and the Trainer would take one step more.
+        trainer.load_checkpoint_weights(resume)
+        trainer.state.global_step = start
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     output = save_final(trainer, processor, run)
     losses = run.losses()
     return TrainResult(
         losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
     )
+
+
+def planned_steps(trainer: Any) -> int:
+    """Optimizer steps the whole run takes: train.max_steps, or the epochs' worth of steps."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
 def save_final(trainer: Any, processor: Any, run: RunDir) -> str:

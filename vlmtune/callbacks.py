@@ -78,6 +78,10 @@ class RichProgress(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the bar (and give the terminal its cursor back); also when training ends by an exception."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

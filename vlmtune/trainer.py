@@ -7,6 +7,9 @@
 - the weights on resume: the checkpoint's adapter is copied into the live LoRA parameters, keeping
   their dtype (the Trainer's resume replaces them with new float32 ones, while TRL trains the LoRA
   weights of a quantized model in bfloat16);
+- the log rows across a resume: what the Trainer summed since its last log row (loss, TRL's
+  metrics) is saved with each checkpoint and put back, so with logging_steps > 1 the first row
+  after a resume averages the same steps as the uninterrupted run's;
 - checkpoints that count only once complete (vlmtune.trainer_checkpoints), rotated by vlmtune;
 - the non-finite guard (vlmtune.finite).
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
@@ -71,6 +75,8 @@ class VlmtuneTrainer(SFTTrainer):
             checkpoints=Path(self.args.output_dir),
         )
         self.add_callback(self.guard)
+        self.unlogged_carry: dict | None = None  # from the checkpoint a resume starts at
+        self.add_callback(_RestoreUnlogged(self))
 
     # --- the loss ---------------------------------------------------------------------------------
 
@@ -131,8 +137,34 @@ class VlmtuneTrainer(SFTTrainer):
             trainer_checkpoints.discard(folder)  # a partial save of this step by an interrupted attempt
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            trainer_checkpoints.mark_complete(folder)
+            trainer_checkpoints.mark_complete(folder, {"unlogged": self._unlogged()})
             trainer_checkpoints.rotate(folder.parent, self.keep_checkpoints)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:
+            marker = trainer_checkpoints.marker(Path(resume_from_checkpoint))
+            self.unlogged_carry = marker.get("unlogged")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _unlogged(self) -> dict:
+        """What the Trainer has summed since its last log row (private Trainer/TRL state, read defensively)."""
+        loss = getattr(self, "_tr_loss", None)
+        return {
+            "since_step": getattr(self, "_globalstep_last_logged", None),
+            "loss_sum": float(loss.item()) if loss is not None else None,
+            "metrics": {key: list(values) for key, values in self._metrics["train"].items()},
+        }
+
+    def restore_unlogged(self) -> None:
+        """Put back what was summed since the last log row before the checkpoint (the Trainer has just
+        reset it for this train() call)."""
+        carry, self.unlogged_carry = self.unlogged_carry, None
+        if not carry or carry["loss_sum"] is None or not hasattr(self, "_tr_loss"):
+            return
+        self._tr_loss += carry["loss_sum"]
+        self._globalstep_last_logged = carry["since_step"]
+        for key, values in carry["metrics"].items():
+            self._metrics["train"][key].extend(values)
 
     def load_checkpoint_weights(self, checkpoint: Path) -> None:
         """A checkpoint's trained weights into the live model, without training."""
@@ -169,6 +201,16 @@ class VlmtuneTrainer(SFTTrainer):
     def _load_rng_state(self, checkpoint):
         with _reading(checkpoint, "the random number generator states"):
             super()._load_rng_state(checkpoint)
+
+
+class _RestoreUnlogged(TrainerCallback):
+    """on_train_begin comes right after the Trainer resets its running sums: the moment to restore them."""
+
+    def __init__(self, trainer: VlmtuneTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.restore_unlogged()
 
 
 @contextlib.contextmanager

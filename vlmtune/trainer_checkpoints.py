@@ -62,14 +62,17 @@ def all_checkpoints(folder: Path) -> list[Checkpoint]:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def mark_complete(path: Path) -> None:
-    """Flush the checkpoint's files to disk, then write the marker that makes it count."""
+def mark_complete(path: Path, extra: dict | None = None) -> None:
+    """Flush the checkpoint's files to disk, then write the marker that makes it count.
+
+    ``extra``: state of vlmtune's own that the checkpoint carries (kept in the marker).
+    """
     files = {}
     for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != rundir.CHECKPOINT_MARKER):
         _fsync(file)
         files[file.name] = file.stat().st_size
-    step = step_of(path)
-    rundir.write_json_atomic(path / rundir.CHECKPOINT_MARKER, {"step": step, "files": files})
+    marker = {"step": step_of(path), "files": files, **(extra or {})}
+    rundir.write_json_atomic(path / rundir.CHECKPOINT_MARKER, marker)
     _fsync(path / rundir.CHECKPOINT_MARKER)
     _fsync(path)  # the directory entries
 
@@ -103,6 +106,11 @@ def discard(path: Path) -> None:
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+
+def marker(path: Path) -> dict:
+    """The completion marker of a checkpoint that passed ``problem()``."""
+    return json.loads((path / rundir.CHECKPOINT_MARKER).read_text(encoding="utf-8"))
 
 
 def choose(folder: Path) -> Choice:

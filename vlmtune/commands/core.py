@@ -78,8 +78,11 @@ def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | 
         _say(f"run {finished.run.path} is finished{steps}: nothing to resume, nothing changed")
         return None
     except pipeline.Stopped as stop:
+        progress[0].close()
         _print_stopped(stop.run, stop.signal_name)
         raise typer.Exit(stop.exit_code) from None
+    finally:
+        progress[0].close()
 
 
 def _print_stopped(run, signal_name: str) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 from vlmtune import rundir
 from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
-from vlmtune.errors import DataError
 from vlmtune.families import Family
 from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
@@ -64,12 +63,6 @@ def prepare_data(
     if data.eval:
         reports["eval"] = check_split("eval", data.eval, data, train.max_length, collator.count_tokens)
     run.write_json(rundir.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
-    if not reports["train"].samples:
-        raise DataError(
-            f"nothing to train on: the training data {data.train} has no usable sample "
-            f"({reports['train'].total} read)",
-            hint="point data.train at a file with samples; `vlmtune data check RECIPE` lists what was refused",
-        )
     collator.max_length = train.max_length
     eval_split = reports.get("eval")
     return (

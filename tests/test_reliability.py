@@ -132,7 +132,7 @@ def test_a_full_disk_still_lets_summary_json_say_what_happened(tmp_path: Path, m
 def test_the_length_grouped_order_depends_on_seed_and_epoch_only():
     import torch
 
-    from vlmtune.trainer import EpochSeededLengthSampler
+    from vlmtune.reliable_trainer import EpochSeededLengthSampler
 
     lengths = [5, 50, 7, 70, 9, 90, 11, 110, 13, 130, 15, 150]
     sampler = EpochSeededLengthSampler(4, lengths, seed=3407)

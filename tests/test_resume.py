@@ -334,10 +334,7 @@ def test_no_usable_checkpoint_is_a_message_naming_each_damaged_file(baselines, t
     shutil.copytree(baselines("bfloat16"), run)
     as_interrupted_at(run, 6)
     (run / "3-train/checkpoints/checkpoint-6/scheduler.pt").write_bytes(b"")
-    optimizer = run / "3-train/checkpoints/checkpoint-4/optimizer.pt"
-    garbled = bytearray(optimizer.read_bytes())
-    garbled[len(garbled) // 2 : len(garbled) // 2 + 64] = bytes(64)  # same size, damaged content
-    optimizer.write_bytes(bytes(garbled))
+    garble_largest_tensor(run / "3-train/checkpoints/checkpoint-4/optimizer.pt")
     before = tree(run)
 
     result = vlmtune("train", "--resume", str(run))
@@ -346,7 +343,24 @@ def test_no_usable_checkpoint_is_a_message_naming_each_damaged_file(baselines, t
     assert "checkpoint-6: scheduler.pt is 0 bytes" in result.stderr
     assert "checkpoint-4: optimizer.pt is damaged" in result.stderr
     assert "Traceback" not in result.stderr
-    assert {k: v for k, v in tree(run).items() if k != ".lock"} == before
+    unlocked = {k: v for k, v in tree(run).items() if k != ".lock"}  # the lock notes who last held it
+    assert unlocked == {k: v for k, v in before.items() if k != ".lock"}, "a refused resume changes nothing"
+
+
+def garble_largest_tensor(path: Path) -> None:
+    """Flip bytes inside the largest tensor of a torch.save archive: same size, damaged content."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack(
+        "<HH", data[member.header_offset + 26 : member.header_offset + 30]
+    )
+    middle = member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
 
 
 def test_resume_refuses_changes_it_cannot_honour_naming_the_keys(baselines, tmp_path: Path):

@@ -91,7 +91,7 @@ def resume(
             for skipped in start.skipped:
                 warn(f"skipped {skipped.path.name}: {skipped.reason}")
             say(resuming.describe(run, start))
-            resuming.record(run, recipe, start, overrides)
+            resuming.record(run, recipe, start)
             return _stages(recipe, run, start, callbacks=callbacks, warn=warn)
 
 
@@ -178,11 +178,11 @@ def recorded(run: RunDir) -> Iterator[None]:
             mark_interrupted(run, signum)
         raise Stopped(run, signum) from exc
     except BaseException as exc:
+        error = disk_full(exc) or exc
         with signals.deferred(), contextlib.suppress(RunDirError):  # a damaged summary.json stays as it is
             if run.summary().get("status") == "running":
-                run.set_status("failed", error=_first_line(disk_full(exc) or exc))
-        error = disk_full(exc)
-        if error is not None:
+                run.set_status("failed", error=_first_line(error))
+        if error is not exc:
             raise error from exc
         raise
 

@@ -76,20 +76,19 @@ def plan(run: RunDir, overrides: list[str]) -> tuple[Recipe, Start]:
     summary = run.summary()
     as_written = load_recipe(run / rundir.RESOLVED)
     recipe = load_recipe(run / rundir.RESOLVED, overrides) if overrides else as_written
-    started = summary.get("resolved")
-    if started is not None:
-        _refuse_changes(
-            differences(started, baseline(as_written)),
-            f"{run / rundir.RESOLVED} was edited since the run started, and a resume cannot change",
-            "undo those edits (the values the run started with are shown first)",
-        )
+    started = summary.get("resolved")  # absent in runs started before vlmtune kept it
+    edits = differences(started, baseline(as_written)) if started is not None else {}
+    _refuse_changes(
+        edits,
+        f"{run / rundir.RESOLVED} was edited since the run started, and a resume cannot change",
+        "undo those edits (the values the run started with are shown first)",
+    )
     set_changes = differences(baseline(as_written), baseline(recipe))
     _refuse_changes(
         set_changes,
         "--resume cannot change",
         "start a new run for those: vlmtune train RECIPE --set KEY=VALUE",
     )
-    edits = differences(started, baseline(as_written)) if started is not None else {}
     changes = {**edits, **set_changes}
     train_done = summary.get("stages", {}).get("train", {}).get("status") == "done"
     if train_done:
@@ -111,7 +110,7 @@ def plan(run: RunDir, overrides: list[str]) -> tuple[Recipe, Start]:
     return recipe, Start(choice.chosen, skipped=choice.skipped, changes=changes)
 
 
-def record(run: RunDir, recipe: Recipe, start: Start, overrides: list[str]) -> None:
+def record(run: RunDir, recipe: Recipe, start: Start) -> None:
     """resolved.yaml with the accepted changes; summary.json: running again, and this resume's facts."""
     if start.changes:
         run.write_text(rundir.RESOLVED, recipe.to_yaml())

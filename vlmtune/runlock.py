@@ -47,7 +47,8 @@ def hold(run_path: Path) -> Iterator[None]:
 
 
 def _me() -> dict:
-    return {"pid": os.getpid(), "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    command = " ".join(["vlmtune", *sys.argv[1:]])
+    return {"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _holder(path: Path) -> str:

@@ -2,7 +2,8 @@
 
 An objective module exposes ``train(model, processor, family, data, train, options, *, run,
 device, dtype, resume, callbacks) -> TrainResult``; ``options`` is the recipe section named after
-the objective (None when it has no knobs).
+the objective (None when it has no knobs); ``resume`` is the complete checkpoint folder to continue
+from (None: from step 0), chosen by vlmtune.resuming.
 """
 
 from __future__ import annotations

@@ -14,7 +14,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from vlmtune.data import Sample  # noqa: E402
+
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# data.max_image_pixels in tests: 112x112, so the demo's images become a few dozen tokens and
+# tiny models train in seconds.
+PIXEL_BUDGET = 12544
+RED = ROOT / "data" / "demo" / "images" / "000.png"  # 56x56
+BLUE = ROOT / "data" / "demo" / "images" / "001.png"
+
+
+# --- samples shared by the stage tests ------------------------------------------------------------
+
+
+def user(text: str, images: int = 0) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+TWO_TURNS = Sample(  # two images, two answers
+    0,
+    [user("How many images?", 2), assistant("There are two."), user("Which is first?"), assistant("Red.")],
+    [str(RED), str(BLUE)],
+)
+ONE_IMAGE = Sample(  # a system prompt as a plain string, one image
+    1,
+    [{"role": "system", "content": "Be brief."}, user("What color is it?", 1), assistant("Yellow.")],
+    [str(RED)],
+)
+TEXT_ONLY = Sample(2, [user("Hello"), assistant("Hi there.")], [])
 
 
 @pytest.fixture(scope="session")

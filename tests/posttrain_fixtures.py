@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_recipe
+from conftest import PIXEL_BUDGET, ROOT, write_recipe
 from test_cli import vlmtune
 
 DEMO = ROOT / "data" / "demo"
@@ -39,7 +39,7 @@ def overfit_recipe(folder: Path, **train) -> Path:
         folder,
         model={"name": "tiny:qwen2_vl"},
         quantization={"bits": 4},
-        data={"train": "train.jsonl", "eval": "eval.jsonl", "max_image_pixels": 12544},
+        data={"train": "train.jsonl", "eval": "eval.jsonl", "max_image_pixels": PIXEL_BUDGET},
         train={"max_steps": 60, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "lr_scheduler": "constant",
                "max_length": 256, "gradient_checkpointing": False, "save_steps": 1000, "eval_generate": True,
                **train},

@@ -12,7 +12,7 @@ from vlmtune.errors import DataError
 from vlmtune.preflight import check_split, read_split, scan_split
 from vlmtune.recipe import DataSection
 
-from conftest import ROOT
+from conftest import PIXEL_BUDGET, ROOT
 
 BAD = ROOT / "tests" / "data" / "bad"
 TRAIN = BAD / "train.jsonl"
@@ -53,12 +53,12 @@ def measure(tiny_path):
     from vlmtune.processing import load_processor
 
     family = get_family("qwen2_vl")
-    processor = load_processor(tiny_path("qwen2_vl"), family, 12544)
+    processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
     return VisionCollator(processor, family, max_length=None, train_on_responses_only=True).count_tokens
 
 
 def lenient(**changes) -> DataSection:
-    keys = {"on_bad_sample": "skip", "too_long": "drop", "max_image_pixels": 12544, **changes}
+    keys = {"on_bad_sample": "skip", "too_long": "drop", "max_image_pixels": PIXEL_BUDGET, **changes}
     return DataSection(train=str(TRAIN), **keys)
 
 

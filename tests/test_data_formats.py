@@ -15,7 +15,7 @@ from vlmtune.images import ImageProblem, UrlImage, open_image, resolve_source
 from vlmtune.preflight import read_split
 from vlmtune.recipe import DataSection
 
-from conftest import ROOT
+from conftest import PIXEL_BUDGET, ROOT
 
 DATA = ROOT / "tests" / "data"
 FORMATS = DATA / "formats"
@@ -31,7 +31,7 @@ def collator(tiny_path):
     from vlmtune.processing import load_processor
 
     family = get_family("qwen2_vl")
-    processor = load_processor(tiny_path("qwen2_vl"), family, 12544)
+    processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
     return VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
 
 

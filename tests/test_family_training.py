@@ -1,10 +1,14 @@
 """Every family through the stages: 4-bit load, LoRA targets, collator labels, two training steps.
 
-Expected module sets are written from the module names of the loaded model (tower roots and the
-parent module of each Linear), not from the Family records they check.
+This is the one place for checks that hold for every family; tests/test_load.py, test_lora.py and
+test_collator.py keep what is specific to one family or to one stage's options. Expected module
+sets are written from the module names of the loaded model (tower roots and the parent module of
+each Linear), not from the Family records they check.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
@@ -16,12 +20,10 @@ from vlmtune.families import family_names, get_family
 from vlmtune.recipe import LoraSection, ModelSection, QuantizationSection
 from vlmtune.stages import load, lora
 
-from conftest import ROOT
+from conftest import ONE_IMAGE, PIXEL_BUDGET, TEXT_ONLY, TWO_TURNS
 
 NAMES = family_names()
-BUDGET = 12544
-RED = ROOT / "data" / "demo" / "images" / "000.png"
-BLUE = ROOT / "data" / "demo" / "images" / "001.png"
+TOGGLES = list(itertools.product([True, False], repeat=4))  # vision, language, attention, mlp
 
 # Where each tower's repeated blocks live (a tower's other Linears are never LoRA targets).
 VISION_BLOCKS = {
@@ -65,33 +67,12 @@ TRAINED_TEXT = {
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row
 
 
-def user(text: str, images: int = 0) -> dict:
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-TWO_TURNS = Sample(
-    0,
-    [user("How many images?", 2), assistant("There are two."), user("Which is first?"), assistant("Red.")],
-    [str(RED), str(BLUE)],
-)
-ONE_IMAGE = Sample(
-    1,
-    [{"role": "system", "content": "Be brief."}, user("What color is it?", 1), assistant("Yellow.")],
-    [str(RED)],
-)
-TEXT_ONLY = Sample(2, [user("Hello"), assistant("Hi there.")], [])
-
-
 def samples_for(family: str) -> list[Sample]:
     return [TWO_TURNS, ONE_IMAGE] + ([] if family in NEEDS_AN_IMAGE else [TEXT_ONLY])
 
 
 def load_4bit(family: str):
-    return load.load(ModelSection(name=f"tiny:{family}"), QuantizationSection(), BUDGET, "cpu")
+    return load.load(ModelSection(name=f"tiny:{family}"), QuantizationSection(), PIXEL_BUDGET, "cpu")
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -137,10 +118,8 @@ def test_every_language_linear_is_4bit_and_nothing_else_is(loaded):
 
 @pytest.mark.parametrize(
     "vision, language, attention, mlp",
-    [(True, False, True, True), (False, True, True, True), (True, True, True, True), (True, True, True, False),
-     (True, True, False, True)],
-    ids=["vision-only", "language-only", "both", "attention-only", "mlp-only"],
-)  # fmt: skip
+    [t for t in TOGGLES if (t[0] or t[1]) and (t[2] or t[3])],  # the others train nothing: refused
+)
 def test_lora_targets_exactly_the_expected_modules(loaded, vision, language, attention, mlp):
     section = LoraSection(
         finetune_vision_layers=vision,
@@ -182,7 +161,7 @@ def collator(request, tiny_path):
     from vlmtune.processing import load_processor
 
     family = get_family(request.param)
-    processor = load_processor(tiny_path(request.param), family, BUDGET)
+    processor = load_processor(tiny_path(request.param), family, PIXEL_BUDGET)
     return VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
 
 
@@ -271,7 +250,7 @@ def test_a_template_without_a_stop_token_gets_eos_after_each_answer():
     from vlmtune.tiny import tiny_model_path
 
     family = get_family("llava")
-    processor = copy.copy(load_processor(tiny_model_path("llava"), family, BUDGET))
+    processor = copy.copy(load_processor(tiny_model_path("llava"), family, PIXEL_BUDGET))
     processor.chat_template = LLAVA_1_5_RELEASED_TEMPLATE
     collator = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
     assert collator.appended_stop == "</s>"
@@ -285,7 +264,7 @@ def test_paligemma_token_types_make_the_answer_causal():
     from vlmtune.tiny import tiny_model_path
 
     family = get_family("paligemma")
-    processor = load_processor(tiny_model_path("paligemma"), family, BUDGET)
+    processor = load_processor(tiny_model_path("paligemma"), family, PIXEL_BUDGET)
     batch = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)([ONE_IMAGE])
     types, labels = batch["token_type_ids"][0], batch["labels"][0]
     first = int((labels != IGNORE_INDEX).nonzero()[0])
@@ -298,7 +277,7 @@ def test_gemma3_newlines_beside_images_merge_yet_labels_are_right():
     from vlmtune.tiny import tiny_model_path
 
     family = get_family("gemma3")
-    processor = load_processor(tiny_model_path("gemma3"), family, BUDGET)
+    processor = load_processor(tiny_model_path("gemma3"), family, PIXEL_BUDGET)
     collator = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
     text = collator.render(ONE_IMAGE.messages)
     plain = collator.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -363,7 +342,7 @@ def test_a_template_that_refuses_the_text_only_probe_is_left_alone():
     from vlmtune.tiny import tiny_model_path
 
     family = get_family("llava")
-    processor = copy.copy(load_processor(tiny_model_path("llava"), family, BUDGET))
+    processor = copy.copy(load_processor(tiny_model_path("llava"), family, PIXEL_BUDGET))
     processor.chat_template = (
         "{% if messages[0]['content'] | selectattr('type', 'equalto', 'image') | list | length == 0 %}"
         "{{ raise_exception('the first turn needs an image') }}{% endif %}" + LLAVA_1_5_RELEASED_TEMPLATE

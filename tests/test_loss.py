@@ -11,7 +11,7 @@ from vlmtune.loss import lm_head_input, logit_transform, supervised_cross_entrop
 from vlmtune.preflight import read_split
 from vlmtune.recipe import DataSection
 
-from conftest import ROOT
+from conftest import PIXEL_BUDGET, ROOT
 
 
 def family_batch(family_name: str, tiny_path):
@@ -21,7 +21,7 @@ def family_batch(family_name: str, tiny_path):
 
     family = get_family(family_name)
     path = tiny_path(family_name)
-    processor = load_processor(path, family, 12544)
+    processor = load_processor(path, family, PIXEL_BUDGET)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     samples = read_split(str(ROOT / "data" / "demo" / "train.jsonl"), DataSection(train="x")).samples[:3]
     batch = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)(samples)

@@ -13,7 +13,7 @@ from vlmtune.commands.memory import parse_gpu_memory
 from vlmtune.errors import ModelError, VlmtuneError
 from vlmtune.families import family_names
 
-from conftest import ROOT, write_recipe
+from conftest import PIXEL_BUDGET, ROOT, write_recipe
 from test_cli import vlmtune
 
 # Published total parameter counts. Sources: the "Model size" each checkpoint's Hugging Face page
@@ -300,7 +300,7 @@ def test_the_training_pipeline_holds_what_was_predicted(tmp_path: Path):
     path = write_recipe(
         tmp_path,
         model={"name": "tiny:qwen2_vl"},
-        data={"train": str(ROOT / "data/demo/train.jsonl"), "max_image_pixels": 12544},
+        data={"train": str(ROOT / "data/demo/train.jsonl"), "max_image_pixels": PIXEL_BUDGET},
         train={"max_steps": 1, "batch_size": 1, "grad_accum": 1, "max_length": 256, "save_steps": 100},
     )
     recipe = load_recipe(path)

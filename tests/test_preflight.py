@@ -17,7 +17,7 @@ from vlmtune.errors import DataError, ModelError
 from vlmtune.preflight import scan_split
 from vlmtune.recipe import DataSection, load_recipe
 
-from conftest import ROOT, write_recipe
+from conftest import PIXEL_BUDGET, ROOT, write_recipe
 
 FORMATS = ROOT / "tests" / "data" / "formats"
 BAD = ROOT / "tests" / "data" / "bad" / "train.jsonl"
@@ -31,7 +31,7 @@ def collator(tiny_path):
     from vlmtune.processing import load_processor
 
     family = get_family("qwen2_vl")
-    processor = load_processor(tiny_path("qwen2_vl"), family, 12544)
+    processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
     return VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
 
 
@@ -108,7 +108,9 @@ def test_the_report_counts_layouts_lengths_images_and_the_pixel_budget(collator)
 
 
 def test_problems_are_listed_in_sample_order(collator):
-    report = scan_split("train", str(BAD), section(BAD, max_image_pixels=12544), 200, collator.count_tokens)
+    report = scan_split(
+        "train", str(BAD), section(BAD, max_image_pixels=PIXEL_BUDGET), 200, collator.count_tokens
+    )
     indices = [p.index for p in report.problems]
     assert indices == sorted(indices) and 15 in indices
 
@@ -157,7 +159,7 @@ def test_training_writes_the_report_and_skips_with_reasons(collator, tmp_path: P
     from vlmtune.stages.sft import prepare_data
 
     run = RunDir.create(tmp_path, "run")
-    data = section(BAD, eval=str(FORMATS / "messages.jsonl"), max_image_pixels=12544)
+    data = section(BAD, eval=str(FORMATS / "messages.jsonl"), max_image_pixels=PIXEL_BUDGET)
     _, train, evaluation = prepare_data(
         collator.processor, get_family("qwen2_vl"), data, TrainSection(max_length=200), run
     )
@@ -195,7 +197,7 @@ def test_data_check_cli_lists_every_problem_and_exits_non_zero(tmp_path: Path):
     recipe = write_recipe(
         tmp_path,
         model={"name": "tiny:qwen2_vl"},
-        data={"train": str(BAD), "max_image_pixels": 12544},
+        data={"train": str(BAD), "max_image_pixels": PIXEL_BUDGET},
         train={"max_length": 200},
     )
     result = vlmtune("data", "check", str(recipe))
@@ -219,7 +221,7 @@ def test_data_check_json_has_the_data_report_keys(tmp_path: Path):
     recipe = write_recipe(
         tmp_path,
         model={"name": "tiny:qwen2_vl"},
-        data={"train": str(BAD), "max_image_pixels": 12544},
+        data={"train": str(BAD), "max_image_pixels": PIXEL_BUDGET},
         train={"max_length": 200},
     )
     result = vlmtune("data", "check", str(recipe), "--json")

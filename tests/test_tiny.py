@@ -10,17 +10,11 @@ import pytest
 from vlmtune.errors import ModelError
 from vlmtune.families import family_names, get_family
 
+from conftest import assistant, user
+
 NAMES = family_names()
 
 SYSTEM = {"role": "system", "content": "Answer in one short sentence."}
-
-
-def user(text: str, images: int = 0) -> dict:
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 CONVERSATIONS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_recipe
+from conftest import PIXEL_BUDGET, ROOT, write_recipe
 from test_cli import vlmtune
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def recipe(folder: Path, **train) -> Path:
     return write_recipe(
         folder,
         model={"name": "tiny:qwen2_vl"},
-        data={"train": "train.jsonl", "max_image_pixels": 12544},
+        data={"train": "train.jsonl", "max_image_pixels": PIXEL_BUDGET},
         train={"max_steps": 12, "batch_size": 2, "grad_accum": 1, "lr": 5e-3, "lr_scheduler": "constant",
                "max_length": 256, "gradient_checkpointing": True, "save_steps": 6, **train},
     )  # fmt: skip

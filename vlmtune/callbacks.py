@@ -7,6 +7,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from vlmtune import rundir
+from vlmtune.observe import memory
 from vlmtune.rundir import RunDir
 
 # Trainer log keys -> our stable keys (scripts read metrics.jsonl; keep these names).
@@ -17,6 +18,20 @@ KEYS = {
     "grad_norm": "grad_norm",
     "mean_token_accuracy": "token_accuracy",
     "padding_fraction": "padding_fraction",
+    **{key: key for key in memory.KEYS},  # peak memory since the previous row (vlmtune/observe/memory.py)
+    # preference tuning (dpo): rewards are beta x log(p / p_reference) of each answer
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+    "eval_rewards/chosen": "eval_reward_chosen",
+    "eval_rewards/rejected": "eval_reward_rejected",
+    "eval_rewards/margins": "eval_reward_margin",
+    "eval_rewards/accuracies": "eval_preference_accuracy",
+    "eval_logps/chosen": "eval_logp_chosen",
+    "eval_logps/rejected": "eval_logp_rejected",
 }
 
 

@@ -18,8 +18,20 @@ LoraBias = Literal["none", "all", "lora_only"]
 DataFormat = Literal["auto", "messages", "sharegpt", "columns"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
-Objective = Literal["sft"]  # what the train stage optimises; each has a module in vlmtune/stages/
+Objective = Literal["sft", "dpo"]  # what the train stage optimises; each has a module in vlmtune/stages/
+# TRL 1.16 DPOTrainer's pairwise losses (its "sft" term is the dpo section's sft_weight instead).
+DpoLoss = Literal[
+    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+]  # fmt: skip
+DpoReference = Literal["start", "base"]  # the frozen model DPO measures its rewards against
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+# Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
+# what each needs installed.
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "neptune", "dvclive", "swanlab",
+    "codecarbon", "azure_ml", "dagshub", "flyte",
+]  # fmt: skip
 
 # quantization.bits values that mean "keep every weight in model.dtype" (besides null).
 NO_QUANTIZATION = ("none", "null", "16", "off")

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from vlmtune.commands import core, memory, posttrain
+from vlmtune.commands import core, memory, observe, posttrain
 from vlmtune.commands import inspect as inspect_cmd
 
 app = typer.Typer(
@@ -36,6 +36,8 @@ app.command("estimate-memory")(memory.estimate_memory)
 app.command("predict")(posttrain.predict)
 app.command("eval")(posttrain.evaluate)
 app.command("export")(posttrain.export)
+app.command("runs")(observe.runs)
+app.command("report")(observe.report)
 data_app.command("check")(core.data_check)
 
 
@@ -50,7 +52,9 @@ def _options(
 def main() -> None:
     """Entry point: user errors become a message, a hint and exit code 2."""
     from vlmtune.errors import VlmtuneError
+    from vlmtune.observe.noise import silence_known_noise
 
+    silence_known_noise()  # before any library that prints it loads
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting: pass it on.
         code = app(standalone_mode=False)

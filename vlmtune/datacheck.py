@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmtune.collator import VisionCollator
+from vlmtune.data import SampleReader
 from vlmtune.errors import DataError
 from vlmtune.preflight import CheckedSplit, scan_split
 from vlmtune.recipe import Recipe
@@ -20,10 +21,15 @@ def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, CheckedS
     collator = VisionCollator(
         processor, family, max_length=None, train_on_responses_only=recipe.data.train_on_responses_only
     )
+    reader, measure = SampleReader, collator.count_tokens
+    if recipe.train.objective == "dpo":  # preference pairs: both answers of every pair read and measured
+        from vlmtune.stages.dpo import pair_reading
+
+        reader, measure = pair_reading(processor, family)
     # Collect every problem instead of stopping at the first: that is the point of a check.
     splits = {"train": recipe.data.train, "eval": recipe.data.eval}
     return {
-        name: scan_split(name, source, recipe.data, recipe.train.max_length, collator.count_tokens, console)
+        name: scan_split(name, source, recipe.data, recipe.train.max_length, measure, console, reader=reader)
         for name, source in splits.items()
         if source
     }

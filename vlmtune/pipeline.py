@@ -16,14 +16,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, evaluate, resuming, rundir, runlock, signals, trainer_checkpoints
+from vlmtune import (
+    checkpoint,
+    evaluate,
+    observe,
+    resuming,
+    rundir,
+    runlock,
+    signals,
+    trained,
+    trainer_checkpoints,
+)
 from vlmtune.errors import RunDirError
+from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.resuming import Start
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import load, lora, sft
+from vlmtune.stages import dpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "dpo": dpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -62,6 +73,7 @@ def run(
     warn: Warn = _stderr,
 ) -> RunDir:
     """A new run folder, trained to the end."""
+    require_installed(recipe.output.report_to)  # before the run folder exists
     run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
     with runlock.hold(run.path), recorded(run):
         run.write_text(rundir.RECIPE, recipe_text)
@@ -87,6 +99,7 @@ def resume(
     resuming.refuse_if_finished(run, overrides)
     with runlock.hold(run.path):
         recipe, start = resuming.plan(run, overrides)
+        require_installed(recipe.output.report_to)
         with recorded(run):
             for skipped in start.skipped:
                 warn(f"skipped {skipped.path.name}: {skipped.reason}")
@@ -104,13 +117,16 @@ def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) ->
         model, processor, output = _trained_model(run, recipe, device)
     else:
         with stage(run, "load") as figures:
-            figures.update(estimate_memory(run, recipe, device, warn))
-            loaded = load.load(recipe.model, recipe.quantization, recipe.data.max_image_pixels, device)
+            initial = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
+            figures.update(estimate_memory(run, recipe, device, warn), **observe.before_load())
+            loaded = load.load(initial.model, recipe.quantization, recipe.data.max_image_pixels, device)
             load.write_artifacts(run, loaded)
 
         with stage(run, "lora"):
             lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-            model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed)
+            model = lora.apply(
+                loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=initial.adapter
+            )
             lora.write_artifacts(run, model, loaded.family, lora_plan)
 
         run.keep_metrics_until(start.step)  # the steps after the checkpoint are logged again
@@ -121,9 +137,10 @@ def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) ->
                 model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
                 run=run, device=device, dtype=recipe.model.dtype,
                 resume=start.checkpoint.path if start.checkpoint else None,
-                callbacks=[StepCounter(figures), *(callbacks or [])],
+                callbacks=[StepCounter(figures), *(callbacks or [])], report_to=recipe.output.report_to,
             )  # fmt: skip
             figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+            figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
         processor, output = loaded.processor, result.output
 
     if recipe.train.eval_generate:  # optional: only then does summary.json list an eval stage
@@ -136,11 +153,9 @@ def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) ->
 
 def _trained_model(run: RunDir, recipe: Recipe, device: str) -> tuple[Any, Any, str]:
     """The base as trained plus the run's final weights, for an eval left to do."""
-    from vlmtune.trained import load_for_inference, open_trained_run
-
-    trained = open_trained_run(run.path)
-    inference = load_for_inference(trained, device=device)
-    return inference.model, inference.processor, str(trained.weights)
+    finished = trained.open_trained_run(run.path)
+    inference = trained.load_for_inference(finished, device=device)
+    return inference.model, inference.processor, str(finished.weights)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlmtune.data import Problem, Sample, SampleError, SampleReader, invalid_samples_error, open_records
@@ -94,6 +94,7 @@ def scan_split(
     console: Any = None,
     *,
     split: str | None = None,
+    reader: Any = SampleReader,
 ) -> CheckedSplit:
     """Every sample of one split checked (and measured, given ``measure``); problems collected, never raised.
 
@@ -101,11 +102,13 @@ def scan_split(
     sources), so each image is decoded once; the kept sample keeps its lazy sources. Without it
     images are only checked to decode and no length limit applies. ``split`` names the split of
     a saved or hub dataset (default: the data section's train or eval split, after ``name``).
+    ``reader``: the class that reads one record (SFT samples; vlmtune.data.preference.PairReader
+    reads preference pairs, which the measure then gets).
     """
     if split is None:
         split = data.train_split if name == "train" else data.eval_split
     records = open_records(source, split, data.subset)
-    reader = SampleReader.from_section(data, records.root, records.table)
+    reader = reader.from_section(data, records.root, records.table)
     report = CheckedSplit(
         name, records.source, 0, [], max_length=max_length, max_image_pixels=data.max_image_pixels
     )
@@ -144,7 +147,7 @@ def _measure(sample: Sample, data: DataSection, measure: Measure | None) -> tupl
         over = sum(budget is not None and im.width * im.height > budget for im in opened)
         if measure is None:
             return None, over
-        decoded = Sample(sample.index, sample.messages, opened, sample.image_fields, sample.format)
+        decoded = replace(sample, images=opened)
         try:
             return measure(decoded), over
         except VlmtuneError:
@@ -183,9 +186,10 @@ def check_split(
     console: Any = None,
     *,
     split: str | None = None,
+    reader: Any = SampleReader,
 ) -> CheckedSplit:
     """Scan a split, then raise or drop per data.on_bad_sample / data.too_long (all problems at once)."""
-    report = scan_split(name, path, data, max_length, measure, console, split=split)
+    report = scan_split(name, path, data, max_length, measure, console, split=split, reader=reader)
     if report.skipped and data.on_bad_sample == "error":
         raise invalid_samples_error(report.source, report.skipped, report.total)
     if report.too_long and data.too_long == "error":

@@ -29,6 +29,8 @@ from vlmtune.choices import (
     AttnImplementation,
     DataFormat,
     Device,
+    DpoLoss,
+    DpoReference,
     Dtype,
     LoraBias,
     LoraMethod,
@@ -37,6 +39,8 @@ from vlmtune.choices import (
     QuantBits,
     QuantType,
     Scheduler,
+    Tracker,
+    words,
 )
 from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
@@ -70,6 +74,12 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     attn_implementation: AttnImplementation | None = Field(
         None, description="Attention kernel; None lets transformers choose (sdpa where supported)."
+    )
+    adapter: str | None = Field(
+        None,
+        description="A finished run folder of this same base model to train on from: its trained adapter "
+        "(or, for lora.method full, its full weights) is loaded, trainable, instead of a fresh one; the lora "
+        "section must describe that adapter as its run did (e.g. an SFT run, then DPO from it).",
     )
 
     @field_validator("name")
@@ -241,8 +251,9 @@ class DataSection(Section):
 class TrainSection(Section):
     objective: Objective = Field(
         "sft",
-        description="What the train stage optimises: sft = supervised fine-tuning on the answers. An "
-        "objective with knobs reads them from the recipe section of the same name.",
+        description="What the train stage optimises: sft = supervised fine-tuning on the answers; dpo = "
+        "preference tuning on chosen/rejected pairs (docs/preference.md). An objective with knobs reads them "
+        "from the recipe section of the same name.",
     )
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
@@ -297,10 +308,82 @@ class TrainSection(Section):
         return value
 
 
+class DpoSection(Section):
+    """Knobs of preference tuning (train.objective: dpo), run through TRL's DPOTrainer."""
+
+    SMOOTHED_LOSSES: ClassVar[tuple[str, ...]] = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="How far the model may move from the reference: higher keeps it closer (for ipo, the "
+        "regularisation tau). Rewards are beta times the log-probability ratio to the reference.",
+    )
+    loss_type: DpoLoss = Field(
+        "sigmoid",
+        description="The preference loss: sigmoid = DPO; ipo = IPO (squared, length-normalised); hinge = SLiC; "
+        "robust = DPO with noisy labels (label_smoothing); the others as TRL's DPOTrainer names them.",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a supervised loss on the chosen answers added to the preference loss (RPO). "
+        "Pure DPO can lower the chosen answer's own likelihood and break its end-of-turn token on short "
+        "answers; 0.2-1.0 keeps answers well formed.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed share of flipped preference labels (robust, aot, aot_unpaired) or EXO's epsilon "
+        "(exo_pair needs it above 0). The other losses do not read it.",
+    )
+    reference: DpoReference = Field(
+        "start",
+        description="The frozen model rewards are measured against. start: the model training starts from (the "
+        "base for a fresh adapter; model.adapter's adapter, frozen, when continuing a run; a frozen copy for full "
+        "fine-tuning). base: the base model even when model.adapter continues a run (LoRA only).",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_read(self) -> DpoSection:
+        if self.label_smoothing and self.loss_type not in self.SMOOTHED_LOSSES:
+            raise ValueError(
+                f"dpo.label_smoothing is set but loss_type {self.loss_type} does not read it; use loss_type robust "
+                f"(conservative DPO) or one of {', '.join(self.SMOOTHED_LOSSES)}, or drop label_smoothing"
+            )
+        if self.loss_type == "exo_pair" and not self.label_smoothing:
+            raise ValueError(
+                "dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)"
+            )
+        return self
+
+
+# Keys only some objectives read, with the reason; a value other than the default under another
+# objective is an error (the default itself is accepted: resolved.yaml writes every key).
+OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("data", "train_on_responses_only"): (
+        ("sft",),
+        "preference pairs are always scored on their answers only",
+    ),
+    ("train", "supervised_loss"): (("sft",), "DPO scores answers with TRL's chunked log-probabilities"),
+    ("lora", "dropout"): (
+        ("sft",),
+        "DPO turns dropout off so the model and its reference score answers alike",
+    ),
+}
+
+
 class OutputSection(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
     name: str | None = Field(
         None, description="Run name (one folder name, no path); default: the recipe file's stem."
+    )
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers to send the logged metrics to (the trainer's report_to), e.g. "
+        "[tensorboard] (event files in 3-train/tensorboard/) or [wandb, mlflow]; each must be installed. "
+        "metrics.jsonl is written either way.",
     )
 
     @field_validator("name")
@@ -313,6 +396,14 @@ class OutputSection(Section):
             )
         return value
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: Any) -> Any:
+        """`report_to: wandb` and `report_to: none`, as HF configs write them."""
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
+
 
 class Recipe(Section):
     model: ModelSection
@@ -321,6 +412,21 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
+    dpo: DpoSection | None = Field(
+        None, description="Read when train.objective is dpo (filled with its defaults then)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chosen_objective_has_its_section(cls, raw: Any) -> Any:
+        """The chosen objective's section takes its defaults when the recipe leaves it out."""
+        if not isinstance(raw, dict):
+            return raw
+        train = raw.get("train")
+        objective = train.get("objective") if isinstance(train, dict) else getattr(train, "objective", None)
+        if isinstance(objective, str) and objective in cls.model_fields and raw.get(objective) is None:
+            return {**raw, objective: {}}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -332,7 +438,30 @@ class Recipe(Section):
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
+        self._objective_keys_apply()
+        dpo = self.dpo
+        if dpo and dpo.reference == "base" and self.model.adapter and self.lora.method == "full":
+            raise ValueError(
+                "dpo.reference base with lora.method full and model.adapter would need the base as a second full "
+                "copy; use reference: start (the run's weights, frozen), or continue a LoRA run"
+            )
         return self
+
+    def _objective_keys_apply(self) -> None:
+        objective = self.train.objective
+        for other in words(Objective):
+            if other != objective and getattr(self, other, None) is not None:
+                raise ValueError(
+                    f"a `{other}:` section is given but train.objective is {objective}; set train.objective: "
+                    f"{other}, or remove the section"
+                )
+        for (section, key), (readers, why) in OBJECTIVE_ONLY.items():
+            part = getattr(self, section)
+            if objective not in readers and getattr(part, key) != type(part).model_fields[key].default:
+                raise ValueError(
+                    f"{section}.{key} applies to {' and '.join(readers)} only, and train.objective is {objective} "
+                    f"({why}); remove it"
+                )
 
     def objective_options(self) -> Section | None:
         """The section of knobs of the chosen objective (a top-level section named after it), if any."""
@@ -426,7 +555,12 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
             "image_root": local(recipe.data.image_root, must_look_local=True),
         }
     )
-    model = recipe.model.model_copy(update={"name": local(recipe.model.name, must_look_local=True)})
+    model = recipe.model.model_copy(
+        update={
+            "name": local(recipe.model.name, must_look_local=True),
+            "adapter": local(recipe.model.adapter, must_look_local=True),
+        }
+    )
     out_dir = Path(recipe.output.dir).expanduser()
     output = recipe.output.model_copy(
         update={"dir": str(out_dir if out_dir.is_absolute() else (base_dir / out_dir).resolve())}
@@ -498,16 +632,29 @@ def _suggestion(loc: tuple[str, ...]) -> str:
     owner = _section_with_field(loc[1])
     if owner and owner != loc[0]:
         return f"; it belongs in the `{owner}` section"
-    names = list(Recipe.model_fields[loc[0]].annotation.model_fields)
+    names = list(section_types()[loc[0]].model_fields)
     close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
     return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
 
 
 def _section_with_field(name: str) -> str | None:
-    for section, field in Recipe.model_fields.items():
-        if name in field.annotation.model_fields:
+    for section, model in section_types().items():
+        if name in model.model_fields:
             return section
     return None
+
+
+def section_types() -> dict[str, type[Section]]:
+    """Each top-level section's schema class (an objective's optional section unwrapped)."""
+    types = {}
+    for name, field in Recipe.model_fields.items():
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            annotation = next(
+                t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Section)
+            )
+        types[name] = annotation
+    return types
 
 
 def recipe_json_schema() -> dict:

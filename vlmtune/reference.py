@@ -7,7 +7,7 @@ import typing
 
 from pydantic_core import PydanticUndefined
 
-from vlmtune.recipe import Recipe
+from vlmtune.recipe import Recipe, section_types
 
 HEADER = """# Recipe reference
 
@@ -34,8 +34,11 @@ def _default(field: typing.Any) -> str:
 def recipe_reference() -> str:
     lines = [HEADER]
     for section_name, section_field in Recipe.model_fields.items():
-        section = section_field.annotation
-        lines += [f"\n## `{section_name}`\n", "| key | type | default | meaning |", "|---|---|---|---|"]
+        section = section_types()[section_name]
+        lines.append(f"\n## `{section_name}`\n")
+        if section_field.default is None:  # an objective's section
+            lines.append(f"{section_field.description}\n")
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in section.model_fields.items():
             meaning = (field.description or "").replace("|", "\\|")
             type_name = _type_name(field.annotation).replace("|", "\\|")

@@ -71,6 +71,21 @@ class ReliableTrainerMixin:
         self.unlogged_carry: dict | None = None  # from the checkpoint a resume starts at
         self.add_callback(_RestoreUnlogged(self))
 
+    def train_from(self, checkpoint: Path | None) -> None:
+        """Train to the end, from a complete checkpoint when given (vlmtune.resuming chose it). A
+        checkpoint at the last step (a stop during the final save) only has its weights loaded: the
+        Trainer would take one step more."""
+        start = (trainer_checkpoints.step_of(checkpoint) or 0) if checkpoint is not None else 0
+        if checkpoint is not None and start >= self.planned_steps():
+            self.load_checkpoint_weights(checkpoint)
+            self.state.global_step = start
+        else:
+            self.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+
+    def planned_steps(self) -> int:
+        """Optimizer steps the whole run takes: train.max_steps, or the epochs' worth of steps."""
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe_loss(loss)
@@ -140,10 +155,11 @@ class ReliableTrainerMixin:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        adapter = self.model.active_adapter  # a frozen reference adapter (DPO's "ref") never changes
         with _reading(checkpoint, rundir.PEFT_WEIGHTS):
             state = load_file(str(checkpoint / rundir.PEFT_WEIGHTS))
-            result = set_peft_model_state_dict(self.model, state)
-        missing = [k for k in result.missing_keys if "lora_" in k]
+            result = set_peft_model_state_dict(self.model, state, adapter_name=adapter)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
         if result.unexpected_keys or missing:
             raise CheckpointError(
                 f"the adapter in {checkpoint} does not fit this model: "

@@ -34,6 +34,8 @@ PROCESSOR = "1-load/processor"
 LORA_PLAN = "2-lora/lora_plan.json"
 ADAPTER_CONFIG = "2-lora/adapter_config.json"
 METRICS = "3-train/metrics.jsonl"
+CURVES = "3-train/curves.png"  # loss, learning rate, grad norm, token accuracy vs step (vlmtune/observe)
+TENSORBOARD = "3-train/tensorboard"  # event files, with output.report_to: [tensorboard]
 DATA_REPORT = "3-train/data_report.json"
 CHECKPOINTS = "3-train/checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"  # the HF Trainer's folder names: checkpoint-<step>
@@ -43,6 +45,11 @@ LOCK = ".lock"  # held (flock) by the one process that trains this run folder
 ADAPTER = "3-train/adapter"
 FULL_MODEL = "3-train/model"
 EVAL_REPORT = "4-eval/eval_report.json"
+
+# summary.json: stages.train[MEASURED_MEMORY] holds the measured peak beside the estimate.
+MEASURED_MEMORY = "memory"
+# summary.json: stages.load[RSS_BEFORE_LOAD], the process's RSS before the model loads (the CPU floor).
+RSS_BEFORE_LOAD = "rss_before_load_bytes"
 
 # An export folder (`vlmtune export RUN --out DIR`): peft's and transformers' own file names, so
 # plain peft / transformers load it, plus our model card and the checks that proved the export.

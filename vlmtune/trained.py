@@ -2,18 +2,20 @@
 
 The base is loaded exactly as it was trained (same quantization and dtype, from resolved.yaml) and
 the run's adapter is attached on top; a full fine-tune loads its saved model instead. Every
-post-training command (predict, eval, export) starts from ``open_trained_run``.
+post-training command (predict, eval, export) starts from ``open_trained_run``, and so does a new
+run that trains on from an earlier one (``model.adapter``, see ``start_from``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmtune import rundir
 from vlmtune.errors import RunDirError
-from vlmtune.recipe import Recipe
+from vlmtune.recipe import LoraSection, ModelSection, Recipe
 from vlmtune.rundir import RunDir
 
 
@@ -68,6 +70,59 @@ def open_trained_run(path: str | Path) -> TrainedRun:
 
     refuse_nonfinite(weights)  # a run that diverged before vlmtune stopped such runs
     return TrainedRun(run, recipe, weights)
+
+
+# The lora keys that shape an adapter: a run training on an earlier run's adapter must state them as
+# that run did, so its resolved.yaml and 2-lora/lora_plan.json describe the adapter really trained.
+ADAPTER_SHAPE = (
+    "method", "finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules",
+    "finetune_mlp_modules", "train_projector", "r", "alpha", "use_rslora", "bias", "target_modules",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StartFrom:
+    """Where a run's weights start: what the load stage loads, and the adapter the lora stage attaches."""
+
+    model: ModelSection  # the base, or an earlier full fine-tune's saved model
+    adapter: Path | None = None  # an earlier run's final adapter, trained on instead of a fresh one
+
+
+def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
+    """The weights a run starts from: the base, or the run ``model.adapter`` names, checked first.
+
+    That run must have finished training, on the same base model, with the same lora shape; each
+    refusal says which and how to fix it, before any weight is loaded.
+    """
+    if model.adapter is None:
+        return StartFrom(model)
+    try:
+        earlier = open_trained_run(model.adapter)
+    except RunDirError as exc:
+        raise RunDirError(f"model.adapter: {exc.message}", hint=exc.hint) from None
+    base = earlier.recipe.model
+    if (base.name, base.revision) != (model.name, model.revision):
+        raise RunDirError(
+            f"model.adapter: run {model.adapter} trained {base.name}"
+            f"{f' (revision {base.revision})' if base.revision else ''}, not {model.name}; its weights fit only "
+            "the base model they were trained on",
+            hint=f"set model.name: {base.name}, or pick a run of {model.name}",
+        )
+    differing = [key for key in ADAPTER_SHAPE if getattr(lora, key) != getattr(earlier.recipe.lora, key)]
+    if differing:
+        listed = ", ".join(
+            f"lora.{k} is {json.dumps(getattr(lora, k))} here but {json.dumps(getattr(earlier.recipe.lora, k))} there"
+            for k in differing
+        )
+        raise RunDirError(
+            f"model.adapter: this recipe's lora section does not describe the weights of run {model.adapter} "
+            f"({listed})",
+            hint=f"copy the lora section of {earlier.run / rundir.RESOLVED}: an adapter trains on with the shape "
+            "it was made with",
+        )
+    if earlier.is_full:
+        return StartFrom(model.model_copy(update={"name": str(earlier.weights), "revision": None}))
+    return StartFrom(model, earlier.weights)
 
 
 def training_finished(summary: dict) -> bool:

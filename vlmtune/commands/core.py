@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from vlmtune.commands import observe
+
 console = Console(highlight=False)
 
 RECIPE_ARG = typer.Argument(..., help="A recipe .yaml file.", show_default=False)
@@ -122,16 +124,23 @@ def _print_summary(run) -> None:
     evaluated = summary["stages"].get("eval")
     if evaluated and evaluated.get("status") == "done":
         console.print(f"eval:       {_scores(evaluated)}")
+    observe.print_training_end(run)  # curves in short, measured vs estimated memory, the picture
 
 
 def _scores(figures: dict) -> str:
     """The eval stage's headline, from the figures summary.json keeps for it."""
     if "exact_match" not in figures:
         return figures.get("skipped", "no scores")
-    return (
-        f"exact match {figures['exact_match']:.3f} (base {figures['base_exact_match']:.3f}), "
-        f"contains {figures['contains']:.3f} (base {figures['base_contains']:.3f}) on {figures['n']} samples"
-    )
+    scores = [
+        f"{label} {figures[key]:.3f} (base {figures[f'base_{key}']:.3f})"
+        for key, label in (
+            ("exact_match", "exact match"),
+            ("contains", "contains"),
+            ("preference_accuracy", "preference accuracy"),
+        )
+        if key in figures
+    ]
+    return f"{', '.join(scores)} on {figures['n']} samples"
 
 
 def validate(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:

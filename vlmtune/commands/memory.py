@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from vlmtune.choices import NO_QUANTIZATION, Dtype, Optimizer, words
+from vlmtune.choices import NO_QUANTIZATION, Dtype, Objective, Optimizer, words
 
 console = Console(highlight=False)
 GiB, MiB = 2**30, 2**20
@@ -92,6 +92,12 @@ def estimate_memory(
         None, "--mlp/--no-mlp", help="LoRA on MLP projections. [default: on]", show_default=False
     ),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning: every weight trains (16-bit base)."),
+    objective: str = typer.Option(
+        None,
+        "--objective",
+        show_default=False,
+        help=f"{', '.join(words(Objective))}; dpo: two sequences per sample and a reference. [default: sft]",
+    ),
     dtype: str = typer.Option(
         None, "--dtype", help=f"{', '.join(words(Dtype))}. [default: bfloat16]", show_default=False
     ),
@@ -126,6 +132,8 @@ def estimate_memory(
         vlmtune estimate-memory --model google/gemma-3-12b-it --seq-len 1024 --images-per-sample 2 --json
 
         vlmtune estimate-memory recipes/demo.yaml --set train.batch_size=8 --no-grad-ckpt
+
+        vlmtune estimate-memory --model Qwen/Qwen2-VL-7B-Instruct --objective dpo
     """
     from vlmtune import memory as mem
     from vlmtune.errors import RecipeError
@@ -142,7 +150,7 @@ def estimate_memory(
     gpu_bytes = parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
     size = parse_image_size(image_size) if image_size is not None else None
     knobs = _knob_overrides(bits, double_quant, r, batch_size, grad_ckpt, optim, vision, language, attention,
-                            mlp, full, dtype, supervised_loss)  # fmt: skip
+                            mlp, full, dtype, supervised_loss, objective)  # fmt: skip
     parsed = _recipe(recipe, model, [*(overrides or []), *knobs])
     _quiet_libraries()
     result = mem.estimate_recipe(
@@ -157,7 +165,7 @@ def estimate_memory(
 
 def _knob_overrides(
     bits, double_quant, r, batch_size, grad_ckpt, optim, vision, language, attention, mlp, full, dtype,
-    supervised_loss,
+    supervised_loss, objective=None,
 ) -> list[str]:  # fmt: skip
     """Knobs as recipe overrides, so the schema's defaults and checks apply to them too."""
     from vlmtune.errors import RecipeError
@@ -185,6 +193,7 @@ def _knob_overrides(
         "lora.finetune_mlp_modules": mlp,
         "model.dtype": dtype,
         "train.supervised_loss": supervised_loss,
+        "train.objective": objective,
     }
     for key, value in pairs.items():
         if value is not None:
@@ -266,10 +275,25 @@ def describe_term(name: str, result) -> str:
         return f"{training.optim} states"
     if name == "activations":
         ckpt = "gradient checkpointing" if training.gradient_checkpointing else "no checkpointing"
-        return f"{work.batch_size} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
+        rows = (
+            f"{work.batch_size} x 2 (chosen, rejected)" if training.sequences == 2 else f"{work.batch_size}"
+        )
+        return f"{rows} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
     if name == "logits":
+        if training.objective == "dpo":
+            return "TRL's chunked log-probabilities: one fp32 tile of logits"
         how = "supervised, chunked" if training.supervised_loss else "whole sequence"
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
+    if name == "reference":
+        if training.objective != "dpo":
+            return f"none ({training.objective})"
+        if training.method == "full":
+            return "dpo: a frozen copy of the weights"
+        return (
+            "dpo: the continued adapter, frozen (fp32)"
+            if training.continues_adapter
+            else "dpo: adapter disabled"
+        )
     if name == "overhead":
         return "CUDA context (a constant)"
     return ""

@@ -70,7 +70,9 @@ def evaluate(
     """Generate answers on an eval set, before (base) vs after (adapter): exact match and contains-answer.
 
     The reference is each sample's last assistant turn; the prompt is the conversation before it.
-    Writes RUN_DIR/4-eval/eval_report.json.
+    On a preference set (chosen/rejected pairs) the reference is the chosen answer, and preference
+    accuracy (the chosen answer the likelier one) is reported beside. Writes
+    RUN_DIR/4-eval/eval_report.json.
 
     Examples:
 
@@ -96,7 +98,7 @@ def evaluate(
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
     found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))
-    content = ev.report(items, found["adapter"], found["base"], max_new_tokens=max_new_tokens, data=read)
+    content = ev.report(items, found, max_new_tokens=max_new_tokens, data=read)
     path = ev.write_report(trained.run, content)
     ev.render(content, console)
     console.print(f"report: [bold]{path}[/]")

@@ -26,6 +26,12 @@ The model of a training step, term by term (docs/memory.md shows it against meas
 - logits: fp32 logits over the vocabulary times ``LOGITS_MULTIPLE``; vlmtune's supervised loss
   projects at most ``chunk_bytes`` of logits at once, TRL's plain loss the whole sequence.
 - overhead: the CUDA context, a constant.
+- reference (preference tuning, dpo): each pair is two sequences (chosen, rejected), so the
+  activations and the loss see twice the batch; the loss is TRL's chunked log-probabilities (one
+  tile of at most ``TRL_TOKEN_TILE`` x ``TRL_VOCAB_TILE`` logits at a time). The reference model
+  costs no second copy for LoRA (the adapter is disabled), a frozen fp32 copy of the adapter when
+  it continues an earlier run's, and a second copy of the weights for full fine-tuning. Its
+  no-grad forward frees each layer as it goes, within what backward needs later anyway.
 The terms are summed: gradients, activations and the loss buffer are treated as coexisting, so
 the estimate leans towards an upper bound.
 """
@@ -57,6 +63,9 @@ BNB_OPTIM_BLOCK = 256  # bitsandbytes 8-bit optimizer blocksize
 BNB_OPTIM_MIN_8BIT = 4096  # smaller tensors keep 32-bit states in bitsandbytes' 8-bit optimizers
 BNB_OPTIM_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry quantization maps, one pair per optimizer
 SEARCH_LIMIT = 2**20  # the largest batch size / sequence length "what fits" looks for
+TRL_TOKEN_TILE = 4096  # TRL 1.16's chunked log-probabilities: tokens per projection tile
+TRL_VOCAB_TILE = 32768  # ... and vocabulary entries per tile
+SEQUENCES_PER_SAMPLE = {"sft": 1, "dpo": 2}  # dpo: a pair is its chosen and its rejected sequence
 OPTIMIZERS = get_args(Optimizer)
 
 
@@ -81,10 +90,17 @@ class TrainingMethod:
     gradient_checkpointing: bool = True
     supervised_loss: bool = True
     chunk_bytes: int = LOSS_CHUNK_BYTES
+    objective: str = "sft"  # sft | dpo (train.objective)
+    continues_adapter: bool = False  # model.adapter: dpo's reference is a frozen copy of that adapter
 
     @property
     def quantized(self) -> bool:
         return self.bits is not None
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per sample in a batch: two for a preference pair."""
+        return SEQUENCES_PER_SAMPLE[self.objective]
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,8 @@ class MemoryEstimate:
                 "optim": training.optim,
                 "gradient_checkpointing": training.gradient_checkpointing,
                 "supervised_loss": training.supervised_loss,
+                "objective": training.objective,
+                "sequences_per_sample": training.sequences,
                 "batch_size": work.batch_size,
                 "seq_len": work.text_tokens,
                 "images_per_sample": work.images_per_sample,
@@ -339,8 +357,9 @@ def activation_bytes(model: ModelShape, training: TrainingMethod, work: Workload
     layers. The bench (docs/memory.md) measured both shapes.
     """
     a = DTYPE_BYTES[training.dtype]
-    text = work.batch_size * work.sequence
-    patches = work.batch_size * work.images_per_sample * work.image_patches
+    rows = work.batch_size * training.sequences
+    text = rows * work.sequence
+    patches = rows * work.images_per_sample * work.image_patches
     vision = vision_trains(model, training)
     lora_extra = _lora_extra_per_layer(model, training)
     kept = 0
@@ -379,12 +398,27 @@ def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) ->
     fp32 logits at a time; image tokens never carry a label, so every text token is the upper
     bound. The model's own loss projects the whole batch, image tokens included.
     """
+    if training.objective == "dpo":  # TRL's tiles: one fp32 tile of logits and its slice of lm_head
+        tokens = min(training.sequences * work.batch_size * work.text_tokens, TRL_TOKEN_TILE)
+        vocab = min(model.vocab_size, TRL_VOCAB_TILE)
+        return (tokens + model.text_hidden) * vocab * 4
     if training.supervised_loss:
         labelled = work.batch_size * work.text_tokens
         positions = min(labelled, max(1, training.chunk_bytes // (4 * model.vocab_size)))
     else:
         positions = work.batch_size * work.sequence
     return int(positions * model.vocab_size * 4 * LOGITS_MULTIPLE)
+
+
+def reference_bytes(model: ModelShape, training: TrainingMethod, lora: int) -> int:
+    """dpo's frozen reference beside the trained model: none for a fresh adapter (it is disabled)."""
+    if training.objective != "dpo":
+        return 0
+    if training.method == "full":
+        return sum(c.bytes for c in weight_components(model, training))
+    if training.continues_adapter:  # TRL's "ref" copy stays fp32 while a quantized model's adapter is bf16
+        return lora * (2 if training.quantized else 1)
+    return 0
 
 
 def estimate_terms(
@@ -400,6 +434,7 @@ def estimate_terms(
         "optimizer": optimizer_bytes(trainable, training.optim),
         "activations": activation_bytes(model, training, work),
         "logits": logits_bytes(model, training, work),
+        "reference": reference_bytes(model, training, lora),
         "overhead": CUDA_CONTEXT_BYTES,
     }
     return terms, trainable
@@ -472,7 +507,16 @@ def _notes(training: TrainingMethod) -> list[str]:
             f"full fine-tuning: weights, gradients and AdamW states in {training.dtype}; no fp32 master copy "
             "(HF Trainer updates the weights in place)"
         )
-    if training.supervised_loss:
+    if training.objective == "dpo":
+        reference = {
+            "full": "a frozen copy of the weights",
+            "lora": "the continued adapter, frozen" if training.continues_adapter else "the adapter disabled",
+        }[training.method]
+        notes.append(
+            f"dpo: each pair is two sequences (chosen, rejected) and a no-grad reference forward; the reference "
+            f"is {reference}"
+        )
+    elif training.supervised_loss:
         notes.append(
             "logits: vlmtune's supervised loss projects at most "
             f"{training.chunk_bytes // MiB} MiB of fp32 logits at a time (train.supervised_loss)"

@@ -79,6 +79,8 @@ def training_method(
         optim=train.optim,
         gradient_checkpointing=train.gradient_checkpointing,
         supervised_loss=train.supervised_loss,
+        objective=train.objective,
+        continues_adapter=model.adapter is not None,
     )
 
 

@@ -97,10 +97,12 @@ def shape_of(model: Any, family: Family) -> ModelShape:
     """A ModelShape from any instantiated model (meta, CPU or GPU)."""
     import torch
 
+    from vlmtune.modelinfo import is_linear, logical_numel, tied_lm_head
+
     linears, embeddings = [], set()
     linear_weights: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if is_linear(module):
             linears.append(
                 Linear(name, family.component_of(name), module.in_features, module.out_features,
                        module.bias is not None)
@@ -110,10 +112,9 @@ def shape_of(model: Any, family: Family) -> ModelShape:
             embeddings.add(f"{name}.weight")
     params = []
     for name, param in model.named_parameters(remove_duplicate=True):
-        numel = param.quant_state.shape.numel() if getattr(param, "quant_state", None) else param.numel()
         params.append(
-            Param(name, family.component_of(name.rsplit(".", 1)[0]), numel, linear_weights.get(name),
-                  name in embeddings)
+            Param(name, family.component_of(name.rsplit(".", 1)[0]), logical_numel(param),
+                  linear_weights.get(name), name in embeddings)
         )  # fmt: skip
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     text = model.config.get_text_config()
@@ -130,7 +131,7 @@ def shape_of(model: Any, family: Family) -> ModelShape:
         vocab_size=outputs.weight.shape[0] if outputs is not None else text.vocab_size,
         text_hidden=inputs.weight.shape[1],
         vision_hidden=vision_layers[0] if vision_layers else int(vision_hidden),
-        tied_lm_head=outputs is not None and outputs.weight is inputs.weight,
+        tied_lm_head=tied_lm_head(model),
         projector_prefixes=family.projector_prefixes,
     )
 

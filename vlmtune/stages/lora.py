@@ -9,6 +9,7 @@ visible and testable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vlmtune import modelinfo, rundir
@@ -40,18 +41,27 @@ def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
     return LoraPlan("lora", target_regex(family, lora), targets, modules_to_save, per_component)
 
 
-def apply(model: Any, lora: LoraSection, lora_plan: LoraPlan, *, seed: int) -> Any:
+def apply(
+    model: Any, lora: LoraSection, lora_plan: LoraPlan, *, seed: int, adapter: Path | None = None
+) -> Any:
     """The model with adapters attached (or every weight trainable for method: full).
 
     ``seed`` fixes the random lora_A initialisation: without it two runs of one recipe start
-    from the same loss but part ways from the second step on.
+    from the same loss but part ways from the second step on. ``adapter``: an earlier run's
+    adapter folder, attached trainable under peft's "default" name instead of a fresh adapter
+    (vlmtune.trained.start_from checked that it has this plan's shape); lora.dropout applies to it.
     """
     if lora_plan.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return model
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        config = PeftConfig.from_pretrained(str(adapter))
+        config.lora_dropout = lora.dropout  # a training setting, not part of the adapter's shape
+        return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=True)
 
     config = LoraConfig(
         r=lora.r,

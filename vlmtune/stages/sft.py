@@ -81,8 +81,12 @@ def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
     return SampleSet([checked.samples[i] for i in order], [checked.lengths[i] for i in order])
 
 
-def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool) -> Any:
+def sft_config(
+    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, report_to: list[str]
+) -> Any:
     from trl import SFTConfig
+
+    from vlmtune.observe.trackers import trainer_args
 
     return SFTConfig(
         output_dir=str(run / rundir.CHECKPOINTS),
@@ -116,7 +120,7 @@ def sft_config(train: TrainSection, run: RunDir, device: str, dtype: str, has_ev
         length_column_name="length",
         torch_compile=train.torch_compile,
         prediction_loss_only=True,  # eval needs the loss only; never the logits
-        report_to="none",
+        **trainer_args(report_to, run),  # report_to, run_name
         disable_tqdm=True,
         # Our collator builds the batches: TRL must neither drop columns nor tokenize the data itself.
         remove_unused_columns=False,
@@ -138,18 +142,19 @@ def train(
     dtype: str,
     resume: Path | None = None,
     callbacks: list | None = None,
+    report_to: list[str] | None = None,
 ) -> TrainResult:
     """Train to the recipe's end; ``resume`` is the complete checkpoint to continue from (None: step 0)."""
+    from vlmtune import observe
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
-    from vlmtune.trainer_checkpoints import step_of
 
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
     samples = train_split.samples + (eval_split.samples if eval_split else [])
     trainer = VlmtuneTrainer(
         model=model,
-        args=sft_config(train_section, run, device, dtype, eval_split is not None),
+        args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or []),
         train_dataset=positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
@@ -163,24 +168,13 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    start = (step_of(resume) or 0) if resume is not None else 0
-    if resume is not None and start >= planned_steps(trainer):
-        # Stopped after its last step was saved (during the final save or later): nothing is left to
-        # train, and the Trainer would take one step more.
-        trainer.load_checkpoint_weights(resume)
-        trainer.state.global_step = start
-    else:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
+    trainer.train_from(resume)
     output = save_final(trainer, processor, run)
     losses = run.losses()
     return TrainResult(
         losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
     )
-
-
-def planned_steps(trainer: Any) -> int:
-    """Optimizer steps the whole run takes: train.max_steps, or the epochs' worth of steps."""
-    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
 def save_final(trainer: Any, processor: Any, run: RunDir) -> str:

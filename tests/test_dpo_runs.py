@@ -1,0 +1,107 @@
+"""DPO runs through the pipeline: continuing an SFT run's adapter, and resuming from a checkpoint
+with its frozen reference intact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from preference_task import write_task
+
+from conftest import write_recipe
+
+TRAIN = {"batch_size": 4, "grad_accum": 1, "lr": 5e-3, "lr_scheduler": "constant", "max_length": 256,
+         "gradient_checkpointing": False}  # fmt: skip
+MODEL = {"name": "tiny:qwen2_vl", "dtype": "float32"}
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_run(folder: Path, **sections):
+    from vlmtune import pipeline
+    from vlmtune.recipe import load_recipe
+
+    folder.mkdir()
+    path = write_recipe(folder, quantization={"bits": None}, output={"dir": "runs"}, **sections)
+    return pipeline.run(load_recipe(path), path.read_text(), folder.name, folder / "run")
+
+
+@pytest.mark.slow
+def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, one_thread):
+    from vlmtune import pipeline
+
+    task = write_task(tmp_path / "task", n_train=8, n_held_out=0)
+    data = {"train": str(task / "pairs.jsonl"), "max_image_pixels": 12544, "shuffle": False}
+    sft = train_run(tmp_path / "sft", model=MODEL, train={**TRAIN, "max_steps": 2},
+                    data={**data, "train": str(task / "sft.jsonl")})  # fmt: skip
+    # SFT trains on from its own earlier run too: it starts where that run ended, not at a fresh adapter.
+    again = train_run(tmp_path / "sft-again", model={**MODEL, "adapter": str(sft.path)},
+                      train={**TRAIN, "max_steps": 1}, data={**data, "train": str(task / "sft.jsonl")})  # fmt: skip
+    sft_losses = sft.losses()
+    assert again.losses()[0] < sft_losses[0] - 1.0, (sft_losses, again.losses())
+
+    dpo = {"model": {**MODEL, "adapter": str(sft.path)}, "data": data, "dpo": {"sft_weight": 0.5}}
+    whole = train_run(tmp_path / "whole", train={**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2},
+                      **dpo)  # fmt: skip
+
+    # The same run stopped after its checkpoint at step 2, then resumed to step 3.
+    cut = train_run(
+        tmp_path / "cut", train={**TRAIN, "objective": "dpo", "max_steps": 2, "save_steps": 2}, **dpo
+    )
+    resolved = (cut.path / "resolved.yaml").read_text()
+    (cut.path / "resolved.yaml").write_text(resolved.replace("max_steps: 2", "max_steps: 3"))
+    pipeline.resume(cut.path)
+
+    whole_rows, resumed_rows = (
+        whole.read_jsonl("3-train/metrics.jsonl"),
+        cut.read_jsonl("3-train/metrics.jsonl"),
+    )
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3], "the resumed run continues at step 3"
+    for key in ("loss", "reward_chosen", "reward_rejected"):  # a wrong reference would move the rewards
+        assert resumed_rows[-1][key] == pytest.approx(whole_rows[-1][key], abs=1e-4), key
+    assert whole_rows[0]["reward_margin"] == 0.0, "step 1: the model equals its reference, the SFT adapter"
+    checkpoint = cut.checkpoints()[0]
+    assert (checkpoint / "ref" / "adapter_model.safetensors").is_file(), "checkpoints keep the frozen copy"
+    assert not (Path(cut.summary()["output"]) / "ref").exists(), "the final adapter is the trained one only"
+
+
+@pytest.mark.slow
+def test_preference_accuracy_after_training_and_from_vlmtune_eval(tmp_path: Path, one_thread):
+    import json
+
+    from conftest import ROOT
+    from test_cli import vlmtune
+
+    pairs = ROOT / "tests" / "data" / "preference"
+    run = train_run(
+        tmp_path / "dpo",
+        model=MODEL,
+        data={"train": str(pairs / "trl.jsonl"), "eval": str(pairs / "trl.jsonl"), "max_image_pixels": 12544},
+        train={**TRAIN, "objective": "dpo", "max_steps": 2, "save_steps": 1000, "eval_generate": True},
+    )
+    stage = run.summary()["stages"]["eval"]
+    report = run.read_json("4-eval/eval_report.json")
+    assert stage["preference_accuracy"] == report["preference_accuracy"] and report["n"] == 3
+    assert set(report["base"]) == {"exact_match", "contains", "preference_accuracy", "logp_margin"}
+    rows = report["predictions"]
+    assert [r["reference"] for r in rows] == ["Red.", "The first.", "Four."]
+    assert [r["rejected"] for r in rows] == ["Blue.", "The second.", "Three."]
+    assert report["preference_accuracy"] == sum(r["adapter_prefers_chosen"] for r in rows) / 3
+    assert report["base"]["preference_accuracy"] == sum(r["base_prefers_chosen"] for r in rows) / 3
+
+    # The same pairs in ms-swift's layout, through the command line: the same preferences.
+    result = vlmtune("eval", str(run.path), "--data", str(pairs / "swift.jsonl"), "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((run.path / "4-eval/eval_report.json").read_text())
+    assert "preference accuracy" in result.stdout
+    for key in ("preference_accuracy", "logp_margin"):
+        assert again[key] == pytest.approx(report[key], abs=1e-4)
+        assert again["base"][key] == pytest.approx(report["base"][key], abs=1e-4)

@@ -1,0 +1,154 @@
+"""runs, report, and the observations printed at the end of `train`. Heavy imports stay inside.
+
+The logic lives in vlmtune/observe/; this module only renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+console = Console(highlight=False)
+
+STATUS_STYLE = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow"}
+
+
+def runs(
+    folder: Path = typer.Argument(
+        Path("runs"), help="A folder of run folders (a recipe's output.dir), or one run folder."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON list with stable keys instead of a table."
+    ),
+) -> None:
+    """List the run folders in FOLDER, newest first: model, objective, status, steps, loss, memory, time.
+
+    Examples:
+
+        vlmtune runs
+
+        vlmtune runs experiments/ --json
+    """
+    from vlmtune.errors import RunDirError
+    from vlmtune.observe.runs import find_runs
+
+    if not folder.is_dir():
+        raise RunDirError(
+            f"{folder} is not a folder",
+            hint="pass the folder that holds run folders (the recipe's output.dir, `runs` by default)",
+        )
+    found = find_runs(folder)
+    if as_json:
+        print(json.dumps([info.to_json() for info in found], indent=2, allow_nan=False))
+        return
+    if not found:
+        console.print(f"no run folders in {folder}")
+        return
+    console.print(runs_table(found))
+
+
+def runs_table(found: list) -> Table:
+    from vlmtune.observe.runs import human_seconds
+    from vlmtune.units import human_bytes
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    # In a narrow terminal the model's name gives way (ellipsis); the figures are never broken.
+    for column in ("run", "model", "objective", "status", "steps", "loss", "peak memory", "time"):
+        right = column in ("steps", "peak memory", "time")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "model")
+    for info in found:
+        table.add_row(
+            info.name,
+            info.model or "-",
+            info.objective or "-",
+            Text(info.status, style=STATUS_STYLE.get(info.status, "")),
+            "-" if info.steps is None else str(info.steps),
+            _loss(info.first_loss, info.last_loss),
+            "-" if info.peak_memory_bytes is None else human_bytes(info.peak_memory_bytes),
+            human_seconds(info.seconds),
+        )
+    return table
+
+
+def _loss(first: float | None, last: float | None) -> str:
+    if first is None:
+        return "-"
+    return f"{first:.3f} -> {last:.3f}"
+
+
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder, finished or not.", show_default=False),
+    out: Path = typer.Option(
+        None, "--out", help="Write the picture here instead of the run folder's 3-train/curves.png."
+    ),
+) -> None:
+    """Draw a run's curves (loss, learning rate, grad norm, token accuracy) to a PNG and summarise them.
+
+    Works on a run in progress, interrupted or failed. A finished run's picture, drawn when its
+    training ended, is left as it is (use --out for a fresh copy).
+
+    Examples:
+
+        vlmtune report runs/demo-20261123-101500
+
+        vlmtune report runs/demo-20261123-101500 --out loss.png
+    """
+    from vlmtune import rundir
+    from vlmtune.observe import curves, memory
+    from vlmtune.observe.metrics import read_rows
+    from vlmtune.observe.runs import human_seconds, read_run
+    from vlmtune.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    info = read_run(run.path)
+    steps = "no steps" if info.steps is None else f"{info.steps} steps"
+    console.print(
+        Text.assemble(
+            (info.title, "bold"),
+            ": ",
+            (info.status, STATUS_STYLE.get(info.status, "")),
+            f", {steps} in {human_seconds(info.seconds)}",
+        )  # fmt: skip
+    )
+    rows = read_rows(run.path)
+    if not rows:
+        console.print("no training metrics logged yet: nothing to draw")
+        return
+    drawn = curves.extract(rows)
+    print_curves(drawn)
+    recorded = (run.summary()["stages"].get("train") or {}).get(rundir.MEASURED_MEMORY)
+    measured = recorded or memory.run_memory(run, rows)  # a finished run's figure, else the rows so far
+    if measured:
+        console.print(f"memory:     {memory.describe(measured)}", markup=False, soft_wrap=True)
+    target = out or run / rundir.CURVES
+    if out is None and info.status == "done" and target.is_file():
+        console.print(f"curves:     {target} (drawn when training ended)", markup=False, soft_wrap=True)
+        return
+    curves.write_png(drawn, target, info.title)
+    console.print(f"curves:     {target}", markup=False, soft_wrap=True)
+
+
+def print_curves(drawn: dict) -> None:
+    from vlmtune.observe.curves import summary_lines
+
+    for label, text in summary_lines(drawn):
+        console.print(Text(f"  {label:<15}") + Text(text), soft_wrap=True)
+
+
+def print_training_end(run) -> None:
+    """After `train`'s done line: the curves in short, the measured memory, the picture's path."""
+    from vlmtune import rundir
+    from vlmtune.observe import curves, memory
+    from vlmtune.observe.metrics import read_rows
+
+    print_curves(curves.extract(read_rows(run.path)))
+    measured = run.summary()["stages"]["train"].get(rundir.MEASURED_MEMORY)
+    if measured:
+        console.print(f"memory:     {memory.describe(measured)}", markup=False, soft_wrap=True)
+    if (run / rundir.CURVES).is_file():
+        console.print(f"curves:     {run / rundir.CURVES}", markup=False, soft_wrap=True)

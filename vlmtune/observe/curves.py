@@ -1,0 +1,173 @@
+"""Curves of a run: the series metrics.jsonl holds, a PNG of them, and a few lines for a terminal.
+
+Any objective's rows work: keys this module does not draw (DPO's rewards, GRPO's completions) are
+ignored, and a row without a loss (an eval row, a memory-only row) feeds only the series it has.
+matplotlib is imported inside the drawing functions, with the Agg canvas (no display, no pyplot
+state): the CLI's other commands never pay for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtune.observe.metrics import number
+
+
+@dataclass(frozen=True)
+class Series:
+    key: str  # the metrics.jsonl key
+    label: str  # the legend's word
+    steps: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    keys: tuple[tuple[str, str], ...]  # (metrics.jsonl key, legend label), drawn in this order
+
+
+PANELS = (
+    Panel("loss", (("loss", "train"), ("eval_loss", "eval"))),
+    Panel("learning rate", (("learning_rate", "learning rate"),)),
+    Panel("gradient norm", (("grad_norm", "grad norm"),)),
+    Panel("token accuracy", (("token_accuracy", "train"), ("eval_mean_token_accuracy", "eval"))),
+)
+
+
+def series(rows: list[dict], key: str, label: str) -> Series:
+    """The numeric values of ``key`` against their steps, in logged order (non-finite values kept)."""
+    points = [(row["step"], number(row.get(key))) for row in rows]
+    points = [(step, value) for step, value in points if value is not None]
+    return Series(key, label, tuple(s for s, _ in points), tuple(v for _, v in points))
+
+
+def extract(rows: list[dict]) -> dict[str, list[Series]]:
+    """Panel title -> its series that have at least one value."""
+    return {
+        panel.title: [s for s in (series(rows, key, label) for key, label in panel.keys) if s.values]
+        for panel in PANELS
+    }
+
+
+# --- the picture ---------------------------------------------------------------------------------
+
+FIGSIZE = (11.0, 7.0)  # inches
+DPI = 100  # so the PNG is 1100 x 700 pixels
+
+
+def figure(curves: dict[str, list[Series]], title: str) -> Any:
+    """A matplotlib Figure (Agg canvas) with one panel per entry of PANELS."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    for ax, panel in zip(fig.subplots(2, 2).flat, PANELS, strict=True):
+        ax.set_title(panel.title)
+        drawn = curves.get(panel.title, [])
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for s in drawn:
+            # A lone point (one eval) would be an invisible line without a marker.
+            ax.plot(
+                s.steps, s.values, label=s.label, marker="o" if len(s.values) < 20 else None, markersize=3
+            )
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if panel.title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if len(drawn) > 1:
+            ax.legend()
+    return fig
+
+
+def write_png(curves: dict[str, list[Series]], path: Path, title: str) -> Path:
+    """Draw and write the picture atomically: a reader never sees half a PNG."""
+    fig = figure(curves, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- the terminal's summary ----------------------------------------------------------------------
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: tuple[float, ...], width: int = 24) -> str:
+    """The curve's shape in block characters: at most ``width`` buckets (means); '!' marks NaN/inf."""
+    if not values:
+        return ""
+    size = math.ceil(len(values) / width)
+    buckets = [values[i : i + size] for i in range(0, len(values), size)]
+    means = [sum(b) / len(b) if all(math.isfinite(v) for v in b) else math.nan for b in buckets]
+    finite = [m for m in means if math.isfinite(m)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    span = (high - low) or 1.0
+    return "".join(
+        BARS[round((m - low) / span * (len(BARS) - 1))] if math.isfinite(m) else "!" for m in means
+    )
+
+
+def _g(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def _lowest(s: Series) -> tuple[float, int] | None:
+    finite = [(v, step) for step, v in zip(s.steps, s.values, strict=True) if math.isfinite(v)]
+    return min(finite) if finite else None
+
+
+def _highest(s: Series) -> tuple[float, int] | None:
+    finite = [(v, step) for step, v in zip(s.steps, s.values, strict=True) if math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+def _trend(s: Series, digits: int = 4) -> str:
+    return f"{_g(s.values[0], digits)} -> {_g(s.values[-1], digits)}"
+
+
+def summary_lines(curves: dict[str, list[Series]]) -> list[tuple[str, str]]:
+    """(label, text) lines for the series that were logged: the shape and the figures that matter."""
+    by_key = {s.key: s for panel in curves.values() for s in panel}
+    lines = []
+    if loss := by_key.get("loss"):
+        low = _lowest(loss)
+        best = f" (min {_g(low[0])} at step {low[1]})" if low else ""
+        lines.append(
+            ("loss", f"{sparkline(loss.values)}  {_trend(loss)}{best}, {len(loss.values)} steps logged")
+        )
+    if ev := by_key.get("eval_loss"):
+        low = _lowest(ev)
+        best = f", best {_g(low[0])} at step {low[1]}" if low and len(ev.values) > 1 else ""
+        count = f"{len(ev.values)} evaluation{'s' if len(ev.values) > 1 else ''}"
+        lines.append(("eval loss", f"{_trend(ev)} ({count}{best})"))
+    if lr := by_key.get("learning_rate"):
+        lines.append(("learning rate", f"{lr.values[0]:.3g} -> {lr.values[-1]:.3g}"))
+    if grad := by_key.get("grad_norm"):
+        high = _highest(grad)
+        peak = f" (max {high[0]:.3g} at step {high[1]})" if high else ""
+        lines.append(("grad norm", f"{_trend(grad, 3)}{peak}"))
+    if acc := by_key.get("token_accuracy"):
+        lines.append(("token accuracy", _trend(acc, 3)))
+    if eacc := by_key.get("eval_mean_token_accuracy"):
+        lines.append(("eval accuracy", _trend(eacc, 3)))
+    return lines

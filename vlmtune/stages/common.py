@@ -1,0 +1,132 @@
+"""What every objective's train stage shares around its TRL trainer (dpo today; grpo can use it too).
+
+An objective pre-flights its items (pairs, prompts) through vlmtune.preflight, hands TRL a dataset
+of positions (TRL only takes `datasets` datasets; the items, with their lazy images, stay in our
+collator), builds its trainer from ``trainer_arguments`` plus its own knobs, and ``run_trainer``
+trains it with vlmtune's metrics writer and observers and saves the final weights into 3-train/.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtune import rundir
+from vlmtune.preflight import CheckedSplit
+from vlmtune.recipe import DataSection, TrainSection
+from vlmtune.rundir import RunDir
+from vlmtune.stages import TrainResult
+
+
+@dataclass
+class Selected:
+    """The items the trainer indexes, with their measured lengths (for length grouping)."""
+
+    items: list[Any]
+    lengths: list[int]  # tokens per item, image tokens included
+
+
+def select(checked: CheckedSplit, data: DataSection, seed: int) -> Selected:
+    """data.shuffle (with train.seed) and data.max_samples applied to a pre-flighted split."""
+    order = list(range(len(checked.samples)))
+    if data.shuffle:
+        random.Random(seed).shuffle(order)
+    if data.max_samples:
+        order = order[: data.max_samples]
+    return Selected([checked.samples[i] for i in order], [checked.lengths[i] for i in order])
+
+
+def positions(start: int, lengths: list[int]) -> Any:
+    """Rows for the trainer: a position in the item list and the measured length (for grouping)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"position": list(range(start, start + len(lengths))), "length": lengths})
+
+
+class IndexedCollator:
+    """Turns the trainer's rows (item positions) into a batch; pickles for DataLoader workers."""
+
+    def __init__(self, collate: Callable[[list], dict], items: list):
+        self.collate = collate
+        self.items = items
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return self.collate([self.items[row["position"]] for row in rows])
+
+
+def trainer_arguments(
+    train: TrainSection, run: RunDir, device: str, dtype: str, has_eval: bool, report_to: list[str]
+) -> dict:
+    """The TrainingArguments every objective takes from the train section (and output.report_to)."""
+    from vlmtune.observe.trackers import trainer_args
+
+    return dict(
+        output_dir=str(run / rundir.CHECKPOINTS),
+        max_steps=train.max_steps,
+        num_train_epochs=train.epochs,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=None,  # vlmtune rotates: only complete checkpoints count (ReliableTrainerMixin)
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        activation_checkpointing=train.gradient_checkpointing,
+        # reentrant checkpointing starves vision LoRA of gradients
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16" and device == "cuda",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=train.num_workers,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        length_column_name="length",
+        torch_compile=train.torch_compile,
+        prediction_loss_only=True,  # eval needs the loss and the logged metrics, never the logits
+        **trainer_args(report_to, run),  # report_to, run_name
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the rows are positions for our collator, not model inputs
+    )
+
+
+def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: Path | None) -> TrainResult:
+    """Train (from ``resume``, a complete checkpoint, when given), save the final weights, report the losses.
+
+    The trainer mixes in vlmtune.reliable_trainer.ReliableTrainerMixin."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from vlmtune import observe
+
+    trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
+    observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
+    trainer.train_from(resume)
+    output = save_final(trainer.model, processor, run)
+    losses = run.losses()
+    return TrainResult(
+        losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
+    )
+
+
+def save_final(model: Any, processor: Any, run: RunDir) -> str:
+    """3-train/adapter (the trained adapter only, not a frozen reference copy) or 3-train/model."""
+    from vlmtune.processing import save_processor
+
+    if hasattr(model, "peft_config"):
+        out = run / rundir.ADAPTER
+        model.save_pretrained(str(out), selected_adapters=[model.active_adapter])
+    else:
+        out = run / rundir.FULL_MODEL
+        model.save_pretrained(str(out))
+    save_processor(processor, out)
+    return str(out)

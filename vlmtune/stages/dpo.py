@@ -1,0 +1,196 @@
+"""Stage 3, dpo: pre-flight the preference pairs, then train with TRL's DPOTrainer and our collator.
+
+Writes 3-train/data_report.json before the first step, metrics.jsonl as training logs (loss plus
+reward_chosen, reward_rejected, reward_margin, preference_accuracy: see docs/preference.md), and
+checkpoints/ plus the final adapter/ (or model/) at the end.
+
+The reference the rewards are measured against is never a second full model for LoRA: a fresh
+adapter is disabled (the base answers), an adapter continued from an earlier run (model.adapter)
+is copied by TRL into a frozen "ref" adapter. Full fine-tuning gets a frozen copy of the model
+(estimate-memory counts it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmtune import rundir
+from vlmtune.data.preference import PairReader
+from vlmtune.families import Family
+from vlmtune.preference_collator import PreferenceCollator
+from vlmtune.preflight import check_split
+from vlmtune.recipe import DataSection, DpoSection, TrainSection
+from vlmtune.rundir import RunDir
+from vlmtune.stages import TrainResult
+from vlmtune.stages.common import (
+    IndexedCollator,
+    Selected,
+    positions,
+    run_trainer,
+    select,
+    trainer_arguments,
+)
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a continued adapter
+
+
+def pair_reading(processor: Any, family: Family) -> tuple[type, Any]:
+    """How the pre-flight reads a preference split: the pair reader, and the longer side's length."""
+    return PairReader, PreferenceCollator(processor, family, max_length=None).count_tokens
+
+
+def prepare_pairs(
+    processor: Any, family: Family, data: DataSection, train: TrainSection, run: RunDir
+) -> tuple[PreferenceCollator, Selected, Selected | None]:
+    """Pre-flight every split (both answers of every pair), write the data report, return the pairs."""
+    collator = PreferenceCollator(processor, family, max_length=None)
+
+    def check(name: str, source: str):
+        return check_split(name, source, data, train.max_length, collator.count_tokens, reader=PairReader)
+
+    reports = {"train": check("train", data.train)}
+    if data.eval:
+        reports["eval"] = check("eval", data.eval)
+    run.write_json(rundir.DATA_REPORT, {name: report.to_json() for name, report in reports.items()})
+    collator.max_length = train.max_length
+    held_out = reports.get("eval")
+    return (
+        collator,
+        select(reports["train"], data, train.seed),
+        Selected(held_out.samples, held_out.lengths) if held_out else None,
+    )
+
+
+def dpo_config(
+    train: TrainSection,
+    options: DpoSection,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    has_eval: bool,
+    report_to: list[str] | None = None,
+) -> Any:
+    from trl import DPOConfig
+
+    losses, weights = [options.loss_type], [1.0]
+    if options.sft_weight:  # RPO: a supervised term on the chosen answers beside the preference loss
+        losses.append("sft")
+        weights.append(options.sft_weight)
+    return DPOConfig(
+        **trainer_arguments(train, run, device, dtype, has_eval, report_to or []),
+        beta=options.beta,
+        loss_type=losses,
+        loss_weights=weights,
+        label_smoothing=options.label_smoothing,
+        max_length=None,  # our collator refuses what is too long; nothing is ever cut
+    )
+
+
+def preference_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    from vlmtune.reliable_trainer import ReliableTrainerMixin
+
+    class PreferenceTrainer(ReliableTrainerMixin, DPOTrainer):
+        """DPOTrainer on vlmtune's pre-flighted pairs: our collator builds every batch from the pairs, so
+        TRL neither tokenizes the dataset (its rows are positions) nor picks a collator of its own."""
+
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            return dataset
+
+    return PreferenceTrainer
+
+
+def frozen_copy(model: Any) -> Any:
+    """Full fine-tuning's reference: the model as training starts, frozen (a second set of weights)."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def train(
+    model: Any,
+    processor: Any,
+    family: Family,
+    data: DataSection,
+    train_section: TrainSection,
+    options: DpoSection,
+    *,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    resume: Path | None = None,
+    callbacks: list | None = None,
+    report_to: list[str] | None = None,
+) -> TrainResult:
+    trainer = build_trainer(
+        model, processor, family, data, train_section, options, run=run, device=device, dtype=dtype,
+        callbacks=callbacks, report_to=report_to,
+    )  # fmt: skip
+    return run_trainer(trainer, processor, run, device, resume)
+
+
+def build_trainer(
+    model: Any,
+    processor: Any,
+    family: Family,
+    data: DataSection,
+    train_section: TrainSection,
+    options: DpoSection,
+    *,
+    run: RunDir,
+    device: str,
+    dtype: str,
+    callbacks: list | None = None,
+    report_to: list[str] | None = None,
+) -> Any:
+    """The pairs pre-flighted and TRL's DPOTrainer set up on them, with its reference, not yet trained."""
+    from vlmtune.callbacks import MetricsWriter
+
+    collator, train_pairs, eval_pairs = prepare_pairs(processor, family, data, train_section, run)
+    pairs = train_pairs.items + (eval_pairs.items if eval_pairs else [])  # train and eval rows index one list
+    is_peft = hasattr(model, "peft_config")
+    trainer = preference_trainer_class()(
+        model=model,
+        ref_model=None if is_peft else frozen_copy(model),
+        args=dpo_config(train_section, options, run, device, dtype, eval_pairs is not None, report_to),
+        train_dataset=positions(0, train_pairs.lengths),
+        eval_dataset=positions(len(train_pairs.items), eval_pairs.lengths) if eval_pairs else None,
+        processing_class=processor,
+        data_collator=IndexedCollator(collator, pairs),
+        callbacks=[MetricsWriter(run), *(callbacks or [])],
+        keep_checkpoints=train_section.save_total_limit,
+        dtype=dtype,
+    )
+    drop_needless_reference_copy(trainer.model, options.reference)
+    return trainer
+
+
+def drop_needless_reference_copy(model: Any, reference: str) -> None:
+    """TRL copies any adapter it is handed into a frozen "ref" adapter. Without it TRL disables the
+    adapter for the reference (the base answers): what ``reference: base`` asks for, and the same
+    model as the copy when the adapter is fresh, for less memory and compute."""
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) and (
+        reference == "base" or adds_nothing(model)
+    ):
+        model.delete_adapter(REFERENCE_ADAPTER)
+
+
+def adds_nothing(model: Any) -> bool:
+    """Is the active adapter still the identity (peft initialises every lora_B to zero)?"""
+    import torch
+
+    active = f".{model.active_adapter}."
+    for name, param in model.named_parameters():
+        if active in name and "lora_B" in name and torch.count_nonzero(param):
+            return False
+    for module in model.modules():  # lora.train_projector: a trainable copy of the projector
+        copies = getattr(module, "modules_to_save", None)
+        if copies is not None and model.active_adapter in copies:
+            original, trained = module.original_module.state_dict(), copies[model.active_adapter].state_dict()
+            if any(not torch.equal(original[key], trained[key]) for key in original):
+                return False
+    return True

@@ -27,7 +27,7 @@ from vlmtune import (
     trained,
     trainer_checkpoints,
 )
-from vlmtune.errors import RunDirError
+from vlmtune.errors import RunDirError, VlmtuneError
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.resuming import Start
@@ -170,7 +170,7 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
             run.set_stage(name, "interrupted", **figures)
         raise
     except BaseException as exc:
-        error = disk_full(exc) or exc
+        error = disk_full(exc, run) or exc
         with signals.deferred():
             run.set_stage(
                 name, "failed", **figures, **getattr(error, "figures", {}), error=_first_line(error)
@@ -193,7 +193,7 @@ def recorded(run: RunDir) -> Iterator[None]:
             mark_interrupted(run, signum)
         raise Stopped(run, signum) from exc
     except BaseException as exc:
-        error = disk_full(exc) or exc
+        error = disk_full(exc, run) or exc
         with signals.deferred(), contextlib.suppress(RunDirError):  # a damaged summary.json stays as it is
             if run.summary().get("status") == "running":
                 run.set_status("failed", error=_first_line(error))
@@ -216,16 +216,33 @@ def mark_interrupted(run: RunDir, signum: int) -> None:
     )
 
 
-def disk_full(exc: BaseException) -> RunDirError | None:
-    """A full disk, said plainly; the half-written checkpoint it left is skipped by a resume."""
-    if isinstance(exc, OSError) and exc.errno in rundir.DISK_FULL:
-        where = f" while writing {exc.filename}" if exc.filename else ""
-        return RunDirError(
-            f"no space left on the device{where}",
-            hint="free some space (old run folders and their 3-train/checkpoints are the usual bulk), then "
-            "continue with `vlmtune train --resume RUN`",
-        )
-    return None
+LOW_SPACE = 16 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+def disk_full(exc: BaseException, run: RunDir) -> RunDirError | None:
+    """A full disk, said plainly; the half-written checkpoint it left is skipped by a resume.
+
+    Libraries word it their own way (safetensors: "os error 28"; torch.save: "unexpected pos"), so
+    besides ENOSPC itself, any failure with almost no space left on the run's disk counts.
+    """
+    import shutil
+
+    if isinstance(exc, KeyboardInterrupt | VlmtuneError):  # a user error stays what it is
+        return None
+    full = isinstance(exc, OSError) and exc.errno in rundir.DISK_FULL
+    try:
+        free = shutil.disk_usage(run.path).free
+    except OSError:
+        free = None
+    if not (full or "No space left on device" in str(exc) or (free is not None and free < LOW_SPACE)):
+        return None
+    where = f" while writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    left = f" ({free:,} bytes free)" if free is not None else ""
+    return RunDirError(
+        f"no space left on the device of {run.path}{where}{left}",
+        hint="free some space (old run folders and their 3-train/checkpoints are the usual bulk), then "
+        "continue with `vlmtune train --resume RUN`",
+    )
 
 
 def _first_line(exc: BaseException) -> str:

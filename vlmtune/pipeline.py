@@ -9,6 +9,7 @@ step it reached and the command that resumes it (vlmtune.signals, vlmtune.resumi
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import sys
 import time
@@ -225,8 +226,6 @@ def disk_full(exc: BaseException, run: RunDir) -> RunDirError | None:
     Libraries word it their own way (safetensors: "os error 28"; torch.save: "unexpected pos"), so
     besides ENOSPC itself, any failure with almost no space left on the run's disk counts.
     """
-    import shutil
-
     if isinstance(exc, KeyboardInterrupt | VlmtuneError):  # a user error stays what it is
         return None
     full = isinstance(exc, OSError) and exc.errno in rundir.DISK_FULL

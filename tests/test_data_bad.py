@@ -46,15 +46,27 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def measure(tiny_path):
+@pytest.fixture(scope="module", params=["fast", "processor", "fast with workers"])
+def arm(request, tiny_path):
+    """Every bad sample gets the same named reason whether lengths come from image sizes (the default,
+    images proven whole without decoding, in this process or in workers) or from the processor with
+    every image decoded."""
     from vlmtune.collator import VisionCollator
     from vlmtune.families import get_family
+    from vlmtune.lengths import TokenCounter
     from vlmtune.processing import load_processor
 
     family = get_family("qwen2_vl")
     processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
-    return VisionCollator(processor, family, max_length=None, train_on_responses_only=True).count_tokens
+    collator = VisionCollator(processor, family, max_length=None, train_on_responses_only=True)
+    if request.param == "processor":
+        return collator.count_tokens, 0
+    return TokenCounter(collator), 2 if request.param == "fast with workers" else 0
+
+
+@pytest.fixture(scope="module")
+def measure(arm):
+    return arm[0]
 
 
 def lenient(**changes) -> DataSection:
@@ -63,8 +75,13 @@ def lenient(**changes) -> DataSection:
 
 
 @pytest.fixture(scope="module")
-def report(measure):
-    return scan_split("train", str(TRAIN), lenient(), MAX_LENGTH, measure)
+def workers(arm):
+    return arm[1]
+
+
+@pytest.fixture(scope="module")
+def report(measure, workers):
+    return scan_split("train", str(TRAIN), lenient(check_workers=workers), MAX_LENGTH, measure)
 
 
 def test_the_corpus_is_what_make_data_writes(tmp_path: Path):

@@ -12,7 +12,7 @@ import pytest
 from vlmtune.data import RowImage, Sample, SampleError, SampleReader, open_records
 from vlmtune.errors import DataError
 from vlmtune.images import ImageProblem, UrlImage, open_image, resolve_source
-from vlmtune.preflight import read_split
+from vlmtune.preflight import read_split, scan_split
 from vlmtune.recipe import DataSection
 
 from conftest import PIXEL_BUDGET, ROOT
@@ -91,9 +91,11 @@ def test_explicit_format_overrides_detection(tmp_path: Path):
     split = read_split(
         str(FORMATS / "llamafactory.json"), DataSection(train="x", format="messages", on_bad_sample="skip")
     )
-    # Read as OpenAI messages, `<image>` is plain text: the image list no longer matches.
-    assert [p.index for p in split.problems] == [0, 1]
-    assert "0 image part(s) without an inline source but 1 image(s) in `images`" in split.problems[0].reason
+    # Read as OpenAI messages, `<image>` is plain text and the images go first, as TRL reads strings.
+    assert split.problems == []
+    assert split.samples[1].messages[0]["content"] == [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "<image><image>Which image is blue?"},
+    ]  # fmt: skip
     with pytest.raises(DataError, match=r"sample 0: answer: column missing"):
         read_split(str(FORMATS / "trl.jsonl"), DataSection(train="x", format="columns"))
 
@@ -167,8 +169,14 @@ def test_a_mistyped_image_column_is_a_problem_not_a_silent_text_only_set(tmp_pat
     (tmp_path / "vqa.jsonl").write_text(
         json.dumps({"picture": "a.png", "question": "Q?", "answer": "A."}) + "\n"
     )
-    with pytest.raises(DataError, match=r"image: column missing .*set data.columns.image"):
+    with pytest.raises(DataError, match=r"picture: looks like images, .*data.columns.image: picture"):
         read(tmp_path / "vqa.jsonl")
+    scan = scan_split(
+        "train", str(tmp_path / "vqa.jsonl"), DataSection(train="x", columns={"image": "picture"})
+    )
+    assert [(p.field, p.reason.split(":")[0]) for p in scan.skipped] == [("picture", "file not found")], (
+        "mapped, the column is read as the images"
+    )
 
 
 def test_prompt_and_question_column_together_are_refused_by_the_schema():

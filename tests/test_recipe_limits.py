@@ -160,7 +160,7 @@ def test_an_empty_dataset_is_nothing_to_train_on(tmp_path: Path):
     path = write_recipe(tmp_path, model={"name": "tiny:qwen2_vl"}, data={"train": "empty.jsonl"})
     result = vlmtune("data", "check", str(path))
     assert result.returncode == 2, result.stdout[-2000:]
-    assert "nothing to train on: no usable sample in train" in result.stderr
+    assert "nothing to train on: no sample in train" in result.stderr
     assert "every sample is usable" not in result.stdout
 
 
@@ -175,3 +175,16 @@ def test_training_on_an_empty_dataset_is_refused_with_a_message(tmp_path: Path):
         summary["status"] == "failed"
         and "no sample is left to train on" in summary["stages"]["train"]["error"]
     )
+
+
+def test_a_boolean_for_a_number_of_a_grpo_reward_is_refused_naming_the_key():
+    from vlmtune.errors import RecipeError
+    from vlmtune.recipe import parse_recipe
+
+    text = (
+        "model: {name: tiny:qwen2_vl}\ndata: {train: x.jsonl}\ntrain: {objective: grpo}\n"
+        "grpo: {rewards: [{type: number, tolerance: true}]}\n"
+    )
+    with pytest.raises(RecipeError) as refusal:
+        parse_recipe(text)
+    assert refusal.value.problems == ["grpo.rewards.0.number: tolerance expects a number, got true"]

@@ -118,3 +118,22 @@ def test_qwen_keeps_its_vocabulary_builder():
 
     vocab, merges = train_byte_bpe("<|endoftext|>")
     assert vocab["<|endoftext|>"] == 0 and len(vocab) == 400 and merges
+
+
+@pytest.mark.parametrize("family", [f for f in NAMES if get_family(f).processor_needs_video])
+def test_where_torchvision_is_installed_an_image_only_folder_still_loads(family: str, tiny_path, monkeypatch):
+    """With torchvision the base class demands a video processor (an H200 machine showed it):
+    tiny folders build and load without one, and the loaded processor is the base class."""
+    import transformers
+
+    import vlmtune.processing as processing
+
+    record = get_family(family)
+    if record.prepare_processor_import is not None:
+        record.prepare_processor_import()
+    base = getattr(transformers, record.processor_class)
+    monkeypatch.setattr(processing, "processor_class", lambda _family: base)
+
+    assert processing.image_only_processor_class(record) is not base
+    processor = processing.load_processor(tiny_path(family), record)
+    assert isinstance(processor, base)

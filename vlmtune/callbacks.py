@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import TrainerCallback
@@ -18,6 +19,17 @@ KEYS = {
     "grad_norm": "grad_norm",
     "mean_token_accuracy": "token_accuracy",
     "padding_fraction": "padding_fraction",
+    # online RL (grpo): rewards of the sampled completions, their spread, the drift from the start
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "reward_group_std": "reward_group_std",
+    "frac_reward_zero_std": "groups_zero_spread",
+    "kl": "kl",
+    "entropy": "entropy",
+    "completions/mean_length": "completion_length",
+    "completions/max_length": "completion_length_max",
+    "completions/clipped_ratio": "completions_clipped",
+    "clip_ratio/region_mean": "clip_ratio",
     **{key: key for key in memory.KEYS},  # peak memory since the previous row (vlmtune/observe/memory.py)
     # preference tuning (dpo): rewards are beta x log(p / p_reference) of each answer
     "rewards/chosen": "reward_chosen",
@@ -33,6 +45,8 @@ KEYS = {
     "eval_logps/chosen": "eval_logp_chosen",
     "eval_logps/rejected": "eval_logp_rejected",
 }
+# Keys named after something of the run (a grpo reward's name) -> our key.
+PATTERNS = ((re.compile(r"rewards/(\w+)/mean"), "reward_{}"),)
 
 
 class MetricsWriter(TrainerCallback):
@@ -46,12 +60,25 @@ class MetricsWriter(TrainerCallback):
             return
         row: dict[str, Any] = {"step": state.global_step}
         for key, value in logs.items():
-            if key in KEYS:
-                row[KEYS[key]] = _plain(value)
-            elif key.startswith("eval_"):
-                row[key] = _plain(value)
+            name = stable_key(key)
+            if name is None and key.startswith("eval_"):
+                rest = stable_key(key[5:])  # an eval row keeps its train row's names, and eval_runtime & co.
+                name = f"eval_{rest}" if rest else (key if "/" not in key else None)
+            if name is not None:
+                row[name] = _plain(value)
         if len(row) > 1 and ("loss" in row or "eval_loss" in row):
             self.run.append_jsonl(rundir.METRICS, row)
+
+
+def stable_key(key: str) -> str | None:
+    """Our metrics.jsonl name of a Trainer log key (None: not kept)."""
+    if key in KEYS:
+        return KEYS[key]
+    for pattern, template in PATTERNS:
+        found = pattern.fullmatch(key)
+        if found:
+            return template.format(*found.groups())
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -86,7 +113,10 @@ class RichProgress(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs and self.progress is not None:
-            self.progress.update(self.task, loss=f"{_plain(logs['loss']):.4f}")
+            shown = f"{_plain(logs['loss']):.4f}"
+            if logs.get("reward") is not None:  # grpo: the reward is the curve to watch
+                shown += f" reward {_plain(logs['reward']):.3f}"
+            self.progress.update(self.task, loss=shown)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:

@@ -15,16 +15,23 @@ QuantBits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
 LoraMethod = Literal["lora", "full"]
 LoraBias = Literal["none", "all", "lora_only"]
-DataFormat = Literal["auto", "messages", "sharegpt", "columns"]
+DataFormat = Literal[
+    "auto", "messages", "sharegpt", "prompt_completion", "exchanges", "query_response", "columns"
+]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
-Objective = Literal["sft", "dpo"]  # what the train stage optimises; each has a module in vlmtune/stages/
+Objective = Literal[
+    "sft", "dpo", "grpo"
+]  # what the train stage optimises; each has a module in vlmtune/stages/
 # TRL 1.16 DPOTrainer's pairwise losses (its "sft" term is the dpo section's sft_weight instead).
 DpoLoss = Literal[
     "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sigmoid_norm",
 ]  # fmt: skip
 DpoReference = Literal["start", "base"]  # the frozen model DPO measures its rewards against
+# TRL 1.16 GRPOTrainer's policy losses that need no knob beyond the grpo section's.
+GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
+RewardScaling = Literal["group", "batch", "none"]  # what a reward is divided by to form its advantage
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 # Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
 # what each needs installed.

@@ -49,7 +49,7 @@ class VisionCollator:
 
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [self.render(s.messages) for s in samples]
-        spans = [self.assistant_spans(s.messages, text) for s, text in zip(samples, texts, strict=True)]
+        spans = [self.trained_spans(s, text) for s, text in zip(samples, texts, strict=True)]
         batch = self._process(texts, [[open_image(src) for src in s.images] for s in samples])
         batch["labels"] = self._labels(batch, texts, spans)
         if self.family.token_types_from_labels:
@@ -68,6 +68,12 @@ class VisionCollator:
         return self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+    def trained_spans(self, sample: Sample, full_text: str) -> list[tuple[int, int]]:
+        """The assistant spans trained on: those of the turns from ``sample.trained_from`` on (TRL's
+        prompt/completion trains the completion only; the prompt's answers are context)."""
+        context = sum(message["role"] == "assistant" for message in sample.messages[: sample.trained_from])
+        return self.assistant_spans(sample.messages, full_text)[context:]
 
     def assistant_spans(self, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
         """Character ranges of the assistant turns inside ``full_text``."""

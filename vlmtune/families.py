@@ -43,6 +43,9 @@ class Family:
     # Image feature tokens per image: tokens_per_image(width, height, image_settings(processor)).
     # It counts image_feature_token occurrences (structural tokens around them are not counted).
     tokens_per_image: TokensPerImage
+    # What else decides the text an image expands to, when its token count does not (Pixtral's rows
+    # and columns, Idefics3's tiles): (width, height, settings) -> a hashable key. None: the count.
+    image_layout: Callable[[int, int, ImageSettings], Any] | None = None
     vision_attention: tuple[str, ...] = CLIP_ATTENTION
     vision_mlp: tuple[str, ...] = CLIP_MLP
     language_attention: tuple[str, ...] = LANGUAGE_ATTENTION
@@ -207,6 +210,7 @@ _PIXTRAL_COMMON = dict(
     processor_class="PixtralProcessor",
     prepare_processor_import=shims.pixtral_processor_without_torchvision,
     tokens_per_image=it.pixtral_tokens,
+    image_layout=it.pixtral_grid,
     pixel_budget=it.pixtral_budget,
     image_settings=it.pixtral_settings,
     **_LLAVA_LAYOUT,
@@ -271,6 +275,7 @@ _IDEFICS3_COMMON = dict(
     ),
     extra_inputs=("pixel_attention_mask",),
     tokens_per_image=it.idefics3_tokens,
+    image_layout=it.idefics3_tiles,
     pixel_budget=it.idefics3_budget,
     image_settings=it.idefics3_settings,
 )

@@ -139,17 +139,21 @@ def llava_onevision_tokens(width: int, height: int, s: ImageSettings) -> int:
     return _anyres_tokens(width, height, s, s.max_tiles)
 
 
-def pixtral_tokens(width: int, height: int, s: ImageSettings) -> int:
-    """[IMG] tokens: rows x cols of (patch x merge) cells after fitting the longest edge.
-
-    The processor adds one [IMG_BREAK] per row (the last one is [IMG_END]) on top.
-    """
+def pixtral_grid(width: int, height: int, s: ImageSettings) -> tuple[int, int]:
+    """(rows, cols) of (patch x merge) cells after fitting the longest edge."""
     edge = s.longest_edge or _need(s, "image_size")  # a config's image_size is the longest edge
     cell = s.patch_size * s.merge_size
     ratio = max(height / edge, width / edge)
     if ratio > 1:
         height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
-    return ((height - 1) // cell + 1) * ((width - 1) // cell + 1)
+    return (height - 1) // cell + 1, (width - 1) // cell + 1
+
+
+def pixtral_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """[IMG] tokens: rows x cols cells. The processor adds one [IMG_BREAK] per row (the last one is
+    [IMG_END]) on top."""
+    rows, cols = pixtral_grid(width, height, s)
+    return rows * cols
 
 
 IDEFICS3_MAX_SIDE = 4096  # transformers' MAX_IMAGE_SIZE for Idefics3/SmolVLM

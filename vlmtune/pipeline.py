@@ -33,9 +33,9 @@ from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.resuming import Start
 from vlmtune.rundir import RunDir, environment_report
-from vlmtune.stages import dpo, load, lora, sft
+from vlmtune.stages import dpo, grpo, load, lora, sft
 
-OBJECTIVES = {"sft": sft, "dpo": dpo}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {"sft": sft, "dpo": dpo, "grpo": grpo}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 
@@ -114,11 +114,14 @@ def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) ->
     device = checkpoint.choose_device(recipe.train.device)
     run.write_json(rundir.ENV, environment_report(device))
 
+    objective = OBJECTIVES[recipe.train.objective]
     if start.train_done:  # killed after the final weights were written: only the eval is left
         model, processor, output = _trained_model(run, recipe, device)
     else:
         with stage(run, "load") as figures:
             initial = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
+            if hasattr(objective, "before_load"):  # grpo's reward functions: refused before any weight loads
+                objective.before_load(recipe.objective_options())
             figures.update(estimate_memory(run, recipe, device, warn), **observe.before_load())
             loaded = load.load(initial.model, recipe.quantization, recipe.data.max_image_pixels, device)
             load.write_artifacts(run, loaded)
@@ -134,13 +137,14 @@ def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) ->
         with stage(run, "train") as figures:
             from vlmtune.callbacks import StepCounter
 
-            result = OBJECTIVES[recipe.train.objective].train(
+            result = objective.train(
                 model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
                 run=run, device=device, dtype=recipe.model.dtype,
                 resume=start.checkpoint.path if start.checkpoint else None,
                 callbacks=[StepCounter(figures), *(callbacks or [])], report_to=recipe.output.report_to,
             )  # fmt: skip
             figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+            figures.update(result.figures)
             figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
         processor, output = loaded.processor, result.output
 

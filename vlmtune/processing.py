@@ -65,6 +65,35 @@ def processor_class(family: Family) -> type | None:
     return without_video_processor(base)
 
 
+def image_only_processor_class(family: Family) -> type:
+    """The class to build a new processor from its parts: the image processor and tokenizer only.
+
+    With torchvision installed the base class demands a video processor too; a processor built
+    for training on images (the tiny models) has none, whatever the machine.
+    """
+    cls = processor_class(family)
+    if cls is None:
+        raise ModelError(f"{family.name} has no processor class to build from parts")
+    if family.processor_needs_video and _declares_video(cls):
+        return without_video_processor(cls)
+    return cls
+
+
+def _declares_video(cls: type) -> bool:
+    return "video_processor" in inspect.signature(cls.__init__).parameters
+
+
+def _from_pretrained(cls: type, family: Family, path: str | Path, **hub: Any) -> Any:
+    """``cls.from_pretrained``; a folder saved without a video processor (an image-only one,
+    e.g. a tiny model) still loads where torchvision makes the base class demand one."""
+    try:
+        return cls.from_pretrained(path, **hub)
+    except (TypeError, ValueError, OSError):
+        if not (family.processor_needs_video and _declares_video(cls)):
+            raise
+        return without_video_processor(cls).from_pretrained(path, **hub)
+
+
 def load_processor(path: str | Path, family: Family, max_image_pixels: int | None = None, **hub: Any) -> Any:
     """The processor for ``path`` with the recipe's pixel budget applied."""
     try:
@@ -74,7 +103,7 @@ def load_processor(path: str | Path, family: Family, max_image_pixels: int | Non
 
             processor = AutoProcessor.from_pretrained(path, **hub)
         else:
-            processor = cls.from_pretrained(path, **hub)
+            processor = _from_pretrained(cls, family, path, **hub)
     except OSError as exc:
         raise ModelError(
             f"cannot load the processor of {path}: {exc}",

@@ -7,9 +7,10 @@ once with its key path, its YAML line and a did-you-mean, and the validated reci
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -32,12 +33,14 @@ from vlmtune.choices import (
     DpoLoss,
     DpoReference,
     Dtype,
+    GrpoLoss,
     LoraBias,
     LoraMethod,
     Objective,
     Optimizer,
     QuantBits,
     QuantType,
+    RewardScaling,
     Scheduler,
     Tracker,
     words,
@@ -46,10 +49,12 @@ from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
 
 
-class Section(BaseModel):
+class Strict(BaseModel):
     # allow_inf_nan: no nan/inf in any number of a recipe (a learning rate of .inf validated before).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+
+class Section(Strict):
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
@@ -179,9 +184,12 @@ class DataSection(Section):
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
     format: DataFormat = Field(
         "auto",
-        description="Sample layout. messages: OpenAI/TRL `messages` with content parts; sharegpt: "
-        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; columns: "
-        "plain columns named by `columns`; auto: decided per sample from its keys (see docs/data.md).",
+        description="Sample layout. messages: OpenAI/TRL/Axolotl `messages` with content parts; sharegpt: "
+        "`conversations`/`messages` with `<image>` placeholders in the text and an `images` list; "
+        "prompt_completion: TRL `prompt` + `completion` (loss on the completion); exchanges: a list of "
+        "user/assistant pairs (The Cauldron's `texts`); query_response: ms-swift query/response/history "
+        "(and aliases, alpaca instruction/input/output); columns: plain columns named by `columns`; auto: "
+        "decided per sample from its keys (see docs/data.md).",
     )
     columns: dict[Literal["image", "question", "answer", "system"], str | None] = Field(
         default_factory=lambda: dict(DataSection.DEFAULT_COLUMNS),
@@ -230,6 +238,19 @@ class DataSection(Section):
     url_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on."
     )
+    image_check: Literal["fast", "full"] = Field(
+        "fast",
+        description="How the pre-flight proves each image whole. fast: a JPEG's segments and scans walked to "
+        "its end marker, a PNG's chunks read to the end with their checksums, other formats decoded; full: "
+        "every pixel decoded (slower; also catches compressed data corrupted inside an intact file).",
+    )
+    check_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Worker processes the pre-flight checks samples in; 0 = this process only; null = one per "
+        "CPU core but one, for sets of 5,000 samples or more on machines of 4 cores or more (on 2 cores "
+        "workers cost more than they give).",
+    )
 
     @field_validator("columns", mode="after")
     @classmethod
@@ -252,8 +273,8 @@ class TrainSection(Section):
     objective: Objective = Field(
         "sft",
         description="What the train stage optimises: sft = supervised fine-tuning on the answers; dpo = "
-        "preference tuning on chosen/rejected pairs (docs/preference.md). An objective with knobs reads them "
-        "from the recipe section of the same name.",
+        "preference tuning on chosen/rejected pairs (docs/preference.md); grpo = online RL, rewarding sampled "
+        "answers (docs/rl.md). An objective with knobs reads them from the recipe section of the same name.",
     )
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
@@ -359,17 +380,210 @@ class DpoSection(Section):
         return self
 
 
+# --- grpo: rewards and knobs ---------------------------------------------------------------------
+
+REWARD_NAME = re.compile(r"[a-z][a-z0-9_]*")  # becomes a metrics key: reward_<name>
+RESERVED_REWARD_NAMES = ("std", "group_std")  # reward_std, reward_group_std are the total's spreads
+MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+class RewardSpec(Strict):
+    """One of grpo.rewards: a member of a union told apart by `type`, on which pydantic allows no
+    field validator; so booleans for numbers are refused for the whole reward, naming the key."""
+
+    type: str = Field(description="The kind of reward (each kind narrows it to its own word).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and _wants_number(field):
+                    raise ValueError(f"{key} expects a number, got {str(value).lower()}")
+        return data
+    weight: float = Field(
+        1.0,
+        description="Its share of the total reward (negative: a penalty; 0: logged, never trained on).",
+    )
+    name: str | None = Field(
+        None,
+        description="The name its metrics are logged under (reward_<name> in metrics.jsonl); default: the type, "
+        "or the function's name.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _metric_key(cls, value: str | None) -> str | None:
+        if value is not None and not REWARD_NAME.fullmatch(value):
+            raise ValueError(
+                f"reward name {value!r} must be lower case letters, digits and _ (a metrics key)"
+            )
+        if value in RESERVED_REWARD_NAMES:
+            raise ValueError(
+                f"reward name {value!r} is taken by the total reward's reward_{value}; pick another"
+            )
+        return value
+
+    @property
+    def label(self) -> str:
+        """The stable name of this reward in metrics.jsonl and completions.jsonl."""
+        return self.name or self.type
+
+
+class ExactMatchReward(RewardSpec):
+    """1 when the completion equals the reference answer (case, spaces and trailing punctuation aside)."""
+
+    type: Literal["exact_match"]
+
+
+class ContainsReward(RewardSpec):
+    """1 when the completion contains the reference answer (compared as exact_match compares)."""
+
+    type: Literal["contains"]
+
+
+class RegexReward(RewardSpec):
+    """1 when the whole completion (outer whitespace aside) matches ``pattern``; `.` also matches newlines."""
+
+    type: Literal["regex"]
+    pattern: str = Field(description="A Python regular expression the whole completion must match.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"pattern {value!r} is not a valid regular expression: {exc}") from None
+        return value
+
+
+class NumberReward(RewardSpec):
+    """1 when the last number in the completion is within tolerance of the reference's last number."""
+
+    type: Literal["number"]
+    tolerance: float = Field(0.0, ge=0, description="Absolute difference accepted.")
+    relative_tolerance: float = Field(
+        0.0, ge=0, description="Difference accepted as a fraction of the reference (0.01 = 1%)."
+    )
+
+
+class LengthReward(RewardSpec):
+    """0 up to ``max_tokens`` completion tokens, then falling linearly to -1 at twice that."""
+
+    type: Literal["length"]
+    max_tokens: int = Field(gt=0, description="Completion tokens allowed before the penalty starts.")
+
+
+class FunctionReward(RewardSpec):
+    """A Python function of yours; runs only with grpo.allow_code: true (docs/rl.md has its signature)."""
+
+    type: Literal["function"]
+    function: str = Field(
+        description="module:function, e.g. my_rewards:brevity (my_rewards.py beside the recipe, or an "
+        "importable module), or path/to/file.py:function."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, value: str) -> str:
+        if not MODULE_FUNCTION.fullmatch(value):
+            raise ValueError(f"{value!r} is not module:function (e.g. my_rewards:brevity)")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or MODULE_FUNCTION.fullmatch(self.function)["function"].lower()
+
+
+Reward = Annotated[
+    ExactMatchReward | ContainsReward | RegexReward | NumberReward | LengthReward | FunctionReward,
+    Field(discriminator="type"),
+]
+REWARD_KINDS = get_args(get_args(Reward)[0])  # the reward classes, for docs and checks
+
+
+class GrpoSection(Section):
+    """Knobs of online RL (train.objective: grpo), run through TRL's GRPOTrainer."""
+
+    num_generations: int = Field(
+        4,
+        ge=2,
+        description="Completions sampled per prompt; each is rewarded against the others of its group. "
+        "train.batch_size x train.grad_accum (completions per optimizer step) must be a multiple of it.",
+    )
+    max_completion_length: int = Field(
+        128,
+        gt=0,
+        description="New tokens per completion at most; longer ones are cut (see completions_clipped).",
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens this likely."
+    )
+    beta: float = Field(
+        0.04,
+        ge=0,
+        description="Weight of the KL penalty to the model training started from (logged as kl); 0 drops the "
+        "reference forward pass and the kl metric.",
+    )
+    loss_type: GrpoLoss = Field(
+        "dapo",
+        description="How token losses are averaged: dapo (tokens of the whole batch), grpo (per completion, then "
+        "per batch), dr_grpo (a constant: no length bias), bnpo (tokens of the local batch), cispo, sapo (as in "
+        "TRL's GRPOTrainer).",
+    )
+    scale_rewards: RewardScaling = Field(
+        "group",
+        description="Advantages are rewards minus their group's mean, divided by the std of the group, of the "
+        "batch, or none (Dr. GRPO).",
+    )
+    rewards: list[Reward] = Field(
+        min_length=1,
+        description="What a completion is scored by, each weighted and logged as reward_<name>: exact_match, "
+        "contains, regex, number, length, or a function of yours (see below and docs/rl.md).",
+    )
+    allow_code: bool = Field(
+        False,
+        description="Let a `type: function` reward import and run your Python code; without it such a recipe is "
+        "refused before anything loads.",
+    )
+    completions_to_log: int = Field(
+        8, ge=0, description="Completions written to 3-train/completions.jsonl at each logging step."
+    )
+
+    @model_validator(mode="after")
+    def _rewards_named_once_and_code_allowed(self) -> GrpoSection:
+        labels = [reward.label for reward in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(
+                f"two rewards would be logged as {', '.join(twice)}; give each a different `name`"
+            )
+        code = [reward.function for reward in self.rewards if isinstance(reward, FunctionReward)]
+        if code and not self.allow_code:
+            raise ValueError(
+                f"rewards name Python code ({', '.join(code)}) but grpo.allow_code is false: a recipe never runs "
+                "code unless it says so; set grpo.allow_code: true if you trust that code"
+            )
+        return self
+
+
 # Keys only some objectives read, with the reason; a value other than the default under another
 # objective is an error (the default itself is accepted: resolved.yaml writes every key).
 OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("data", "train_on_responses_only"): (
         ("sft",),
-        "preference pairs are always scored on their answers only",
+        "preference pairs are always scored on their answers only, GRPO's completions too",
     ),
-    ("train", "supervised_loss"): (("sft",), "DPO scores answers with TRL's chunked log-probabilities"),
+    ("train", "supervised_loss"): (
+        ("sft",),
+        "DPO scores answers with TRL's chunked log-probabilities, and so does GRPO",
+    ),
     ("lora", "dropout"): (
         ("sft",),
-        "DPO turns dropout off so the model and its reference score answers alike",
+        "DPO turns dropout off so the model and its reference score answers alike; so does GRPO",
     ),
 }
 
@@ -415,6 +629,9 @@ class Recipe(Section):
     dpo: DpoSection | None = Field(
         None, description="Read when train.objective is dpo (filled with its defaults then)."
     )
+    grpo: GrpoSection | None = Field(
+        None, description="Read when train.objective is grpo (its rewards are required then)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -445,6 +662,8 @@ class Recipe(Section):
                 "dpo.reference base with lora.method full and model.adapter would need the base as a second full "
                 "copy; use reference: start (the run's weights, frozen), or continue a LoRA run"
             )
+        if self.grpo is not None:
+            self._grpo_batches_hold_whole_groups(self.grpo)
         return self
 
     def _objective_keys_apply(self) -> None:
@@ -462,6 +681,20 @@ class Recipe(Section):
                     f"{section}.{key} applies to {' and '.join(readers)} only, and train.objective is {objective} "
                     f"({why}); remove it"
                 )
+
+    def _grpo_batches_hold_whole_groups(self, grpo: GrpoSection) -> None:
+        per_step = self.train.batch_size * self.train.grad_accum
+        if per_step % grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size x train.grad_accum = {per_step} completions per optimizer step is not a multiple "
+                f"of grpo.num_generations {grpo.num_generations}: every prompt needs its whole group of completions "
+                "in one step; change batch_size, grad_accum or num_generations"
+            )
+        if self.train.eval_steps and self.train.batch_size % grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not a multiple of grpo.num_generations "
+                f"{grpo.num_generations}, which evaluation needs (one group per held-out prompt per batch)"
+            )
 
     def objective_options(self) -> Section | None:
         """The section of knobs of the chosen objective (a top-level section named after it), if any."""
@@ -561,11 +794,26 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
             "adapter": local(recipe.model.adapter, must_look_local=True),
         }
     )
+    grpo = recipe.grpo and recipe.grpo.model_copy(
+        update={"rewards": [_beside(reward, base_dir) for reward in recipe.grpo.rewards]}
+    )
     out_dir = Path(recipe.output.dir).expanduser()
     output = recipe.output.model_copy(
         update={"dir": str(out_dir if out_dir.is_absolute() else (base_dir / out_dir).resolve())}
     )
-    return recipe.model_copy(update={"data": data, "model": model, "output": output})
+    return recipe.model_copy(update={"data": data, "model": model, "output": output, "grpo": grpo})
+
+
+def _beside(reward: Any, base_dir: Path) -> Any:
+    """A function reward whose module is a file beside the recipe, named by its absolute path."""
+    if not isinstance(reward, FunctionReward):
+        return reward
+    module, function = reward.function.rsplit(":", 1)
+    relative = Path(module) if module.endswith(".py") else Path(*module.split(".")).with_suffix(".py")
+    candidate = relative.expanduser() if relative.expanduser().is_absolute() else base_dir / relative
+    if not candidate.is_file():
+        return reward  # an importable module (or a missing file, reported when the run starts)
+    return reward.model_copy(update={"function": f"{candidate.resolve()}:{function}"})
 
 
 # --- error messages with line numbers ----------------------------------------------------------
@@ -614,6 +862,8 @@ ALIASES = {
     "load_in_8bit": "quantization.bits",
     "output_dir": "output.dir",
     "lora_target_modules": "lora.target_modules",
+    "reward_funcs": "grpo.rewards",
+    "reward_weights": "grpo.rewards",
 }
 
 

@@ -7,7 +7,10 @@ import typing
 
 from pydantic_core import PydanticUndefined
 
-from vlmtune.recipe import Recipe, section_types
+from vlmtune.recipe import REWARD_KINDS, Recipe, section_types
+
+# List fields whose items are sections of several kinds, each told apart by its `type`.
+KINDS = {("grpo", "rewards"): REWARD_KINDS}
 
 HEADER = """# Recipe reference
 
@@ -38,9 +41,30 @@ def recipe_reference() -> str:
         lines.append(f"\n## `{section_name}`\n")
         if section_field.default is None:  # an objective's section
             lines.append(f"{section_field.description}\n")
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for name, field in section.model_fields.items():
-            meaning = (field.description or "").replace("|", "\\|")
-            type_name = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{section_name}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")
+        lines += _table(section_name, section)
+        for (owner, field_name), kinds in KINDS.items():
+            if owner == section_name:
+                lines += _kinds(f"{section_name}.{field_name}", kinds)
     return "\n".join(lines) + "\n"
+
+
+def _table(prefix: str, model: typing.Any, skip: tuple[str, ...] = ()) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        meaning = (field.description or "").replace("|", "\\|")
+        nested = any(key == (prefix, name) for key in KINDS)
+        type_name = "list of the kinds below" if nested else _type_name(field.annotation).replace("|", "\\|")
+        lines.append(f"| `{prefix}.{name}` | `{type_name}` | {_default(field)} | {meaning} |")
+    return lines
+
+
+def _kinds(prefix: str, kinds: tuple) -> list[str]:
+    """One table per kind of a list's items, under the `type` that selects it."""
+    lines = []
+    for kind in kinds:
+        word = typing.get_args(kind.model_fields["type"].annotation)[0]
+        lines += [f"\n### `{prefix}`: `type: {word}`\n", f"{kind.__doc__.strip()}\n"]
+        lines += _table(f"{prefix}[]", kind, skip=("type",))
+    return lines

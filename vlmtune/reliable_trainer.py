@@ -3,7 +3,8 @@
 
 - the data order: length-grouped batches drawn from a generator seeded by (seed, epoch), so a
   resume in the middle of an epoch replays the same order (the Trainer's own length-grouped
-  sampler draws from the global RNG, which a resume cannot rewind to the epoch's start);
+  sampler draws from the global RNG, which a resume cannot rewind to the epoch's start); a trainer
+  with a sampler of its own (GRPO's prompt repeats) wraps it in EpochSeededSampler for the same;
 - the weights on resume: the checkpoint's adapter is copied into the live LoRA parameters, keeping
   their dtype (the Trainer's resume replaces them with new float32 ones, while TRL trains the LoRA
   weights of a quantized model in bfloat16);
@@ -50,6 +51,26 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Another sampler that draws its order from its own ``generator`` (TRL's GRPO RepeatSampler, seeded
+    once and then advanced epoch after epoch), reseeded by (seed, epoch) at each epoch's start: a
+    resume in a later epoch draws that epoch's order, not the first epoch's again."""
+
+    def __init__(self, sampler: Any, seed: int):
+        self.sampler = sampler
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if getattr(self.sampler, "generator", None) is not None:
+            self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ReliableTrainerMixin:
@@ -117,6 +138,9 @@ class ReliableTrainerMixin:
         if resume_from_checkpoint:
             marker = trainer_checkpoints.marker(Path(resume_from_checkpoint))
             self.unlogged_carry = marker.get("unlogged")
+            # The eval before the first step belongs to the first attempt (its row is kept in
+            # metrics.jsonl); a resume that ran it again would log it twice, at the checkpoint's step.
+            self.args.eval_on_start = False
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _unlogged(self) -> dict:

@@ -37,6 +37,7 @@ METRICS = "3-train/metrics.jsonl"
 CURVES = "3-train/curves.png"  # loss, learning rate, grad norm, token accuracy vs step (vlmtune/observe)
 TENSORBOARD = "3-train/tensorboard"  # event files, with output.report_to: [tensorboard]
 DATA_REPORT = "3-train/data_report.json"
+COMPLETIONS = "3-train/completions.jsonl"  # grpo: a sample of completions and their rewards per logging step
 CHECKPOINTS = "3-train/checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"  # the HF Trainer's folder names: checkpoint-<step>
 CHECKPOINT_MARKER = "vlmtune_complete.json"  # written last into a checkpoint: from then on it counts

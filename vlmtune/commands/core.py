@@ -30,7 +30,7 @@ def train(
         "eval_generate and num_workers may change.",
     ),
 ) -> None:
-    """Train from a recipe: load -> lora -> sft, artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft or grpo), artifacts in a new run folder.
 
     Ctrl-C or SIGTERM stops the run, marks it interrupted and prints the command that resumes it.
     Exit codes: 0 done (or --resume of a finished run), 2 refused (bad recipe, data, run folder in use),
@@ -117,6 +117,8 @@ def _print_summary(run) -> None:
     trained = summary["stages"]["train"]
     first, last = trained.get("first_loss"), trained.get("last_loss")
     loss = f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
+    if trained.get("first_reward") is not None:  # grpo: the reward says more than its loss
+        loss += f", reward {trained['first_reward']:.4f} -> {trained['last_reward']:.4f}"
     console.print(
         f"[bold green]done[/] in {summary.get('seconds', 0):.0f} s: {trained.get('steps', 0)} steps, "
         f"loss {loss}\nrun folder: [bold]{run.path}[/]\noutput:     {summary.get('output')}"
@@ -178,18 +180,27 @@ def data_check(
     as_json: bool = typer.Option(
         False, "--json", help="Print the report as JSON (the data_report.json keys)."
     ),
+    full_decode: bool = typer.Option(
+        False, "--full-decode", help="Decode every pixel of every image (data.image_check: full); slower."
+    ),
 ) -> None:
-    """Pre-flight every sample of the recipe's data (no model weights loaded); non-zero on bad data."""
+    """Pre-flight every sample of the recipe's data (no model weights loaded).
+
+    Exits 2 when training would stop on a problem; with data.on_bad_sample: skip or data.too_long: drop
+    it lists the samples training would leave out and exits 0.
+    """
     _quiet_libraries()
     from vlmtune.datacheck import check_recipe_data, fail_on_problems, render_report
 
-    parsed = _load(recipe, overrides)
+    parsed = _load(recipe, [*(overrides or []), *(["data.image_check=full"] if full_decode else [])])
     reports = check_recipe_data(parsed, None if as_json else console)
     if as_json:
         print(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
     else:
-        render_report(reports, console)
-    fail_on_problems(reports)  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
+        render_report(reports, parsed.data, console)
+    fail_on_problems(
+        reports, parsed.data
+    )  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
 
 
 def _load(recipe: Path, overrides: list[str] | None):

@@ -280,19 +280,22 @@ def describe_term(name: str, result) -> str:
         )
         return f"{rows} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
     if name == "logits":
-        if training.objective == "dpo":
+        if training.objective in ("dpo", "grpo"):
             return "TRL's chunked log-probabilities: one fp32 tile of logits"
         how = "supervised, chunked" if training.supervised_loss else "whole sequence"
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"
+    if name == "generation":
+        return f"KV cache of {work.generations} sampled sequences x {work.sequence:,} tokens, sampling logits"
     if name == "reference":
-        if training.objective != "dpo":
-            return f"none ({training.objective})"
+        objective = training.objective
+        if objective == "sft" or not training.reference:
+            return f"none ({objective}{', beta 0' if objective == 'grpo' else ''})"
         if training.method == "full":
-            return "dpo: a frozen copy of the weights"
+            return f"{objective}: a frozen copy of the weights"
         return (
-            "dpo: the continued adapter, frozen (fp32)"
+            f"{objective}: the continued adapter, frozen (fp32)"
             if training.continues_adapter
-            else "dpo: adapter disabled"
+            else f"{objective}: adapter disabled"
         )
     if name == "overhead":
         return "CUDA context (a constant)"

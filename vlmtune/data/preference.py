@@ -27,7 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.layouts import ROLE_ALIASES, SampleReader, _conversation_key, _role, _text_cell
+from vlmtune.data.flat import text_cell
+from vlmtune.data.layouts import SampleReader, conversation_key
+from vlmtune.data.parts import ROLE_ALIASES, role_of
 from vlmtune.data.samples import Sample, SampleError
 from vlmtune.data.sources import RowImage
 
@@ -104,7 +106,7 @@ class PairReader:
         if all(key in record for key in ANSWER_KEYS):
             if "prompt" in record or isinstance(record["chosen"], list):
                 return "trl"
-            if _conversation_key(record):
+            if conversation_key(record):
                 return "sharegpt"
             return "columns"
         raise SampleError(
@@ -119,9 +121,10 @@ class PairReader:
     def _from_columns(self, index: int, record: dict) -> PreferencePair:
         # The SFT columns reader with `chosen` as its answer column builds the prompt and its images.
         reader = replace(self.samples, columns={**self.samples.columns, "answer": "chosen"})
-        messages, slots, column, images_key = reader._from_columns(record)
-        images, fields = reader._fill_images(index, slots, column, images_key, "columns")
-        rejected = _text_cell(record, "rejected", required=True)
+        built = reader.build("columns", record)
+        images, fields = reader.images(index, built)
+        messages = built.messages
+        rejected = text_cell(record, "rejected")
         return PreferencePair(
             index, messages[:-1], messages[-1], _answer_turn(rejected, "rejected"), images, fields, "columns"
         )
@@ -139,8 +142,9 @@ class PairReader:
         }
         style = "sharegpt" if split else "messages"
         try:
-            messages, slots, column, images_key = self.samples._from_conversation(conversation, style)
-            images, fields = self.samples._fill_images(index, slots, column, images_key, style)
+            built = self.samples.build(style, conversation)
+            images, fields = self.samples.images(index, built)
+            messages = built.messages
         except SampleError as exc:
             raise _renamed(exc, "messages", key) from None
         if messages[-1]["role"] != "user":
@@ -195,7 +199,7 @@ def _split_conversation(record: dict, layout: str) -> tuple[str, list, dict, dic
             _answer_turn(record[SWIFT_REJECTED], SWIFT_REJECTED),
         )
     if layout == "sharegpt":
-        key = _conversation_key(record)
+        key = conversation_key(record)
         return key, _turn_list(record[key], key), *(_answer_turn(record[k], k) for k in ANSWER_KEYS)
     if "prompt" in record:  # trl, explicit prompt
         prompt = record["prompt"]
@@ -231,7 +235,7 @@ def _turn_list(value: Any, where: str) -> list:
 
 def _turn_role(turn: dict, where: str) -> str:
     key = "from" if "from" in turn and "role" not in turn else "role"
-    return _role(turn.get(key), f"{where}.{key}")
+    return role_of(turn.get(key), f"{where}.{key}")
 
 
 def _answer_turn(value: Any, where: str) -> dict:
@@ -292,7 +296,7 @@ def _renamed_field(where: str, key: str, old: str = "messages") -> str:
 def _renamed_image(image: Any, key: str) -> Any:
     """An embedded image's path into its row, under the record's own prompt key."""
     if isinstance(image, RowImage) and image.path and image.path[0] == "messages" and key != "messages":
-        return RowImage(image.table, image.row, (key, *image.path[1:]))
+        return replace(image, path=(key, *image.path[1:]))
     return image
 
 

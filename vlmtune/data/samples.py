@@ -20,7 +20,10 @@ class Sample:
     messages: list[dict]
     images: list[Any] = field(default_factory=list)
     image_fields: list[str] = field(default_factory=list)  # where each image came from in the record
-    format: str = "messages"  # the layout it was read as: messages, sharegpt or columns
+    format: str = "messages"  # the layout it was read as (vlmtune.choices.DataFormat, never "auto")
+    # Messages before this index are the prompt: their assistant turns are context, never trained
+    # (TRL's prompt/completion trains the completion only). 0: every assistant turn is trained.
+    trained_from: int = 0
 
     @property
     def n_images(self) -> int:
@@ -46,6 +49,9 @@ class SampleError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+    def __reduce__(self):  # crosses process boundaries in the parallel pre-flight
+        return type(self), (self.field, self.reason)
 
 
 def invalid_samples_error(source: str, problems: list[Problem], total: int) -> DataError:

@@ -16,9 +16,11 @@ from typing import Any
 
 from vlmtune.data.samples import SampleError
 from vlmtune.errors import DataError
+from vlmtune.images import embedded_bytes
 from vlmtune.paths import DATA_SUFFIXES, is_hub_id, written_as_path
 
-CONVERSATION_KEYS = ("messages", "conversations")  # list-valued columns a CSV may hold as JSON
+CONVERSATION_KEYS = ("messages", "conversations", "conversation")  # in order of preference
+JSON_CELLS = (*CONVERSATION_KEYS, "texts", "images", "history")  # list-valued columns a CSV holds as JSON
 BATCH_ROWS = 64  # rows decoded at a time from columnar files: memory stays flat on any size
 
 
@@ -48,12 +50,13 @@ class RowImage:
     table: Any
     row: int
     path: tuple  # keys and list positions from the row to the image value
+    encoding: str | None = None  # "base64" for a bare base64 string; data URIs are recognised as such
 
     def fetch(self) -> bytes:
         value = self.table[self.row].to_pylist()[0]
         for key in self.path:
             value = value[key]
-        return bytes(value["bytes"] if isinstance(value, dict) else value)
+        return embedded_bytes(value, self.encoding)
 
     def __repr__(self) -> str:
         return f"<row {self.row} {'.'.join(map(str, self.path))}>"
@@ -163,7 +166,7 @@ def _csv_cell(key: str | None, value: Any) -> Any:
     """CSV holds text only: empty cells are missing values; list-valued columns may hold JSON."""
     if value == "":
         return None
-    if key in (*CONVERSATION_KEYS, "images") and isinstance(value, str) and value.lstrip().startswith("["):
+    if key in JSON_CELLS and isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
         except json.JSONDecodeError:

@@ -25,13 +25,18 @@ The model of a training step, term by term (docs/memory.md shows it against meas
   tokens; the vision layers see patches, and keep nothing when nothing in the tower trains.
 - logits: fp32 logits over the vocabulary times ``LOGITS_MULTIPLE``; vlmtune's supervised loss
   projects at most ``chunk_bytes`` of logits at once, TRL's plain loss the whole sequence.
+- generation (objectives that sample, grpo): the KV cache of every sequence sampled at once
+  (TRL generates a whole optimizer step's completions together: batch_size x grad_accum), each
+  as long as the prompt plus the completion, over every language layer's keys and values; plus
+  the fp32 logits and probabilities of one sampling step.
 - overhead: the CUDA context, a constant.
 - reference (preference tuning, dpo): each pair is two sequences (chosen, rejected), so the
   activations and the loss see twice the batch; the loss is TRL's chunked log-probabilities (one
   tile of at most ``TRL_TOKEN_TILE`` x ``TRL_VOCAB_TILE`` logits at a time). The reference model
   costs no second copy for LoRA (the adapter is disabled), a frozen fp32 copy of the adapter when
   it continues an earlier run's, and a second copy of the weights for full fine-tuning. Its
-  no-grad forward frees each layer as it goes, within what backward needs later anyway.
+  no-grad forward frees each layer as it goes, within what backward needs later anyway. GRPO
+  (with beta > 0) holds the same reference, and scores its completions with the same tiles.
 The terms are summed: gradients, activations and the loss buffer are treated as coexisting, so
 the estimate leans towards an upper bound.
 """
@@ -54,6 +59,7 @@ from vlmtune.units import MiB
 
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS/cuDNN workspaces on a recent driver (~0.3-0.8 GB)
 LOGITS_MULTIPLE = 3.0  # loss peak / one fp32 logits tensor, measured (bench/memory_accuracy.py)
+SAMPLING_LOGITS = 2  # fp32 tensors over the vocabulary per sampled sequence: logits and probabilities
 BOUNDARY_ELEMS = 4  # per token and channel outside the layers: embeddings, final norm (fp32), its output
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (transformers' default)
 NF4_CODE_BYTES = 16 * 4  # the 16-value NF4/FP4 code, fp32
@@ -65,7 +71,7 @@ BNB_OPTIM_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry quantization maps, one p
 SEARCH_LIMIT = 2**20  # the largest batch size / sequence length "what fits" looks for
 TRL_TOKEN_TILE = 4096  # TRL 1.16's chunked log-probabilities: tokens per projection tile
 TRL_VOCAB_TILE = 32768  # ... and vocabulary entries per tile
-SEQUENCES_PER_SAMPLE = {"sft": 1, "dpo": 2}  # dpo: a pair is its chosen and its rejected sequence
+SEQUENCES_PER_SAMPLE = {"sft": 1, "dpo": 2, "grpo": 1}  # dpo: a pair is its chosen and its rejected one
 OPTIMIZERS = get_args(Optimizer)
 
 
@@ -90,8 +96,9 @@ class TrainingMethod:
     gradient_checkpointing: bool = True
     supervised_loss: bool = True
     chunk_bytes: int = LOSS_CHUNK_BYTES
-    objective: str = "sft"  # sft | dpo (train.objective)
-    continues_adapter: bool = False  # model.adapter: dpo's reference is a frozen copy of that adapter
+    objective: str = "sft"  # sft | dpo | grpo (train.objective)
+    continues_adapter: bool = False  # model.adapter: the reference is a frozen copy of that adapter
+    reference: bool = True  # dpo and grpo measure against a frozen reference (grpo: only with beta > 0)
 
     @property
     def quantized(self) -> bool:
@@ -111,11 +118,18 @@ class Workload:
     image_tokens: int = 0  # language-model tokens one image becomes
     image_patches: int = 0  # vision-tower positions one image becomes
     image_size: tuple[int, int] | None = None  # (width, height), for the report
+    steps_per_generation: int = 0  # micro-batches whose completions are sampled at once; 0: no sampling
+    completion_tokens: int = 0  # new tokens per sampled completion, at most (part of text_tokens)
 
     @property
     def sequence(self) -> int:
         """Tokens per sample the language model sees, image tokens included."""
         return self.text_tokens + self.images_per_sample * self.image_tokens
+
+    @property
+    def generations(self) -> int:
+        """Sequences sampled at once (TRL's generation batch)."""
+        return self.batch_size * self.steps_per_generation
 
 
 # --- the result ----------------------------------------------------------------------------------
@@ -213,6 +227,8 @@ class MemoryEstimate:
                 "image_tokens": work.image_tokens,
                 "vision_patches": work.image_patches,
                 "total_tokens": work.sequence,
+                "generations": work.generations,
+                "completion_tokens": work.completion_tokens,
             },
             "constants": {
                 "cuda_context_bytes": CUDA_CONTEXT_BYTES,
@@ -398,8 +414,9 @@ def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) ->
     fp32 logits at a time; image tokens never carry a label, so every text token is the upper
     bound. The model's own loss projects the whole batch, image tokens included.
     """
-    if training.objective == "dpo":  # TRL's tiles: one fp32 tile of logits and its slice of lm_head
-        tokens = min(training.sequences * work.batch_size * work.text_tokens, TRL_TOKEN_TILE)
+    if training.objective in ("dpo", "grpo"):  # TRL's tiles: one fp32 tile of logits, its slice of lm_head
+        scored = work.completion_tokens if training.objective == "grpo" else work.text_tokens
+        tokens = min(training.sequences * work.batch_size * scored, TRL_TOKEN_TILE)
         vocab = min(model.vocab_size, TRL_VOCAB_TILE)
         return (tokens + model.text_hidden) * vocab * 4
     if training.supervised_loss:
@@ -410,9 +427,26 @@ def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) ->
     return int(positions * model.vocab_size * 4 * LOGITS_MULTIPLE)
 
 
+def kv_elems_per_token(model: ModelShape) -> int:
+    """Key and value elements one token leaves in the cache, over every language layer (an upper
+    bound for sliding-window and cross-attention layers, which keep fewer)."""
+    return sum(
+        lin.out_features
+        for lin in model.linears
+        if lin.component == "language" and lin.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj")
+    )
+
+
+def generation_bytes(model: ModelShape, training: TrainingMethod, work: Workload) -> int:
+    """Sampling: the KV cache of every sequence generated at once, plus one step's logits."""
+    cache = work.generations * work.sequence * kv_elems_per_token(model) * DTYPE_BYTES[training.dtype]
+    return cache + work.generations * model.vocab_size * 4 * SAMPLING_LOGITS
+
+
 def reference_bytes(model: ModelShape, training: TrainingMethod, lora: int) -> int:
-    """dpo's frozen reference beside the trained model: none for a fresh adapter (it is disabled)."""
-    if training.objective != "dpo":
+    """The frozen reference dpo (and grpo with beta > 0) measures against: none for a fresh adapter (it
+    is disabled), a frozen copy of a continued adapter, a second copy of the weights for full fine-tuning."""
+    if training.objective not in ("dpo", "grpo") or not training.reference:
         return 0
     if training.method == "full":
         return sum(c.bytes for c in weight_components(model, training))
@@ -434,9 +468,11 @@ def estimate_terms(
         "optimizer": optimizer_bytes(trainable, training.optim),
         "activations": activation_bytes(model, training, work),
         "logits": logits_bytes(model, training, work),
-        "reference": reference_bytes(model, training, lora),
-        "overhead": CUDA_CONTEXT_BYTES,
     }
+    if work.generations:
+        terms["generation"] = generation_bytes(model, training, work)
+    terms["reference"] = reference_bytes(model, training, lora)
+    terms["overhead"] = CUDA_CONTEXT_BYTES
     return terms, trainable
 
 
@@ -482,7 +518,7 @@ def estimate(
     gpu_bytes: int | None = None, notes: Iterable[str] = (),
 ) -> MemoryEstimate:  # fmt: skip
     terms, trainable = estimate_terms(model, training, work)
-    all_notes = [*notes, *_notes(training)]
+    all_notes = [*notes, *_notes(training), *_sampling_notes(work)]
     return MemoryEstimate(
         model=name,
         family=model.family,
@@ -516,9 +552,19 @@ def _notes(training: TrainingMethod) -> list[str]:
             f"dpo: each pair is two sequences (chosen, rejected) and a no-grad reference forward; the reference "
             f"is {reference}"
         )
-    elif training.supervised_loss:
+    elif training.objective == "sft" and training.supervised_loss:
         notes.append(
             "logits: vlmtune's supervised loss projects at most "
             f"{training.chunk_bytes // MiB} MiB of fp32 logits at a time (train.supervised_loss)"
         )
     return notes
+
+
+def _sampling_notes(work: Workload) -> list[str]:
+    if not work.generations:
+        return []
+    return [
+        f"generation: {work.generations} completions (batch_size x grad_accum) are sampled at once, each up to "
+        f"{work.sequence:,} tokens with its prompt ({work.completion_tokens:,} new); the cache is freed before "
+        "the loss, so the sum leans high"
+    ]

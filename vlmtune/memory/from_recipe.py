@@ -7,6 +7,7 @@ arithmetic (vlmtune.image_tokens).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,7 @@ def estimate_recipe(
         resolved.config, family, recipe.data, recipe.train, seq_len=seq_len, images_per_sample=images_per_sample,
         image_size=image_size, tokens_per_image=tokens_per_image, folder=resolved.folder,
     )  # fmt: skip
+    training, work = with_objective(recipe, training, work)
     return estimate(
         shape,
         training,
@@ -164,3 +166,18 @@ def estimate_recipe(
         gpu_bytes=gpu_bytes,
         notes=notes,
     )
+
+
+def with_objective(
+    recipe: Recipe, training: TrainingMethod, work: Workload
+) -> tuple[TrainingMethod, Workload]:
+    """The chosen objective's own memory: grpo samples a whole optimizer step's completions at once,
+    and holds a frozen reference only with its KL penalty (beta > 0)."""
+    grpo = recipe.grpo if recipe.train.objective == "grpo" else None
+    if grpo is None:
+        return training, work
+    training = replace(training, reference=grpo.beta > 0)
+    work = replace(
+        work, steps_per_generation=recipe.train.grad_accum, completion_tokens=grpo.max_completion_length
+    )
+    return training, work

@@ -1,4 +1,4 @@
-"""The stages of a run: load, lora, then the train stage's objective (sft, ...).
+"""The stages of a run: load, lora, then the train stage's objective (sft, grpo, ...).
 
 An objective module exposes ``train(model, processor, family, data, train, options, *, run,
 device, dtype, resume, callbacks, report_to) -> TrainResult``; ``options`` is the recipe section
@@ -7,11 +7,13 @@ to continue from (None: from step 0), chosen by vlmtune.resuming; ``report_to`` 
 goes to the trainer's arguments, and ``vlmtune.observe.attach(trainer, run, device)`` hooks the
 measured memory and the trackers' folders into the built trainer. The trainer class mixes in
 vlmtune.reliable_trainer.ReliableTrainerMixin (exact resume, complete checkpoints, the NaN guard).
+It may also expose ``before_load(options)``: checks that must pass before any weight loads (grpo
+imports its reward functions there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,3 +24,4 @@ class TrainResult:
     last_loss: float | None
     steps: int
     output: str
+    figures: dict = field(default_factory=dict)  # the objective's own headline figures (grpo: rewards)

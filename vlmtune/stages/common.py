@@ -20,6 +20,8 @@ from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
 from vlmtune.stages import TrainResult
 
+REFERENCE_ADAPTER = "ref"  # the name TRL (DPO, GRPO) gives its frozen copy of an adapter it is handed
+
 
 @dataclass
 class Selected:
@@ -130,3 +132,20 @@ def save_final(model: Any, processor: Any, run: RunDir) -> str:
         model.save_pretrained(str(out))
     save_processor(processor, out)
     return str(out)
+
+
+def adds_nothing(model: Any) -> bool:
+    """Is the active adapter still the identity (peft initialises every lora_B to zero)?"""
+    import torch
+
+    active = f".{model.active_adapter}."
+    for name, param in model.named_parameters():
+        if active in name and "lora_B" in name and torch.count_nonzero(param):
+            return False
+    for module in model.modules():  # lora.train_projector: a trainable copy of the projector
+        copies = getattr(module, "modules_to_save", None)
+        if copies is not None and model.active_adapter in copies:
+            original, trained = module.original_module.state_dict(), copies[model.active_adapter].state_dict()
+            if any(not torch.equal(original[key], trained[key]) for key in original):
+                return False
+    return True

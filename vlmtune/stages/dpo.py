@@ -24,15 +24,15 @@ from vlmtune.recipe import DataSection, DpoSection, TrainSection
 from vlmtune.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import (
+    REFERENCE_ADAPTER,
     IndexedCollator,
     Selected,
+    adds_nothing,
     positions,
     run_trainer,
     select,
     trainer_arguments,
 )
-
-REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a continued adapter
 
 
 def pair_reading(processor: Any, family: Family) -> tuple[type, Any]:
@@ -177,20 +177,3 @@ def drop_needless_reference_copy(model: Any, reference: str) -> None:
         reference == "base" or adds_nothing(model)
     ):
         model.delete_adapter(REFERENCE_ADAPTER)
-
-
-def adds_nothing(model: Any) -> bool:
-    """Is the active adapter still the identity (peft initialises every lora_B to zero)?"""
-    import torch
-
-    active = f".{model.active_adapter}."
-    for name, param in model.named_parameters():
-        if active in name and "lora_B" in name and torch.count_nonzero(param):
-            return False
-    for module in model.modules():  # lora.train_projector: a trainable copy of the projector
-        copies = getattr(module, "modules_to_save", None)
-        if copies is not None and model.active_adapter in copies:
-            original, trained = module.original_module.state_dict(), copies[model.active_adapter].state_dict()
-            if any(not torch.equal(original[key], trained[key]) for key in original):
-                return False
-    return True

@@ -15,6 +15,7 @@ from vlmtune import rundir
 from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
 from vlmtune.families import Family
+from vlmtune.lengths import TokenCounter
 from vlmtune.preflight import CheckedSplit, check_split
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.rundir import RunDir
@@ -59,9 +60,10 @@ def prepare_data(
         processor, family, max_length=None, train_on_responses_only=data.train_on_responses_only
     )
 
-    reports = {"train": check_split("train", data.train, data, train.max_length, collator.count_tokens)}
+    counter = TokenCounter(collator)  # lengths as the processor builds them, from image sizes alone
+    reports = {"train": check_split("train", data.train, data, train.max_length, counter)}
     if data.eval:
-        reports["eval"] = check_split("eval", data.eval, data, train.max_length, collator.count_tokens)
+        reports["eval"] = check_split("eval", data.eval, data, train.max_length, counter)
     run.write_json(rundir.DATA_REPORT, {name: r.to_json() for name, r in reports.items()})
     collator.max_length = train.max_length
     eval_split = reports.get("eval")

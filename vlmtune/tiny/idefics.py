@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.families import SMOLVLM
-from vlmtune.processing import processor_class
+from vlmtune.processing import image_only_processor_class
 from vlmtune.tiny.common import save, seed, text_config, vision_config
 from vlmtune.tiny.tokenizer import build_tokenizer
 
@@ -112,7 +112,7 @@ def build_smolvlm(out: Path) -> None:
         image_token_id=tokenizer.image_token_id,
         tie_word_embeddings=False,
     )
-    processor = processor_class(SMOLVLM)(  # Idefics3Processor: see the SmolVLM record
+    processor = image_only_processor_class(SMOLVLM)(  # Idefics3Processor: see the SmolVLM record
         image_processor=SmolVLMImageProcessorPil(**_image_processor_kwargs()),
         tokenizer=tokenizer,
         image_seq_len=(TILE // PATCH) ** 2 // SCALE**2,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.families import INTERNVL
-from vlmtune.processing import processor_class
+from vlmtune.processing import image_only_processor_class
 from vlmtune.tiny.common import save, seed, text_config, vision_config
 from vlmtune.tiny.tokenizer import build_tokenizer
 
@@ -66,7 +66,7 @@ def build_internvl(out: Path) -> None:
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": TILE, "width": TILE}, crop_to_patches=True, min_patches=1, max_patches=MAX_TILES
     )
-    processor = processor_class(INTERNVL)(
+    processor = image_only_processor_class(INTERNVL)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_length=TOKENS_PER_TILE,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.families import LLAVA_ONEVISION
-from vlmtune.processing import processor_class
+from vlmtune.processing import image_only_processor_class
 from vlmtune.tiny.common import content, save, seed, text_config, vision_config
 from vlmtune.tiny.tokenizer import build_tokenizer
 
@@ -171,7 +171,7 @@ def build_llava_onevision(out: Path) -> None:
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=PINPOINTS
     )
-    processor = processor_class(LLAVA_ONEVISION)(
+    processor = image_only_processor_class(LLAVA_ONEVISION)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=(IMAGE_SIZE // PATCH) ** 2,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.families import MISTRAL3, PIXTRAL
-from vlmtune.processing import processor_class
+from vlmtune.processing import image_only_processor_class
 from vlmtune.tiny.common import content, save, seed, text_config, vision_config
 from vlmtune.tiny.tokenizer import build_tokenizer
 
@@ -72,7 +72,7 @@ def _parts(family, template: str, patch: int, merge: int):
     image_processor = PixtralImageProcessorPil(
         size={"longest_edge": LONGEST_EDGE}, patch_size={"height": patch, "width": patch}
     )
-    processor = processor_class(family)(
+    processor = image_only_processor_class(family)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.families import QWEN2_5_VL, QWEN2_VL
-from vlmtune.processing import processor_class, save_processor
+from vlmtune.processing import image_only_processor_class, save_processor
 from vlmtune.tiny.tokenizer import train_byte_bpe
 
 # The released Qwen2-VL / Qwen2.5-VL chat template, byte for byte (TRL recognises it).
@@ -72,7 +72,7 @@ def _processor(family, tokenizer):
         temporal_patch_size=TEMPORAL_PATCH,
         merge_size=MERGE,
     )
-    cls = processor_class(family)
+    cls = image_only_processor_class(family)
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.families import QWEN3_VL
-from vlmtune.processing import processor_class
+from vlmtune.processing import image_only_processor_class
 from vlmtune.tiny.common import save, seed, text_config
 from vlmtune.tiny.tokenizer import build_tokenizer
 
@@ -91,7 +91,7 @@ def build_qwen3_vl(out: Path) -> None:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    processor = processor_class(QWEN3_VL)(
+    processor = image_only_processor_class(QWEN3_VL)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN3_VL_CHAT_TEMPLATE
     )
     seed()

@@ -110,8 +110,10 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_named(tmp_path: P
     run = RunDir.create(tmp_path, "r")
     (run / rundir.METRICS).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert [row["step"] for row in run.read_jsonl(rundir.METRICS)] == [1, 2]
-    run.keep_metrics_until(1)
+    (run / rundir.COMPLETIONS).write_text('{"step": 1, "completion": "a"}\n{"step": 2, "completion": "b"}\n')
+    run.keep_logs_until(1)  # a resume from step 1: grpo's completions of step 2 are written again too
     assert (run / rundir.METRICS).read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert (run / rundir.COMPLETIONS).read_text() == '{"step": 1, "completion": "a"}\n'
     (run / rundir.METRICS).write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(RunDirError, match="line 2 is not JSON"):
         run.read_jsonl(rundir.METRICS)

@@ -133,7 +133,7 @@ def _stages(recipe: Recipe, run: RunDir, start: Start, callbacks, warn: Warn) ->
             )
             lora.write_artifacts(run, model, loaded.family, lora_plan)
 
-        run.keep_metrics_until(start.step)  # the steps after the checkpoint are logged again
+        run.keep_logs_until(start.step)  # the steps after the checkpoint are logged again
         with stage(run, "train") as figures:
             from vlmtune.callbacks import StepCounter
 

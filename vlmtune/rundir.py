@@ -38,6 +38,7 @@ CURVES = "3-train/curves.png"  # loss, learning rate, grad norm, token accuracy 
 TENSORBOARD = "3-train/tensorboard"  # event files, with output.report_to: [tensorboard]
 DATA_REPORT = "3-train/data_report.json"
 COMPLETIONS = "3-train/completions.jsonl"  # grpo: a sample of completions and their rewards per logging step
+STEP_LOGS = (METRICS, COMPLETIONS)  # rows keyed by step; a resume keeps those up to its checkpoint
 CHECKPOINTS = "3-train/checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"  # the HF Trainer's folder names: checkpoint-<step>
 CHECKPOINT_MARKER = "vlmtune_complete.json"  # written last into a checkpoint: from then on it counts
@@ -211,11 +212,13 @@ class RunDir:
         ]
         return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
-    def keep_metrics_until(self, step: int) -> None:
-        """Drop metrics.jsonl rows after ``step``: a resume from that step logs the later ones again."""
-        rows = [row for row in self.read_jsonl(METRICS) if row.get("step", 0) <= step]
-        if rows or (self.path / METRICS).exists():
-            self.write_text(METRICS, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    def keep_logs_until(self, step: int) -> None:
+        """Drop the rows after ``step`` of the logs kept per step (metrics.jsonl, completions.jsonl):
+        a resume from that step logs the later ones again."""
+        for name in STEP_LOGS:
+            rows = [row for row in self.read_jsonl(name) if row.get("step", 0) <= step]
+            if rows or (self.path / name).exists():
+                self.write_text(name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
     def losses(self) -> list[float]:
         """Training losses in logged order (metrics.jsonl rows that carry one)."""

@@ -38,16 +38,17 @@ def fire(fault: str, filename: str | None = None) -> None:
 def install(fault: str, where: str) -> None:
     kind, _, rest = where.partition(":")
     if kind == "step":
-        from vlmtune.trainer import VlmtuneTrainer
+        # the mixin's training_step: every objective's trainer (sft, dpo, grpo) goes through it
+        from vlmtune.reliable_trainer import ReliableTrainerMixin
 
-        step, original = int(rest), VlmtuneTrainer.training_step
+        step, original = int(rest), ReliableTrainerMixin.training_step
 
         def training_step(self, *args, **kwargs):
             if self.state.global_step == step:
                 fire(fault)
             return original(self, *args, **kwargs)
 
-        VlmtuneTrainer.training_step = training_step
+        ReliableTrainerMixin.training_step = training_step
     elif kind == "save":
         import torch
 

@@ -402,6 +402,7 @@ class RewardSpec(Strict):
                 if isinstance(value, bool) and field is not None and _wants_number(field):
                     raise ValueError(f"{key} expects a number, got {str(value).lower()}")
         return data
+
     weight: float = Field(
         1.0,
         description="Its share of the total reward (negative: a penalty; 0: logged, never trained on).",

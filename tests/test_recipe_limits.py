@@ -52,6 +52,17 @@ def test_a_recursive_alias_and_an_oversized_recipe_are_refused(tmp_path: Path):
     assert "bytes; a recipe is at most 1,048,576" in stderr
 
 
+def test_a_recipe_nested_thousands_deep_is_refused(tmp_path: Path):
+    stderr = refused("validate", str(recipe_text(tmp_path, "model: " + "[" * 3000 + "]" * 3000 + "\n")))
+    assert "nests too deeply to be a recipe" in stderr and "hint: a recipe is a few levels deep" in stderr
+
+
+def test_resume_with_a_run_dir_is_refused_naming_the_command(tmp_path: Path):
+    stderr = refused("train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b"))
+    assert "--run-dir names a new run folder; --resume continues an existing one: give one" in stderr
+    assert f"hint: vlmtune train --resume {tmp_path / 'a'} (it continues in that folder)" in stderr
+
+
 def test_a_key_or_a_section_given_twice_names_both_lines(tmp_path: Path):
     text = (
         "model:\n  name: tiny:qwen2_vl\n"  # lines 1-2

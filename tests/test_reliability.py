@@ -203,3 +203,51 @@ def test_recipe_differences_are_dotted_keys():
         "data.columns": ({"image": "image"}, {"image": "img"}),
         "lora.r": (16, 32),
     }
+
+
+def tiny_lora(target: str, r: int = 2):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+            self.v = torch.nn.Linear(8, 8)
+
+    return get_peft_model(Net(), LoraConfig(r=r, target_modules=[target]))
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        (lambda: tiny_lora("v"), "does not fit this model: 2 unexpected and 2 missing LoRA weights"),
+        (lambda: tiny_lora("q", r=4), "cannot read adapter_model.safetensors of checkpoint"),  # other shapes
+        (None, "cannot read adapter_model.safetensors of checkpoint"),  # a 0-byte file
+    ],
+)
+def test_a_checkpoint_adapter_that_cannot_go_into_the_model_is_a_message(tmp_path: Path, saved, message):
+    """The resume's in-place reload of a checkpoint's adapter refuses, naming the checkpoint, an adapter
+    of other modules or shapes, or a file it cannot read (not a size-mismatch traceback)."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from vlmtune.reliable_trainer import ReliableTrainerMixin
+    from vlmtune.trainer_checkpoints import CheckpointError
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    file = checkpoint / rundir.PEFT_WEIGHTS
+    if saved is None:
+        file.write_bytes(b"")
+    else:
+        save_file(get_peft_model_state_dict(saved()), str(file))
+    live = tiny_lora("q")
+    before = {name: p.clone() for name, p in live.named_parameters()}
+    with pytest.raises(CheckpointError, match=message) as refusal:
+        ReliableTrainerMixin._load_adapter_in_place(SimpleNamespace(model=live), checkpoint)
+    assert str(checkpoint) in str(refusal.value) and refusal.value.hint
+    if saved is not None and "does not fit" in message:
+        assert all(p.equal(before[name]) for name, p in live.named_parameters()), "nothing loaded"

@@ -381,6 +381,13 @@ def test_resume_refuses_changes_it_cannot_honour_naming_the_keys(baselines, tmp_
     assert "--resume cannot change lora.r, train.lr: a resumed run continues the recipe" in result.stderr
     assert "lora.r: 16 -> 8" in result.stderr and "train.lr: 0.005 -> 0.001" in result.stderr
     assert "a resume may change only train.max_steps, train.epochs" in result.stderr
+    result = vlmtune("train", "--resume", str(run), "--set", "train.max_steps=2")
+    assert result.returncode == 2
+    assert (
+        "train.max_steps 2 is below the step of the checkpoint a resume starts from (checkpoint-4)"
+        in result.stderr
+    )
+    assert "hint: give train.max_steps of at least 4" in result.stderr
 
     resolved = run / "resolved.yaml"
     resolved.write_text(resolved.read_text().replace("r: 16", "r: 32").replace("tiny:qwen2_vl", "tiny:llava"))
@@ -392,6 +399,22 @@ def test_resume_refuses_changes_it_cannot_honour_naming_the_keys(baselines, tmp_
     assert "model.name: 'tiny:qwen2_vl' -> 'tiny:llava'" in result.stderr
     assert "size mismatch" not in result.stderr and "Traceback" not in result.stderr
     assert summary(run)["status"] == "running", "a refused resume changes nothing"
+
+
+def test_a_run_with_only_its_eval_left_refuses_changes_to_its_training(baselines, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(baselines("bfloat16"), run)
+    state = summary(run)
+    state["status"] = "interrupted"  # stopped after the train stage, during the eval
+    (run / "summary.json").write_text(json.dumps(state))
+    before = tree(run)
+    result = vlmtune("train", "--resume", str(run), "--set", "train.max_steps=20")
+    assert result.returncode == 2
+    assert f"run {run} finished training (only its eval is left), so train.max_steps can no longer" in (
+        result.stderr
+    )
+    assert "hint: resume without --set to run the eval, or start a new run" in result.stderr
+    assert tree(run) == before, "a refused resume changes nothing"
 
 
 def test_a_full_disk_fails_the_run_with_a_message_and_the_resume_skips_the_partial_checkpoint(

@@ -51,7 +51,10 @@ def train(
     if (recipe is None) == (resume is None):
         raise RecipeError("give either a RECIPE or --resume RUN_DIR", hint="vlmtune train recipes/demo.yaml")
     if resume is not None and run_dir is not None:
-        raise RecipeError("--run-dir names a new run folder; --resume continues an existing one: give one")
+        raise RecipeError(
+            "--run-dir names a new run folder; --resume continues an existing one: give one",
+            hint=f"vlmtune train --resume {resume} (it continues in that folder)",
+        )
     from vlmtune import signals
 
     with signals.stop_on_signals():  # before the heavy imports: a Ctrl-C during them is a clean stop too

@@ -312,7 +312,9 @@ class TrainSection(Section):
         description="Project only labelled positions through lm_head (same loss, far less work and memory).",
     )
     group_by_length: bool = Field(
-        True, description="Batch samples of similar length together to cut padding."
+        True,
+        description="Batch samples of similar length together to cut padding (sft, dpo; a grpo batch is "
+        "whole groups of one prompt's completions).",
     )
     torch_compile: bool = Field(
         False, description="torch.compile the model (CUDA; first steps pay the compile)."

@@ -83,7 +83,8 @@ def render_report(reports: dict[str, CheckedSplit], data: DataSection, console: 
 
 def fail_on_problems(reports: dict[str, CheckedSplit], data: DataSection) -> None:
     """A DataError (exit 2) when training would stop: a problem the recipe's policies do not cover,
-    a split with no sample at all, or one left empty. Skipped and dropped samples alone are no failure: training goes on."""
+    a split with no sample at all, or one left empty. Skipped and dropped samples alone are no
+    failure: training goes on."""
     blocking = _blocking(reports, data)
     if blocking:
         where = ", ".join(f"{n} in {name}" for name, n in blocking.items())

@@ -149,6 +149,30 @@ def test_the_length_grouped_order_depends_on_seed_and_epoch_only():
     assert list(sampler) == first
 
 
+def test_grpo_prompt_order_depends_on_seed_and_epoch_only():
+    """TRL's RepeatSampler advances one generator epoch after epoch, so a fresh sampler (a resumed
+    run's) would draw the first epoch's order in any later epoch; reseeded per epoch it draws that
+    epoch's order however many epochs came before in this process."""
+    from trl.trainer.utils import RepeatSampler
+
+    from vlmtune.reliable_trainer import EpochSeededSampler
+
+    def sampler():
+        repeats = RepeatSampler(list(range(6)), mini_repeat_count=2, batch_size=2, seed=3407)
+        return EpochSeededSampler(repeats, seed=3407)
+
+    uninterrupted = sampler()
+    epochs = []
+    for epoch in range(3):
+        uninterrupted.set_epoch(epoch)
+        epochs.append(list(uninterrupted))
+    assert epochs[0][:4] == [epochs[0][0]] * 2 + [epochs[0][2]] * 2, "each prompt once per generation"
+    assert len({tuple(order) for order in epochs}) == 3, "a new order each epoch"
+    resumed = sampler()
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2] and len(resumed) == len(epochs[2])
+
+
 def test_the_likely_cause_of_a_divergence():
     from vlmtune.finite import likely_cause
 

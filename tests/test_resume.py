@@ -414,7 +414,9 @@ def test_a_run_with_only_its_eval_left_refuses_changes_to_its_training(baselines
         result.stderr
     )
     assert "hint: resume without --set to run the eval, or start a new run" in result.stderr
-    assert tree(run) == before, "a refused resume changes nothing"
+    after = tree(run)
+    assert after.pop(".lock") and before.pop(".lock"), "the lock names its latest holder (the refused resume)"
+    assert after == before, "a refused resume changes nothing else"
 
 
 def test_a_full_disk_fails_the_run_with_a_message_and_the_resume_skips_the_partial_checkpoint(

@@ -25,13 +25,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def train_run(folder: Path, **sections):
+def train_run(folder: Path, callbacks: list | None = None, **sections):
     from vlmtune import pipeline
     from vlmtune.recipe import load_recipe
 
     folder.mkdir()
     path = write_recipe(folder, quantization={"bits": None}, output={"dir": "runs"}, **sections)
-    return pipeline.run(load_recipe(path), path.read_text(), folder.name, folder / "run")
+    return pipeline.run(load_recipe(path), path.read_text(), folder.name, folder / "run", callbacks=callbacks)
 
 
 @pytest.mark.slow
@@ -52,12 +52,20 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
     whole = train_run(tmp_path / "whole", train={**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2},
                       **dpo)  # fmt: skip
 
-    # The same run stopped after its checkpoint at step 2, then resumed to step 3.
-    cut = train_run(
-        tmp_path / "cut", train={**TRAIN, "objective": "dpo", "max_steps": 2, "save_steps": 2}, **dpo
-    )
-    resolved = (cut.path / "resolved.yaml").read_text()
-    (cut.path / "resolved.yaml").write_text(resolved.replace("max_steps: 2", "max_steps: 3"))
+    # The same run stopped after its checkpoint at step 2 (Ctrl-C as step 3 begins), then resumed.
+    from transformers import TrainerCallback
+
+    from vlmtune.rundir import RunDir
+
+    class CtrlCAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(pipeline.Stopped):
+        train_run(tmp_path / "cut", train={**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2},
+                  callbacks=[CtrlCAtStep3()], **dpo)  # fmt: skip
+    cut = RunDir(tmp_path / "cut" / "run")
     pipeline.resume(cut.path)
 
     whole_rows, resumed_rows = (

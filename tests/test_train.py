@@ -107,14 +107,20 @@ def test_an_existing_run_folder_is_never_overwritten(trained: Path):
 
 
 def test_resume_continues_from_the_last_checkpoint(trained: Path, tmp_path: Path):
+    # The run as a kill after step 7 leaves it: checkpoint-6 complete, no final adapter, running.
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
-    resolved = (copy / "resolved.yaml").read_text().replace("max_steps: 12", "max_steps: 14")
-    (copy / "resolved.yaml").write_text(resolved)
-    result = vlmtune("train", "--resume", str(copy))
+    shutil.rmtree(copy / "3-train/checkpoints/checkpoint-12")
+    shutil.rmtree(copy / "3-train/adapter")
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["status"] = summary["stages"]["train"]["status"] = "running"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    result = vlmtune("train", "--resume", str(copy), "--set", "train.max_steps=14")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "from checkpoint-6 (step 6)" in result.stdout
     steps = [json.loads(line)["step"] for line in (copy / "3-train/metrics.jsonl").read_text().splitlines()]
-    assert steps[-2:] == [13, 14], "the resumed run continues at step 13, not from 1"
+    assert steps == list(range(1, 15)), "the resumed run continues at step 7, each step logged once"
+    assert "max_steps: 14" in (copy / "resolved.yaml").read_text()
 
 
 def test_too_long_samples_error_with_the_index_or_are_dropped_and_counted(tmp_path: Path):

@@ -123,6 +123,20 @@ class RichProgress(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the bar (and give the terminal its cursor back); also when training ends by an exception."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class StepCounter(TrainerCallback):
+    """Keeps the last finished step in a stage's figures, so an interrupted run can say where it was."""
+
+    def __init__(self, figures: dict):
+        self.figures = figures
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.figures["last_step"] = state.global_step

@@ -70,8 +70,8 @@ def main() -> None:
             Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True
         )
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(getattr(exc, "exit_code", 130))
     except (typer.Abort, typer.Exit) as exc:
         sys.exit(getattr(exc, "exit_code", 1))
     except Exception as exc:

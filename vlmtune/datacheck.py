@@ -70,6 +70,8 @@ def render_report(reports: dict[str, CheckedSplit], data: DataSection, console: 
             else:
                 mark = Text(f"  - {'dropped' if problem in dropped else 'skipped'} ", style="yellow")
             console.print(mark + Text(str(problem)), soft_wrap=True)
+    if not all(r.samples for r in reports.values()):
+        return  # nothing to train on: fail_on_problems says so
     if not any(report.problems for report in reports.values()):
         console.print(Text("every sample is usable", style="bold green"))
     elif not _blocking(reports, data):
@@ -81,13 +83,21 @@ def render_report(reports: dict[str, CheckedSplit], data: DataSection, console: 
 
 def fail_on_problems(reports: dict[str, CheckedSplit], data: DataSection) -> None:
     """A DataError (exit 2) when training would stop: a problem the recipe's policies do not cover,
-    or a split left empty. Skipped and dropped samples alone are no failure: training goes on."""
+    a split with no sample at all, or one left empty. Skipped and dropped samples alone are no
+    failure: training goes on."""
     blocking = _blocking(reports, data)
     if blocking:
         where = ", ".join(f"{n} in {name}" for name, n in blocking.items())
         raise DataError(
             f"{sum(blocking.values())} problem sample(s) ({where}), listed above with index, field and reason",
             hint=_fix(reports, data),
+        )
+    nothing = [f"{name} ({report.source})" for name, report in reports.items() if not report.total]
+    if nothing:
+        raise DataError(
+            f"nothing to train on: no sample in {', '.join(nothing)}",
+            hint="point data.train (and data.eval) at files that hold samples; docs/data.md shows the layouts "
+            "vlmtune reads",
         )
     empty = [name for name, report in reports.items() if not report.samples]
     if empty:

@@ -1,21 +1,41 @@
 """run(recipe): the three stages in order (and eval, when asked). Each stage gets only its own sections.
 
 Each stage's artifacts are written before the next starts, and summary.json records every
-stage's status, so a crash late in training still leaves a readable run folder.
+stage's status, so a crash late in training still leaves a readable run folder. One process at a
+time trains a run folder (vlmtune.runlock); a stop by signal marks the run `interrupted` with the
+step it reached and the command that resumes it (vlmtune.signals, vlmtune.resuming). Under
+torchrun every rank runs the stages; rank 0 alone names, locks and writes the run folder
+(vlmtune.distributed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import checkpoint, distributed, evaluate, observe, rundir, text_only, trained
+from vlmtune import (
+    checkpoint,
+    distributed,
+    evaluate,
+    observe,
+    resuming,
+    rundir,
+    runlock,
+    signals,
+    text_only,
+    trained,
+    trainer_checkpoints,
+)
+from vlmtune.errors import RunDirError, VlmtuneError
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
+from vlmtune.resuming import Start
 from vlmtune.rundir import RunDir, environment_report
 from vlmtune.stages import dpo, grpo, load, lora, sft
 
@@ -26,6 +46,27 @@ Warn = Callable[[str], None]
 
 def _stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal (Ctrl-C, SIGTERM); summary.json says `interrupted` and how to resume."""
+
+    def __init__(self, run: RunDir, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.run = run
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def run(
@@ -41,86 +82,125 @@ def run(
     distributed.check_objective(recipe.train.objective, recipe.train.distributed, distributed.ranks())
     device = checkpoint.choose_device(recipe.train.device)
     with distributed.session(device, recipe.train.distributed) as here:
-        path = distributed.from_writer(lambda: _create(recipe, recipe_text, run_name, run_dir).path)
+        path = distributed.from_writer(lambda: _create(recipe, run_name, run_dir).path)
         run = RunDir(path, writer=here.writer)
-        return _stages(recipe, run, device, here, resume=False, callbacks=callbacks, warn=warn)
+        with _lock(run), recorded(run):
+            run.write_text(rundir.RECIPE, recipe_text)
+            run.write_text(rundir.RESOLVED, recipe.to_yaml())
+            run.init_summary(recipe.output.name or run_name)
+            run.set_status("running", resolved=resuming.baseline(recipe))
+            return _stages(recipe, run, device, here, Start(), callbacks=callbacks, warn=warn)
 
 
-def _create(recipe: Recipe, recipe_text: str, run_name: str, run_dir: Path | None) -> RunDir:
-    run = RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
-    run.write_text(rundir.RECIPE, recipe_text)
-    run.write_text(rundir.RESOLVED, recipe.to_yaml())
-    run.init_summary(recipe.output.name or run_name)
-    return run
+def resume(
+    run_path: Path,
+    overrides: list[str] | None = None,
+    callbacks=None,
+    warn: Warn = _stderr,
+    say: Callable[[str], None] = _say,
+) -> RunDir:
+    """Continue a run folder where it stopped, with the recipe (and rank count) it was started with.
+
+    Raises resuming.NothingToResume for a finished run (which is left untouched). Every rank reads
+    the plan from the folder before the process group starts, and so before rank 0 writes anything.
+    """
+    overrides = overrides or []
+    here = distributed.ranks()
+    run = RunDir.open(run_path, writer=here.writer)
+    resuming.refuse_if_finished(run, overrides)
+    with _lock(run):
+        recipe, start = resuming.plan(run, overrides)
+        require_installed(recipe.output.report_to)
+        distributed.check_resume(run.summary().get("distributed"), here, run.path)
+        distributed.check_objective(recipe.train.objective, recipe.train.distributed, here)
+        device = checkpoint.choose_device(recipe.train.device)
+        with distributed.session(device, recipe.train.distributed) as here, recorded(run):
+            if run.writer:
+                for skipped in start.skipped:
+                    warn(f"skipped {skipped.path.name}: {skipped.reason}")
+                say(resuming.describe(run, start))
+            resuming.record(run, recipe, start)
+            return _stages(recipe, run, device, here, start, callbacks=callbacks, warn=warn)
 
 
-def resume(run_path: Path, callbacks=None, warn: Warn = _stderr) -> RunDir:
-    """Continue a run folder from its last checkpoint, with the recipe (and rank count) it was started with."""
-    from vlmtune.recipe import load_recipe
+def _create(recipe: Recipe, run_name: str, run_dir: Path | None) -> RunDir:
+    return RunDir.create(Path(recipe.output.dir), recipe.output.name or run_name, exact=run_dir)
 
-    run = RunDir.open(run_path)
-    recipe = load_recipe(run / rundir.RESOLVED)
-    require_installed(recipe.output.report_to)
-    distributed.check_resume(run.summary().get("distributed"), distributed.ranks(), run.path)
-    distributed.check_objective(recipe.train.objective, recipe.train.distributed, distributed.ranks())
-    device = checkpoint.choose_device(recipe.train.device)
-    with distributed.session(device, recipe.train.distributed) as here:
-        run = RunDir.open(run_path, writer=here.writer)
-        resume_training = bool(run.checkpoints())
-        return _stages(recipe, run, device, here, resume=resume_training, callbacks=callbacks, warn=warn)
+
+def _lock(run: RunDir) -> contextlib.AbstractContextManager:
+    """The run folder's lock, held by the writing rank: one launch at a time trains a folder."""
+    return runlock.hold(run.path) if run.writer else contextlib.nullcontext()
 
 
 def _stages(
-    recipe: Recipe, run: RunDir, device: str, here: distributed.Ranks, resume: bool, callbacks, warn: Warn
+    recipe: Recipe, run: RunDir, device: str, here: distributed.Ranks, start: Start, callbacks, warn: Warn
 ) -> RunDir:
     started = time.time()
     train = recipe.train
     run.write_json(rundir.ENV, environment_report(device))
-    launch = distributed.summary_figures(train.distributed, here, train.batch_size, train.grad_accum)
-    run.record(distributed=launch)
+    run.record(
+        distributed=distributed.summary_figures(train.distributed, here, train.batch_size, train.grad_accum)
+    )
     strategy = distributed.strategy_of(train.distributed, here)
 
-    objective = OBJECTIVES[recipe.train.objective]
-    with stage(run, "load") as figures:
-        start = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
-        if hasattr(objective, "before_load"):  # e.g. grpo's reward functions: refused before any weight loads
-            objective.before_load(recipe.objective_options())
-        if run.writer:  # only rank 0 writes the estimate and warns
-            figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
-        figures.update(observe.before_load())
-        loaded = load.load(
-            start.model, recipe.quantization, recipe.data.max_image_pixels, distributed.local_device(device, here),
-            shardable=strategy == "fsdp",
-        )  # fmt: skip
-        if run.writer:
-            load.write_artifacts(run, loaded)
+    objective = OBJECTIVES[train.objective]
+    if start.train_done:  # killed after the final weights were written: only the eval is left
+        if not run.writer:  # the eval runs on rank 0 alone
+            return run
+        model, processor, output = _trained_model(run, recipe, device)
+    else:
+        with stage(run, "load") as figures:
+            initial = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
+            if hasattr(objective, "before_load"):  # grpo's reward functions: refused before any weight loads
+                objective.before_load(recipe.objective_options())
+            if run.writer:  # only rank 0 writes the estimate and warns
+                figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
+            figures.update(observe.before_load())
+            loaded = load.load(
+                initial.model, recipe.quantization, recipe.data.max_image_pixels,
+                distributed.local_device(device, here), shardable=strategy == "fsdp",
+            )  # fmt: skip
+            if run.writer:
+                load.write_artifacts(run, loaded)
 
-    with stage(run, "lora"):
-        lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
-        model = lora.apply(
-            loaded.model, recipe.lora, lora_plan, seed=recipe.train.seed, adapter=start.adapter
-        )
-        if run.writer:
-            lora.write_artifacts(run, model, loaded.family, lora_plan)
-    text_only.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
+        with stage(run, "lora"):
+            lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
+            model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=train.seed, adapter=initial.adapter)
+            if run.writer:
+                lora.write_artifacts(run, model, loaded.family, lora_plan)
+        text_only.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
 
-    with stage(run, "train") as figures:
-        result = objective.train(
-            model, loaded.processor, loaded.family, recipe.data, recipe.train, recipe.objective_options(),
-            run=run, device=device, dtype=recipe.model.dtype, resume=resume, callbacks=callbacks,
-            report_to=recipe.output.report_to,
-        )  # fmt: skip
-        figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
-        figures.update(result.figures)
-        if run.writer:
-            figures.update(observe.after_training(run, warn))  # measured memory; writes the curves picture
+        run.keep_logs_until(start.step)  # the steps after the checkpoint are logged again
+        with stage(run, "train") as figures:
+            from vlmtune.callbacks import StepCounter
 
-    if recipe.train.eval_generate and run.writer:  # optional: only then does summary.json list an eval stage
+            result = objective.train(
+                model, loaded.processor, loaded.family, recipe.data, train, recipe.objective_options(),
+                run=run, device=device, dtype=recipe.model.dtype,
+                resume=start.checkpoint.path if start.checkpoint else None,
+                callbacks=[StepCounter(figures), *(callbacks or [])], report_to=recipe.output.report_to,
+            )  # fmt: skip
+            figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
+            figures.update(result.figures)
+            if run.writer:
+                figures.update(
+                    observe.after_training(run, warn)
+                )  # measured memory; writes the curves picture
+        processor, output = loaded.processor, result.output
+
+    if train.eval_generate and run.writer:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:
-            figures.update(evaluate.after_training(model, loaded.processor, recipe.model, recipe.data, run))
+            figures.update(evaluate.after_training(model, processor, recipe.model, recipe.data, run))
 
-    run.set_status("done", seconds=round(time.time() - started, 1), output=result.output)
+    run.set_status("done", seconds=round(time.time() - started, 1), output=output)
     return run
+
+
+def _trained_model(run: RunDir, recipe: Recipe, device: str) -> tuple[Any, Any, str]:
+    """The base as trained plus the run's final weights, for an eval left to do."""
+    finished = trained.open_trained_run(run.path)
+    inference = trained.load_for_inference(finished, device=device)
+    return inference.model, inference.processor, str(finished.weights)
 
 
 @contextlib.contextmanager
@@ -131,16 +211,86 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
     try:
         yield figures
     except KeyboardInterrupt:
-        run.set_stage(name, "interrupted", **figures)
-        run.set_status("interrupted")
+        with signals.deferred():
+            run.set_stage(name, "interrupted", **figures)
         raise
     except BaseException as exc:
-        run.set_stage(
-            name, "failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-        )
-        run.set_status("failed")
+        error = disk_full(exc, run) or exc
+        with signals.deferred():
+            run.set_stage(
+                name, "failed", **figures, **getattr(error, "figures", {}), error=_first_line(error)
+            )
+            run.set_status("failed")
+        if error is not exc:
+            raise error from exc
         raise
     run.set_stage(name, "done", **figures)
+
+
+@contextlib.contextmanager
+def recorded(run: RunDir) -> Iterator[None]:
+    """Whatever stops the process between stages too, summary.json never stays `running`."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        with signals.deferred():
+            mark_interrupted(run, signum)
+        raise Stopped(run, signum) from exc
+    except BaseException as exc:
+        error = disk_full(exc, run) or exc
+        with signals.deferred(), contextlib.suppress(RunDirError):  # a damaged summary.json stays as it is
+            if run.summary().get("status") == "running":
+                run.set_status("failed", error=_first_line(error))
+        if error is not exc:
+            raise error from exc
+        raise
+
+
+def mark_interrupted(run: RunDir, signum: int) -> None:
+    """summary.json: interrupted, by which signal, the last step done and where a resume starts."""
+    summary = run.summary()
+    last_step = summary.get("stages", {}).get("train", {}).get("last_step")
+    newest = trainer_checkpoints.choose(run / rundir.CHECKPOINTS).chosen
+    run.set_status(
+        "interrupted",
+        stopped_by=signal.Signals(signum).name,
+        last_step=last_step,
+        resume_from_step=newest.step if newest else 0,
+        resume_command=f"vlmtune train --resume {run.path}",
+    )
+
+
+LOW_SPACE = 16 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+def disk_full(exc: BaseException, run: RunDir) -> RunDirError | None:
+    """A full disk, said plainly; the half-written checkpoint it left is skipped by a resume.
+
+    Libraries word it their own way (safetensors: "os error 28"; torch.save: "unexpected pos"), so
+    besides ENOSPC itself, any failure with almost no space left on the run's disk counts.
+    """
+    if isinstance(exc, KeyboardInterrupt | VlmtuneError):  # a user error stays what it is
+        return None
+    full = isinstance(exc, OSError) and exc.errno in rundir.DISK_FULL
+    try:
+        free = shutil.disk_usage(run.path).free
+    except OSError:
+        free = None
+    if not (full or "No space left on device" in str(exc) or (free is not None and free < LOW_SPACE)):
+        return None
+    where = f" while writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    left = f" ({free:,} bytes free)" if free is not None else ""
+    return RunDirError(
+        f"no space left on the device of {run.path}{where}{left}",
+        hint="free some space (old run folders and their 3-train/checkpoints are the usual bulk), then "
+        "continue with `vlmtune train --resume RUN`",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
 def estimate_memory(run: RunDir, recipe: Recipe, device: str, warn: Warn, gpus: int = 1) -> dict:

@@ -9,11 +9,22 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
+from vlmtune import safe_yaml
 from vlmtune.choices import (
     NO_QUANTIZATION,
     AttnImplementation,
@@ -39,8 +50,25 @@ from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Strict(BaseModel):
+    # allow_inf_nan: no nan/inf in any number of a recipe (a learning rate of .inf validated before).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Section(Strict):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false would pass as 1/0 for a number (pydantic's lax mode): refuse them."""
+        if isinstance(value, bool) and info.field_name and _wants_number(cls.model_fields[info.field_name]):
+            raise ValueError(f"expects a number, got {str(value).lower()}")
+        return value
+
+
+def _wants_number(field: FieldInfo) -> bool:
+    annotation = field.annotation
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return bool(set(options) & {int, float}) and bool not in options
 
 
 class ModelSection(Section):
@@ -270,7 +298,7 @@ class TrainSection(Section):
         "preference tuning on chosen/rejected pairs (docs/preference.md); grpo = online RL, rewarding sampled "
         "answers (docs/rl.md). An objective with knobs reads them from the recipe section of the same name.",
     )
-    max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = run `epochs` epochs.")
     epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
     batch_size: int = Field(2, gt=0, description="Samples per device per step.")
     grad_accum: int = Field(4, gt=0, description="Gradient accumulation steps.")
@@ -282,14 +310,18 @@ class TrainSection(Section):
     optim: Optimizer = Field(
         "adamw_torch", description="Optimizer (the 8-bit ones keep states in bitsandbytes' 8-bit format)."
     )
-    seed: int = Field(3407)
+    seed: int = Field(
+        3407, ge=0, lt=2**32, description="Seed of LoRA init, data order and dropout (0 to 2^32-1)."
+    )
     max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward (non-reentrant)."
     )
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
-    save_total_limit: int | None = Field(2, description="Keep at most N checkpoints.")
+    save_total_limit: int | None = Field(
+        2, gt=0, description="Keep at most N complete checkpoints (null: all)."
+    )
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval).")
     eval_generate: bool = Field(
         False,
@@ -302,7 +334,9 @@ class TrainSection(Section):
         description="Project only labelled positions through lm_head (same loss, far less work and memory).",
     )
     group_by_length: bool = Field(
-        True, description="Batch samples of similar length together to cut padding."
+        True,
+        description="Batch samples of similar length together to cut padding (sft, dpo; a grpo batch is "
+        "whole groups of one prompt's completions).",
     )
     torch_compile: bool = Field(
         False, description="torch.compile the model (CUDA; first steps pay the compile)."
@@ -312,6 +346,15 @@ class TrainSection(Section):
         default_factory=DistributedSection,
         description="Under torchrun / accelerate launch: the strategy (ddp or fsdp) and the collective timeout.",
     )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError(
+                "0 steps would train nothing; give a positive number, or -1 to train `epochs` epochs"
+            )
+        return value
 
 
 class DpoSection(Section):
@@ -372,8 +415,22 @@ RESERVED_REWARD_NAMES = ("std", "group_std")  # reward_std, reward_group_std are
 MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
 
 
-class RewardSpec(Section):
+class RewardSpec(Strict):
+    """One of grpo.rewards: a member of a union told apart by `type`, on which pydantic allows no
+    field validator; so booleans for numbers are refused for the whole reward, naming the key."""
+
     type: str = Field(description="The kind of reward (each kind narrows it to its own word).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and _wants_number(field):
+                    raise ValueError(f"{key} expects a number, got {str(value).lower()}")
+        return data
+
     weight: float = Field(
         1.0,
         description="Its share of the total reward (negative: a penalty; 0: logged, never trained on).",
@@ -562,13 +619,25 @@ OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
 
 class OutputSection(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the recipe).")
-    name: str | None = Field(None, description="Run name; default: the recipe file's stem.")
+    name: str | None = Field(
+        None, description="Run name (one folder name, no path); default: the recipe file's stem."
+    )
     report_to: list[Tracker] = Field(
         default_factory=list,
         description="Experiment trackers to send the logged metrics to (the trainer's report_to), e.g. "
         "[tensorboard] (event files in 3-train/tensorboard/) or [wandb, mlflow]; each must be installed. "
         "metrics.jsonl is written either way.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value):
+            raise ValueError(
+                f"{value!r} is not a single folder name; run folders go inside output.dir, so give a plain "
+                "name (set output.dir to change where)"
+            )
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -688,27 +757,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}", hint="pass the path of a .yaml recipe (see recipes/)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+            hint="save the recipe as UTF-8 (a binary or damaged file cannot be a recipe)",
+        ) from None
     return parse_recipe(text, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
 
 
 def parse_recipe(
     text: str, *, source: str = "<recipe>", base_dir: Path | None = None, overrides: list[str] | None = None
 ) -> Recipe:
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    document = safe_yaml.load(text, source)
+    raw = {} if document.data is None else document.data
     if not isinstance(raw, dict):
         raise RecipeError(f"{source} must be a mapping of sections (model:, data:, ...)")
-    lines = _key_lines(text)
     overridden = apply_overrides(raw, overrides or [])
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err, lines, overridden) for err in exc.errors()]
+        problems = [_describe(err, document.lines, overridden) for err in exc.errors()]
         raise RecipeError(
             f"{source} has {len(problems)} problem{'s' * (len(problems) > 1)}:",
             problems,
@@ -732,7 +802,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"bad override {item!r}: {k} is not a section")
-        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[keys[-1]] = safe_yaml.load_value(value, "the value") if value.strip() else None
+        except RecipeError as exc:
+            raise RecipeError(
+                f"bad override {item!r}: {exc.message}",
+                hint=f"quote a value that starts with [, {{, *, & or !: --set '{key.strip()}=\"{value}\"'",
+            ) from None
         touched.add(keys)
     return touched
 
@@ -786,26 +862,6 @@ def _beside(reward: Any, base_dir: Path) -> Any:
 
 
 # --- error messages with line numbers ----------------------------------------------------------
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of the YAML document to its 1-based line."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key_path = (*path, str(key_node.value))
-                lines[key_path] = key_node.start_mark.line + 1
-                walk(value_node, key_path)
-
-    if root is not None:
-        walk(root, ())
-    return lines
 
 
 def _describe(err: dict, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]) -> str:

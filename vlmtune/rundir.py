@@ -10,6 +10,7 @@ writes happen: the others' are no-ops, so every stage and objective writes once 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -40,8 +41,12 @@ CURVES = "3-train/curves.png"  # loss, learning rate, grad norm, token accuracy 
 TENSORBOARD = "3-train/tensorboard"  # event files, with output.report_to: [tensorboard]
 DATA_REPORT = "3-train/data_report.json"
 COMPLETIONS = "3-train/completions.jsonl"  # grpo: a sample of completions and their rewards per logging step
+STEP_LOGS = (METRICS, COMPLETIONS)  # rows keyed by step; a resume keeps those up to its checkpoint
 CHECKPOINTS = "3-train/checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"  # the HF Trainer's folder names: checkpoint-<step>
+CHECKPOINT_MARKER = "vlmtune_complete.json"  # written last into a checkpoint: from then on it counts
+TRAINER_STATE = "trainer_state.json"  # the HF Trainer's own file in every checkpoint (its global step)
+LOCK = ".lock"  # held (flock) by the one process that trains this run folder
 ADAPTER = "3-train/adapter"
 FULL_MODEL = "3-train/model"
 EVAL_REPORT = "4-eval/eval_report.json"
@@ -59,17 +64,38 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
+    """Write via a temporary file and rename, so readers never see half a file.
+
+    On a full disk the temporary file cannot be written; an existing file is then rewritten in
+    place (it reuses its own blocks), so summary.json can still say the run failed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if exc.errno not in DISK_FULL or not path.is_file():
+            raise
+        _rewrite_in_place(path, text)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _rewrite_in_place(path: Path, text: str) -> None:
+    with path.open("r+", encoding="utf-8") as f:
+        f.write(text)
+        f.truncate()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -89,6 +115,18 @@ class RunDir:
     @classmethod
     def create(cls, parent: Path, name: str, exact: Path | None = None) -> RunDir:
         """A new run folder: ``exact`` if given (it must not exist), else parent/name-timestamp."""
+        try:
+            return cls._create(parent, name, exact)
+        except OSError as exc:  # read-only parent, a file where a folder should be, full disk
+            where = exc.filename or exact or parent
+            raise RunDirError(
+                f"cannot create the run folder: {where}: {exc.strerror or exc}",
+                hint="choose a writable folder with output.dir (or --run-dir); check that no file stands "
+                "where a folder of that path should be",
+            ) from None
+
+    @classmethod
+    def _create(cls, parent: Path, name: str, exact: Path | None) -> RunDir:
         if exact is not None:
             path = Path(exact)
             if path.exists():
@@ -127,7 +165,16 @@ class RunDir:
         return self.path / name
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text(encoding="utf-8"))
+        """A JSON artifact, or a RunDirError naming the file when it is not (damaged, binary, truncated)."""
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunDirError(
+                f"{path} is damaged: it is not JSON ({str(exc).splitlines()[0]})",
+                hint="restore the file from a backup or a copy of the run folder; vlmtune writes it atomically, "
+                "so something else changed it",
+            ) from None
 
     def write_text(self, name: str, text: str) -> Path:
         if self.writer:
@@ -143,10 +190,25 @@ class RunDir:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def read_jsonl(self, name: str) -> list[dict]:
+        """Rows of a JSON-lines artifact. A torn last line (a kill in mid-append) is left out."""
         path = self.path / name
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [
+            line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+        ]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise RunDirError(
+                    f"{path} is damaged: line {number} is not JSON",
+                    hint="restore the file, or delete the damaged lines (each line is one logged step)",
+                ) from None
+        return rows
 
     def checkpoints(self) -> list[Path]:
         """The trainer's checkpoint-N folders, oldest step first."""
@@ -157,6 +219,14 @@ class RunDir:
             if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
         ]
         return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+    def keep_logs_until(self, step: int) -> None:
+        """Drop the rows after ``step`` of the logs kept per step (metrics.jsonl, completions.jsonl):
+        a resume from that step logs the later ones again."""
+        for name in STEP_LOGS:
+            rows = [row for row in self.read_jsonl(name) if row.get("step", 0) <= step]
+            if rows or (self.path / name).exists():
+                self.write_text(name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
     def losses(self) -> list[float]:
         """Training losses in logged order (metrics.jsonl rows that carry one)."""

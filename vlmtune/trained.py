@@ -66,6 +66,9 @@ def open_trained_run(path: str | Path) -> TrainedRun:
             f"run {path} says it finished but {weights} is missing",
             hint="the run folder was changed after training; train again or restore the folder",
         )
+    from vlmtune.finite import refuse_nonfinite
+
+    refuse_nonfinite(weights)  # a run that diverged before vlmtune stopped such runs
     return TrainedRun(run, recipe, weights)
 
 
@@ -123,13 +126,10 @@ def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
 
 
 def training_finished(summary: dict) -> bool:
-    """Done, or failed only in the optional eval stage after the final weights were saved."""
+    """Done, or the train stage done (its final weights saved) and only the optional eval left or failed."""
     if summary.get("status") == "done":
         return True
-    stages = summary.get("stages", {})
-    return (
-        stages.get("train", {}).get("status") == "done" and stages.get("eval", {}).get("status") == "failed"
-    )
+    return summary.get("stages", {}).get("train", {}).get("status") == "done"
 
 
 def load_for_inference(trained: TrainedRun, base_only: bool = False, device: str | None = None) -> Inference:

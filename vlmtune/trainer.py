@@ -1,4 +1,8 @@
-"""TRL's SFTTrainer with vlmtune's loss: lm_head and cross-entropy on supervised positions only."""
+"""TRL's SFTTrainer with vlmtune's loss: lm_head and cross-entropy on supervised positions only.
+
+What makes a run stop and resume exactly (data order, weights in their dtype, complete checkpoints,
+the non-finite guard) comes from vlmtune.reliable_trainer.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from typing import Any
 from trl import SFTTrainer
 
 from vlmtune.loss import lm_head_input, logit_transform, supervised_cross_entropy
+from vlmtune.reliable_trainer import ReliableTrainerMixin
 
 
-class VlmtuneTrainer(SFTTrainer):
+class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
     """SFTTrainer whose loss skips the positions that carry no label (prompt, image tokens, pad).
 
     With ``supervised_loss=False`` it is TRL's own loss path, unchanged.

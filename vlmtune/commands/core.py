@@ -22,9 +22,19 @@ def train(
     recipe: Path = typer.Argument(None, help="A recipe .yaml file.", show_default=False),
     overrides: list[str] = SET_OPT,
     run_dir: Path = typer.Option(None, "--run-dir", help="Write to exactly this folder (must not exist)."),
-    resume: Path = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
+    resume: Path = typer.Option(
+        None,
+        "--resume",
+        help="Continue this run folder from its newest complete checkpoint (exit 0 and no change when it "
+        "is finished). With --set, only train.max_steps, epochs, save/eval/logging steps, save_total_limit, "
+        "eval_generate and num_workers may change.",
+    ),
 ) -> None:
     """Train from a recipe: load -> lora -> train (sft or grpo), artifacts in a new run folder.
+
+    Ctrl-C or SIGTERM stops the run, marks it interrupted and prints the command that resumes it.
+    Exit codes: 0 done (or --resume of a finished run), 2 refused (bad recipe, data, run folder in use),
+    3 training diverged (NaN/inf), 130 Ctrl-C, 143 SIGTERM. See docs/reliability.md.
 
     Examples:
 
@@ -33,35 +43,86 @@ def train(
         vlmtune train recipes/qwen2_vl/2b_qlora.yaml --set lora.r=32 --set train.max_steps=100
 
         vlmtune train --resume runs/demo-20261123-101500
+
+        vlmtune train --resume runs/demo-20261123-101500 --set train.max_steps=200
     """
     from vlmtune.errors import RecipeError
 
     if (recipe is None) == (resume is None):
         raise RecipeError("give either a RECIPE or --resume RUN_DIR", hint="vlmtune train recipes/demo.yaml")
-    _quiet_libraries()
+    if resume is not None and run_dir is not None:
+        raise RecipeError(
+            "--run-dir names a new run folder; --resume continues an existing one: give one",
+            hint=f"vlmtune train --resume {resume} (it continues in that folder)",
+        )
+    from vlmtune import signals
+
+    with signals.stop_on_signals():  # before the heavy imports: a Ctrl-C during them is a clean stop too
+        _quiet_libraries()
+        run = _train_or_resume(recipe, overrides or [], run_dir, resume)
+    if run is not None:
+        _print_summary(run)
+
+
+def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None):
+    """The trained run folder; None when --resume found it finished. A stop by signal exits 128 + signal."""
     from vlmtune import distributed, pipeline
     from vlmtune.callbacks import RichProgress
+    from vlmtune.resuming import NothingToResume
 
     here = distributed.ranks()
     console.quiet = not here.writer  # under torchrun only rank 0 prints (errors still reach stderr)
     progress = [RichProgress(console)] if here.writer else []
-    if resume is not None:
-        console.print(f"resuming [bold]{resume}[/]")
-        run = pipeline.resume(resume, callbacks=progress, warn=_warn)
-    else:
+    try:
+        if resume is not None:
+            return pipeline.resume(resume, overrides, callbacks=progress, warn=_warn, say=_say)
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
         train = parsed.train
         console.print(distributed.describe(train.distributed, here, train.batch_size, train.grad_accum))
         text = recipe.read_text(encoding="utf-8")
-        run = pipeline.run(parsed, text, recipe.stem, run_dir, callbacks=progress, warn=_warn)
-    _print_summary(run)
+        return pipeline.run(parsed, text, recipe.stem, run_dir, callbacks=progress, warn=_warn)
+    except NothingToResume as finished:
+        steps = f" ({finished.steps} steps)" if finished.steps is not None else ""
+        _say(f"run {finished.run.path} is finished{steps}: nothing to resume, nothing changed")
+        return None
+    except pipeline.Stopped as stop:
+        _close(progress)
+        if here.writer:
+            _print_stopped(stop.run, stop.signal_name)
+        raise typer.Exit(stop.exit_code) from None
+    finally:
+        _close(progress)
+
+
+def _close(progress: list) -> None:
+    for bar in progress:
+        bar.close()
+
+
+def _print_stopped(run, signal_name: str) -> None:
+    """Where the run stopped and the command that resumes it (summary.json holds the same)."""
+    from rich.text import Text
+
+    summary = run.summary()
+    where = f" after step {summary['last_step']}" if summary.get("last_step") is not None else ""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(Text(f"interrupted ({signal_name}){where}; run folder: {run.path}", style="bold"))
+    err.print(
+        f"a resume starts from step {summary.get('resume_from_step', 0)} (the newest complete checkpoint):\n"
+        f"  {summary.get('resume_command')}",
+        markup=False,
+    )
 
 
 def _warn(message: str) -> None:
     from rich.text import Text
 
-    console.print(Text("warning: ", style="bold yellow") + Text(message))
+    console.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    console.print(message, markup=False, soft_wrap=True)
 
 
 def _print_summary(run) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmtune import distributed, rundir
@@ -101,7 +102,7 @@ def trainer_arguments(
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
+        save_total_limit=None,  # vlmtune rotates: only complete checkpoints count (ReliableTrainerMixin)
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
         activation_checkpointing=train.gradient_checkpointing,
@@ -122,8 +123,10 @@ def trainer_arguments(
     )
 
 
-def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: bool) -> TrainResult:
-    """Train (from the last checkpoint when resuming), save the final weights, report the losses."""
+def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: Path | None) -> TrainResult:
+    """Train (from ``resume``, a complete checkpoint, when given), save the final weights, report the losses.
+
+    The trainer mixes in vlmtune.reliable_trainer.ReliableTrainerMixin."""
     from transformers.trainer_callback import PrinterCallback
 
     from vlmtune import observe
@@ -131,7 +134,7 @@ def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: 
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train_from(resume)
     output = save_final(trainer, processor, run)
     # Every rank waits for rank 0's last metrics row and the saved weights before reading or leaving.
     distributed.barrier()

@@ -12,6 +12,7 @@ is copied by TRL into a frozen "ref" adapter. Full fine-tuning gets a frozen cop
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vlmtune import rundir
@@ -92,7 +93,9 @@ def dpo_config(
 def preference_trainer_class() -> type:
     from trl import DPOTrainer
 
-    class PreferenceTrainer(DPOTrainer):
+    from vlmtune.reliable_trainer import ReliableTrainerMixin
+
+    class PreferenceTrainer(ReliableTrainerMixin, DPOTrainer):
         """DPOTrainer on vlmtune's pre-flighted pairs: our collator builds every batch from the pairs, so
         TRL neither tokenizes the dataset (its rows are positions) nor picks a collator of its own."""
 
@@ -122,7 +125,7 @@ def train(
     run: RunDir,
     device: str,
     dtype: str,
-    resume: bool = False,
+    resume: Path | None = None,
     callbacks: list | None = None,
     report_to: list[str] | None = None,
 ) -> TrainResult:
@@ -165,6 +168,8 @@ def build_trainer(
         processing_class=processor,
         data_collator=IndexedCollator(collator, pairs),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
+        keep_checkpoints=train_section.save_total_limit,
+        dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model, options.reference)
     return trainer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from vlmtune import rewards, rundir
@@ -282,16 +283,30 @@ def trainer_class() -> type:
     from trl import GRPOTrainer
     from trl.data_utils import prepare_multimodal_messages
 
-    class VisionGRPOTrainer(GRPOTrainer):
+    from vlmtune.reliable_trainer import EpochSeededSampler, ReliableTrainerMixin
+
+    class VisionGRPOTrainer(ReliableTrainerMixin, GRPOTrainer):
         """GRPOTrainer on vlmtune's pre-flighted prompts. The dataset holds positions; ``PromptRows``
         turns them into conversations with images when a batch is drawn. Prompts are tokenized as
         vlmtune tokenizes them (one padded batch, the template's own BOS only), the within-group
-        spread of the total reward joins the metrics, and completions.jsonl is written."""
+        spread of the total reward joins the metrics, and completions.jsonl is written.
+
+        ReliableTrainerMixin: complete checkpoints, the non-finite guard, exact resume. The sampling
+        of completions draws from the global RNG, which the Trainer restores from the checkpoint; the
+        prompt order comes from TRL's sampler, reseeded per epoch (EpochSeededSampler); GRPO generates
+        at the first micro-batch of each optimizer step (steps_per_generation = grad_accum), so a
+        checkpoint never falls inside a generation batch."""
 
         def __init__(self, *args: Any, prompts: list[Prompt], completions_log: CompletionsLog, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.data_collator = PromptRows(prompts)  # GRPOTrainer installs an identity collator
             self.completions_log = completions_log
+
+        def _get_train_sampler(self, dataset: Any = None) -> Any:
+            """TRL's order: each prompt num_generations times, each generation batch once per micro-step
+            it feeds (the mixin's length grouping would split the groups; train.group_by_length does
+            not apply to grpo)."""
+            return EpochSeededSampler(GRPOTrainer._get_train_sampler(self, dataset), self.args.seed)
 
         def _tokenize_prompts(self, prompts: list) -> tuple[list, list | None, dict]:
             """One left-padded batch, padding cut from the ids. TRL's own unpadded batch fails where
@@ -401,7 +416,7 @@ def train(
     run: RunDir,
     device: str,
     dtype: str,
-    resume: bool = False,
+    resume: Path | None = None,
     callbacks: list | None = None,
     report_to: list[str] | None = None,
 ) -> TrainResult:
@@ -456,6 +471,8 @@ def build_trainer(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         prompts=prompts,
         completions_log=CompletionsLog(run, prompts, weights, options.completions_to_log),
+        keep_checkpoints=train_section.save_total_limit,
+        dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model)
     return trainer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmtune import rundir
@@ -114,10 +115,11 @@ def train(
     run: RunDir,
     device: str,
     dtype: str,
-    resume: bool = False,
+    resume: Path | None = None,
     callbacks: list | None = None,
     report_to: list[str] | None = None,
 ) -> TrainResult:
+    """Train to the recipe's end; ``resume`` is the complete checkpoint to continue from (None: step 0)."""
     from vlmtune.callbacks import MetricsWriter
     from vlmtune.trainer import VlmtuneTrainer
 
@@ -134,5 +136,7 @@ def train(
         data_collator=SampleCollator(collator, samples),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
+        keep_checkpoints=train_section.save_total_limit,
+        dtype=dtype,
     )
     return run_trainer(trainer, processor, run, device, resume)

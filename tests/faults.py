@@ -1,0 +1,94 @@
+"""Run the vlmtune CLI with one fault injected at an exact point: a signal, a full disk, a pause.
+
+    python tests/faults.py FAULT@WHERE -- train recipe.yaml --run-dir RUN
+
+FAULT: SIGINT, SIGTERM, SIGKILL (the process signals itself), ENOSPC (an OSError as from a full disk),
+PAUSE (sleep 120 s, to hold the run's lock while another process tries it).
+WHERE:
+  step:N          before the first micro-batch of step N+1 (steps 1..N and their checkpoints are done)
+  save:N:FILE     as the Trainer writes FILE into checkpoint-N (the files before it are on disk)
+  load            as the load stage starts loading the model
+  final           as the final adapter is saved (after the last checkpoint)
+  eval            as the eval stage (train.eval_generate) starts
+
+Real signals, delivered to the real CLI in its own process: only the moment is chosen here, so a test
+that kills "at step 3" kills at step 3 on any machine, however slow.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+
+
+def fire(fault: str, filename: str | None = None) -> None:
+    if fault == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    if fault == "PAUSE":
+        print("paused", file=sys.stderr, flush=True)
+        time.sleep(120)
+        return
+    os.kill(os.getpid(), getattr(signal, fault))
+    time.sleep(5)  # SIGINT/SIGTERM raise in the handler before this returns; SIGKILL never returns
+
+
+def install(fault: str, where: str) -> None:
+    kind, _, rest = where.partition(":")
+    if kind == "step":
+        # the mixin's training_step: every objective's trainer (sft, dpo, grpo) goes through it
+        from vlmtune.reliable_trainer import ReliableTrainerMixin
+
+        step, original = int(rest), ReliableTrainerMixin.training_step
+
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step == step:
+                fire(fault)
+            return original(self, *args, **kwargs)
+
+        ReliableTrainerMixin.training_step = training_step
+    elif kind == "save":
+        import torch
+
+        step, _, name = rest.partition(":")
+        target, original_save = os.path.join(f"checkpoint-{step}", name), torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, str | os.PathLike) and os.fspath(f).endswith(target):
+                fire(fault, os.fspath(f))
+            return original_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+    else:
+        module, name = {
+            "load": ("vlmtune.stages.load", "load"),
+            "final": ("vlmtune.stages.sft", "save_final"),
+            "eval": ("vlmtune.evaluate", "after_training"),
+        }[kind]
+        import importlib
+
+        owner = importlib.import_module(module)
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            fire(fault)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, wrapped)
+
+
+def main() -> None:
+    separator = sys.argv.index("--")
+    for spec in sys.argv[1:separator]:
+        fault, _, where = spec.partition("@")
+        install(fault, where)
+    sys.argv = ["vlmtune", *sys.argv[separator + 1 :]]
+    from vlmtune.cli import main as cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The reliability pieces one by one, in process: checkpoint completeness, the run lock, deferred
+signals, torn and damaged files, the seeded data order, the non-finite guard's verdicts.
+(tests/test_resume.py drives them together through the CLI.)"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from vlmtune import rundir, runlock, signals, trainer_checkpoints
+from vlmtune.errors import RunDirError
+from vlmtune.rundir import RunDir
+
+
+def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint folder with the kinds of file the Trainer writes: torch zip, JSON, safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    torch.save({"state": {0: {"exp_avg": torch.ones(64)}}}, path / "optimizer.pt")
+    torch.save({"last_epoch": step}, path / "scheduler.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    save_file({"lora_A": torch.zeros(4, 8)}, path / "adapter_model.safetensors")
+    if complete:
+        trainer_checkpoints.mark_complete(path)
+    return path
+
+
+def test_a_checkpoint_counts_only_once_marked_and_whole(tmp_path: Path):
+    good = fake_checkpoint(tmp_path, 2)
+    assert trainer_checkpoints.problem(good) is None
+    marker = json.loads((good / rundir.CHECKPOINT_MARKER).read_text())
+    assert marker["step"] == 2 and set(marker["files"]) >= {"optimizer.pt", "trainer_state.json"}
+
+    partial = fake_checkpoint(tmp_path, 4, complete=False)
+    assert trainer_checkpoints.problem(partial) == (
+        "incomplete: its save was interrupted (no completion marker)",
+        False,
+    )
+    choice = trainer_checkpoints.choose(tmp_path)
+    assert choice.chosen.step == 2 and [s.path.name for s in choice.skipped] == ["checkpoint-4"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: (p / "scheduler.pt").write_bytes(b""), "scheduler.pt is 0 bytes; it had"),
+        (lambda p: (p / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+        (lambda p: _flip(p / "optimizer.pt"), "optimizer.pt is damaged"),
+        (lambda p: _flip(p / "trainer_state.json", at=0), "trainer_state.json is damaged"),
+        (lambda p: _flip(p / "adapter_model.safetensors", at=4), "adapter_model.safetensors is damaged"),
+        (lambda p: (p / rundir.CHECKPOINT_MARKER).write_text("{"), "completion marker"),
+    ],
+)
+def test_a_damaged_checkpoint_file_is_named(tmp_path: Path, damage, reason: str):
+    path = fake_checkpoint(tmp_path, 6)
+    damage(path)
+    found, damaged = trainer_checkpoints.problem(path)
+    assert reason in found and damaged
+
+
+def _flip(path: Path, at: int | None = None) -> None:
+    """Same size, different bytes: only a content check can tell."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 if at is None else at
+    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_and_drops_partial_ones(tmp_path: Path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 8, complete=False)  # an interrupted save never pushes a good one out
+    trainer_checkpoints.rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    trainer_checkpoints.rotate(tmp_path, keep=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_the_lock_refuses_a_second_holder_and_is_free_once_released(tmp_path: Path):
+    with runlock.hold(tmp_path):
+        with pytest.raises(runlock.RunInUse) as refused, runlock.hold(tmp_path):
+            pass
+        assert f"in use by process {os.getpid()}" in str(refused.value)
+    with runlock.hold(tmp_path):  # released on leaving (and by the kernel when a process dies)
+        pass
+
+
+def test_a_signal_during_a_status_write_waits_for_the_write(tmp_path: Path):
+    run = RunDir.create(tmp_path, "r")
+    run.init_summary("r")
+    with signals.stop_on_signals():
+        with pytest.raises(signals.Interrupted) as stopped, signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            run.set_status("interrupted")  # not cut short by the signal
+        assert stopped.value.exit_code == 143 and stopped.value.name == "SIGTERM"
+    assert run.summary()["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is back"
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_named(tmp_path: Path):
+    run = RunDir.create(tmp_path, "r")
+    (run / rundir.METRICS).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [row["step"] for row in run.read_jsonl(rundir.METRICS)] == [1, 2]
+    (run / rundir.COMPLETIONS).write_text('{"step": 1, "completion": "a"}\n{"step": 2, "completion": "b"}\n')
+    run.keep_logs_until(1)  # a resume from step 1: grpo's completions of step 2 are written again too
+    assert (run / rundir.METRICS).read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert (run / rundir.COMPLETIONS).read_text() == '{"step": 1, "completion": "a"}\n'
+    (run / rundir.METRICS).write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(RunDirError, match="line 2 is not JSON"):
+        run.read_jsonl(rundir.METRICS)
+
+
+def test_a_full_disk_still_lets_summary_json_say_what_happened(tmp_path: Path, monkeypatch):
+    run = RunDir.create(tmp_path, "r")
+    run.init_summary("r")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    run.set_status("failed", error="no space left on the device")
+    assert run.summary()["status"] == "failed"
+
+
+def test_the_length_grouped_order_depends_on_seed_and_epoch_only():
+    import torch
+
+    from vlmtune.reliable_trainer import EpochSeededLengthSampler
+
+    lengths = [5, 50, 7, 70, 9, 90, 11, 110, 13, 130, 15, 150]
+    sampler = EpochSeededLengthSampler(4, lengths, seed=3407)
+    torch.manual_seed(0)
+    first = list(sampler)
+    torch.manual_seed(1)  # the global RNG (dropout, ...) has moved: the order has not
+    assert list(sampler) == first and sorted(first) == list(range(12))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_grpo_prompt_order_depends_on_seed_and_epoch_only():
+    """TRL's RepeatSampler advances one generator epoch after epoch, so a fresh sampler (a resumed
+    run's) would draw the first epoch's order in any later epoch; reseeded per epoch it draws that
+    epoch's order however many epochs came before in this process."""
+    from trl.trainer.utils import RepeatSampler
+
+    from vlmtune.reliable_trainer import EpochSeededSampler
+
+    def sampler():
+        repeats = RepeatSampler(list(range(6)), mini_repeat_count=2, batch_size=2, seed=3407)
+        return EpochSeededSampler(repeats, seed=3407)
+
+    uninterrupted = sampler()
+    epochs = []
+    for epoch in range(3):
+        uninterrupted.set_epoch(epoch)
+        epochs.append(list(uninterrupted))
+    assert epochs[0][:4] == [epochs[0][0]] * 2 + [epochs[0][2]] * 2, "each prompt once per generation"
+    assert len({tuple(order) for order in epochs}) == 3, "a new order each epoch"
+    resumed = sampler()
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2] and len(resumed) == len(epochs[2])
+
+
+def test_the_likely_cause_of_a_divergence():
+    from vlmtune.finite import likely_cause
+
+    assert "before any update" in likely_cause(1, 1e-4, "bfloat16", False)
+    assert "train.lr 1e+09 is far above" in likely_cause(5, 1e9, "bfloat16", False)
+    assert "float16 overflow" in likely_cause(5, 1e-4, "float16", False)
+    assert "skipped 10 steps in a row" in likely_cause(5, 1e-4, "float16", True)
+    assert "lower train.lr or add train.warmup_steps" in likely_cause(5, 1e-4, "bfloat16", False)
+
+
+def test_the_guard_stops_before_the_optimizer_applies_a_non_finite_gradient(tmp_path: Path):
+    import torch
+
+    from vlmtune.finite import NonFiniteGuard, TrainingDiverged
+
+    class State:
+        global_step = 3
+
+    model = torch.nn.Linear(4, 4)
+    model.weight.grad = torch.ones(4, 4)
+    guard = NonFiniteGuard(lr=1e-4, dtype="bfloat16", loss_scaled=False, checkpoints=tmp_path)
+    guard.observe_loss(torch.tensor(2.0))
+    guard.on_pre_optimizer_step(None, State(), None, model=model)  # finite: no word
+
+    model.weight.grad[0, 0] = float("inf")
+    guard.observe_loss(torch.tensor(2.0))
+    with pytest.raises(TrainingDiverged) as diverged:
+        guard.on_pre_optimizer_step(None, State(), None, model=model)
+    assert (
+        diverged.value.figures["diverged_at_step"] == 4 and diverged.value.figures["non_finite"] == "gradient"
+    )
+    assert "no checkpoint was saved before it" in str(diverged.value)
+
+    fake_checkpoint(tmp_path, 3)
+    guard.observe_loss(torch.tensor(float("nan")))
+    with pytest.raises(TrainingDiverged, match="the loss is nan .* checkpoint-3, is kept"):
+        guard.on_pre_optimizer_step(None, State(), None, model=model)
+
+    scaled = NonFiniteGuard(lr=1e-4, dtype="float16", loss_scaled=True, checkpoints=tmp_path)
+    for _ in range(10):  # float16's loss scaler skips these steps itself
+        scaled.on_pre_optimizer_step(None, State(), None, model=model)
+    with pytest.raises(TrainingDiverged, match="loss scaler skipped 10 steps in a row"):
+        scaled.on_pre_optimizer_step(None, State(), None, model=model)
+
+
+def test_recipe_differences_are_dotted_keys():
+    from vlmtune.resuming import differences
+
+    before = {"lora": {"r": 16, "alpha": 16}, "data": {"columns": {"image": "image"}}}
+    after = {"lora": {"r": 32, "alpha": 16}, "data": {"columns": {"image": "img"}}}
+    assert differences(before, after) == {
+        "data.columns": ({"image": "image"}, {"image": "img"}),
+        "lora.r": (16, 32),
+    }
+
+
+def tiny_lora(target: str, r: int = 2):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+            self.v = torch.nn.Linear(8, 8)
+
+    return get_peft_model(Net(), LoraConfig(r=r, target_modules=[target]))
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        (lambda: tiny_lora("v"), "does not fit this model: 2 unexpected and 2 missing LoRA weights"),
+        (lambda: tiny_lora("q", r=4), "cannot read adapter_model.safetensors of checkpoint"),  # other shapes
+        (None, "cannot read adapter_model.safetensors of checkpoint"),  # a 0-byte file
+    ],
+)
+def test_a_checkpoint_adapter_that_cannot_go_into_the_model_is_a_message(tmp_path: Path, saved, message):
+    """The resume's in-place reload of a checkpoint's adapter refuses, naming the checkpoint, an adapter
+    of other modules or shapes, or a file it cannot read (not a size-mismatch traceback)."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from vlmtune.reliable_trainer import ReliableTrainerMixin
+    from vlmtune.trainer_checkpoints import CheckpointError
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    file = checkpoint / rundir.PEFT_WEIGHTS
+    if saved is None:
+        file.write_bytes(b"")
+    else:
+        save_file(get_peft_model_state_dict(saved()), str(file))
+    live = tiny_lora("q")
+    before = {name: p.clone() for name, p in live.named_parameters()}
+    with pytest.raises(CheckpointError, match=message) as refusal:
+        ReliableTrainerMixin._load_adapter_in_place(SimpleNamespace(model=live), checkpoint)
+    assert str(checkpoint) in str(refusal.value) and refusal.value.hint
+    if saved is not None and "does not fit" in message:
+        assert all(p.equal(before[name]) for name, p in live.named_parameters()), "nothing loaded"

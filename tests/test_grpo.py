@@ -268,7 +268,7 @@ def test_trl_log_keys_become_stable_metrics_names(tmp_path: Path):
 
 def test_estimate_memory_counts_the_sampled_sequences():
     from vlmtune.memory import estimate_recipe
-    from vlmtune.memory.estimate import kv_elems_per_token
+    from vlmtune.memory.objectives import kv_elems_per_token
 
     text = (
         "model: {name: Qwen/Qwen2.5-VL-7B-Instruct}\ndata: {train: x.jsonl}\n"

@@ -23,8 +23,9 @@ from vlmtune.image_tokens import (
 )
 from vlmtune.lora_targets import present_projectors, select_targets
 from vlmtune.memory.configs import resolve_config
-from vlmtune.memory.estimate import MemoryEstimate, TrainingMethod, Workload, estimate
+from vlmtune.memory.estimate import estimate
 from vlmtune.memory.parallel import data_parallel, fully_sharded
+from vlmtune.memory.records import MemoryEstimate, TrainingMethod, Workload
 from vlmtune.memory.shape import ModelShape, describe_model
 from vlmtune.recipe import DataSection, LoraSection, ModelSection, QuantizationSection, Recipe, TrainSection
 

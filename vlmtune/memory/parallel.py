@@ -22,8 +22,10 @@ import re
 from dataclasses import dataclass
 
 from vlmtune.choices import DTYPE_BYTES
-from vlmtune.memory.estimate import TrainingMethod, quantized_bytes, trainable_tensors, will_quantize
+from vlmtune.memory.records import TrainingMethod
 from vlmtune.memory.shape import ModelShape
+from vlmtune.memory.trainable import trainable_tensors
+from vlmtune.memory.weights import quantized_bytes, will_quantize
 
 STRATEGIES = ("ddp", "fsdp")
 GATHERED_BLOCKS = 2  # the block that runs and the one prefetched

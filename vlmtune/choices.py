@@ -1,6 +1,6 @@
 """The closed sets of words a recipe accepts, each written once.
 
-The recipe schema (vlmtune/recipe.py) types its fields with these aliases, and everything else
+The recipe schema (vlmtune/recipe/) types its fields with these aliases, and everything else
 (the memory model, the CLI's options) reads them from here. They live apart from the schema
 only so that the CLI can read them without importing pydantic (`vlmtune --help` stays fast).
 """

@@ -15,7 +15,7 @@ KINDS = {("grpo", "rewards"): REWARD_KINDS}
 
 HEADER = """# Recipe reference
 
-Generated from `vlmtune/recipe.py` by `make docs`; do not edit by hand. Every key below may be
+Generated from `vlmtune/recipe/` by `make docs`; do not edit by hand. Every key below may be
 set in a recipe or overridden with `--set section.key=value`. Unknown keys are errors.
 `vlmtune schema` prints the same as JSON schema for editors.
 """

@@ -64,7 +64,7 @@ def install(fault: str, where: str) -> None:
     else:
         module, name = {
             "load": ("vlmtune.stages.load", "load"),
-            "final": ("vlmtune.stages.sft", "save_final"),
+            "final": ("vlmtune.stages.common", "save_final"),  # run_trainer saves every objective's weights
             "eval": ("vlmtune.evaluate", "after_training"),
         }[kind]
         import importlib

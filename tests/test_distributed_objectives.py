@@ -5,6 +5,10 @@ DPO is deterministic, so two ranks of batch 1 must match one rank of batch 2 (th
 tolerances as SFT: only the order of the gradient sums differs). GRPO samples its completions
 with each rank's own random stream, so its run is checked for what a launch must get right:
 whole groups gathered across ranks into one log, one run folder, one adapter.
+
+Both objectives also resume under the same launch: a copy of the 2-rank run as it was when
+stopped after its step-2 checkpoint (test_distributed.stopped_after_step_two) is continued with
+`torchrun ... vlmtune train --resume RUN` to the uninterrupted run's figures.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from test_distributed import (
     WEIGHT_TOLERANCE,
     losses,
     single,
+    stopped_after_step_two,
     succeeded,
     tensors,
     the_run_folder,
     torchrun,
 )
+from test_grpo_resume import figures
 
 from conftest import PIXEL_BUDGET, ROOT, write_recipe
 
@@ -69,6 +75,17 @@ def assert_written_once(run: Path, stdout: str, steps: int, effective_batch: int
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
 
 
+def assert_resumed_to_the_end(stopped: Path, steps: int) -> None:
+    """The resumed run started from checkpoint-2 (whose completion marker rank 0 wrote after both ranks
+    had saved), finished, wrote its one adapter, and logged every step once."""
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "done"
+    [resume] = summary["resumes"]
+    assert (resume["from_checkpoint"], resume["from_step"], resume["skipped"]) == ("checkpoint-2", 2, {})
+    assert [row["step"] for row in metrics(stopped)] == list(range(1, steps + 1))
+    assert len(list((stopped / "3-train" / "adapter").glob("*.safetensors"))) == 1
+
+
 def trained_adapter(run: Path) -> dict:
     """The final adapter: the trained one alone (no frozen "ref" copy), every lora_B moved off zero."""
     adapter = run / "3-train" / "adapter"
@@ -91,13 +108,19 @@ def dpo_recipe(folder: Path, batch_size: int) -> Path:
     )  # fmt: skip
 
 
-def test_dpo_on_two_ranks_matches_one_rank_of_twice_the_batch(tmp_path: Path):
-    path = dpo_recipe(tmp_path / "ddp", batch_size=1)
+@pytest.fixture(scope="module")
+def dpo_on_two_ranks(tmp_path_factory) -> tuple[Path, str]:
+    """3 steps of DPO on two ranks x batch 1, checkpoints at steps 2 and 3: the run folder, stdout."""
+    path = dpo_recipe(tmp_path_factory.mktemp("dpo_ddp"), batch_size=1)
     result = torchrun(path)
     succeeded(result)
-    run = the_run_folder(path)
-    assert_written_once(run, result.stdout, steps=3, effective_batch=2)
-    assert "effective batch 2 = batch_size 1 x grad_accum 1 x 2 ranks" in result.stdout
+    return the_run_folder(path), result.stdout
+
+
+def test_dpo_on_two_ranks_matches_one_rank_of_twice_the_batch(dpo_on_two_ranks, tmp_path: Path):
+    run, stdout = dpo_on_two_ranks
+    assert_written_once(run, stdout, steps=3, effective_batch=2)
+    assert "effective batch 2 = batch_size 1 x grad_accum 1 x 2 ranks" in stdout
     report = json.loads((run / "3-train" / "data_report.json").read_text())["train"]
     assert report["samples_kept"] == 6
 
@@ -115,32 +138,84 @@ def test_dpo_on_two_ranks_matches_one_rank_of_twice_the_batch(tmp_path: Path):
     assert max(float((sharded[k] - whole[k]).abs().max()) for k in whole) < WEIGHT_TOLERANCE
 
 
+def test_a_two_rank_dpo_run_resumes_under_the_same_launch(dpo_on_two_ranks, tmp_path: Path):
+    """Step 3 trains again from checkpoint-2 on both ranks (each its own half of the pairs, the frozen
+    reference adapter restored with the trained one) to the uninterrupted run's loss, preference
+    metrics and adapter, within the tolerances above."""
+    run, _ = dpo_on_two_ranks
+    stopped = stopped_after_step_two(run, tmp_path / run.name)
+    succeeded(torchrun("--resume", stopped))
+    assert_resumed_to_the_end(stopped, steps=3)
+    a, b = losses(run), losses(stopped)
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < LOSS_TOLERANCE, (a, b)
+    for key in ("reward_margin", "preference_accuracy"):
+        expected = [row[key] for row in metrics(run)]
+        assert [row[key] for row in metrics(stopped)] == pytest.approx(expected, abs=1e-4), key
+    before, resumed = trained_adapter(run), trained_adapter(stopped)
+    assert max(float((before[k] - resumed[k]).abs().max()) for k in before) < WEIGHT_TOLERANCE
+
+
 # --- GRPO ---------------------------------------------------------------------------------------
 
 
-def test_grpo_on_two_ranks_logs_whole_groups_from_both_and_saves_one_adapter(tmp_path: Path):
-    """Each rank samples one prompt's group of 4 per step; rank 0 logs both groups and the mean reward."""
+GRPO_STEPS = 3
+
+
+def completions(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "3-train" / "completions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def grpo_on_two_ranks(tmp_path_factory) -> tuple[Path, str]:
+    """3 steps of GRPO on two ranks, checkpoints at steps 2 and 3: the run folder, stdout."""
     path = launch_recipe(
-        tmp_path,
+        tmp_path_factory.mktemp("grpo_ddp"),
         data={"train": str(ROOT / "data" / "demo" / "train.jsonl")},
-        train={"objective": "grpo", "max_steps": 2, "batch_size": 4, "lr": 1e-3},
+        train={"objective": "grpo", "max_steps": GRPO_STEPS, "batch_size": 4, "lr": 1e-3},
         grpo={"num_generations": 4, "max_completion_length": 6, "completions_to_log": 8, "rewards": [
             {"type": "contains"}, {"type": "regex", "pattern": "[a-m].*", "name": "a_to_m"}]},
     )  # fmt: skip
     result = torchrun(path)
     succeeded(result)
-    run = the_run_folder(path)
-    assert_written_once(run, result.stdout, steps=2, effective_batch=8)
-    rows = [json.loads(line) for line in (run / "3-train" / "completions.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1] * 8 + [2] * 8
-    for step in (1, 2):
+    return the_run_folder(path), result.stdout
+
+
+def test_grpo_on_two_ranks_logs_whole_groups_from_both_and_saves_one_adapter(grpo_on_two_ranks):
+    """Each rank samples one prompt's group of 4 per step; rank 0 logs both groups and the mean reward."""
+    run, stdout = grpo_on_two_ranks
+    assert_written_once(run, stdout, steps=GRPO_STEPS, effective_batch=8)
+    rows = completions(run)
+    steps = range(1, GRPO_STEPS + 1)
+    assert [row["step"] for row in rows] == [step for step in steps for _ in range(8)]
+    for step in steps:
         groups = [row["sample"] for row in rows if row["step"] == step]
         # Two prompts a step, one per rank, each with its whole group of four completions.
         assert len(set(groups)) == 2 and all(groups.count(sample) == 4 for sample in groups), groups
     train = [row for row in metrics(run) if "loss" in row]
-    for row, step in zip(train, (1, 2), strict=True):  # the logged reward is the mean over both ranks' groups
+    for row, step in zip(train, steps, strict=True):  # the logged reward is the mean over both ranks' groups
         logged = [r["reward"] for r in rows if r["step"] == step]
         assert row["reward"] == pytest.approx(sum(logged) / len(logged), abs=1e-5)
     summary = json.loads((run / "summary.json").read_text())["stages"]["train"]
     assert summary["first_reward"] == train[0]["reward"] and summary["last_reward"] == train[-1]["reward"]
     trained_adapter(run)
+
+
+def test_a_two_rank_grpo_run_resumes_under_the_same_launch_to_the_same_completions(
+    grpo_on_two_ranks, tmp_path: Path
+):
+    """Exact on CPU, as for one process (tests/test_grpo_resume.py): each rank restores its own RNG
+    state (rng_state_{rank}.pth) before step 3, so it samples the same completions of the same prompt
+    (the prompt order comes from the sampler reseeded by train.seed and the epoch, then sharded
+    across the ranks as before); the rewards, their mean over both ranks, the loss, every metrics row
+    and the adapter's bytes repeat with a tolerance of zero. The stopped copy keeps step 3's logged
+    completions, as a run killed after logging them would: the resume drops them and logs them once."""
+    run, _ = grpo_on_two_ranks
+    stopped = stopped_after_step_two(run, tmp_path / run.name)
+    assert [row["step"] for row in completions(stopped)][-1] == GRPO_STEPS  # the stale rows are there
+    succeeded(torchrun("--resume", stopped))
+    assert_resumed_to_the_end(stopped, steps=GRPO_STEPS)
+    assert completions(stopped) == completions(run)
+    assert [figures(row) for row in metrics(stopped)] == [figures(row) for row in metrics(run)]
+    adapter = Path("3-train", "adapter", "adapter_model.safetensors")
+    assert (stopped / adapter).read_bytes() == (run / adapter).read_bytes()

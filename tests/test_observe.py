@@ -36,8 +36,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def mixed_rows() -> list[dict]:
     """SFT rows, eval rows, a DPO-style row with extra keys and no token accuracy, a diverged step."""
     train = rows([2.0, 1.8, 1.5, 1.4])
-    evals = [{"step": 2, "eval_loss": 1.9, "eval_mean_token_accuracy": 0.2},
-             {"step": 4, "eval_loss": 1.6, "eval_runtime": 0.5, "eval_mean_token_accuracy": 0.3}]  # fmt: skip
+    evals = [{"step": 2, "eval_loss": 1.9, "eval_token_accuracy": 0.2},
+             {"step": 4, "eval_loss": 1.6, "eval_runtime": 0.5, "eval_token_accuracy": 0.3}]  # fmt: skip
     dpo = {"step": 5, "loss": 1.3, "learning_rate": 2e-4, "rewards/chosen": 0.4, "logps/rejected": [-1.0]}
     diverged = {"step": 6, "loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 1e-4}
     return [train[0], train[1], evals[0], train[2], train[3], evals[1], dpo, diverged]
@@ -54,7 +54,7 @@ def test_curves_take_every_logged_value_and_ignore_other_keys():
     assert by_key["eval_loss"].steps == (2, 4) and by_key["eval_loss"].values == (1.9, 1.6)
     assert by_key["learning_rate"].values[-2:] == (2e-4, 1e-4)
     assert by_key["token_accuracy"].steps == (1, 2, 3, 4), "the DPO row has no accuracy: it adds no point"
-    assert by_key["eval_mean_token_accuracy"].values == (0.2, 0.3)
+    assert by_key["eval_token_accuracy"].values == (0.2, 0.3)
     assert set(drawn) == {p.title for p in curves.PANELS}
     assert not any(key.startswith(("rewards", "logps")) for key in by_key)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlmtune import rundir
+from vlmtune.observe.metrics import read_rows
 
 from conftest import ROOT
 from test_cli import vlmtune
@@ -65,6 +66,9 @@ def test_the_curves_picture_is_written_and_the_terminal_summarises(trained):
     out = result.stdout
     assert "  loss " in out and "6 steps logged" in out
     assert "  eval loss " in out and "(2 evaluations" in out
+    # the keys the metrics writer gives the Trainer's eval metrics are the ones the curves read
+    evals = [row["eval_token_accuracy"] for row in read_rows(run) if "eval_loss" in row]
+    assert len(evals) == 2 and f"  eval accuracy  {evals[0]:.3f} -> {evals[-1]:.3f}" in out
     assert f"curves:     {run / rundir.CURVES}" in out
     before = (run / rundir.CURVES).read_bytes()
     report = vlmtune("report", str(run))

@@ -42,7 +42,7 @@ CORE_PANELS = (
 )
 # Drawn when logged; the first one stands in, empty, when none was (a run with no step yet).
 OBJECTIVE_PANELS = (
-    Panel("token accuracy", (("token_accuracy", "train"), ("eval_mean_token_accuracy", "eval"))),
+    Panel("token accuracy", (("token_accuracy", "train"), ("eval_token_accuracy", "eval"))),
     Panel(
         "preference rewards",
         (("reward_chosen", "chosen"), ("reward_rejected", "rejected"), ("reward_margin", "margin")),
@@ -198,7 +198,7 @@ def summary_lines(curves: dict[str, list[Series]]) -> list[tuple[str, str]]:
         lines.append(("grad norm", f"{_trend(grad, 3)}{peak}"))
     if acc := by_key.get("token_accuracy"):
         lines.append(("token accuracy", _trend(acc, 3)))
-    if eacc := by_key.get("eval_mean_token_accuracy"):
+    if eacc := by_key.get("eval_token_accuracy"):
         lines.append(("eval accuracy", _trend(eacc, 3)))
     if margin := by_key.get("reward_margin"):
         lines.append(("reward margin", _trend(margin, 3)))

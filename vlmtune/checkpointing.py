@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from vlmtune.families import Family
+from vlmtune.families import Family, ends_with
 
 
 def transformer_blocks(model: Any, family: Family) -> list[tuple[str, Any]]:
@@ -32,13 +32,9 @@ def transformer_blocks(model: Any, family: Family) -> list[tuple[str, Any]]:
         if not isinstance(module, nn.ModuleList) or any(name.startswith(p) for p in inside_checkpointed):
             continue
         for index, child in enumerate(module):
-            if any(_ends_with(inner, attention) for inner, _ in child.named_modules()):
+            if any(ends_with(inner, suffix) for inner, _ in child.named_modules() for suffix in attention):
                 blocks.append((f"{name}.{index}", child))
     return blocks
-
-
-def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
-    return any(name == suffix or name.endswith(f".{suffix}") for suffix in suffixes)
 
 
 @cache

@@ -107,6 +107,11 @@ def under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def ends_with(name: str, suffix: str) -> bool:
+    """Does module ``name`` end with the module path ``suffix`` (whole segments: attn.proj, not c_proj)?"""
+    return name == suffix or name.endswith("." + suffix)
+
+
 # --- the records --------------------------------------------------------------------------------
 
 _QWEN_COMMON = dict(

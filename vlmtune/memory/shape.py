@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from vlmtune.families import Family
+from vlmtune.families import Family, ends_with
 
 NORM_ELEMS = 2  # an RMSNorm saves its input upcast to fp32: two 16-bit elements per channel
 
@@ -168,10 +168,7 @@ def layer_of(name: str) -> str | None:
 
 
 def _matches(name: str, suffixes: tuple[str, ...]) -> int | None:
-    for i, suffix in enumerate(suffixes):
-        if name == suffix or name.endswith("." + suffix):
-            return i
-    return None
+    return next((i for i, suffix in enumerate(suffixes) if ends_with(name, suffix)), None)
 
 
 def group_layers(

@@ -153,8 +153,8 @@ def run_arm_b(
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from vlmtune.families import get_family
-    from vlmtune.processing import load_processor
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     processor = load_processor(
         ckpt, get_family("qwen2_vl"), pixels

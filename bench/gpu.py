@@ -11,7 +11,7 @@ The device command (the device tool runs it in the repo root; .whl/ comes from
 
     bash bench/gpu.sh                 carry [".whl"], timeout_s 570
 
-Every model has random weights at real shapes from the bundled configs (vlmtune/configs/*.json) and
+Every model has random weights at real shapes from the bundled configs (vlmtune/model/configs/*.json) and
 the tiny family's tokenizer and processor files, with the vocabulary at its real size. Parts, each
 in its own subprocess with a timeout (a part that fails or hangs records that and the rest go on),
 under one global deadline:
@@ -357,7 +357,7 @@ def estimate_ratio(estimate: dict, trained: dict) -> dict:
 
 def part_tiny_families(s: Settings, work: Path, emit: Emit) -> dict:
     """`vlmtune train` on tiny:FAMILY for every family, one after another; each family's outcome is kept."""
-    from vlmtune.families import family_names
+    from vlmtune.model.families import family_names
 
     data = ROOT / "data" / "demo" / "train.jsonl"
     families: dict[str, dict] = {}

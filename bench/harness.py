@@ -241,9 +241,9 @@ def run_vlmtune(args: list[str]) -> None:
 
 
 def bundled_config(hub_id: str) -> dict:
-    """The architecture config vlmtune ships for estimate-memory (vlmtune/configs/OWNER--NAME.json)."""
+    """The architecture config vlmtune ships for estimate-memory (vlmtune/model/configs/OWNER--NAME.json)."""
     name = hub_id.replace("/", "--", 1) + ".json"
-    return json.loads((resources.files("vlmtune") / "configs" / name).read_text(encoding="utf-8"))
+    return json.loads((resources.files("vlmtune.model") / "configs" / name).read_text(encoding="utf-8"))
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -306,9 +306,9 @@ def build_random_checkpoint(config: dict, family: str, out: Path, device: str) -
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vlmtune.families import get_family
-    from vlmtune.processing import load_processor, save_processor
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor, save_processor
+    from vlmtune.model.tiny import tiny_model_path
 
     tiny = tiny_model_path(family)
     processor = load_processor(tiny, get_family(family))

@@ -127,9 +127,9 @@ def child(c: dict) -> dict:
     from transformers.utils import logging
 
     from vlmtune import memory
-    from vlmtune.families import detect_family
-    from vlmtune.loss import lm_head_input, supervised_cross_entropy
+    from vlmtune.model.families import detect_family
     from vlmtune.stages import load, lora
+    from vlmtune.training.loss import lm_head_input, supervised_cross_entropy
 
     logging.set_verbosity_error()
     torch.manual_seed(0)

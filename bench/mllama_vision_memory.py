@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 CONFIG = (
-    Path(__file__).resolve().parent.parent / "vlmtune/configs/meta-llama--Llama-3.2-11B-Vision-Instruct.json"
+    Path(__file__).resolve().parent.parent
+    / "vlmtune/model/configs/meta-llama--Llama-3.2-11B-Vision-Instruct.json"
 )
 VISION_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(fc1|fc2))"
 

@@ -156,10 +156,10 @@ def write_shards(samples: int, shards: int, pool: int, seed: int) -> list[Path]:
 
 
 def collator():
-    from vlmtune.collator import VisionCollator
-    from vlmtune.families import get_family
-    from vlmtune.processing import load_processor
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
+    from vlmtune.model.tiny import tiny_model_path
 
     family = get_family("qwen2_vl")
     processor = load_processor(tiny_model_path("qwen2_vl"), family, MAX_IMAGE_PIXELS)
@@ -170,8 +170,8 @@ def run_arm(arm: str, path: Path, vision_collator) -> tuple[float, float, object
     """(wall seconds, CPU seconds of this process and its workers, report) of one check."""
     import resource
 
-    from vlmtune.lengths import TokenCounter
-    from vlmtune.preflight import scan_split
+    from vlmtune.data.lengths import TokenCounter
+    from vlmtune.data.preflight import scan_split
     from vlmtune.recipe import DataSection
 
     keys = {"baseline": {"check_workers": 0}, "fast": {}, "fast-workers": {"check_workers": 2},

@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from vlmtune.reference import recipe_reference
+from vlmtune.recipe.reference import recipe_reference
 
 target = Path(__file__).resolve().parent.parent / "docs" / "recipe-reference.md"
 target.write_text(recipe_reference(), encoding="utf-8")

@@ -51,7 +51,7 @@ TEXT_ONLY = Sample(2, [user("Hello"), assistant("Hi there.")], [])
 @pytest.fixture(scope="session")
 def tiny_path():
     """tiny_path(family) -> the cached tiny checkpoint folder (built once per machine)."""
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.model.tiny import tiny_model_path
 
     return tiny_model_path
 

@@ -39,7 +39,7 @@ def install(fault: str, where: str) -> None:
     kind, _, rest = where.partition(":")
     if kind == "step":
         # the mixin's training_step: every objective's trainer (sft, dpo, grpo) goes through it
-        from vlmtune.reliable_trainer import ReliableTrainerMixin
+        from vlmtune.training.reliable_trainer import ReliableTrainerMixin
 
         step, original = int(rest), ReliableTrainerMixin.training_step
 
@@ -65,7 +65,7 @@ def install(fault: str, where: str) -> None:
         module, name = {
             "load": ("vlmtune.stages.load", "load"),
             "final": ("vlmtune.stages.common", "save_final"),  # run_trainer saves every objective's weights
-            "eval": ("vlmtune.evaluate", "after_training"),
+            "eval": ("vlmtune.after.evaluate", "after_training"),
         }[kind]
         import importlib
 

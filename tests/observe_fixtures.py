@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from vlmtune import rundir
+from vlmtune.runs import rundir
 
 T0 = datetime(2026, 11, 20, 9, 0, 0)
 MiB = 2**20

@@ -91,7 +91,7 @@ def test_memory_parts_measure_and_estimate_the_same_workload(dry_run, part):
 
 
 def test_every_tiny_family_trains_in_4bit(dry_run):
-    from vlmtune.families import family_names
+    from vlmtune.model.families import family_names
 
     families = dry_run[0]["parts"]["tiny_families"]["families"]
     assert set(families) == set(family_names())

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from test_family_training import LANGUAGE_BLOCKS, VISION_BLOCKS
 
-from vlmtune.checkpointing import checkpoint_every_block, transformer_blocks
-from vlmtune.families import family_names, get_family
+from vlmtune.model.checkpointing import checkpoint_every_block, transformer_blocks
+from vlmtune.model.families import family_names, get_family
 
 from conftest import ONE_IMAGE, PIXEL_BUDGET, TWO_TURNS
 
@@ -77,8 +77,8 @@ def loss_grads_and_saved_bytes(model, batch) -> tuple[float, dict, int]:
 def test_mllama_vision_layers_recompute_with_the_same_loss_and_gradients(tiny_path):
     import torch
 
-    from vlmtune.collator import VisionCollator
-    from vlmtune.processing import load_processor
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.model.processing import load_processor
 
     family = get_family("mllama")
     processor = load_processor(tiny_path("mllama"), family, PIXEL_BUDGET)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtune.collator import VisionCollator, align_expanded
+from vlmtune.data.collator import VisionCollator, align_expanded
 from vlmtune.errors import DataError, ModelError
-from vlmtune.families import get_family
+from vlmtune.model.families import get_family
 
 from conftest import PIXEL_BUDGET, QWEN_FAMILIES, TEXT_ONLY, TWO_TURNS
 
 
 @pytest.fixture(scope="module", params=QWEN_FAMILIES)
 def collator(request, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     family = get_family(request.param)
     processor = load_processor(tiny_path(request.param), family, PIXEL_BUDGET)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmtune.data.preflight import check_split, read_split, scan_split
 from vlmtune.errors import DataError
-from vlmtune.preflight import check_split, read_split, scan_split
 from vlmtune.recipe import DataSection
 
 from conftest import PIXEL_BUDGET, ROOT
@@ -51,10 +51,10 @@ def arm(request, tiny_path):
     """Every bad sample gets the same named reason whether lengths come from image sizes (the default,
     images proven whole without decoding, in this process or in workers) or from the processor with
     every image decoded."""
-    from vlmtune.collator import VisionCollator
-    from vlmtune.families import get_family
-    from vlmtune.lengths import TokenCounter
-    from vlmtune.processing import load_processor
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.data.lengths import TokenCounter
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     family = get_family("qwen2_vl")
     processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from vlmtune.data import RowImage, Sample, SampleError, SampleReader, open_records
+from vlmtune.data.images import ImageProblem, UrlImage, open_image, resolve_source
+from vlmtune.data.preflight import read_split, scan_split
 from vlmtune.errors import DataError
-from vlmtune.images import ImageProblem, UrlImage, open_image, resolve_source
-from vlmtune.preflight import read_split, scan_split
 from vlmtune.recipe import DataSection
 
 from conftest import PIXEL_BUDGET, ROOT
@@ -26,9 +26,9 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_gr
 
 @pytest.fixture(scope="module")
 def collator(tiny_path):
-    from vlmtune.collator import VisionCollator
-    from vlmtune.families import get_family
-    from vlmtune.processing import load_processor
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     family = get_family("qwen2_vl")
     processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)

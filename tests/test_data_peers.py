@@ -14,8 +14,8 @@ import pytest
 
 from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data import SampleReader
+from vlmtune.data.preflight import read_split
 from vlmtune.data.samples import SampleError
-from vlmtune.preflight import read_split
 from vlmtune.recipe import DataSection
 
 from conftest import PIXEL_BUDGET, ROOT, write_recipe
@@ -59,9 +59,9 @@ PEER_FILES = [
 
 @pytest.fixture(scope="module")
 def collator(tiny_path):
-    from vlmtune.collator import VisionCollator
-    from vlmtune.families import get_family
-    from vlmtune.processing import load_processor
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     family = get_family("qwen2_vl")
     processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
@@ -324,7 +324,7 @@ def test_embedded_and_base64_images_of_a_parquet_file_stay_in_the_dataset(tmp_pa
     from datasets import Dataset
 
     from vlmtune.data import RowImage
-    from vlmtune.images import open_image
+    from vlmtune.data.images import open_image
 
     rows = [json.loads(line) for line in (PEERS / "openai_data_uri.jsonl").read_text().splitlines()]
     for row in rows:  # Arrow holds one type per column: every content a part list

@@ -17,7 +17,7 @@ from vlmtune.recipe import (
     TrainSection,
     parse_recipe,
 )
-from vlmtune.rundir import RunDir
+from vlmtune.runs.rundir import RunDir
 
 from conftest import ROOT
 
@@ -174,7 +174,7 @@ def test_the_reference_log_probs_do_not_move_while_the_model_trains(
 ):
     import torch
 
-    from vlmtune.evaluate import answer_logps
+    from vlmtune.after.evaluate import answer_logps
 
     adapter = trained_looking_adapter(tmp_path / "sft-adapter") if continued else None
     model, loaded = loaded_model(bits, method, adapter)

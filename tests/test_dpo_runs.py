@@ -55,7 +55,7 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
     # The same run stopped after its checkpoint at step 2 (Ctrl-C as step 3 begins), then resumed.
     from transformers import TrainerCallback
 
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
 
     class CtrlCAtStep3(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from posttrain_fixtures import ANSWER, DEMO, IMAGE, fake_run, train_overfit_run
 
-from vlmtune import evaluate as ev
+from vlmtune.after import evaluate as ev
 
 from test_cli import vlmtune
 
@@ -48,7 +48,7 @@ def test_scores_are_fractions_of_the_samples():
 
 
 def test_the_reference_is_the_last_assistant_turn_and_the_prompt_what_comes_before():
-    from vlmtune.preflight import read_split
+    from vlmtune.data.preflight import read_split
     from vlmtune.recipe import DataSection
 
     split = read_split(str(DEMO / "eval.jsonl"), DataSection(train="x"))

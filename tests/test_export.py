@@ -145,10 +145,10 @@ def _logits(model, inputs):
 @pytest.fixture(scope="module")
 def image_prompt(exports):
     """A fixed image + prompt + answer, processed by the merged folder's own processor."""
+    from vlmtune.after.generate import user_turn
     from vlmtune.data import open_image
-    from vlmtune.families import get_family
-    from vlmtune.generate import user_turn
-    from vlmtune.processing import load_processor
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     processor = load_processor(exports["merged"], get_family("qwen2_vl"))
     text = processor.apply_chat_template(user_turn(PROMPT, 1), tokenize=False, add_generation_prompt=True)
@@ -187,8 +187,8 @@ def test_the_merged_model_gives_the_trained_answer(exports, image_prompt):
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from vlmtune.after.generate import generate_answer, user_turn
     from vlmtune.data import open_image
-    from vlmtune.generate import generate_answer, user_turn
 
     processor, _ = image_prompt
     merged = AutoModelForImageTextToText.from_pretrained(exports["merged"], dtype=torch.bfloat16).eval()
@@ -262,7 +262,7 @@ def test_the_merge_check_catches_a_checkpoint_that_lacks_the_lora(tmp_path: Path
     import torch
     from safetensors.torch import save_file
 
-    from vlmtune.export import ExportError, Probe, check_merged
+    from vlmtune.after.export import ExportError, Probe, check_merged
 
     torch.manual_seed(0)
     weight, delta = torch.randn(8, 8), 0.1 * torch.randn(8, 8)
@@ -286,7 +286,7 @@ def test_the_adapter_check_catches_missing_modules_and_untrained_weights(tmp_pat
     import torch
     from safetensors.torch import save_file
 
-    from vlmtune.export import ExportError, check_adapter
+    from vlmtune.after.export import ExportError, check_adapter
 
     def adapter(modules: list[str], b: float) -> Path:
         path = tmp_path / f"{len(modules)}-{b}.safetensors"

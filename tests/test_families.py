@@ -7,8 +7,8 @@ import json
 import pytest
 
 from vlmtune.errors import ModelError
-from vlmtune.families import FAMILIES, LLAVA, PIXTRAL, detect_family, family_names, get_family
-from vlmtune.tiny import tiny_builder
+from vlmtune.model.families import FAMILIES, LLAVA, PIXTRAL, detect_family, family_names, get_family
+from vlmtune.model.tiny import tiny_builder
 
 NAMES = family_names()
 SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
@@ -59,7 +59,7 @@ def test_an_unknown_family_name_lists_the_names():
 
 @pytest.mark.parametrize("family", NAMES)
 def test_the_records_vision_tokens_exist_in_the_tiny_tokenizer(family: str, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     record = get_family(family)
     tokenizer = load_processor(tiny_path(family), record).tokenizer
@@ -94,7 +94,7 @@ def count_feature_tokens(processor, record, width: int, height: int) -> int:
 @pytest.mark.parametrize("budget", [None, 2000])
 @pytest.mark.parametrize("family", NAMES)
 def test_tokens_per_image_matches_the_processor(family: str, budget, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     record = get_family(family)
     processor = load_processor(tiny_path(family), record, budget)
@@ -151,7 +151,7 @@ RELEASED = {
 
 @pytest.mark.parametrize("family", sorted(RELEASED))
 def test_tokens_per_image_at_released_settings(family: str, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     record = get_family(family)
     processor = load_processor(tiny_path(family), record)
@@ -164,7 +164,7 @@ def test_tokens_per_image_at_released_settings(family: str, tiny_path):
 
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES if f.pixel_budget is not None])
 def test_a_smaller_pixel_budget_never_gives_more_tokens(family: str, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     record = get_family(family)
     counts = []
@@ -175,7 +175,7 @@ def test_a_smaller_pixel_budget_never_gives_more_tokens(family: str, tiny_path):
 
 
 def test_missing_settings_raise_a_value_error_naming_the_field():
-    from vlmtune.image_tokens import ImageSettings
+    from vlmtune.model.image_tokens import ImageSettings
 
     with pytest.raises(ValueError, match="grid_pinpoints"):
         get_family("llava_next").tokens_per_image(
@@ -187,7 +187,7 @@ def test_missing_settings_raise_a_value_error_naming_the_field():
 
 def test_qwen_extreme_aspect_ratio_rounds_like_smart_resize():
     """A 13-pixel side rounds to zero tiles before the min_pixels check, as the processor does."""
-    from vlmtune.image_tokens import ImageSettings, qwen_tokens
+    from vlmtune.model.image_tokens import ImageSettings, qwen_tokens
 
     settings = ImageSettings(min_pixels=3136, max_pixels=50176, patch_size=14, merge_size=2)
     assert qwen_tokens(13, 200, settings) == 8
@@ -197,8 +197,8 @@ def test_a_checkpoint_without_a_chat_template_gets_the_familys(tmp_path, tiny_pa
     """Released PaliGemma checkpoints ship no chat template; vlmtune supplies a prefix-stable one."""
     import shutil
 
-    from vlmtune.families import PALIGEMMA_CHAT_TEMPLATE
-    from vlmtune.processing import load_processor
+    from vlmtune.model.families import PALIGEMMA_CHAT_TEMPLATE
+    from vlmtune.model.processing import load_processor
 
     folder = tmp_path / "paligemma"
     shutil.copytree(tiny_path("paligemma"), folder)

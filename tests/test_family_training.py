@@ -12,11 +12,11 @@ import itertools
 
 import pytest
 
-from vlmtune.collator import VisionCollator, align_expanded
 from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data import Sample
+from vlmtune.data.collator import VisionCollator, align_expanded
 from vlmtune.errors import ModelError
-from vlmtune.families import family_names, get_family
+from vlmtune.model.families import family_names, get_family
 from vlmtune.recipe import LoraSection, ModelSection, QuantizationSection
 from vlmtune.stages import load, lora
 
@@ -158,7 +158,7 @@ def test_pixtral_vision_tower_shares_names_with_the_language_model_yet_stays_apa
 
 @pytest.fixture(scope="module", params=NAMES)
 def collator(request, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     family = get_family(request.param)
     processor = load_processor(tiny_path(request.param), family, PIXEL_BUDGET)
@@ -246,8 +246,8 @@ def test_a_template_without_a_stop_token_gets_eos_after_each_answer():
     """Without it a Llava-1.5 model never learns to stop: its template ends answers with a space."""
     import copy
 
-    from vlmtune.processing import load_processor
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.model.processing import load_processor
+    from vlmtune.model.tiny import tiny_model_path
 
     family = get_family("llava")
     processor = copy.copy(load_processor(tiny_model_path("llava"), family, PIXEL_BUDGET))
@@ -260,8 +260,8 @@ def test_a_template_without_a_stop_token_gets_eos_after_each_answer():
 
 
 def test_paligemma_token_types_make_the_answer_causal():
-    from vlmtune.processing import load_processor
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.model.processing import load_processor
+    from vlmtune.model.tiny import tiny_model_path
 
     family = get_family("paligemma")
     processor = load_processor(tiny_model_path("paligemma"), family, PIXEL_BUDGET)
@@ -273,8 +273,8 @@ def test_paligemma_token_types_make_the_answer_causal():
 
 def test_gemma3_newlines_beside_images_merge_yet_labels_are_right():
     """Gemma 3's processor writes "\\n\\n" around an image, which merges with the newline before it."""
-    from vlmtune.processing import load_processor
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.model.processing import load_processor
+    from vlmtune.model.tiny import tiny_model_path
 
     family = get_family("gemma3")
     processor = load_processor(tiny_model_path("gemma3"), family, PIXEL_BUDGET)
@@ -338,8 +338,8 @@ def test_two_qlora_steps_on_both_towers(family: str):
 def test_a_template_that_refuses_the_text_only_probe_is_left_alone():
     import copy
 
-    from vlmtune.processing import load_processor
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.model.processing import load_processor
+    from vlmtune.model.tiny import tiny_model_path
 
     family = get_family("llava")
     processor = copy.copy(load_processor(tiny_model_path("llava"), family, PIXEL_BUDGET))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlmtune.errors import DataError, ModelError
-from vlmtune.families import family_names, get_family
+from vlmtune.model.families import family_names, get_family
 from vlmtune.recipe import parse_recipe
 
 from conftest import PIXEL_BUDGET, ROOT, write_recipe
@@ -57,9 +57,9 @@ def test_grpo_trains_on_the_log_probabilities_the_model_gives_each_prompt_alone(
     (M-RoPE types, Gemma 3's token types) and image features all line up. No vision token is sampled."""
     import torch
 
-    from vlmtune.collator import template_special_tokens, vision_token_ids
     from vlmtune.data import open_image
-    from vlmtune.rundir import RunDir
+    from vlmtune.data.collator import template_special_tokens, vision_token_ids
+    from vlmtune.runs.rundir import RunDir
     from vlmtune.stages import grpo, load, lora
 
     recipe = parse_recipe(
@@ -131,17 +131,17 @@ def mixed_prompts(folder: Path) -> Path:
 
 
 def processor_of(name: str = "qwen2_vl"):
-    from vlmtune.checkpoint import detect
-    from vlmtune.processing import load_processor
+    from vlmtune.model.checkpoint import detect
+    from vlmtune.model.processing import load_processor
 
     path, family = detect(f"tiny:{name}", None)
     return load_processor(path, family, PIXEL_BUDGET)
 
 
 def test_prompts_are_the_conversation_before_the_last_answer(tmp_path: Path):
-    from vlmtune import rewards
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
     from vlmtune.stages.grpo import prepare_prompts
+    from vlmtune.training import rewards
 
     recipe = parse_recipe(grpo_recipe() + "\n", base_dir=ROOT)
     data = recipe.data.model_copy(update={"shuffle": False})
@@ -175,9 +175,9 @@ def write_prompts(folder: Path, answered: bool) -> Path:
 
 
 def test_prompts_without_an_answer_train_on_rewards_that_need_none(tmp_path: Path):
-    from vlmtune import rewards
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
     from vlmtune.stages.grpo import prepare_prompts
+    from vlmtune.training import rewards
 
     path = write_prompts(tmp_path, answered=False)
     recipe = parse_recipe(grpo_recipe(rewards=[{"type": "regex", "pattern": "[a-z]+"}]).replace(
@@ -212,9 +212,9 @@ def test_data_check_reads_a_grpo_recipe_as_training_does(tmp_path: Path):
 def test_a_reward_that_needs_an_answer_names_the_samples_without_one(
     tmp_path: Path, reward: str, lacking: str
 ):
-    from vlmtune import rewards
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
     from vlmtune.stages.grpo import prepare_prompts
+    from vlmtune.training import rewards
 
     path = write_prompts(tmp_path, answered=True)  # sample 0 has no answer; the others answer "red"
     recipe = parse_recipe(
@@ -234,8 +234,8 @@ def test_a_reward_that_needs_an_answer_names_the_samples_without_one(
 def test_trl_log_keys_become_stable_metrics_names(tmp_path: Path):
     from types import SimpleNamespace
 
-    from vlmtune.callbacks import MetricsWriter
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
+    from vlmtune.training.callbacks import MetricsWriter
 
     run = RunDir.create(tmp_path, "run")
     writer = MetricsWriter(run)
@@ -425,7 +425,7 @@ def test_grpo_run_writes_completions_with_their_rewards(grpo_run: Path):
 
 @pytest.mark.slow
 def test_grpo_run_saves_the_trained_adapter_alone(grpo_run: Path):
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
 
     adapter = grpo_run / "3-train/adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()

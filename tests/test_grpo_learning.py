@@ -34,8 +34,8 @@ def held_out_reward(inference, prompts, seed: int = 0) -> float:
     """Mean exact-match reward of completions sampled as GRPO samples them (temperature 1, no top-k)."""
     import torch
 
+    from vlmtune.after.evaluate import exact_match
     from vlmtune.data import open_image
-    from vlmtune.evaluate import exact_match
     from vlmtune.stages.grpo import suppressed_tokens
 
     model, processor = inference.model, inference.processor
@@ -58,10 +58,10 @@ def held_out_reward(inference, prompts, seed: int = 0) -> float:
 def test_grpo_raises_the_held_out_reward_of_an_sft_warm_start(tmp_path: Path):
     from peft import PeftModel
 
-    from vlmtune.preflight import read_split
+    from vlmtune.after.trained import load_for_inference, open_trained_run
+    from vlmtune.data.preflight import read_split
+    from vlmtune.data.prompts import prompt_of
     from vlmtune.recipe import load_recipe
-    from vlmtune.stages.grpo import prompt_of
-    from vlmtune.trained import load_for_inference, open_trained_run
 
     runs = f"output.dir={tmp_path}"
     run("train", str(RECIPES / "colours_sft.yaml"), "--set", runs, "--run-dir", str(tmp_path / "sft"))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vlmtune.cli import app
-from vlmtune.families import family_names
+from vlmtune.model.families import family_names
 
 from conftest import ROOT, write_recipe
 

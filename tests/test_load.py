@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtune.checkpoint import read_config
 from vlmtune.errors import ModelError
+from vlmtune.model.checkpoint import read_config
 from vlmtune.recipe import ModelSection, QuantizationSection
 from vlmtune.stages import load
 
@@ -24,7 +24,7 @@ def _load(family: str, **quant):
 def test_report_counts_params_and_bytes_per_component(family: str):
     from transformers import AutoModelForImageTextToText
 
-    from vlmtune.checkpoint import resolve_model_path
+    from vlmtune.model.checkpoint import resolve_model_path
 
     report = _load(family, double_quant=False).report
     plain = AutoModelForImageTextToText.from_pretrained(resolve_model_path(f"tiny:{family}"))
@@ -68,7 +68,7 @@ def test_missing_model_folder_and_folder_without_config(tmp_path):
 
 
 def test_unknown_architecture_lists_supported_families():
-    from vlmtune.families import detect_family
+    from vlmtune.model.families import detect_family
 
     with pytest.raises(ModelError, match="unsupported architecture: model_type 'bert'") as info:
         detect_family({"model_type": "bert"})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmtune.collator import VisionCollator
-from vlmtune.families import family_names, get_family
-from vlmtune.loss import lm_head_input, logit_transform, supervised_cross_entropy
-from vlmtune.preflight import read_split
+from vlmtune.data.collator import VisionCollator
+from vlmtune.data.preflight import read_split
+from vlmtune.model.families import family_names, get_family
 from vlmtune.recipe import DataSection
+from vlmtune.training.loss import lm_head_input, logit_transform, supervised_cross_entropy
 
 from conftest import PIXEL_BUDGET, ROOT
 
@@ -17,7 +17,7 @@ from conftest import PIXEL_BUDGET, ROOT
 def family_batch(family_name: str, tiny_path):
     from transformers import AutoModelForImageTextToText
 
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     family = get_family(family_name)
     path = tiny_path(family_name)

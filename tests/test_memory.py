@@ -11,7 +11,7 @@ import pytest
 from vlmtune import memory as mem
 from vlmtune.commands.memory import parse_gpu_memory
 from vlmtune.errors import ModelError, VlmtuneError
-from vlmtune.families import family_names
+from vlmtune.model.families import family_names
 
 from conftest import PIXEL_BUDGET, ROOT, write_recipe
 from test_cli import vlmtune
@@ -47,7 +47,7 @@ BUNDLED = list(mem.bundled_configs())
 
 def shape_or_skip(hub_id: str) -> tuple:
     """(config, family, shape) of a bundled config; skipped while its family has no record yet."""
-    from vlmtune.families import detect_family
+    from vlmtune.model.families import detect_family
 
     config = mem.resolve_config(hub_id).config
     try:
@@ -222,7 +222,7 @@ def load_prepared(checkpoint: Path, recipe) -> tuple:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlmtune.families import detect_family
+    from vlmtune.model.families import detect_family
     from vlmtune.stages import load, lora
 
     family = detect_family(mem.resolve_config(str(checkpoint)).config)

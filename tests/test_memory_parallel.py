@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlmtune import memory as mem
-from vlmtune.families import detect_family
+from vlmtune.model.families import detect_family
 from vlmtune.recipe import Recipe, parse_recipe
 
 QWEN_7B = "Qwen/Qwen2.5-VL-7B-Instruct"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune import rundir
 from vlmtune.errors import RecipeError
 from vlmtune.observe import curves, memory, noise, trackers
 from vlmtune.observe.metrics import read_rows
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 
 from conftest import ROOT
 from observe_fixtures import MiB, make_run, rows, runs_in_every_state
@@ -202,8 +202,8 @@ def test_the_sampler_reads_the_peaks_and_never_resets_them(tmp_path: Path, monke
     """
     import torch
 
-    from vlmtune.callbacks import MetricsWriter
     from vlmtune.observe.sampler import PeakMemory
+    from vlmtune.training.callbacks import MetricsWriter
 
     counters = {"allocated": 0, "reserved": 0, "resets": 0}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: counters["allocated"])

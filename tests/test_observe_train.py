@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune import rundir
 from vlmtune.observe.metrics import read_rows
+from vlmtune.runs import rundir
 
 from conftest import ROOT
 from test_cli import vlmtune

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune import pipeline
-from vlmtune import rundir as files
 from vlmtune.recipe import load_recipe
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir as files
+from vlmtune.runs.rundir import RunDir
 
 from conftest import ROOT
 

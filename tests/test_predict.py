@@ -35,14 +35,14 @@ def test_base_only_answers_without_the_adapter(overfit_run: Path):
 
 @pytest.fixture(scope="module")
 def inference(overfit_run: Path):
-    from vlmtune.trained import load_for_inference, open_trained_run
+    from vlmtune.after.trained import load_for_inference, open_trained_run
 
     return load_for_inference(open_trained_run(overfit_run))
 
 
 @pytest.mark.slow
 def test_the_base_is_loaded_as_trained_with_the_adapter_on_top(inference):
-    from vlmtune.modelinfo import is_quantized_linear as is_quantized
+    from vlmtune.model.modelinfo import is_quantized_linear as is_quantized
 
     assert inference.has_adapter and type(inference.model).__name__.startswith("Peft")
     quantized = [n for n, m in inference.model.named_modules() if is_quantized(m)]
@@ -52,7 +52,7 @@ def test_the_base_is_loaded_as_trained_with_the_adapter_on_top(inference):
 
 @pytest.mark.slow
 def test_several_images_or_none_are_fine(inference):
-    from vlmtune.generate import generate_answer, open_images, user_turn
+    from vlmtune.after.generate import generate_answer, open_images, user_turn
 
     images = open_images([IMAGE, OTHER_IMAGE])
     two = generate_answer(inference.model, inference.processor, user_turn("Which is first?", 2), images, 8)
@@ -103,7 +103,7 @@ def test_an_image_that_does_not_open_is_a_clear_error(tmp_path: Path):
 
 
 def test_a_failed_eval_stage_does_not_hide_finished_training():
-    from vlmtune.trained import training_finished
+    from vlmtune.after.trained import training_finished
 
     stages = {"load": {"status": "done"}, "lora": {"status": "done"}}
     assert training_finished({"status": "done", "stages": {**stages, "train": {"status": "done"}}})

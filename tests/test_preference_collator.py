@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtune.collator import vision_token_ids
+from vlmtune.data.collator import vision_token_ids
 from vlmtune.data.preference import PreferencePair
-from vlmtune.families import family_names, get_family
+from vlmtune.model.families import family_names, get_family
 
 from conftest import ROOT
 
@@ -48,8 +48,8 @@ TWO_TURNS = PreferencePair(
 
 @pytest.fixture(scope="module", params=family_names(), ids=family_names())
 def family_collator(request, tiny_path):
-    from vlmtune.preference_collator import PreferenceCollator
-    from vlmtune.processing import load_processor
+    from vlmtune.data.preference_collator import PreferenceCollator
+    from vlmtune.model.processing import load_processor
 
     family = get_family(request.param)
     processor = load_processor(tiny_path(request.param), family, 12544)

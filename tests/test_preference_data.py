@@ -10,8 +10,8 @@ import pytest
 
 from vlmtune.data import SampleError
 from vlmtune.data.preference import PairReader, looks_like_pair
+from vlmtune.data.preflight import check_split, scan_split
 from vlmtune.errors import DataError
-from vlmtune.preflight import check_split, scan_split
 from vlmtune.recipe import DataSection
 
 from conftest import ROOT
@@ -23,9 +23,9 @@ BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask", "pixel_values", 
 
 @pytest.fixture(scope="module")
 def collator(tiny_path):
-    from vlmtune.families import get_family
-    from vlmtune.preference_collator import PreferenceCollator
-    from vlmtune.processing import load_processor
+    from vlmtune.data.preference_collator import PreferenceCollator
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     family = get_family("qwen2_vl")
     return PreferenceCollator(load_processor(tiny_path("qwen2_vl"), family, 12544), family, max_length=None)

@@ -41,8 +41,8 @@ def one_thread():
 
 @pytest.mark.slow
 def test_dpo_after_sft_beats_the_sft_starting_point_on_held_out_pairs(tmp_path: Path, one_thread):
-    from vlmtune import evaluate as ev
-    from vlmtune.trained import open_trained_run
+    from vlmtune.after import evaluate as ev
+    from vlmtune.after.trained import open_trained_run
 
     task = write_task(tmp_path / "task")
     data = {"max_image_pixels": 12544}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune import preflight
+from vlmtune.data import preflight
+from vlmtune.data.preflight import scan_split
 from vlmtune.errors import DataError, ModelError
-from vlmtune.preflight import scan_split
 from vlmtune.recipe import DataSection, load_recipe
 
 from conftest import PIXEL_BUDGET, ROOT, write_recipe
@@ -26,9 +26,9 @@ FORMAT_RECIPES = sorted((ROOT / "recipes" / "formats").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def collator(tiny_path):
-    from vlmtune.collator import VisionCollator
-    from vlmtune.families import get_family
-    from vlmtune.processing import load_processor
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
 
     family = get_family("qwen2_vl")
     processor = load_processor(tiny_path("qwen2_vl"), family, PIXEL_BUDGET)
@@ -153,9 +153,9 @@ def test_a_progress_bar_on_a_terminal_and_silence_elsewhere():
 
 
 def test_training_writes_the_report_and_skips_with_reasons(collator, tmp_path: Path):
-    from vlmtune.families import get_family
+    from vlmtune.model.families import get_family
     from vlmtune.recipe import TrainSection
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs.rundir import RunDir
     from vlmtune.stages.sft import prepare_data
 
     run = RunDir.create(tmp_path, "run")
@@ -175,7 +175,7 @@ def test_training_writes_the_report_and_skips_with_reasons(collator, tmp_path: P
 
 @pytest.mark.parametrize("path", FORMAT_RECIPES, ids=lambda p: p.stem)
 def test_every_format_recipe_passes_its_data_check(path: Path):
-    from vlmtune.datacheck import check_recipe_data
+    from vlmtune.data.check import check_recipe_data
 
     reports = check_recipe_data(load_recipe(path))
     for report in reports.values():

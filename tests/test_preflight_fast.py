@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune import preflight
-from vlmtune.data import Sample
-from vlmtune.families import family_names, get_family
-from vlmtune.images import ImageProblem, image_size
-from vlmtune.lengths import TokenCounter
-from vlmtune.preflight import scan_split
+from vlmtune.data import Sample, preflight
+from vlmtune.data.images import ImageProblem, image_size
+from vlmtune.data.lengths import TokenCounter
+from vlmtune.data.preflight import scan_split
+from vlmtune.model.families import family_names, get_family
 from vlmtune.recipe import DataSection
 
 from conftest import PIXEL_BUDGET, ROOT, write_recipe
@@ -35,8 +34,8 @@ SIZES = [(56, 56), (90, 30), (30, 90), (17, 41), (200, 130), (640, 480), (480, 6
 
 
 def collator_of(family: str, budget: int | None, tiny_path):
-    from vlmtune.collator import VisionCollator
-    from vlmtune.processing import load_processor
+    from vlmtune.data.collator import VisionCollator
+    from vlmtune.model.processing import load_processor
 
     record = get_family(family)
     processor = load_processor(tiny_path(family), record, budget)

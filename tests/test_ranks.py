@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from vlmtune import distributed, pipeline
-from vlmtune import rundir as files
+from vlmtune.distributed.text_only import TextOnlyGuard
 from vlmtune.errors import ModelError, RecipeError, RunDirError, VlmtuneError
-from vlmtune.families import FAMILIES, get_family
+from vlmtune.model.families import FAMILIES, get_family
 from vlmtune.recipe import DistributedSection, parse_recipe
-from vlmtune.rundir import RunDir
-from vlmtune.text_only import TextOnlyGuard
+from vlmtune.runs import rundir as files
+from vlmtune.runs.rundir import RunDir
 
 from conftest import PIXEL_BUDGET, TEXT_ONLY
 
@@ -137,7 +137,7 @@ def test_fsdp_wraps_the_blocks_named_by_the_family_record(launched, meta_model):
 
 def test_fsdp1_where_torch_has_no_fsdp2(launched, meta_model, monkeypatch):
     launched(2)
-    monkeypatch.setattr(distributed, "fsdp_version", lambda: 1)
+    monkeypatch.setattr(distributed.strategy, "fsdp_version", lambda: 1)
     args = distributed.trainer_arguments(
         DistributedSection(strategy="fsdp"), "cuda", meta_model("qwen2_vl"), get_family("qwen2_vl")
     )
@@ -328,7 +328,7 @@ def text_only_step(name: str, guarded: bool):
     """Loss and vision gradients of one full-fine-tuning step on a text-only batch."""
     import torch
 
-    from vlmtune.collator import VisionCollator
+    from vlmtune.data.collator import VisionCollator
     from vlmtune.recipe import ModelSection, QuantizationSection
     from vlmtune.stages import load
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from vlmtune.errors import RecipeError
 from vlmtune.recipe import load_recipe, parse_recipe, recipe_json_schema
-from vlmtune.reference import recipe_reference
+from vlmtune.recipe.reference import recipe_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

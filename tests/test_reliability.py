@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune import rundir, runlock, signals, trainer_checkpoints
 from vlmtune.errors import RunDirError
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir, runlock, signals, trainer_checkpoints
+from vlmtune.runs.rundir import RunDir
 
 
 def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
@@ -134,7 +134,7 @@ def test_a_full_disk_still_lets_summary_json_say_what_happened(tmp_path: Path, m
 def test_the_length_grouped_order_depends_on_seed_and_epoch_only():
     import torch
 
-    from vlmtune.reliable_trainer import EpochSeededLengthSampler
+    from vlmtune.training.reliable_trainer import EpochSeededLengthSampler
 
     lengths = [5, 50, 7, 70, 9, 90, 11, 110, 13, 130, 15, 150]
     sampler = EpochSeededLengthSampler(4, lengths, seed=3407)
@@ -155,7 +155,7 @@ def test_grpo_prompt_order_depends_on_seed_and_epoch_only():
     epoch's order however many epochs came before in this process."""
     from trl.trainer.utils import RepeatSampler
 
-    from vlmtune.reliable_trainer import EpochSeededSampler
+    from vlmtune.training.reliable_trainer import EpochSeededSampler
 
     def sampler():
         repeats = RepeatSampler(list(range(6)), mini_repeat_count=2, batch_size=2, seed=3407)
@@ -174,7 +174,7 @@ def test_grpo_prompt_order_depends_on_seed_and_epoch_only():
 
 
 def test_the_likely_cause_of_a_divergence():
-    from vlmtune.finite import likely_cause
+    from vlmtune.training.finite import likely_cause
 
     assert "before any update" in likely_cause(1, 1e-4, "bfloat16", False)
     assert "train.lr 1e+09 is far above" in likely_cause(5, 1e9, "bfloat16", False)
@@ -186,7 +186,7 @@ def test_the_likely_cause_of_a_divergence():
 def test_the_guard_stops_before_the_optimizer_applies_a_non_finite_gradient(tmp_path: Path):
     import torch
 
-    from vlmtune.finite import NonFiniteGuard, TrainingDiverged
+    from vlmtune.training.finite import NonFiniteGuard, TrainingDiverged
 
     class State:
         global_step = 3
@@ -219,7 +219,7 @@ def test_the_guard_stops_before_the_optimizer_applies_a_non_finite_gradient(tmp_
 
 
 def test_recipe_differences_are_dotted_keys():
-    from vlmtune.resuming import differences
+    from vlmtune.runs.resuming import differences
 
     before = {"lora": {"r": 16, "alpha": 16}, "data": {"columns": {"image": "image"}}}
     after = {"lora": {"r": 32, "alpha": 16}, "data": {"columns": {"image": "img"}}}
@@ -258,8 +258,8 @@ def test_a_checkpoint_adapter_that_cannot_go_into_the_model_is_a_message(tmp_pat
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from vlmtune.reliable_trainer import ReliableTrainerMixin
-    from vlmtune.trainer_checkpoints import CheckpointError
+    from vlmtune.runs.trainer_checkpoints import CheckpointError
+    from vlmtune.training.reliable_trainer import ReliableTrainerMixin
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()

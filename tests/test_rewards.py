@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune import rewards
 from vlmtune.errors import RecipeError
 from vlmtune.recipe import parse_recipe
-from vlmtune.rewards import Batch, RewardError
+from vlmtune.training import rewards
+from vlmtune.training.rewards import Batch, RewardError
 
 MINIMAL = "model:\n  name: tiny:qwen2_vl\ndata:\n  train: train.jsonl\ntrain:\n  objective: grpo\n"
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from posttrain_fixtures import fake_run
 
+from vlmtune.after.trained import start_from
 from vlmtune.errors import RunDirError
 from vlmtune.recipe import LoraSection, ModelSection
-from vlmtune.trained import start_from
 
 from conftest import ROOT, write_recipe
 from test_cli import vlmtune

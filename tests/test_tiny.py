@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vlmtune.errors import ModelError
-from vlmtune.families import family_names, get_family
+from vlmtune.model.families import family_names, get_family
 
 from conftest import assistant, user
 
@@ -35,7 +35,7 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module", params=NAMES)
 def processor(request, tiny_path):
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     return load_processor(tiny_path(request.param), get_family(request.param))
 
@@ -93,7 +93,7 @@ def test_the_template_is_prefix_stable(processor, conversation: str):
 @pytest.mark.parametrize("family", ["llava_onevision", "internvl", "qwen3_vl"])
 def test_processors_without_a_video_processor_keep_their_settings(family: str, tiny_path):
     """Saved and reloaded without torchvision, the processor keeps num_image_tokens & co."""
-    from vlmtune.processing import load_processor
+    from vlmtune.model.processing import load_processor
 
     record = get_family(family)
     processor = load_processor(tiny_path(family), record)
@@ -105,7 +105,7 @@ def test_processors_without_a_video_processor_keep_their_settings(family: str, t
 
 
 def test_build_tiny_into_a_folder_and_unknown_names(tmp_path):
-    from vlmtune.tiny import build_tiny
+    from vlmtune.model.tiny import build_tiny
 
     out = build_tiny("llava", tmp_path / "llava")
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
@@ -114,7 +114,7 @@ def test_build_tiny_into_a_folder_and_unknown_names(tmp_path):
 
 
 def test_qwen_keeps_its_vocabulary_builder():
-    from vlmtune.tiny.tokenizer import train_byte_bpe
+    from vlmtune.model.tiny.tokenizer import train_byte_bpe
 
     vocab, merges = train_byte_bpe("<|endoftext|>")
     assert vocab["<|endoftext|>"] == 0 and len(vocab) == 400 and merges
@@ -126,7 +126,7 @@ def test_where_torchvision_is_installed_an_image_only_folder_still_loads(family:
     tiny folders build and load without one, and the loaded processor is the base class."""
     import transformers
 
-    import vlmtune.processing as processing
+    import vlmtune.model.processing as processing
 
     record = get_family(family)
     if record.prepare_processor_import is not None:

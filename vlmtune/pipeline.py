@@ -2,8 +2,8 @@
 
 Each stage's artifacts are written before the next starts, and summary.json records every
 stage's status, so a crash late in training still leaves a readable run folder. One process at a
-time trains a run folder (vlmtune.runlock); a stop by signal marks the run `interrupted` with the
-step it reached and the command that resumes it (vlmtune.signals, vlmtune.resuming). Under
+time trains a run folder (vlmtune.runs.runlock); a stop by signal marks the run `interrupted` with the
+step it reached and the command that resumes it (vlmtune.runs.signals, vlmtune.runs.resuming). Under
 torchrun every rank runs the stages; rank 0 alone names, locks and writes the run folder
 (vlmtune.distributed).
 """
@@ -19,24 +19,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmtune import (
-    checkpoint,
-    distributed,
-    evaluate,
-    observe,
-    resuming,
-    rundir,
-    runlock,
-    signals,
-    text_only,
-    trained,
-    trainer_checkpoints,
-)
+from vlmtune import distributed, observe
+from vlmtune.after import evaluate, trained
+from vlmtune.distributed import text_only
 from vlmtune.errors import RunDirError, VlmtuneError
+from vlmtune.model import checkpoint
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
-from vlmtune.resuming import Start
-from vlmtune.rundir import RunDir, environment_report
+from vlmtune.runs import resuming, rundir, runlock, signals, trainer_checkpoints
+from vlmtune.runs.resuming import Start
+from vlmtune.runs.rundir import RunDir, environment_report
 from vlmtune.stages import dpo, grpo, load, lora, sft
 
 OBJECTIVES = {"sft": sft, "dpo": dpo, "grpo": grpo}  # recipe train.objective -> the module that trains it
@@ -172,7 +164,7 @@ def _stages(
 
         run.keep_logs_until(start.step)  # the steps after the checkpoint are logged again
         with stage(run, "train") as figures:
-            from vlmtune.callbacks import StepCounter
+            from vlmtune.training.callbacks import StepCounter
 
             result = objective.train(
                 model, loaded.processor, loaded.family, recipe.data, train, recipe.objective_options(),

@@ -55,7 +55,7 @@ def train(
             "--run-dir names a new run folder; --resume continues an existing one: give one",
             hint=f"vlmtune train --resume {resume} (it continues in that folder)",
         )
-    from vlmtune import signals
+    from vlmtune.runs import signals
 
     with signals.stop_on_signals():  # before the heavy imports: a Ctrl-C during them is a clean stop too
         _quiet_libraries()
@@ -67,8 +67,8 @@ def train(
 def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None):
     """The trained run folder; None when --resume found it finished. A stop by signal exits 128 + signal."""
     from vlmtune import distributed, pipeline
-    from vlmtune.callbacks import RichProgress
-    from vlmtune.resuming import NothingToResume
+    from vlmtune.runs.resuming import NothingToResume
+    from vlmtune.training.callbacks import RichProgress
 
     here = distributed.ranks()
     console.quiet = not here.writer  # under torchrun only rank 0 prints (errors still reach stderr)
@@ -181,7 +181,7 @@ def tiny(
     The folder reloads with AutoModelForImageTextToText; use it to test recipes without a download.
     """
     _quiet_libraries()
-    from vlmtune.tiny import build_tiny
+    from vlmtune.model.tiny import build_tiny
 
     out = build_tiny(family, out_dir)
     console.print(f"tiny [bold]{family}[/] written to [bold]{out}[/]")
@@ -203,7 +203,7 @@ def data_check(
     it lists the samples training would leave out and exits 0.
     """
     _quiet_libraries()
-    from vlmtune.datacheck import check_recipe_data, fail_on_problems, render_report
+    from vlmtune.data.check import check_recipe_data, fail_on_problems, render_report
 
     parsed = _load(recipe, [*(overrides or []), *(["data.image_check=full"] if full_decode else [])])
     reports = check_recipe_data(parsed, None if as_json else console)

@@ -1,4 +1,4 @@
-"""inspect: the CLI and the table; the logic is vlmtune/inspection.py.
+"""inspect: the CLI and the table; the logic is vlmtune/after/inspection.py.
 
 Heavy imports stay inside the functions (module level: typer, rich and the standard library).
 """
@@ -58,7 +58,7 @@ def inspect(
     if overrides and recipe is None:
         raise RecipeError("--set needs a RECIPE", hint="vlmtune inspect RECIPE --set lora.r=32")
     sections = _recipe_sections(recipe, overrides) if recipe is not None else _default_sections(model)
-    from vlmtune.inspection import inspect_model
+    from vlmtune.after.inspection import inspect_model
 
     status.print(f"loading [bold]{sections['model'].name}[/] ...")
     result = inspect_model(**sections)

@@ -98,11 +98,11 @@ def report(
 
         vlmtune report runs/demo-20261123-101500 --out loss.png
     """
-    from vlmtune import rundir
     from vlmtune.observe import curves, memory
     from vlmtune.observe.metrics import read_rows
     from vlmtune.observe.runs import human_seconds, read_run
-    from vlmtune.rundir import RunDir
+    from vlmtune.runs import rundir
+    from vlmtune.runs.rundir import RunDir
 
     run = RunDir.open(run_dir)
     info = read_run(run.path)
@@ -142,9 +142,9 @@ def print_curves(drawn: dict) -> None:
 
 def print_training_end(run) -> None:
     """After `train`'s done line: the curves in short, the measured memory, the picture's path."""
-    from vlmtune import rundir
     from vlmtune.observe import curves, memory
     from vlmtune.observe.metrics import read_rows
+    from vlmtune.runs import rundir
 
     print_curves(curves.extract(read_rows(run.path)))
     measured = run.summary()["stages"]["train"].get(rundir.MEASURED_MEMORY)

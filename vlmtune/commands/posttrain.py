@@ -44,8 +44,8 @@ def predict(
 
         vlmtune predict runs/demo-20261123-101500 -i a.png -i b.png -p "Which one is first?" --base-only
     """
-    from vlmtune.generate import generate_answer, open_images, user_turn
-    from vlmtune.trained import load_for_inference, open_trained_run
+    from vlmtune.after.generate import generate_answer, open_images, user_turn
+    from vlmtune.after.trained import load_for_inference, open_trained_run
 
     trained = open_trained_run(run_dir)
     images = open_images(image or [])  # before the model loads: a bad path fails in a second
@@ -80,9 +80,9 @@ def evaluate(
 
         vlmtune eval runs/demo-20261123-101500 --data data/held_out.jsonl --max-samples 50
     """
-    from vlmtune import evaluate as ev
+    from vlmtune.after import evaluate as ev
+    from vlmtune.after.trained import open_trained_run
     from vlmtune.errors import DataError
-    from vlmtune.trained import open_trained_run
 
     trained = open_trained_run(run_dir)
     section = trained.recipe.data
@@ -124,8 +124,8 @@ def export(
 
         vlmtune export runs/demo-20261123-101500 --out exports/demo-merged --merge --dtype bfloat16
     """
-    from vlmtune.export import check_new_folder, export_run
-    from vlmtune.trained import open_trained_run
+    from vlmtune.after.export import check_new_folder, export_run
+    from vlmtune.after.trained import open_trained_run
 
     trained = open_trained_run(run_dir)
     check_new_folder(out)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmtune.data import flat
+from vlmtune.data.images import ImageProblem, decode_base64, resolve_source
 from vlmtune.data.parts import (
     Built,
     Found,
@@ -40,7 +41,6 @@ from vlmtune.data.parts import (
 )
 from vlmtune.data.samples import Sample, SampleError
 from vlmtune.data.sources import CONVERSATION_KEYS, RowImage
-from vlmtune.images import ImageProblem, decode_base64, resolve_source
 
 if TYPE_CHECKING:
     from vlmtune.recipe import DataSection

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmtune.data.images import embedded_bytes
 from vlmtune.data.samples import SampleError
 from vlmtune.errors import DataError
-from vlmtune.images import embedded_bytes
 from vlmtune.paths import DATA_SUFFIXES, is_hub_id, written_as_path
 
 CONVERSATION_KEYS = ("messages", "conversations", "conversation")  # in order of preference

@@ -3,7 +3,7 @@
 - activations: per transformer layer, the tensors autograd saves, counted from the layer's own
   Linear shapes (see ``layer_activation_elems``); with gradient checkpointing only each layer's
   input is kept plus one layer recomputed in backward, in the blocks checkpointing reaches
-  (transformers' GradientCheckpointingLayer blocks and the ones vlmtune.checkpointing adds: all of a
+  (transformers' GradientCheckpointingLayer blocks and the ones vlmtune.model.checkpointing adds: all of a
   bundled model's). The language layers see text + image tokens; the vision layers see patches,
   and keep nothing when nothing in the tower trains. dpo counts two sequences per sample.
 - logits: fp32 logits over the vocabulary times ``LOGITS_MULTIPLE``; vlmtune's supervised loss
@@ -44,7 +44,7 @@ def activation_bytes(model: ModelShape, training: TrainingMethod, work: Workload
     checkpointing each layer keeps only its input; backward recomputes one layer at a time (its
     saved tensors, turned into gradients as it goes) and passes two hidden-sized gradients between
     layers. The bench (docs/memory.md) measured both shapes. A block checkpointing does not reach
-    (``Layer.checkpointable`` False: Mllama's 40 vision layers before vlmtune.checkpointing covered
+    (``Layer.checkpointable`` False: Mllama's 40 vision layers before vlmtune.model.checkpointing covered
     them) keeps everything either way: measured on an H200, 24.6k 16-bit elements per position and
     layer, within 1% of its ``elems`` plus LoRA.
     """

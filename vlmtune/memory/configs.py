@@ -13,8 +13,8 @@ from vlmtune.errors import ModelError
 
 
 def bundled_configs() -> dict[str, str]:
-    """hub id -> file name of the configs shipped in vlmtune/configs/."""
-    folder = resources.files("vlmtune") / "configs"
+    """hub id -> file name of the configs shipped in vlmtune/model/configs/."""
+    folder = resources.files("vlmtune.model") / "configs"
     out = {}
     for entry in folder.iterdir():
         if entry.name.endswith(".json"):
@@ -27,7 +27,7 @@ def read_bundled(hub_id: str) -> dict | None:
     file_name = by_lower.get(hub_id.lower())
     if file_name is None:
         return None
-    text = (resources.files("vlmtune") / "configs" / file_name).read_text(encoding="utf-8")
+    text = (resources.files("vlmtune.model") / "configs" / file_name).read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -42,7 +42,7 @@ def resolve_config(name: str, revision: str | None = None) -> ModelConfig:
     """The config of a bundled hub id, a local folder, tiny:FAMILY, or (last) a hub id."""
     from transformers import AutoConfig
 
-    from vlmtune.checkpoint import read_config, resolve_model_path
+    from vlmtune.model.checkpoint import read_config, resolve_model_path
     from vlmtune.paths import TINY_PREFIX, written_as_path
 
     bundled = read_bundled(name) if not name.startswith(TINY_PREFIX) else None

@@ -1,8 +1,8 @@
 """A recipe -> the memory model's inputs: its model's shape, how it trains, and its workload.
 
 Reads only the model's config (never its weights). LoRA targets come from the same pure
-selection the lora stage uses (vlmtune.lora_targets), image tokens from the family's own
-arithmetic (vlmtune.image_tokens).
+selection the lora stage uses (vlmtune.model.lora_targets), image tokens from the family's own
+arithmetic (vlmtune.model.image_tokens).
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from typing import Any
 
 from vlmtune.distributed import FSDP_OBJECTIVES
 from vlmtune.errors import ModelError, VlmtuneError
-from vlmtune.families import Family
-from vlmtune.image_tokens import (
+from vlmtune.memory.configs import resolve_config
+from vlmtune.memory.estimate import estimate
+from vlmtune.memory.parallel import data_parallel, fully_sharded
+from vlmtune.memory.records import MemoryEstimate, TrainingMethod, Workload
+from vlmtune.memory.shape import ModelShape, describe_model
+from vlmtune.model.families import Family
+from vlmtune.model.image_tokens import (
     ImageSettings,
     default_image_size,
     first_int,
     image_patches,
     image_settings_from_config,
 )
-from vlmtune.lora_targets import present_projectors, select_targets
-from vlmtune.memory.configs import resolve_config
-from vlmtune.memory.estimate import estimate
-from vlmtune.memory.parallel import data_parallel, fully_sharded
-from vlmtune.memory.records import MemoryEstimate, TrainingMethod, Workload
-from vlmtune.memory.shape import ModelShape, describe_model
+from vlmtune.model.lora_targets import present_projectors, select_targets
 from vlmtune.recipe import DataSection, LoraSection, ModelSection, QuantizationSection, Recipe, TrainSection
 
 
@@ -37,7 +37,7 @@ def image_settings_for(
     local folder, a tiny model), with the pixel budget applied as training applies it; otherwise
     read from the config. Returns a note when the processor could not be used."""
     if path and (Path(path) / "preprocessor_config.json").is_file():
-        from vlmtune.processing import load_processor
+        from vlmtune.model.processing import load_processor
 
         try:
             processor = load_processor(path, family, max_image_pixels)
@@ -153,7 +153,7 @@ def estimate_recipe(
 
     ``gpus`` > 1 adds the per-GPU peak under DDP and under FSDP (vlmtune.memory.parallel).
     """
-    from vlmtune.families import detect_family
+    from vlmtune.model.families import detect_family
 
     resolved = resolve_config(recipe.model.name, recipe.model.revision)
     family = detect_family(resolved.config)

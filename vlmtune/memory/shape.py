@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from vlmtune.families import Family, ends_with
+from vlmtune.model.families import Family, ends_with
 
 NORM_ELEMS = 2  # an RMSNorm saves its input upcast to fp32: two 16-bit elements per channel
 
@@ -71,7 +71,7 @@ class ModelShape:
 
 def describe_model(config: Any) -> ModelShape:
     """Parameter and Linear shapes of the real architecture, instantiated on the meta device."""
-    from vlmtune.families import detect_family
+    from vlmtune.model.families import detect_family
 
     family = detect_family(config)
     return _describe(family, config.to_json_string(use_diff=False))
@@ -100,7 +100,7 @@ def shape_of(model: Any, family: Family) -> ModelShape:
     """A ModelShape from any instantiated model (meta, CPU or GPU)."""
     import torch
 
-    from vlmtune.modelinfo import is_linear, logical_numel, tied_lm_head
+    from vlmtune.model.modelinfo import is_linear, logical_numel, tied_lm_head
 
     linears, embeddings = [], set()
     linear_weights: dict[str, str] = {}
@@ -143,12 +143,12 @@ def checkpointable_blocks(model: Any, family: Family) -> frozenset[str]:
     """Names of the blocks gradient checkpointing reaches in a vlmtune run.
 
     transformers checkpoints its GradientCheckpointingLayer blocks; the load stage makes every other
-    transformer block one too (vlmtune.checkpointing: Mllama's vision layers), and the estimate
+    transformer block one too (vlmtune.model.checkpointing: Mllama's vision layers), and the estimate
     describes vlmtune's run. A block neither covers keeps every activation.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from vlmtune.checkpointing import transformer_blocks
+    from vlmtune.model.checkpointing import transformer_blocks
 
     wrapped = {
         name for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)

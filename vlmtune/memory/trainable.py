@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from vlmtune.choices import DTYPE_BYTES
 from vlmtune.errors import VlmtuneError
-from vlmtune.families import under
 from vlmtune.memory.records import (
     BNB_OPTIM_BLOCK,
     BNB_OPTIM_MIN_8BIT,
@@ -27,6 +26,7 @@ from vlmtune.memory.records import (
     TrainingMethod,
 )
 from vlmtune.memory.shape import ModelShape, Param
+from vlmtune.model.families import under
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 from vlmtune.choices import DTYPE_BYTES
-from vlmtune.families import COMPONENTS, under
 from vlmtune.memory.records import (
     DQ_BLOCK,
     DQ_CODE_BYTES,
@@ -22,6 +21,7 @@ from vlmtune.memory.records import (
     TrainingMethod,
 )
 from vlmtune.memory.shape import ModelShape
+from vlmtune.model.families import COMPONENTS, under
 
 
 def will_quantize(linear: str, training: TrainingMethod) -> bool:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vlmtune import rundir
 from vlmtune.observe import memory
 from vlmtune.observe.metrics import read_rows
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 
 
 def before_load() -> dict:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vlmtune import rundir
 from vlmtune.observe.metrics import number
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 from vlmtune.units import human_bytes
 
 PEAK_ALLOCATED = "peak_allocated_since_start_bytes"

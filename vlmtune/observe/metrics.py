@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from vlmtune import rundir
+from vlmtune.runs import rundir
 
 
 def read_rows(run_path: Path) -> list[dict]:

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from vlmtune import rundir
 from vlmtune.observe import memory
 from vlmtune.observe.metrics import finite_or_none, number, read_rows
+from vlmtune.runs import rundir
 
 UNREADABLE = "unreadable"  # the status of a folder whose summary.json does not parse
 

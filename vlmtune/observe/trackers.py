@@ -13,9 +13,9 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtune import rundir
 from vlmtune.errors import RecipeError
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vlmtune import safe_yaml
 from vlmtune.errors import RecipeError
 from vlmtune.paths import TINY_PREFIX, written_as_path
+from vlmtune.recipe import safe_yaml
 from vlmtune.recipe.messages import describe_error
 from vlmtune.recipe.objectives import FunctionReward
 from vlmtune.recipe.schema import Recipe

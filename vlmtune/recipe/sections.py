@@ -71,7 +71,7 @@ class ModelSection(Section):
     @classmethod
     def _known_tiny_family(cls, value: str) -> str:
         if value.startswith(TINY_PREFIX):
-            from vlmtune.families import family_names
+            from vlmtune.model.families import family_names
 
             family = value[len(TINY_PREFIX) :]
             if family not in family_names():

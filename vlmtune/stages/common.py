@@ -1,6 +1,6 @@
 """What every objective's train stage shares around its TRL trainer (sft, dpo, grpo).
 
-An objective pre-flights its items (samples, pairs, prompts) through vlmtune.preflight, hands TRL a
+An objective pre-flights its items (samples, pairs, prompts) through vlmtune.data.preflight, hands TRL a
 dataset of positions (TRL only takes `datasets` datasets; the items, with their lazy images, stay in
 our collator), builds its trainer from ``trainer_arguments`` plus its own knobs, and ``run_trainer``
 trains it with vlmtune's metrics writer and observers and saves the final weights into 3-train/.
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmtune import distributed, rundir
-from vlmtune.families import Family
-from vlmtune.preflight import CheckedSplit
+from vlmtune import distributed
+from vlmtune.data.preflight import CheckedSplit
+from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 
 REFERENCE_ADAPTER = "ref"  # the name TRL (DPO, GRPO) gives its frozen copy of an adapter it is handed
@@ -126,7 +127,7 @@ def trainer_arguments(
 def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: Path | None) -> TrainResult:
     """Train (from ``resume``, a complete checkpoint, when given), save the final weights, report the losses.
 
-    The trainer mixes in vlmtune.reliable_trainer.ReliableTrainerMixin."""
+    The trainer mixes in vlmtune.training.reliable_trainer.ReliableTrainerMixin."""
     from transformers.trainer_callback import PrinterCallback
 
     from vlmtune import observe
@@ -149,7 +150,7 @@ def save_final(trainer: Any, processor: Any, run: RunDir) -> str:
 
     Every rank calls it (under FSDP, gathering the shards is a collective); rank 0 alone writes.
     """
-    from vlmtune.processing import save_processor
+    from vlmtune.model.processing import save_processor
 
     model = trainer.model
     state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from every rank's shard; else None

@@ -15,13 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmtune import rundir
 from vlmtune.data.preference import PairReader
-from vlmtune.families import Family
-from vlmtune.preference_collator import PreferenceCollator
-from vlmtune.preflight import check_split
+from vlmtune.data.preference_collator import PreferenceCollator
+from vlmtune.data.preflight import check_split
+from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, DpoSection, TrainSection
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import (
     REFERENCE_ADAPTER,
@@ -34,11 +34,6 @@ from vlmtune.stages.common import (
     select,
     trainer_arguments,
 )
-
-
-def pair_reading(processor: Any, family: Family) -> tuple[type, Any]:
-    """How the pre-flight reads a preference split: the pair reader, and the longer side's length."""
-    return PairReader, PreferenceCollator(processor, family, max_length=None).count_tokens
 
 
 def prepare_pairs(
@@ -93,7 +88,7 @@ def dpo_config(
 def preference_trainer_class() -> type:
     from trl import DPOTrainer
 
-    from vlmtune.reliable_trainer import ReliableTrainerMixin
+    from vlmtune.training.reliable_trainer import ReliableTrainerMixin
 
     class PreferenceTrainer(ReliableTrainerMixin, DPOTrainer):
         """DPOTrainer on vlmtune's pre-flighted pairs: our collator builds every batch from the pairs, so
@@ -151,7 +146,7 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The pairs pre-flighted and TRL's DPOTrainer set up on them, with its reference, not yet trained."""
-    from vlmtune.callbacks import MetricsWriter
+    from vlmtune.training.callbacks import MetricsWriter
 
     collator, train_pairs, eval_pairs = prepare_pairs(processor, family, data, train_section, run)
     pairs = train_pairs.items + (eval_pairs.items if eval_pairs else [])  # train and eval rows index one list

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vlmtune import rewards, rundir
-from vlmtune.collator import template_special_tokens, vision_token_ids
-from vlmtune.data import Sample, SampleReader, open_image
+from vlmtune.data import open_image
+from vlmtune.data.collator import template_special_tokens, vision_token_ids
+from vlmtune.data.preflight import CheckedSplit, check_split
+from vlmtune.data.prompts import Prompt, prompt_of, prompt_reading
 from vlmtune.errors import DataError, ModelError
-from vlmtune.evaluate import eval_item, prompt_text
-from vlmtune.families import Family
-from vlmtune.preflight import CheckedSplit, Measure, check_split
+from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, GrpoSection, TrainSection
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import (
     REFERENCE_ADAPTER,
@@ -40,6 +40,7 @@ from vlmtune.stages.common import (
     select,
     trainer_arguments,
 )
+from vlmtune.training import rewards
 
 POSITION = "position"  # the dataset column TRL hands back (stages.common.positions): a prompt's place
 # Model inputs TRL 1.16's GRPOTrainer passes on to the model besides ids, mask and pixel_values.
@@ -47,33 +48,6 @@ TRL_GRPO_INPUTS = frozenset(
     {"image_grid_thw", "mm_token_type_ids", "token_type_ids", "pixel_attention_mask", "image_sizes",
      "spatial_shapes", "image_position_ids"}
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PromptReader(SampleReader):
-    """Reads samples like SFT does, but a conversation may end at a user turn (no reference answer)."""
-
-    require_answer: bool = False
-
-
-@dataclass(frozen=True)
-class Prompt:
-    index: int  # the sample's position in its file
-    messages: list[dict]  # the conversation the model answers (content parts, bare image parts)
-    images: list[Any]  # lazy sources of the images those messages show
-    reference: str | None  # the last assistant turn's text, when the sample has one
-
-    @property
-    def text(self) -> str:
-        return prompt_text(self.messages)
-
-
-def prompt_of(sample: Sample) -> Prompt:
-    """The conversation before the last assistant turn (the whole one if it has none) and that answer."""
-    if not any(message["role"] == "assistant" for message in sample.messages):
-        return Prompt(sample.index, sample.messages, sample.images, None)
-    item = eval_item(sample)
-    return Prompt(item.index, item.messages, item.images, item.reference)
 
 
 # --- before anything loads -----------------------------------------------------------------------
@@ -102,27 +76,6 @@ def check_family(family: Family) -> None:
 
 
 # --- prompts -------------------------------------------------------------------------------------
-
-
-def prompt_tokens(processor: Any, completion_tokens: int) -> Measure:
-    """A sample's length for the pre-flight: its prompt as the processor builds it, plus the longest
-    completion (what train.max_length must hold)."""
-
-    def measure(sample: Sample) -> int:
-        prompt = prompt_of(sample)
-        text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
-        kwargs: dict[str, Any] = {"text": [text], **template_special_tokens(processor.tokenizer, [text])}
-        if prompt.images:
-            kwargs["images"] = [list(prompt.images)]
-        return len(processor(**kwargs)["input_ids"][0]) + completion_tokens
-
-    return measure
-
-
-def prompt_reading(processor: Any, options: GrpoSection) -> tuple[type, Measure]:
-    """How the pre-flight reads a GRPO split (training and `vlmtune data check` alike): the prompt
-    reader, and each prompt's length plus the longest completion."""
-    return PromptReader, prompt_tokens(processor, options.max_completion_length)
 
 
 def prepare_prompts(
@@ -283,7 +236,7 @@ def trainer_class() -> type:
     from trl import GRPOTrainer
     from trl.data_utils import prepare_multimodal_messages
 
-    from vlmtune.reliable_trainer import EpochSeededSampler, ReliableTrainerMixin
+    from vlmtune.training.reliable_trainer import EpochSeededSampler, ReliableTrainerMixin
 
     class VisionGRPOTrainer(ReliableTrainerMixin, GRPOTrainer):
         """GRPOTrainer on vlmtune's pre-flighted prompts. The dataset holds positions; ``PromptRows``
@@ -443,7 +396,7 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The prompts pre-flighted and TRL's GRPOTrainer set up on them, not yet trained."""
-    from vlmtune.callbacks import MetricsWriter
+    from vlmtune.training.callbacks import MetricsWriter
 
     check_family(family)
     scorers = rewards.build(options.rewards)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtune import modelinfo, rundir
-from vlmtune.checkpoint import detect
 from vlmtune.errors import ModelError
-from vlmtune.families import COMPONENTS, Family, under
+from vlmtune.model import modelinfo
+from vlmtune.model.checkpoint import detect
+from vlmtune.model.families import COMPONENTS, Family, under
 from vlmtune.recipe import ModelSection, QuantizationSection
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 
 
 @dataclass
@@ -66,8 +67,8 @@ def load(
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlmtune.checkpointing import checkpoint_every_block
-    from vlmtune.processing import load_processor
+    from vlmtune.model.checkpointing import checkpoint_every_block
+    from vlmtune.model.processing import load_processor
 
     path, family = detect(model.name, model.revision)
     dtype = getattr(torch, model.dtype)
@@ -151,7 +152,7 @@ def model_report(model: Any, family: Family) -> dict:
 
 def write_artifacts(run: RunDir, loaded: Loaded) -> None:
     """1-load/: the model report and the processor as training will use it."""
-    from vlmtune.processing import save_processor
+    from vlmtune.model.processing import save_processor
 
     run.write_json(rundir.MODEL_REPORT, {"model": loaded.path, **loaded.report})
     save_processor(loaded.processor, run / rundir.PROCESSOR)

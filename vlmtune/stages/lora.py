@@ -1,7 +1,7 @@
 """Stage 2, lora: compile the toggles into one plan, then apply it with peft (or train fully).
 
 The four Unsloth-style toggles (vision / language x attention / MLP) become one regex anchored
-on the family's tower prefixes (vlmtune.lora_targets); peft full-matches it against module
+on the family's tower prefixes (vlmtune.model.lora_targets); peft full-matches it against module
 names. The plan lists every targeted module before anything is changed, so what will train is
 visible and testable.
 """
@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmtune import modelinfo, rundir
-from vlmtune.families import COMPONENTS, Family
-from vlmtune.lora_targets import present_projectors, select_targets, target_regex
+from vlmtune.model import modelinfo
+from vlmtune.model.families import COMPONENTS, Family
+from vlmtune.model.lora_targets import present_projectors, select_targets, target_regex
 from vlmtune.recipe import LoraSection
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def apply(
     ``seed`` fixes the random lora_A initialisation: without it two runs of one recipe start
     from the same loss but part ways from the second step on. ``adapter``: an earlier run's
     adapter folder, attached trainable under peft's "default" name instead of a fresh adapter
-    (vlmtune.trained.start_from checked that it has this plan's shape); lora.dropout applies to it.
+    (vlmtune.after.trained.start_from checked that it has this plan's shape); lora.dropout applies to it.
     """
     if lora_plan.method == "full":
         for param in model.parameters():

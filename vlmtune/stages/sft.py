@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmtune import rundir
-from vlmtune.collator import VisionCollator
 from vlmtune.data import Sample
-from vlmtune.families import Family
-from vlmtune.lengths import TokenCounter
-from vlmtune.preflight import CheckedSplit, check_split
+from vlmtune.data.collator import VisionCollator
+from vlmtune.data.lengths import TokenCounter
+from vlmtune.data.preflight import CheckedSplit, check_split
+from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
-from vlmtune.rundir import RunDir
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import parallel_arguments, run_trainer, trainer_arguments
 
@@ -120,8 +120,8 @@ def train(
     report_to: list[str] | None = None,
 ) -> TrainResult:
     """Train to the recipe's end; ``resume`` is the complete checkpoint to continue from (None: step 0)."""
-    from vlmtune.callbacks import MetricsWriter
-    from vlmtune.trainer import VlmtuneTrainer
+    from vlmtune.training.callbacks import MetricsWriter
+    from vlmtune.training.trainer import VlmtuneTrainer
 
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.

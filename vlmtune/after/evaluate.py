@@ -1,0 +1,297 @@
+"""Generation on an eval set, before vs after: exact-match and contains-answer scores.
+
+The reference answer is a sample's last assistant turn and the prompt is the conversation before
+it (with the images shown there). The base is loaded once: the adapter's answers come first, then
+peft's ``disable_adapter()`` gives the base model's answers from the same weights. Scores compare
+normalised text (case, whitespace and trailing punctuation do not count).
+
+A preference set (pairs, vlmtune.data.preference) is scored the same way against each pair's
+chosen answer, and also by preference accuracy: the share of pairs whose chosen answer the model
+gives a higher log-probability (summed over the answer's tokens, as DPO scores it) than the
+rejected one, with ``logp_margin`` their mean difference in nats.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmtune.data.prompts import EvalItem, eval_item, pair_item, prompt_text
+from vlmtune.errors import DataError
+from vlmtune.recipe import DataSection, ModelSection
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
+from vlmtune.scoring import exact_match, preference_scores, scores
+
+MAX_NEW_TOKENS = 64  # per answer; the CLI's --max-new-tokens overrides it
+
+
+def holds_pairs(path: str, data: DataSection, split: str) -> bool:
+    """Is this source a preference set? (its first record decides)"""
+    from vlmtune.data import open_records
+    from vlmtune.data.preference import looks_like_pair
+
+    first = next(iter(open_records(path, split, data.subset).rows), (0, None))[1]
+    return looks_like_pair(first)
+
+
+def load_items(path: str, data: DataSection, max_samples: int | None) -> tuple[list, dict]:
+    """Eval items of a data source read with the run's data settings (layout, columns, image root).
+
+    A preference set gives one item per pair. Returns (items, {source, samples_total, skipped}).
+    """
+    from vlmtune.data.preference import PairReader
+    from vlmtune.data.preflight import check_split, read_split
+
+    split_name = data.eval_split if path == data.eval else data.train_split
+    if holds_pairs(path, data, split_name):
+        split = check_split("eval", path, data, split=split_name, reader=PairReader)
+        pairs = split.samples[:max_samples] if max_samples else split.samples
+        return [pair_item(p) for p in pairs], _source(split)
+    split = read_split(path, data, split=split_name)
+    samples = split.samples[:max_samples] if max_samples else split.samples
+    if not any(m["role"] == "user" for s in samples for m in s.messages):
+        raise DataError(
+            f"{path} has no user turns to prompt with", hint="eval samples need a question and an answer"
+        )
+    return [eval_item(s) for s in samples], _source(split)
+
+
+def _source(split: Any) -> dict:
+    return {
+        "source": split.source,
+        "samples_total": split.total,
+        "skipped": [str(p) for p in split.problems],
+    }
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+def answers(
+    model: Any, processor: Any, items: list[EvalItem], max_new_tokens: int, progress=None
+) -> list[str]:
+    from vlmtune.after.generate import generate_answer
+    from vlmtune.data import open_image
+
+    out = []
+    for item in items:
+        images = [open_image(source) for source in item.images]
+        out.append(generate_answer(model, processor, item.messages, images, max_new_tokens))
+        if progress is not None:
+            progress()
+    return out
+
+
+def pair_logps(model: Any, processor: Any, pairs: list, batch_size: int = 4) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed answer log-probs of each pair, on exactly the tokens DPO scores."""
+
+    from vlmtune.data.preference_collator import PreferenceCollator
+    from vlmtune.model.families import detect_family
+
+    collator = PreferenceCollator(processor, detect_family(model.config), max_length=None)
+    out: list[tuple[float, float]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        rows = answer_logps(model, collator(chunk)).tolist()
+        out += list(zip(rows[: len(chunk)], rows[len(chunk) :], strict=True))
+    return out
+
+
+def answer_logps(model: Any, batch: dict) -> Any:
+    """Per row, the log-probability of its completion_mask tokens, each predicted from the ones before.
+
+    Only those positions go through lm_head (vlmtune.training.loss's capture), in chunks: no full logits.
+    """
+    import torch
+
+    from vlmtune.constants import LOSS_CHUNK_BYTES
+    from vlmtune.training.loss import lm_head_input, logit_transform
+
+    mask = batch.pop("completion_mask").to(model.device)
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm_head = causal_lm.get_output_embeddings()
+    transform = logit_transform(causal_lm.config.get_text_config())
+    with torch.no_grad(), lm_head_input(lm_head) as captured:
+        model(**inputs, use_cache=False)
+    keep = mask[:, 1:].bool()
+    states, targets = captured.hidden[:, :-1][keep], inputs["input_ids"][:, 1:][keep]
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    chunk = max(1, LOSS_CHUNK_BYTES // (4 * lm_head.weight.shape[0]))
+    per_token = []
+    with torch.no_grad():
+        for at in range(0, states.shape[0], chunk):
+            logits = lm_head(states[at : at + chunk]).float() * transform["scale"]
+            if transform["softcap"] is not None:
+                logits = torch.tanh(logits / transform["softcap"]) * transform["softcap"]
+            per_token.append(logits.log_softmax(-1).gather(-1, targets[at : at + chunk, None])[:, 0])
+    totals = torch.zeros(keep.shape[0], device=keep.device)
+    return (totals.index_add_(0, rows, torch.cat(per_token)) if per_token else totals).cpu()
+
+
+def measure(model: Any, processor: Any, items: list[EvalItem], max_new_tokens: int, progress=None) -> dict:
+    """One model's answers, and for a preference set the log-probs of both answers of each pair."""
+    found: dict[str, Any] = {"answers": answers(model, processor, items, max_new_tokens, progress)}
+    pairs = [item.pair for item in items if item.pair is not None]
+    if pairs:
+        found["logps"] = pair_logps(model, processor, pairs)
+    return found
+
+
+def before_and_after(
+    model: Any, processor: Any, items: list[EvalItem], max_new_tokens: int, progress=None
+) -> dict:
+    """The adapter measured, then the base from the same model with the adapter disabled."""
+    adapter = measure(model, processor, items, max_new_tokens, progress)
+    with model.disable_adapter():
+        base = measure(model, processor, items, max_new_tokens, progress)
+    return {"adapter": adapter, "base": base}
+
+
+def run_answers(trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None) -> dict:
+    """Adapter and base measured on a finished run (a trained.TrainedRun): one load with the adapter
+    toggled, or, for a full fine-tune, the trained model and then the base."""
+    from vlmtune.after.trained import load_for_inference
+
+    inference = load_for_inference(trained)
+    if inference.has_adapter:
+        return before_and_after(inference.model, inference.processor, items, max_new_tokens, progress)
+    adapter = measure(inference.model, inference.processor, items, max_new_tokens, progress)
+    del inference  # free the fine-tuned weights before the base loads
+    base = load_for_inference(trained, base_only=True)
+    return {"adapter": adapter, "base": measure(base.model, base.processor, items, max_new_tokens, progress)}
+
+
+def report(items: list[EvalItem], found: dict, **facts: Any) -> dict:
+    """The eval_report.json content: scores after (top level) and before (under `base`), per sample.
+
+    ``found`` is what ``before_and_after`` / ``run_answers`` measured of the adapter and the base.
+    """
+    references = [item.reference for item in items]
+    adapter, base = found["adapter"], found["base"]
+    after = scores(adapter["answers"], references)
+    before = scores(base["answers"], references)
+    if "logps" in adapter:
+        after.update(preference_scores(adapter["logps"]))
+        before.update(preference_scores(base["logps"]))
+    return {
+        **after,
+        "base": before,
+        "n": len(items),
+        **facts,
+        "predictions": [
+            prediction(item, a, b, at, bt)
+            for item, a, b, at, bt in zip(
+                items,
+                adapter["answers"],
+                base["answers"],
+                _each(adapter.get("logps"), items),
+                _each(base.get("logps"), items),
+                strict=True,
+            )
+        ],  # fmt: skip
+    }
+
+
+def prediction(item: EvalItem, adapter: str, base: str, adapter_logps: Any, base_logps: Any) -> dict:
+    row = {
+        "index": item.index,
+        "prompt": prompt_text(item.messages),
+        "reference": item.reference,
+        "base": base,
+        "adapter": adapter,
+    }
+    if item.pair is not None:  # which answer each model finds likelier
+        row["rejected"] = item.pair.answer_text("rejected")
+        row["adapter_prefers_chosen"] = adapter_logps[0] > adapter_logps[1]
+        row["base_prefers_chosen"] = base_logps[0] > base_logps[1]
+    return row
+
+
+def _each(logps: list | None, items: list) -> list:
+    return logps if logps is not None else [None] * len(items)
+
+
+def write_report(run: RunDir, content: dict) -> Path:
+    return run.write_json(rundir.EVAL_REPORT, content)
+
+
+# --- the optional stage after training ----------------------------------------------------------
+
+
+def after_training(
+    model: Any, processor: Any, model_section: ModelSection, data: DataSection, run: RunDir
+) -> dict:
+    """Stage 4 (train.eval_generate): score data.eval before vs after; figures for summary.json."""
+    if not data.eval:
+        return {"skipped": "train.eval_generate is on but data.eval is empty"}
+    items, source = load_items(data.eval, data, None)
+    model.eval()
+    if hasattr(model, "disable_adapter"):
+        found = before_and_after(model, processor, items, MAX_NEW_TOKENS)
+    else:  # a full fine-tune: the base is a second model
+        found = {"adapter": measure(model, processor, items, MAX_NEW_TOKENS)}
+        found["base"] = base_measure(model_section, data, items, model.device.type)
+    content = report(items, found, max_new_tokens=MAX_NEW_TOKENS, data=source)
+    write_report(run, content)
+    return headline(content)
+
+
+def base_measure(model_section: ModelSection, data: DataSection, items: list[EvalItem], device: str) -> dict:
+    """The untrained base measured, loaded unquantized as a full fine-tune trains it."""
+    from vlmtune.recipe import QuantizationSection
+    from vlmtune.stages import load
+
+    base = load.load(model_section, QuantizationSection(bits=None), data.max_image_pixels, device)
+    base.model.eval()
+    return measure(base.model, base.processor, items, MAX_NEW_TOKENS)
+
+
+def headline(content: dict) -> dict:
+    figures = {"n": content["n"]}
+    for key in ("exact_match", "contains", "preference_accuracy"):
+        if key in content:
+            figures[key] = content[key]
+            figures[f"base_{key}"] = content["base"][key]
+    return figures
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def render(content: dict, console: Any, show: int = 8) -> None:
+    """A score table (base vs adapter) and the first ``show`` predictions."""
+    from rich.table import Table
+
+    columns = {"exact_match": "exact match", "contains": "contains answer"}
+    if "preference_accuracy" in content:
+        columns["preference_accuracy"] = "preference accuracy"
+    scores_table = Table(title=f"eval on {content['n']} samples", title_justify="left")
+    scores_table.add_column("model")
+    for title in columns.values():
+        scores_table.add_column(title, justify="right")
+    before, after = content["base"], content
+    scores_table.add_row("before (base)", *(f"{before[key]:.1%}" for key in columns))
+    scores_table.add_row("[bold]after (trained)[/]", *(f"[bold]{after[key]:.1%}[/]" for key in columns))
+    console.print(scores_table)
+    rows = content["predictions"][:show]
+    if not rows:
+        return
+    table = Table(title=f"first {len(rows)} predictions", title_justify="left", show_lines=True)
+    for column in ("#", "prompt", "reference", "base", "adapter"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        mark = "[green]✓[/] " if exact_match(row["adapter"], row["reference"]) else ""
+        table.add_row(
+            str(row["index"]), _plain(row["prompt"]), _plain(row["reference"]), _plain(row["base"][:120]),
+            mark + _plain(row["adapter"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _plain(text: str) -> str:
+    """Rich markup escaped, control characters (random models emit them) shown as �."""
+    from rich.markup import escape
+
+    return escape("".join(c if c.isprintable() or c == "\n" else "\N{REPLACEMENT CHARACTER}" for c in text))

@@ -1,0 +1,374 @@
+"""Export a finished run so it leaves the tool: a peft adapter, a merged 16-bit model, or a full fine-tune.
+
+Every export is proved before it is handed over, because merged checkpoints that silently lack
+their LoRA weights are a known way to ship nothing:
+- adapter: the saved file holds lora_A/lora_B for every module of 2-lora/lora_plan.json, and
+  training moved lora_B away from zero;
+- merged: the base is reloaded UNQUANTIZED in 16 bit (never merging into 4-bit weights); before
+  merging, the modules the adapter changes most are noted with their expected merged weights, and
+  after saving those exact weights are looked up in the saved safetensors rundir.
+The folder is written under a temporary name and renamed at the end: an existing --out is never
+touched, and a failed export leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtune.after.trained import TrainedRun
+from vlmtune.errors import RunDirError, VlmtuneError
+from vlmtune.paths import is_hub_id
+from vlmtune.runs import rundir
+
+PROBES = 4  # modules whose merged weights are looked up in the saved files
+
+
+class ExportError(VlmtuneError):
+    """An export that cannot be written or does not hold what it should."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    kind: str  # adapter | merged | full
+    checks: list[dict]
+
+
+@dataclass(frozen=True)
+class Probe:
+    module: str
+    before: Any  # the base weight
+    expected: Any  # base weight + LoRA delta, as peft merges it
+
+
+def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> ExportResult:
+    """Write the export into ``out`` (which must not exist), with its model card and checks."""
+    out = Path(out)
+    check_new_folder(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if trained.is_full:
+            kind, checks = "full", export_full(trained, staging)
+        elif merge:
+            kind, checks = "merged", export_merged(trained, staging, dtype)
+        else:
+            kind, checks = "adapter", export_adapter(trained, staging)
+        facts = card_facts(trained, kind, dtype)
+        (staging / rundir.EXPORT_CARD).write_text(model_card(facts, out.name), encoding="utf-8")
+        report = json.dumps({**facts, "checks": checks}, indent=2, ensure_ascii=False)
+        (staging / rundir.EXPORT_REPORT).write_text(report + "\n", encoding="utf-8")
+        check_new_folder(out)  # created meanwhile? rename would replace an empty folder
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out, kind, checks)
+
+
+def check_new_folder(out: Path) -> None:
+    if out.exists():
+        raise ExportError(
+            f"{out} already exists; vlmtune never overwrites an export",
+            hint="pass a new --out folder, or remove the old one yourself first",
+        )
+
+
+# --- the three kinds ------------------------------------------------------------------------------
+
+
+def export_adapter(trained: TrainedRun, staging: Path) -> list[dict]:
+    """adapter_config.json + adapter_model.safetensors + the processor (with its chat template)."""
+    from vlmtune.model.processing import save_processor
+
+    staging.mkdir()
+    for name in (rundir.PEFT_CONFIG, rundir.PEFT_WEIGHTS):
+        if not (trained.weights / name).is_file():
+            raise RunDirError(
+                f"{trained.weights / name} is missing",
+                hint="the run folder was changed after training; train again",
+            )
+        shutil.copy2(trained.weights / name, staging / name)
+    save_processor(run_processor(trained), staging)
+    targets = trained.run.read_json(rundir.LORA_PLAN)["targets"]
+    return [check_adapter(staging / rundir.PEFT_WEIGHTS, targets)]
+
+
+def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
+    """The LoRA merged into a 16-bit reload of the base, saved as safetensors with the processor."""
+    from peft import PeftModel
+
+    from vlmtune.model.modelinfo import is_quantized_linear
+    from vlmtune.model.processing import save_processor
+    from vlmtune.stages import load
+
+    recipe = trained.recipe
+    base = load.load(
+        recipe.model.model_copy(update={"dtype": dtype}),
+        recipe.quantization.model_copy(update={"bits": None}),  # never merge into 4-bit weights
+        recipe.data.max_image_pixels,
+        "cpu",
+    )
+    quantized = [name for name, m in base.model.named_modules() if is_quantized_linear(m)]
+    assert not quantized, f"the merge base must be unquantized, found 4-bit {quantized[:3]}"
+    model = PeftModel.from_pretrained(base.model, str(trained.weights))
+    probes = merge_probes(model, base.family.component_of, PROBES)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(staging))
+    save_processor(run_processor(trained), staging)
+    return check_merged(staging, probes)
+
+
+def export_full(trained: TrainedRun, staging: Path) -> list[dict]:
+    """A full fine-tune is already a standalone model: copy it (no merge needed)."""
+    shutil.copytree(trained.weights, staging)
+    weights = sorted(p.name for p in staging.glob("*.safetensors"))
+    if not weights:
+        raise RunDirError(f"{trained.weights} holds no .safetensors weights", hint="train again")
+    return [{"check": "full fine-tune weights copied", "files": weights, "ok": True}]
+
+
+def run_processor(trained: TrainedRun) -> Any:
+    """The processor saved with the final weights, as it was trained (pixel budget included)."""
+    from vlmtune.model.families import get_family
+    from vlmtune.model.processing import load_processor
+
+    family = get_family(trained.run.read_json(rundir.MODEL_REPORT)["family"])
+    return load_processor(trained.weights, family, trained.recipe.data.max_image_pixels)
+
+
+# --- proofs ---------------------------------------------------------------------------------------
+
+
+def check_adapter(weights_file: Path, targets: list[str]) -> dict:
+    """Every planned target has lora_A and lora_B, and training moved lora_B off zero."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), "pt") as f:
+        keys = list(f.keys())
+        lora_b = [k for k in keys if ".lora_B." in k]
+        nonzero = sum(bool(f.get_tensor(k).any()) for k in lora_b)
+    found = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k}
+    missing = sorted(set(targets) - found)
+    if missing:
+        raise ExportError(
+            f"the adapter lacks {len(missing)} of the {len(targets)} planned LoRA modules, e.g. {missing[:3]}",
+            hint="the adapter does not match 2-lora/lora_plan.json; train the run again",
+        )
+    if lora_b and not nonzero:
+        raise ExportError(
+            "every lora_B of the adapter is zero: it changes nothing (was the run trained for 0 steps?)",
+            hint="train for some steps before exporting",
+        )
+    return {
+        "check": "adapter holds every planned LoRA module, trained",
+        "targets": len(targets),
+        "lora_modules": len(found),
+        "lora_B_nonzero": nonzero,
+        "ok": True,
+    }
+
+
+def merge_probes(model: Any, component_of: Any, count: int) -> list[Probe]:
+    """Before merging: the LoRA modules that change their weight most (relative to it), the top one
+    of each component first, with the merged weight peft will produce (added in fp32, rounded once)."""
+    from peft.tuners.lora import LoraLayer
+
+    ranked = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight"):
+            weight = module.get_base_layer().weight
+            delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+            relative = float(delta.abs().max()) / (float(weight.abs().max()) or 1.0)
+            ranked.append((relative, name.removeprefix("base_model.model."), weight, delta))
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    firsts = {}
+    for entry in ranked:
+        firsts.setdefault(component_of(entry[1]), entry)
+    chosen = list(firsts.values())[:count]
+    names = {entry[1] for entry in chosen}
+    chosen += [entry for entry in ranked if entry[1] not in names][: count - len(chosen)]
+    return [
+        Probe(name, weight.detach().clone(), (weight.float() + delta).to(weight.dtype))
+        for _, name, weight, delta in chosen
+    ]
+
+
+def check_merged(folder: Path, probes: list[Probe]) -> list[dict]:
+    """Find each probe's merged weight among the saved tensors (by content, so checkpoint key
+    renaming does not matter): it must be near base+LoRA and clearly away from the base."""
+    from safetensors import safe_open
+
+    best: dict[str, tuple[float, str]] = {p.module: (float("inf"), "") for p in probes}
+    shapes = {tuple(p.expected.shape) for p in probes}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if tuple(f.get_slice(key).get_shape()) not in shapes:
+                    continue
+                tensor = f.get_tensor(key).float()
+                for p in probes:
+                    if tuple(p.expected.shape) == tuple(tensor.shape):
+                        distance = float((tensor - p.expected.float()).norm())
+                        if distance < best[p.module][0]:
+                            best[p.module] = (distance, key)
+    checks = []
+    for p in probes:
+        lora_change = float((p.expected.float() - p.before.float()).norm())
+        distance, key = best[p.module]
+        ok = lora_change > 0 and distance <= 0.1 * lora_change
+        checks.append(
+            {
+                "check": "merged weight holds the LoRA update",
+                "module": p.module,
+                "saved_as": key,
+                "lora_change_norm": lora_change,
+                "distance_to_base_plus_lora": distance,
+                "ok": ok,
+            }
+        )
+        if not ok:
+            reason = (
+                "the adapter changes nothing" if lora_change == 0 else f"nearest saved tensor {key or 'none'}"
+            )
+            raise ExportError(
+                f"the merged checkpoint does not hold the LoRA update of {p.module} ({reason}: distance "
+                f"{distance:.3g} vs LoRA change {lora_change:.3g})",
+                hint="export the adapter without --merge, and report this as a vlmtune bug",
+            )
+    return checks
+
+
+# --- the model card -------------------------------------------------------------------------------
+
+
+def card_facts(trained: TrainedRun, kind: str, dtype: str) -> dict:
+    """What the model card says, read from the run folder's artifacts."""
+    from vlmtune.model.checkpoint import resolve_model_path
+
+    run, recipe = trained.run, trained.recipe
+    summary = run.summary()
+    losses = run.losses()
+    data = run.read_json(rundir.DATA_REPORT) if (run / rundir.DATA_REPORT).is_file() else {}
+    evaluation = run.read_json(rundir.EVAL_REPORT) if (run / rundir.EVAL_REPORT).is_file() else None
+    train = data.get("train", {})
+    return {
+        "export": kind,
+        "run": str(run.path.resolve()),
+        "recipe_name": summary.get("recipe"),
+        "base_model": recipe.model.name,
+        "base_path": resolve_model_path(recipe.model.name),
+        "method": recipe.lora.method,
+        "quantization_bits": recipe.quantization.bits,
+        "lora_r": recipe.lora.r if recipe.lora.method == "lora" else None,
+        "lora_alpha": recipe.lora.alpha if recipe.lora.method == "lora" else None,
+        "dtype": dtype if kind == "merged" else recipe.model.dtype,
+        "train_source": train.get("source", recipe.data.train),
+        "train_samples": train.get("samples_kept"),
+        "train_images": train.get("images_total"),
+        "steps": summary.get("stages", {}).get("train", {}).get("steps"),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "eval": None
+        if evaluation is None
+        else {k: evaluation[k] for k in ("n", "exact_match", "contains", "base") if k in evaluation},
+        "resolved_recipe": (run / rundir.RESOLVED).read_text(encoding="utf-8"),
+    }
+
+
+KIND_TITLES = {
+    "adapter": "A peft LoRA adapter for",
+    "merged": "A LoRA merged into",
+    "full": "A full fine-tune of",
+}
+
+
+def model_card(facts: dict, folder_name: str) -> str:
+    """README.md for the export folder (pure: facts in, markdown out)."""
+    kind = facts["export"]
+    return "\n".join(
+        [
+            "---",
+            *([f"base_model: {facts['base_model']}"] if is_hub_id(facts["base_model"]) else []),
+            f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
+            "pipeline_tag: image-text-to-text",
+            f"tags: [vlmtune, {kind}]",
+            "---",
+            "",
+            f"# {folder_name}",
+            "",
+            f"{KIND_TITLES[kind]} `{facts['base_model']}`, trained and exported with vlmtune"
+            + (f" (saved in {facts['dtype']})." if kind == "merged" else "."),
+            "",
+            "| | |",
+            "|---|---|",
+            f"| base model | `{facts['base_model']}` |",
+            f"| method | {_method(facts)} |",
+            f"| data | {_fmt(facts['train_samples'])} training samples ({_fmt(facts['train_images'])} images) "
+            f"from `{facts['train_source']}` |",
+            f"| steps | {_fmt(facts['steps'])} |",
+            f"| final loss | {_loss(facts['final_loss'])} (first {_loss(facts['first_loss'])}) |",
+            *([f"| eval | {_eval(facts['eval'])} |"] if facts["eval"] else []),
+            f"| recipe | `{facts['recipe_name']}`, run `{facts['run']}` |",
+            "",
+            "## Load it",
+            "",
+            "```python",
+            *_load_snippet(kind, facts["base_path"]),
+            "```",
+            "",
+            "The checks that proved this export are in `vlmtune_export.json`.",
+            "",
+            "## Recipe (resolved)",
+            "",
+            "```yaml",
+            facts["resolved_recipe"].rstrip(),
+            "```",
+            "",
+        ]
+    )
+
+
+def _method(facts: dict) -> str:
+    if facts["method"] != "lora":
+        return "full fine-tuning"
+    base = f"{facts['quantization_bits']}-bit QLoRA" if facts["quantization_bits"] else "LoRA"
+    return f"{base}, r={facts['lora_r']}, alpha={facts['lora_alpha']}"
+
+
+def _load_snippet(kind: str, base_path: str) -> list[str]:
+    lines = ["from transformers import AutoModelForImageTextToText, AutoProcessor", ""]
+    if kind == "adapter":
+        return [
+            "from peft import PeftModel",
+            *lines,
+            f'base = AutoModelForImageTextToText.from_pretrained("{base_path}", dtype="auto")',
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+            'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
+        ]
+    return [
+        *lines,
+        'model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder", dtype="auto")',
+        'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
+    ]
+
+
+def _fmt(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def _loss(value: float | None) -> str:
+    return "not logged" if value is None else f"{value:.4f}"
+
+
+def _eval(result: dict) -> str:
+    base = result.get("base", {})
+    return (
+        f"exact match {result['exact_match']:.1%} (base {base.get('exact_match', 0):.1%}), "
+        f"contains answer {result['contains']:.1%} (base {base.get('contains', 0):.1%}) on {result['n']} samples"
+    )

@@ -1,0 +1,68 @@
+"""Greedy answers from a model in inference mode: one user turn, its images, the decoded reply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import DataError
+
+
+def user_turn(prompt: str, n_images: int) -> list[dict]:
+    """One user message: the images first, then the question (the layout the demo data uses)."""
+    return [
+        {
+            "role": "user",
+            "content": [*({"type": "image"} for _ in range(n_images)), {"type": "text", "text": prompt}],
+        }
+    ]
+
+
+def open_images(paths: list[str | Path]) -> list[Any]:
+    """Decoded RGB images, or a DataError naming the file that does not open."""
+    from vlmtune.data import open_image
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"image not found: {path}", hint="pass the path of a PNG, JPEG or WebP file")
+        try:
+            images.append(open_image(str(path)))
+        except Exception as exc:  # PIL raises many types for broken files
+            raise DataError(
+                f"cannot open image {path}: {exc}",
+                hint="pass a readable PNG, JPEG or WebP file (`python -m PIL.Image` can tell what it is)",
+            ) from None
+    return images
+
+
+def generate_answer(
+    model: Any, processor: Any, messages: list[dict], images: list[Any], max_new_tokens: int
+) -> str:
+    """Greedy continuation of ``messages`` (rendered with the generation prompt), special tokens removed."""
+    import torch
+
+    from vlmtune.data.collator import template_special_tokens
+
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The same tokenization as training: no second BOS after a template that writes one.
+    kwargs: dict[str, Any] = {
+        "text": [prompt],
+        "return_tensors": "pt",
+        **template_special_tokens(processor.tokenizer, [prompt]),
+    }
+    if images:
+        kwargs["images"] = [images]
+    inputs = processor(**kwargs).to(model.device)
+    tokenizer = processor.tokenizer
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -1,0 +1,153 @@
+"""A finished run: its recipe, its final weights, and its model loaded for inference.
+
+The base is loaded exactly as it was trained (same quantization and dtype, from resolved.yaml) and
+the run's adapter is attached on top; a full fine-tune loads its saved model instead. Every
+post-training command (predict, eval, export) starts from ``open_trained_run``, and so does a new
+run that trains on from an earlier one (``model.adapter``, see ``start_from``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import RunDirError
+from vlmtune.recipe import LoraSection, ModelSection, Recipe
+from vlmtune.runs import rundir
+from vlmtune.runs.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run: RunDir
+    recipe: Recipe
+    weights: Path  # 3-train/adapter, or 3-train/model for a full fine-tune
+
+    @property
+    def is_full(self) -> bool:
+        return self.recipe.lora.method == "full"
+
+
+@dataclass
+class Inference:
+    model: Any  # a PeftModel when an adapter is attached
+    processor: Any
+    family: Any
+    has_adapter: bool
+
+
+def open_trained_run(path: str | Path) -> TrainedRun:
+    """A run folder whose training finished, with its resolved recipe and final weights."""
+    from vlmtune.recipe import load_recipe
+
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirError(
+            f"run folder {path} does not exist",
+            hint="pass a folder that `vlmtune train` created, e.g. runs/demo-20260101-120000",
+        )
+    run = RunDir.open(path)
+    summary = run.summary()
+    if not training_finished(summary):
+        stages = ", ".join(
+            f"{name} {entry.get('status')}" for name, entry in summary.get("stages", {}).items()
+        )
+        raise RunDirError(
+            f"run {path} did not finish training (status {summary.get('status')!r}; {stages}), "
+            "so it has no final weights",
+            hint=f"continue it with `vlmtune train --resume {path}`, or pick a finished run",
+        )
+    recipe = load_recipe(run / rundir.RESOLVED)
+    weights = run / (rundir.FULL_MODEL if recipe.lora.method == "full" else rundir.ADAPTER)
+    if not weights.is_dir():
+        raise RunDirError(
+            f"run {path} says it finished but {weights} is missing",
+            hint="the run folder was changed after training; train again or restore the folder",
+        )
+    from vlmtune.training.finite import refuse_nonfinite
+
+    refuse_nonfinite(weights)  # a run that diverged before vlmtune stopped such runs
+    return TrainedRun(run, recipe, weights)
+
+
+# The lora keys that shape an adapter: a run training on an earlier run's adapter must state them as
+# that run did, so its resolved.yaml and 2-lora/lora_plan.json describe the adapter really trained.
+ADAPTER_SHAPE = (
+    "method", "finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules",
+    "finetune_mlp_modules", "train_projector", "r", "alpha", "use_rslora", "bias", "target_modules",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StartFrom:
+    """Where a run's weights start: what the load stage loads, and the adapter the lora stage attaches."""
+
+    model: ModelSection  # the base, or an earlier full fine-tune's saved model
+    adapter: Path | None = None  # an earlier run's final adapter, trained on instead of a fresh one
+
+
+def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
+    """The weights a run starts from: the base, or the run ``model.adapter`` names, checked first.
+
+    That run must have finished training, on the same base model, with the same lora shape; each
+    refusal says which and how to fix it, before any weight is loaded.
+    """
+    if model.adapter is None:
+        return StartFrom(model)
+    try:
+        earlier = open_trained_run(model.adapter)
+    except RunDirError as exc:
+        raise RunDirError(f"model.adapter: {exc.message}", hint=exc.hint) from None
+    base = earlier.recipe.model
+    if (base.name, base.revision) != (model.name, model.revision):
+        raise RunDirError(
+            f"model.adapter: run {model.adapter} trained {base.name}"
+            f"{f' (revision {base.revision})' if base.revision else ''}, not {model.name}; its weights fit only "
+            "the base model they were trained on",
+            hint=f"set model.name: {base.name}, or pick a run of {model.name}",
+        )
+    differing = [key for key in ADAPTER_SHAPE if getattr(lora, key) != getattr(earlier.recipe.lora, key)]
+    if differing:
+        listed = ", ".join(
+            f"lora.{k} is {json.dumps(getattr(lora, k))} here but {json.dumps(getattr(earlier.recipe.lora, k))} there"
+            for k in differing
+        )
+        raise RunDirError(
+            f"model.adapter: this recipe's lora section does not describe the weights of run {model.adapter} "
+            f"({listed})",
+            hint=f"copy the lora section of {earlier.run / rundir.RESOLVED}: an adapter trains on with the shape "
+            "it was made with",
+        )
+    if earlier.is_full:
+        return StartFrom(model.model_copy(update={"name": str(earlier.weights), "revision": None}))
+    return StartFrom(model, earlier.weights)
+
+
+def training_finished(summary: dict) -> bool:
+    """Done, or the train stage done (its final weights saved) and only the optional eval left or failed."""
+    if summary.get("status") == "done":
+        return True
+    return summary.get("stages", {}).get("train", {}).get("status") == "done"
+
+
+def load_for_inference(trained: TrainedRun, base_only: bool = False, device: str | None = None) -> Inference:
+    """The base as trained plus the run's adapter (or the full fine-tune), in eval mode."""
+    from vlmtune.model.checkpoint import choose_device
+    from vlmtune.stages import load
+
+    recipe = trained.recipe
+    device = device or choose_device(recipe.train.device)
+    model_section = recipe.model
+    if trained.is_full and not base_only:
+        model_section = model_section.model_copy(update={"name": str(trained.weights)})
+    loaded = load.load(model_section, recipe.quantization, recipe.data.max_image_pixels, device)
+    model = loaded.model
+    with_adapter = not (base_only or trained.is_full)
+    if with_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(trained.weights))
+    model.eval()
+    return Inference(model, loaded.processor, loaded.family, with_adapter)

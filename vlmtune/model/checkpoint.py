@@ -1,0 +1,76 @@
+"""Finding and reading a checkpoint before any weight is loaded: where it is, its config, the device.
+
+Used by the load stage, by the commands that work without weights (data check, estimate-memory)
+and by the post-training commands, so none of them imports a stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import ModelError
+from vlmtune.paths import TINY_PREFIX
+
+
+def resolve_model_path(name: str) -> str:
+    """tiny:FAMILY -> the cached tiny checkpoint; a folder -> itself; anything else is a hub id."""
+    if name.startswith(TINY_PREFIX):
+        from vlmtune.model.tiny import tiny_model_path
+
+        return str(tiny_model_path(name[len(TINY_PREFIX) :]))
+    return name
+
+
+def read_config(path: str, revision: str | None = None) -> Any:
+    from transformers import AutoConfig
+
+    local = Path(path)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ModelError(
+            f"{path} has no config.json, so it is not a model checkpoint",
+            hint="point model.name at the folder that holds config.json and the weights",
+        )
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot read the model config of {path!r}: {str(exc).splitlines()[0]}",
+            hint="give a local checkpoint folder, a reachable hub id (log in with `hf auth login` for gated "
+            "models), or tiny:FAMILY for an offline test model",
+        ) from None
+
+
+def detect(name: str, revision: str | None = None) -> tuple[str, Any]:
+    """(path the weights come from, Family record) of a recipe's model.name."""
+    from vlmtune.model.families import detect_family
+
+    path = resolve_model_path(name)
+    return path, detect_family(read_config(path, revision))
+
+
+def choose_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            "train.device is cuda but no CUDA device is visible", hint="use train.device: auto or cpu"
+        )
+    return requested
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free on the device now: CUDA's free memory, or the RAM available on CPU."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

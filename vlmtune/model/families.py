@@ -1,0 +1,419 @@
+"""One declarative record per VLM architecture: a flat table of data, and the lookups over it.
+
+Stages never branch on a model name: they read these records. Adding a family means adding a
+record here (naming its image-token functions in vlmtune.model.image_tokens and its tiny builder) and
+the builder in ``vlmtune.model.tiny``; docs/adding-a-family.md walks through it.
+
+Module prefixes are the in-memory names of transformers 5 (``model.visual``, not ``visual``):
+bitsandbytes' skip list and peft's target regex are anchored on them, because bare suffixes
+collide (Qwen2.5-VL's vision MLP and Pixtral's vision attention reuse the language names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmtune.errors import ModelError
+from vlmtune.model import image_tokens as it
+from vlmtune.model import shims
+from vlmtune.model.image_tokens import ImageSettings, TokensPerImage
+
+LANGUAGE_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LANGUAGE_MLP = ("gate_proj", "up_proj", "down_proj")
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+CLIP_MLP = ("fc1", "fc2")
+
+COMPONENTS = ("vision", "projector", "language", "lm_head", "other")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything a stage needs to know about one architecture."""
+
+    name: str  # the id users write: tiny:<name>, `vlmtune tiny <name>`
+    title: str
+    tiny_builder: str  # "module:function" that fabricates a tiny random checkpoint (vlmtune.model.tiny)
+    model_types: tuple[str, ...]  # config.model_type values this record claims
+    vision_prefix: str
+    projector_prefixes: tuple[str, ...]
+    language_prefix: str
+    image_token: str  # the placeholder the processor expands into image tokens
+    # Image feature tokens per image: tokens_per_image(width, height, image_settings(processor)).
+    # It counts image_feature_token occurrences (structural tokens around them are not counted).
+    tokens_per_image: TokensPerImage
+    # What else decides the text an image expands to, when its token count does not (Pixtral's rows
+    # and columns, Idefics3's tiles): (width, height, settings) -> a hashable key. None: the count.
+    image_layout: Callable[[int, int, ImageSettings], Any] | None = None
+    vision_attention: tuple[str, ...] = CLIP_ATTENTION
+    vision_mlp: tuple[str, ...] = CLIP_MLP
+    language_attention: tuple[str, ...] = LANGUAGE_ATTENTION
+    language_mlp: tuple[str, ...] = LANGUAGE_MLP
+    lm_head: str = "lm_head"
+    # config.vision_config.model_type values that select this record over a plain model_type
+    # match (Pixtral-12B checkpoints say model_type "llava").
+    vision_model_types: tuple[str, ...] = ()
+    structural_tokens: tuple[str, ...] = ()  # vision tokens besides image_token, masked from the loss
+    # The token repeated once per image feature where it differs from the placeholder (Gemma 3
+    # writes <start_of_image> and gets <image_soft_token> x 256).
+    feature_token: str | None = None
+    extra_inputs: tuple[str, ...] = ()  # processor outputs the model needs besides ids/mask/pixels
+    # token_type_ids mark the causal answer (1) after a bidirectional prefix (0), PaliGemma's
+    # prefix-LM: the collator sets them from the labels, since a chat template has no "suffix".
+    token_types_from_labels: bool = False
+    # The chat template used where the checkpoint ships none (PaliGemma); documented in docs/families.md.
+    chat_template: str | None = None
+    # Processor class to build without a video processor when AutoProcessor needs torchvision.
+    processor_class: str | None = None
+    processor_needs_video: bool = False  # its __init__ requires a (torchvision-only) video processor
+    prepare_processor_import: Callable[[], None] | None = None  # shims run before importing the class
+    # How the recipe's pixel budget is written into the image processor (None: fixed resolution).
+    pixel_budget: Callable[[Any, int], None] | None = None
+    # The processor (or, for Qwen, its image processor alone) -> the settings tokens_per_image reads.
+    image_settings: Callable[[Any], ImageSettings] = field(default=lambda processor: ImageSettings())
+    # The module lists that hold the transformer blocks, vision tower first: FSDP shards each block
+    # as one unit. Lists, not class names: a family's checkpoints differ in backbone (Llava has
+    # Llama, Mistral or Qwen2 blocks, CLIP or SigLIP towers), so the classes are read from the model.
+    block_lists: tuple[str, ...] = ()
+
+    def component_of(self, module_name: str) -> str:
+        """vision | projector | language | lm_head | other, by anchored prefix."""
+        if module_name == self.lm_head:
+            return "lm_head"
+        if any(under(module_name, p) for p in self.projector_prefixes):
+            return "projector"
+        if under(module_name, self.vision_prefix):
+            return "vision"
+        if under(module_name, self.language_prefix):
+            return "language"
+        return "other"
+
+    def keep_16bit(self) -> list[str]:
+        """Full module prefixes bitsandbytes must leave alone (the default list is replaced)."""
+        return [self.vision_prefix, *self.projector_prefixes, self.lm_head]
+
+    @property
+    def image_feature_token(self) -> str:
+        return self.feature_token or self.image_token
+
+    @property
+    def vision_tokens(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.image_token, self.image_feature_token, *self.structural_tokens)))
+
+
+def under(name: str, prefix: str) -> bool:
+    """Is module ``name`` the module ``prefix`` or inside it (a whole-segment prefix, never a substring)?"""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def ends_with(name: str, suffix: str) -> bool:
+    """Does module ``name`` end with the module path ``suffix`` (whole segments: attn.proj, not c_proj)?"""
+    return name == suffix or name.endswith("." + suffix)
+
+
+# --- the records --------------------------------------------------------------------------------
+
+_QWEN_COMMON = dict(
+    projector_prefixes=("model.visual.merger",),
+    vision_prefix="model.visual",
+    language_prefix="model.language_model",
+    image_token="<|image_pad|>",
+    structural_tokens=("<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
+    tokens_per_image=it.qwen_tokens,
+    pixel_budget=it.qwen_budget,
+    image_settings=it.qwen_settings,
+    block_lists=("model.visual.blocks", "model.language_model.layers"),
+)
+
+QWEN2_VL = Family(
+    name="qwen2_vl",
+    tiny_builder="vlmtune.model.tiny.qwen:build_qwen2_vl",
+    title="Qwen2-VL",
+    model_types=("qwen2_vl",),
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.fc1", "mlp.fc2"),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),  # M-RoPE: forward raises without the latter
+    processor_class="Qwen2VLProcessor",
+    processor_needs_video=True,
+    **_QWEN_COMMON,
+)
+
+QWEN2_5_VL = Family(
+    name="qwen2_5_vl",
+    tiny_builder="vlmtune.model.tiny.qwen:build_qwen2_5_vl",
+    title="Qwen2.5-VL",
+    model_types=("qwen2_5_vl",),
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    processor_class="Qwen2_5_VLProcessor",
+    processor_needs_video=True,
+    **_QWEN_COMMON,
+)
+
+QWEN3_VL = Family(
+    name="qwen3_vl",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_vl",
+    title="Qwen3-VL",
+    model_types=("qwen3_vl",),
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.linear_fc1", "mlp.linear_fc2"),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    processor_class="Qwen3VLProcessor",
+    processor_needs_video=True,
+    **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+)
+
+_LLAVA_LAYOUT = dict(
+    vision_prefix="model.vision_tower",
+    projector_prefixes=("model.multi_modal_projector",),
+    language_prefix="model.language_model",
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+)
+
+LLAVA = Family(
+    name="llava",
+    tiny_builder="vlmtune.model.tiny.llava:build_llava",
+    title="Llava-1.5",
+    model_types=("llava",),
+    image_token="<image>",
+    tokens_per_image=it.fixed_tokens,
+    image_settings=it.llava_settings,
+    **_LLAVA_LAYOUT,
+)
+
+LLAVA_NEXT = Family(
+    name="llava_next",
+    tiny_builder="vlmtune.model.tiny.llava:build_llava_next",
+    title="LLaVA-NeXT",
+    model_types=("llava_next",),
+    image_token="<image>",
+    extra_inputs=("image_sizes",),
+    tokens_per_image=it.llava_next_tokens,
+    image_settings=it.llava_next_settings,
+    **_LLAVA_LAYOUT,
+)
+
+LLAVA_ONEVISION = Family(
+    name="llava_onevision",
+    tiny_builder="vlmtune.model.tiny.llava:build_llava_onevision",
+    title="LLaVA-OneVision",
+    model_types=("llava_onevision",),
+    image_token="<image>",
+    structural_tokens=("<video>",),
+    extra_inputs=("image_sizes", "batch_num_images"),
+    processor_class="LlavaOnevisionProcessor",
+    processor_needs_video=True,
+    tokens_per_image=it.llava_onevision_tokens,
+    image_settings=it.llava_onevision_settings,
+    **_LLAVA_LAYOUT,
+)
+
+_PIXTRAL_COMMON = dict(
+    image_token="[IMG]",
+    structural_tokens=("[IMG_BREAK]", "[IMG_END]"),
+    # Pixtral's vision tower uses the language model's Linear names; the anchored prefix keeps
+    # the two apart.
+    vision_attention=("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
+    vision_mlp=("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"),
+    extra_inputs=("image_sizes",),
+    processor_class="PixtralProcessor",
+    prepare_processor_import=shims.pixtral_processor_without_torchvision,
+    tokens_per_image=it.pixtral_tokens,
+    image_layout=it.pixtral_grid,
+    pixel_budget=it.pixtral_budget,
+    image_settings=it.pixtral_settings,
+    **{
+        **_LLAVA_LAYOUT,
+        "block_lists": ("model.vision_tower.transformer.layers", "model.language_model.layers"),
+    },
+)
+
+PIXTRAL = Family(
+    name="pixtral",
+    tiny_builder="vlmtune.model.tiny.pixtral:build_pixtral",
+    title="Pixtral",
+    model_types=("llava",),
+    vision_model_types=("pixtral",),
+    **_PIXTRAL_COMMON,
+)
+
+MISTRAL3 = Family(
+    name="mistral3",
+    tiny_builder="vlmtune.model.tiny.pixtral:build_mistral3",
+    title="Mistral3",
+    model_types=("mistral3",),
+    **_PIXTRAL_COMMON,
+)
+
+GEMMA3 = Family(
+    name="gemma3",
+    tiny_builder="vlmtune.model.tiny.gemma:build_gemma3",
+    title="Gemma 3",
+    model_types=("gemma3",),
+    image_token="<start_of_image>",
+    feature_token="<image_soft_token>",
+    structural_tokens=("<end_of_image>",),
+    extra_inputs=("token_type_ids",),
+    tokens_per_image=it.fixed_tokens,
+    image_settings=it.seq_length_settings,
+    **_LLAVA_LAYOUT,
+)
+
+MLLAMA = Family(
+    name="mllama",
+    tiny_builder="vlmtune.model.tiny.mllama:build_mllama",
+    title="Llama 3.2 Vision",
+    model_types=("mllama",),
+    vision_prefix="model.vision_model",
+    projector_prefixes=("model.multi_modal_projector",),
+    language_prefix="model.language_model",
+    image_token="<|image|>",
+    vision_attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+    # language_attention's names also cover the cross-attention layers (cross_attn.q_proj ...)
+    extra_inputs=("cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"),
+    tokens_per_image=it.one_token,
+    image_settings=it.mllama_settings,
+    block_lists=(
+        "model.vision_model.transformer.layers",
+        "model.vision_model.global_transformer.layers",
+        "model.language_model.layers",  # self-attention and cross-attention decoder layers
+    ),
+)
+
+_IDEFICS3_COMMON = dict(
+    vision_prefix="model.vision_model",
+    projector_prefixes=("model.connector",),
+    language_prefix="model.text_model",
+    image_token="<image>",
+    structural_tokens=(
+        "<fake_token_around_image>",
+        "<global-img>",
+        *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+    ),
+    extra_inputs=("pixel_attention_mask",),
+    tokens_per_image=it.idefics3_tokens,
+    image_layout=it.idefics3_tiles,
+    pixel_budget=it.idefics3_budget,
+    image_settings=it.idefics3_settings,
+    block_lists=("model.vision_model.encoder.layers", "model.text_model.layers"),
+)
+
+IDEFICS3 = Family(
+    name="idefics3",
+    tiny_builder="vlmtune.model.tiny.idefics:build_idefics3",
+    title="Idefics3",
+    model_types=("idefics3",),
+    **_IDEFICS3_COMMON,
+)
+
+SMOLVLM = Family(
+    name="smolvlm",
+    tiny_builder="vlmtune.model.tiny.idefics:build_smolvlm",
+    title="SmolVLM",
+    model_types=("smolvlm",),
+    # SmolVLMProcessor needs num2words and a (torchvision-only) video processor; its image prompts
+    # are Idefics3's, character for character, so Idefics3Processor serves SmolVLM checkpoints.
+    processor_class="Idefics3Processor",
+    **_IDEFICS3_COMMON,
+)
+
+# PaliGemma has no chat template upstream: it is trained on "<image>...<bos>prefix\n" + answer +
+# <eos>, its processor adding <bos> after the last image and "\n" at the end. This template renders
+# a conversation in that shape (images and user text, "\n", the answer, <eos>), so each turn's
+# prompt is a prefix of the whole conversation, which the collator needs to find the answers.
+PALIGEMMA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if message['role'] != 'assistant' and (part['type'] == 'image' or 'image' in part "
+    "or 'image_url' in part) -%}{{ '<image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- else -%}{{ '\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+PALIGEMMA = Family(
+    name="paligemma",
+    tiny_builder="vlmtune.model.tiny.gemma:build_paligemma",
+    title="PaliGemma",
+    model_types=("paligemma",),
+    image_token="<image>",
+    extra_inputs=("token_type_ids",),
+    token_types_from_labels=True,
+    chat_template=PALIGEMMA_CHAT_TEMPLATE,
+    tokens_per_image=it.fixed_tokens,
+    image_settings=it.seq_length_settings,
+    **_LLAVA_LAYOUT,
+)
+
+INTERNVL = Family(
+    name="internvl",
+    tiny_builder="vlmtune.model.tiny.internvl:build_internvl",
+    title="InternVL",
+    model_types=("internvl",),
+    image_token="<IMG_CONTEXT>",
+    structural_tokens=("<img>", "</img>", "<video>"),
+    vision_attention=(
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.projection_layer",
+    ),
+    vision_mlp=("mlp.fc1", "mlp.fc2"),
+    processor_class="InternVLProcessor",
+    processor_needs_video=True,
+    tokens_per_image=it.internvl_tokens,
+    pixel_budget=it.internvl_budget,
+    image_settings=it.internvl_settings,
+    **{**_LLAVA_LAYOUT, "block_lists": ("model.vision_tower.encoder.layer", "model.language_model.layers")},
+)
+
+FAMILIES: tuple[Family, ...] = (
+    QWEN2_VL,
+    QWEN2_5_VL,
+    QWEN3_VL,
+    LLAVA,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    PIXTRAL,
+    MISTRAL3,
+    GEMMA3,
+    MLLAMA,
+    IDEFICS3,
+    SMOLVLM,
+    PALIGEMMA,
+    INTERNVL,
+)
+
+
+def family_names() -> list[str]:
+    return [f.name for f in FAMILIES]
+
+
+def get_family(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ModelError(f"unknown family {name!r}", hint=f"choose one of: {', '.join(family_names())}")
+
+
+def detect_family(config: Any) -> Family:
+    """Pick the record for a transformers config (or its dict) from its model types."""
+    as_dict: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
+    model_type = as_dict.get("model_type")
+    vision_type = (as_dict.get("vision_config") or {}).get("model_type")
+    for family in FAMILIES:  # the specific match (vision model type) wins over the plain one
+        if vision_type and vision_type in family.vision_model_types and model_type in family.model_types:
+            return family
+    for family in FAMILIES:
+        if model_type in family.model_types and not family.vision_model_types:
+            return family
+    supported = ", ".join(f"{f.title} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise ModelError(
+        f"unsupported architecture: model_type {model_type!r}"
+        + (f" with a {vision_type!r} vision tower" if vision_type else ""),
+        hint=f"vlmtune supports {supported}. To add one, see docs/adding-a-family.md.",
+    )

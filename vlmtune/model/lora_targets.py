@@ -1,0 +1,65 @@
+"""Which Linears LoRA wraps: the recipe's toggles compiled into one anchored regex, matched by name.
+
+Pure functions over module names, shared by the lora stage (names of the loaded model) and the
+memory model (names of the meta-device model), so both always agree on what trains.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from vlmtune.errors import RecipeError
+from vlmtune.model.families import Family, under
+
+if TYPE_CHECKING:  # the toggles come in a LoraSection; model/ sits below recipe/
+    from vlmtune.recipe import LoraSection
+
+
+def target_regex(family: Family, lora: LoraSection) -> str:
+    """Anchored regex of the Linears the toggles select (or the recipe's own regex)."""
+    if lora.target_modules:
+        return lora.target_modules
+    towers = []
+    if lora.finetune_vision_layers:
+        names = _names(family.vision_attention, family.vision_mlp, lora)
+        # The projector often lives inside the vision tower (Qwen's model.visual.merger): exclude it.
+        exclude = "".join(f"(?!{re.escape(p)}(?:\\.|$))" for p in family.projector_prefixes)
+        towers.append(f"{exclude}{re.escape(family.vision_prefix)}\\.(?:.*\\.)?(?:{names})")
+    if lora.finetune_language_layers:
+        names = _names(family.language_attention, family.language_mlp, lora)
+        towers.append(f"{re.escape(family.language_prefix)}\\.(?:.*\\.)?(?:{names})")
+    return "^(?:" + "|".join(towers) + ")$"
+
+
+def _names(attention: tuple[str, ...], mlp: tuple[str, ...], lora: LoraSection) -> str:
+    chosen = [
+        *(attention if lora.finetune_attention_modules else ()),
+        *(mlp if lora.finetune_mlp_modules else ()),
+    ]
+    return "|".join(re.escape(n) for n in chosen)
+
+
+def select_targets(family: Family, lora: LoraSection, linear_names: Iterable[str]) -> tuple[str, ...]:
+    """The Linear names the regex full-matches; a RecipeError when it is invalid or matches none."""
+    regex = target_regex(family, lora)
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise RecipeError(
+            f"lora.target_modules is not a valid regex: {exc}", hint="test it with python's re"
+        ) from None
+    targets = tuple(name for name in linear_names if pattern.fullmatch(name))
+    if not targets:
+        raise RecipeError(
+            f"the LoRA targets match no Linear layer of this {family.title} model (regex {regex})",
+            hint="check lora.target_modules against the names `vlmtune inspect` prints",
+        )
+    return targets
+
+
+def present_projectors(family: Family, module_names: Iterable[str]) -> tuple[str, ...]:
+    """The family's projector prefixes that name modules of this model (for train_projector)."""
+    names = list(module_names)
+    return tuple(p for p in family.projector_prefixes if any(under(n, p) for n in names))

@@ -1,0 +1,59 @@
+"""One process at a time per run folder: an advisory lock (flock) on RUN/.lock.
+
+The kernel releases a flock when its process exits, however it exits (kill -9 included), so a lock
+never outlives its holder and needs no clean-up; the pid and command written into the file are only
+there to say who holds it. The file itself stays: removing it would let a second process lock a
+new file while the first still holds the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from vlmtune.runs import rundir
+from vlmtune.errors import RunDirError
+
+
+class RunInUse(RunDirError):
+    """Another live process trains this run folder."""
+
+
+@contextlib.contextmanager
+def hold(run_path: Path) -> Iterator[None]:
+    """Hold the run folder's lock for the block, or raise RunInUse naming the process that has it."""
+    path = Path(run_path) / rundir.LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(
+                f"run {run_path} is in use by {_holder(path)}; two processes must never train one run folder",
+                hint="wait for that process to end, or stop it (`kill PID` marks the run interrupted); "
+                "its lock goes away with the process",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_me()).encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _me() -> dict:
+    command = " ".join(["vlmtune", *sys.argv[1:]])
+    return {"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"process {info['pid']} (`{info['command']}`, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"

@@ -1,0 +1,182 @@
+"""Training checkpoints (3-train/checkpoints/checkpoint-N): when one counts, and which one a resume takes.
+
+The Trainer creates the folder first and fills it file by file, so a kill, a Ctrl-C or a full disk
+in mid-save leaves a folder that looks like a checkpoint and is not one. A checkpoint therefore
+counts only once vlmtune has written its completion marker, last, after the Trainer's files are
+on disk; the marker lists every file with its size. A resume takes the newest checkpoint whose
+marker is there and whose files still match it, and names every newer one it skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmtune.runs import rundir
+from vlmtune.errors import RunDirError
+
+
+class CheckpointError(RunDirError):
+    """No usable checkpoint, or a checkpoint file that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+    damaged: bool  # True: it was complete once and a file changed since; False: its save never finished
+
+
+@dataclass
+class Choice:
+    """The checkpoint a resume starts from (None: from step 0) and the newer ones it passed over."""
+
+    chosen: Checkpoint | None
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def step_of(path: Path) -> int | None:
+    digits = path.name.removeprefix(rundir.CHECKPOINT_PREFIX)
+    return int(digits) if path.name.startswith(rundir.CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def all_checkpoints(folder: Path) -> list[Checkpoint]:
+    """Every checkpoint-N folder, complete or not, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [Checkpoint(p, step) for p in folder.iterdir() if p.is_dir() and (step := step_of(p)) is not None]
+    return sorted(found, key=lambda c: c.step)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def mark_complete(path: Path, extra: dict | None = None) -> None:
+    """Flush the checkpoint's files to disk, then write the marker that makes it count.
+
+    ``extra``: state of vlmtune's own that the checkpoint carries (kept in the marker).
+    """
+    files = {}
+    # rglob: an FSDP checkpoint keeps its sharded weights and optimizer state in subfolders
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != rundir.CHECKPOINT_MARKER):
+        _fsync(file)
+        files[file.relative_to(path).as_posix()] = file.stat().st_size
+    marker = {"step": step_of(path), "files": files, **(extra or {})}
+    rundir.write_json_atomic(path / rundir.CHECKPOINT_MARKER, marker)
+    _fsync(path / rundir.CHECKPOINT_MARKER)
+    _fsync(path)  # the directory entries
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rotate(folder: Path, keep: int | None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (all when None); remove the rest and every partial one.
+
+    Only complete checkpoints count towards the limit, so an interrupted save never pushes the last
+    good checkpoint out.
+    """
+    complete, partial = [], []
+    for checkpoint in all_checkpoints(folder):
+        (complete if (checkpoint.path / rundir.CHECKPOINT_MARKER).is_file() else partial).append(checkpoint)
+    doomed = partial + (complete[:-keep] if keep else [])
+    for checkpoint in doomed:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    """Remove a stale folder (a partial save of this step) before the Trainer writes into it again."""
+    if path.exists():
+        shutil.rmtree(path)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def marker(path: Path) -> dict:
+    """The completion marker of a checkpoint that passed ``problem()``."""
+    return json.loads((path / rundir.CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+
+
+def choose(folder: Path) -> Choice:
+    """The newest complete checkpoint and the newer ones skipped, with their reasons."""
+    skipped: list[Skipped] = []
+    for checkpoint in reversed(all_checkpoints(folder)):
+        found = problem(checkpoint.path)
+        if found is None:
+            return Choice(checkpoint, skipped)
+        skipped.append(Skipped(checkpoint.path, *found))
+    return Choice(None, skipped)
+
+
+def problem(path: Path) -> tuple[str, bool] | None:
+    """Why this checkpoint cannot be resumed from (and whether it is damaged, not just partial), or None."""
+    marker = path / rundir.CHECKPOINT_MARKER
+    if not marker.is_file():
+        return "incomplete: its save was interrupted (no completion marker)", False
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return f"its completion marker {rundir.CHECKPOINT_MARKER} is damaged", True
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing", True
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} is {actual:,} bytes; it had {size:,} when saved", True
+        damage = file_damage(file)
+        if damage:
+            return f"{name} is damaged ({damage})", True
+    return None
+
+
+def file_damage(path: Path) -> str | None:
+    """A cheap integrity check by kind of file: JSON parses, torch's zip archives pass their CRCs,
+    a safetensors header covers the file exactly. None when the file looks whole."""
+    suffix = path.suffix
+    try:
+        if suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif suffix in (".pt", ".pth", ".bin"):  # torch.save writes zip archives with CRCs
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"member {bad} fails its checksum"
+        elif suffix == ".safetensors":
+            return _safetensors_damage(path)
+    except (OSError, UnicodeDecodeError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than its header"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return "its header runs past the end of the file"
+        header = json.loads(f.read(length))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        return f"its tensors need {8 + length + end:,} bytes, the file has {size:,}"
+    return None

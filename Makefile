@@ -19,11 +19,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/vlmtune train recipes/demo.yaml
 
+# Two workers (pytest-xdist), one torch thread each: a file's tests stay on one worker so its module
+# fixtures (trained runs) are built once. OMP_NUM_THREADS=1: torch's default thread count made tests
+# up to 11x slower on this shared 2-core machine (FACTS.md).
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(or $(WORKERS),2) --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check vlmtune tests bench scripts

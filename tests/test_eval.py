@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from posttrain_fixtures import ANSWER, DEMO, IMAGE, fake_run, train_overfit_run
 
+from vlmtune import scoring
 from vlmtune.after import evaluate as ev
+from vlmtune.data import prompts
 
 from test_cli import vlmtune
 
@@ -39,12 +41,12 @@ PREDICTION_KEYS = {"index", "prompt", "reference", "base", "adapter"}
     ],
 )
 def test_scores_ignore_case_whitespace_and_trailing_punctuation(prediction, reference, exact, contains):
-    assert ev.exact_match(prediction, reference) is exact
-    assert ev.contains_answer(prediction, reference) is contains
+    assert scoring.exact_match(prediction, reference) is exact
+    assert scoring.contains_answer(prediction, reference) is contains
 
 
 def test_scores_are_fractions_of_the_samples():
-    assert ev.scores(["a.", "b", "xc"], ["A", "c", "c"]) == {"exact_match": 1 / 3, "contains": 2 / 3}
+    assert scoring.scores(["a.", "b", "xc"], ["A", "c", "c"]) == {"exact_match": 1 / 3, "contains": 2 / 3}
 
 
 def test_the_reference_is_the_last_assistant_turn_and_the_prompt_what_comes_before():
@@ -53,11 +55,11 @@ def test_the_reference_is_the_last_assistant_turn_and_the_prompt_what_comes_befo
 
     split = read_split(str(DEMO / "eval.jsonl"), DataSection(train="x"))
     multi = next(s for s in split.samples if sum(m["role"] == "assistant" for m in s.messages) == 2)
-    item = ev.eval_item(multi)
+    item = prompts.eval_item(multi)
     assert item.reference == "The red one."
     assert [m["role"] for m in item.messages] == ["user", "assistant", "user"]
     assert len(item.images) == 2, "the images shown before the answer go with the prompt"
-    assert ev.prompt_text(item.messages).startswith("user: <image> <image> What colors")
+    assert prompts.prompt_text(item.messages).startswith("user: <image> <image> What colors")
 
 
 # --- after training -------------------------------------------------------------------------------

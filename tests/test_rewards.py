@@ -311,3 +311,20 @@ def test_a_reward_that_changes_its_arguments_changes_nothing_vlmtune_reads(tmp_p
     assert given.completions == ["red", "blue", "green"] and given.samples == [10, 11, 12]
     with pytest.raises(RewardError, match=r"returned 2 value\(s\) for 3 completions \(samples 10, 11, 12\)"):
         rewards.call(short, given)
+
+
+def test_coverage_stops_once_enough_completions_got_no_reward_at_all():
+    (reward,) = built("{type: contains}")
+    coverage = rewards.Coverage([reward])
+    coverage.check()  # nothing scored yet (a resume at its last step): no verdict
+    for _ in range(rewards.NO_REWARD_COMPLETIONS // 16 - 1):
+        coverage.add([None] * 16)
+    with pytest.raises(
+        RewardError, match=r"no reward applied to any of the 512 completions scored: `contains`"
+    ):
+        coverage.add([None] * 16)
+    rescued = rewards.Coverage([reward])
+    rescued.add([None] * 15 + [0.0])  # one value anywhere: the rewards apply, a zero is a signal too
+    for _ in range(64):
+        rescued.add([None] * 16)
+    rescued.check()

@@ -399,6 +399,39 @@ def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# --- a reward that never applies -------------------------------------------------------------------
+
+NO_REWARD_COMPLETIONS = 512  # completions scored with no reward applying to any: the run stops
+
+
+class Coverage:
+    """Whether any reward applies at all. A reward returning None everywhere (a function that never
+    finds its format, a column it never gets) gives GRPO nothing to learn from: every advantage is 0,
+    the run trains nothing and would end `done`. Training stops once NO_REWARD_COMPLETIONS
+    completions were scored without one value, and a run that ends without one fails."""
+
+    def __init__(self, rewards: Sequence[Reward]):
+        self.rewards = list(rewards)
+        self.scored = 0
+        self.applied = 0
+
+    def add(self, totals: Sequence[float | None]) -> None:
+        self.scored += len(totals)
+        self.applied += sum(total is not None for total in totals)
+        if self.scored >= NO_REWARD_COMPLETIONS:
+            self.check()
+
+    def check(self) -> None:
+        if self.scored and not self.applied:
+            names = ", ".join(_who(reward) for reward in self.rewards)
+            raise RewardError(
+                f"no reward applied to any of the {self.scored} completions scored: {names} returned None for "
+                "every one, so every advantage is 0 and GRPO learns nothing",
+                hint="return a number wherever a reward can judge a completion (None only where it cannot); "
+                "3-train/completions.jsonl shows what the model wrote",
+            )
+
+
 # --- figures --------------------------------------------------------------------------------------
 
 

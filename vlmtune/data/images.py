@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vlmtune.errors import DataError
 from vlmtune.redact import redact_text, redact_url
 
 
@@ -111,6 +112,33 @@ class UrlImage:
             f"image URL {shown} is {qualifier}{size:,} bytes, over data.url_max_bytes={self.max_bytes:,} "
             "(download it and check it, or raise data.url_max_bytes)"
         )
+
+
+class ImageUnreadable(DataError):
+    """An image that passed the pre-flight and cannot be read while training (deleted, moved, a URL
+    failing): the run stops naming the sample; ``for_run`` puts the run's resume command in the hint."""
+
+    def for_run(self, run: Any) -> ImageUnreadable:
+        return ImageUnreadable(self.message, hint=self.hint.replace(RESUME_PLACEHOLDER, str(run)))
+
+
+RESUME_PLACEHOLDER = "RUN_DIR"
+
+
+def open_images(index: int, sources: list[Any], fields: list[str] | None = None) -> list[Any]:
+    """The decoded images of the sample at ``index`` for a batch; ImageUnreadable naming it otherwise."""
+    opened = []
+    for i, source in enumerate(sources):
+        try:
+            opened.append(open_image(source))
+        except ImageProblem as exc:
+            field = fields[i] if fields and i < len(fields) else f"images[{i}]"
+            raise ImageUnreadable(
+                f"sample {index}: {field}: the image passed the pre-flight but cannot be read now: {exc.reason}",
+                hint="restore it (or fix its URL), then continue from the last checkpoint with `vlmtune train "
+                f"--resume {RESUME_PLACEHOLDER}`; or take the sample out of the data and start a new run",
+            ) from None
+    return opened
 
 
 # --- resolving ---------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data import open_image
 from vlmtune.data.collator import template_special_tokens, vision_token_ids
+from vlmtune.data.images import open_images
 from vlmtune.data.preflight import CheckedSplit, check_split
 from vlmtune.data.prompts import Prompt, prompt_of, prompt_reading
 from vlmtune.errors import DataError, ModelError
@@ -144,7 +144,8 @@ class PromptRows:
         for row in rows:
             position = row[POSITION]
             if position not in opened:
-                opened[position] = [open_image(source) for source in self.prompts[position].images]
+                prompt = self.prompts[position]
+                opened[position] = open_images(prompt.index, prompt.images)
             out.append(
                 {"prompt": self.prompts[position].messages, "images": opened[position], POSITION: position}
             )

@@ -138,7 +138,7 @@ def test_a_url_over_the_size_cap_is_refused_declared_or_not(server: str):
     with pytest.raises(ImageProblem, match=r"is 10,000,000,000 bytes, over data.url_max_bytes=1,048,576"):
         UrlImage(f"{server}/declared-huge.png", timeout=10.0, max_bytes=1 << 20).fetch()
     with pytest.raises(
-        ImageProblem, match=r"is at least 1,0[4-9]\d,\d\d\d bytes, over data.url_max_bytes=1,048,576"
+        ImageProblem, match=r"is at least 1,\d\d\d,\d\d\d bytes, over data.url_max_bytes=1,048,576"
     ):
         UrlImage(f"{server}/endless.png", timeout=10.0, max_bytes=1 << 20).fetch()
     assert open_image(UrlImage(f"{server}/red.png", timeout=10.0, max_bytes=len(RED))).size == (48, 40)

@@ -278,3 +278,42 @@ def test_a_training_run_whose_image_url_fails_stops_naming_it_with_the_resume_co
     copy = (run / "recipe.yaml").read_text()
     assert token not in copy and "HF_TOKEN=***" in copy and "redacted" in copy.splitlines()[0]
     assert "recipe.yaml" in output and "redacted" in output  # said on the terminal too
+
+
+# --- secrets ------------------------------------------------------------------------------------------
+
+
+def test_recognisable_secrets_are_redacted_and_ordinary_settings_kept():
+    from vlmtune.redact import redact_secrets, redact_url
+
+    assert (
+        redact_url("https://u:p@h.io/a.png?X-Amz-Signature=abc&flag#frag")
+        == "https://***@h.io/a.png?X-Amz-Signature=***&flag#***"
+    )
+    assert redact_url("https://h.io/a.png") == "https://h.io/a.png"
+    text = (
+        "# HF_TOKEN=hf_abcdefghijklmnopqrstu123\n# OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwx\n"
+        "# aws_secret_access_key = wJalrXUtnFEMI/K7MDENG\n# password: hunter22\n"
+        "# curl -H 'Authorization: Bearer eyJhbGciOi.abc'\n# pulled from https://me:pw@git.example.com/x\n"
+    )
+    keep = (
+        "# tokenizer: my/tok\ndata: {train: /data/sk-learn-experiments-2024-abcdef/train.jsonl}\n"
+        "grpo: {rewards: [{type: length, max_tokens: 3}]}\n"
+    )
+    redacted, found = redact_secrets(text + keep)
+    assert redacted.endswith(keep) and len(found) == 6, found
+    for secret in ("hf_abc", "sk-proj", "wJalr", "hunter22", "eyJhb", "me:pw"):
+        assert secret not in redacted, secret
+    assert redact_secrets(keep) == (keep, [])
+
+
+def test_training_warns_about_multi_frame_images(tmp_path: Path, capsys):
+    from vlmtune.data.preflight import check_split
+    from vlmtune.recipe import DataSection
+
+    data = write_data(tmp_path, [str(animations(tmp_path)["apng"])])
+    check_split("train", str(data), DataSection(train=str(data)))
+    assert (
+        "1 image(s) are animations or multi-page TIFFs; they train on their first frame"
+        in capsys.readouterr().err
+    )

@@ -17,14 +17,14 @@ _USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/
 _QUERY_VALUE = re.compile(r"(?P<key>[?&;][^=&;#]*)=(?P<value>[^&;#]*)")
 # Tokens recognisable by their shape, and values of keys that name a secret.
 TOKENS = (
-    ("Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{16,}")),
-    ("API key", re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")),
+    ("Hugging Face token", re.compile(r"(?<![\w/.-])hf_[A-Za-z0-9]{20,}")),
+    ("API key", re.compile(r"(?<![\w/.-])sk-[A-Za-z0-9_-]{20,}")),
     ("GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}")),
     ("AWS access key", re.compile(r"\bAKIA[0-9A-Z]{16}\b")),
     ("bearer token", re.compile(r"(?i)(?<=\bbearer )[A-Za-z0-9._~+/=-]{8,}")),
 )
 SECRET_KEY = re.compile(
-    r"(?i)(?P<key>\b[\w-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key)[\w-]*"
+    r"(?i)(?P<key>\b[\w-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key)(?:[_-]?(?:key|id))?"
     r"[\"']?\s*[:=]\s*)(?P<value>[\"']?[^\s\"',}#]{4,}[\"']?)"
 )
 

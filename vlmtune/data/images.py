@@ -161,10 +161,8 @@ def resolve_source(
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str):
-        url = UrlImage("", url_timeout, url_max_bytes)
-        return _resolve_string(
-            value.strip(), root, allow_urls=allow_urls, url=url, follow_symlinks=follow_symlinks
-        )
+        fetch = UrlImage("", url_timeout, url_max_bytes) if allow_urls else None  # how a URL is fetched
+        return _resolve_string(value.strip(), root, fetch=fetch, follow_symlinks=follow_symlinks)
     if _is_pil(value):
         return value
     raise ImageProblem(
@@ -172,7 +170,8 @@ def resolve_source(
     )
 
 
-def _resolve_string(value: str, root: Path, *, allow_urls: bool, url: UrlImage, follow_symlinks: bool) -> Any:
+def _resolve_string(value: str, root: Path, *, fetch: UrlImage | None, follow_symlinks: bool) -> Any:
+    """``fetch``: None when URLs are off, else a UrlImage with the settings a URL is fetched with."""
     if not value:
         raise ImageProblem("empty image path")
     if "\0" in value:  # the OS refuses such a path outright (ValueError, not OSError)
@@ -181,12 +180,12 @@ def _resolve_string(value: str, root: Path, *, allow_urls: bool, url: UrlImage, 
     if lowered.startswith("data:"):
         return _decode_data_uri(value)
     if lowered.startswith(("http://", "https://")):
-        if not allow_urls:
+        if fetch is None:
             raise ImageProblem(
                 f"image URL {redact_url(value)} is not fetched: URLs are off by default; set data.allow_urls: true, or "
                 "download the images and use local paths (faster, and reproducible)"
             )
-        return replace(url, url=value)
+        return replace(fetch, url=value)
     if lowered.startswith("file://"):
         value = value[len("file://") :]
     return resolve_path(value, root, follow_symlinks=follow_symlinks)

@@ -317,3 +317,21 @@ def test_training_warns_about_multi_frame_images(tmp_path: Path, capsys):
         "1 image(s) are animations or multi-page TIFFs; they train on their first frame"
         in capsys.readouterr().err
     )
+
+
+def test_an_unreadable_image_from_a_dataloader_worker_keeps_its_message_and_hint(tmp_path: Path):
+    """torch re-raises a worker's exception as its type built from the traceback text alone."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        open_images(7, [str(tmp_path / "gone.png")], ["images[0]"])
+    except ImageUnreadable:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ImageUnreadable) as info:
+        wrapped.reraise()
+    clean = info.value.for_run(Path("/runs/x"))
+    assert (
+        clean.message.startswith("sample 7: images[0]: the image passed the pre-flight")
+        and "Traceback" not in clean.message
+    )
+    assert "file not found" in clean.message and "vlmtune train --resume /runs/x`" in clean.hint

@@ -119,7 +119,13 @@ class ImageUnreadable(DataError):
     failing): the run stops naming the sample; ``for_run`` puts the run's resume command in the hint."""
 
     def for_run(self, run: Any) -> ImageUnreadable:
-        return ImageUnreadable(self.message, hint=self.hint.replace(RESUME_PLACEHOLDER, str(run)))
+        message, hint = self.message, self.hint
+        marker = f"{type(self).__name__}: "
+        if hint is None and marker in message:  # re-raised from a DataLoader worker: its traceback as text
+            message, _, hint = message.rsplit(marker, 1)[1].partition("\nhint: ")
+        return ImageUnreadable(
+            message.strip(), hint=hint.strip().replace(RESUME_PLACEHOLDER, str(run)) or None
+        )
 
 
 RESUME_PLACEHOLDER = "RUN_DIR"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -241,14 +242,43 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path):
     assert open_image(str(tmp_path / "deep.png")).getpixel((0, 0)) == (127, 127, 127)
 
 
-def test_paths_stay_inside_the_image_root_but_symlinked_folders_inside_it_work(tmp_path: Path):
+def test_paths_stay_inside_the_image_root_where_they_really_lead(tmp_path: Path):
     with pytest.raises(ImageProblem, match="escapes the image root"):
         resolve_source("../../etc/passwd.png", tmp_path, allow_urls=False, url_timeout=1.0)
     with pytest.raises(ImageProblem, match="escapes the image root"):
         resolve_source("images/../../x.png", tmp_path, allow_urls=False, url_timeout=1.0)
+    # A link inside the root that leads out of it escapes as surely as `..` does.
     (tmp_path / "linked").symlink_to(IMAGES, target_is_directory=True)
-    source = resolve_source("linked/red.png", tmp_path, allow_urls=False, url_timeout=1.0)
+    (tmp_path / "passwd.png").symlink_to("/etc/passwd")
+    for value in ("linked/red.png", "passwd.png"):
+        with pytest.raises(ImageProblem, match="leads out of the image root") as info:
+            resolve_source(value, tmp_path, allow_urls=False, url_timeout=1.0)
+        assert "data.follow_symlinks: true" in info.value.reason
+    # A link that stays inside the root is fine; data.follow_symlinks trusts the links that leave it.
+    (tmp_path / "real").mkdir()
+    shutil.copy(IMAGES / "red.png", tmp_path / "real" / "red.png")
+    (tmp_path / "alias.png").symlink_to(tmp_path / "real" / "red.png")
+    assert open_image(resolve_source("alias.png", tmp_path, allow_urls=False, url_timeout=1.0)).size == (
+        48,
+        40,
+    )
+    source = resolve_source(
+        "linked/red.png", tmp_path, allow_urls=False, url_timeout=1.0, follow_symlinks=True
+    )
     assert open_image(source).size == (48, 40)
+
+
+def test_a_link_out_of_the_image_root_is_one_bad_sample_until_follow_symlinks(tmp_path: Path):
+    (tmp_path / "images").symlink_to(IMAGES, target_is_directory=True)
+    row = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Hey."}]}
+    lines = [json.dumps({**row, "images": [name]}) for name in ("images/red.png", "images/blue.png")]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    split = scan_split("train", str(tmp_path / "data.jsonl"), DataSection(train="x", format="sharegpt"))
+    assert [p.index for p in split.skipped] == [0, 1] and "leads out of the image root" in split.skipped[
+        0
+    ].reason
+    followed = DataSection(train="x", format="sharegpt", follow_symlinks=True)
+    assert len(scan_split("train", str(tmp_path / "data.jsonl"), followed).samples) == 2
 
 
 def test_image_root_moves_where_relative_paths_start(tmp_path: Path):
@@ -325,7 +355,7 @@ def test_embedded_images_stay_in_the_dataset_until_opened(name):
 
 def test_json_lines_in_a_json_file_are_read_as_lines(tmp_path: Path):
     (tmp_path / "data.json").write_text((FORMATS / "trl.jsonl").read_text())
-    (tmp_path / "images").symlink_to(IMAGES, target_is_directory=True)
+    shutil.copytree(IMAGES, tmp_path / "images")
     assert len(read(tmp_path / "data.json").samples) == 3
 
 

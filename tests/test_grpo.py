@@ -480,3 +480,33 @@ def test_the_colour_set_is_what_its_script_writes(tmp_path: Path):
             np.asarray(Image.open(committed / "images" / name))
             == np.asarray(Image.open(tmp_path / "images" / name))
         ).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [("return [None] * len(completions)", "no reward applied to any of the 16 completions scored"),
+     ("import sys; sys.exit(0)", "called sys.exit(0) on sample 0"),
+     ("import os; os._exit(0)", "called os._exit(0) on sample 0")],
+    ids=["never-applies", "sys.exit", "os._exit"],
+)  # fmt: skip
+def test_a_reward_that_never_applies_or_exits_fails_the_run(tmp_path: Path, body: str, said: str):
+    """Before: a reward returning None everywhere trained nothing and ended `done`; one calling
+    sys.exit(0) or os._exit(0) ended the process with exit 0."""
+    (tmp_path / "my_rewards.py").write_text(f"def odd(completions, **kwargs):\n    {body}\n")
+    recipe = write_recipe(
+        tmp_path,
+        model={"name": "tiny:qwen2_vl"},
+        data={"train": str(DEMO / "train.jsonl"), "max_image_pixels": PIXEL_BUDGET, "max_samples": 4,
+              "shuffle": False},
+        train={"objective": "grpo", "max_steps": 2, "batch_size": 8, "grad_accum": 1, "max_length": 256},
+        grpo={"num_generations": 2, "max_completion_length": 2, "allow_code": True,
+              "rewards": [{"type": "function", "function": "my_rewards:odd"}]},
+    )  # fmt: skip
+    result = vlmtune("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    output = " ".join((result.stdout + result.stderr).split())  # the console wraps long lines
+    assert result.returncode == 2, output[-3000:]
+    assert "`odd` (" in output and "my_rewards.py:odd)" in output and said in output, output[-3000:]
+    assert "Traceback" not in output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stages"]["train"]["status"] == "failed"

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlmtune"
 
 # Bottom to top. The shared leaves import nothing of vlmtune's.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "choices", "constants", "units", "paths", "scoring"),
+    ("errors", "choices", "constants", "units", "paths", "scoring", "redact"),
     ("model",),
     ("recipe",),
     ("runs",),
@@ -81,7 +81,18 @@ def test_no_module_imports_a_package_above_its_own(path):
 def test_the_top_level_holds_only_entry_points_and_shared_leaves():
     loose = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     assert loose == sorted(
-        ["__main__", "cli", "pipeline", "choices", "constants", "errors", "paths", "scoring", "units"]
+        [
+            "__main__",
+            "cli",
+            "pipeline",
+            "choices",
+            "constants",
+            "errors",
+            "paths",
+            "redact",
+            "scoring",
+            "units",
+        ]
     )
 
 

@@ -199,3 +199,57 @@ def test_a_boolean_for_a_number_of_a_grpo_reward_is_refused_naming_the_key():
     with pytest.raises(RecipeError) as refusal:
         parse_recipe(text)
     assert refusal.value.problems == ["grpo.rewards.0.number: tolerance expects a number, got true"]
+
+
+# --- YAML 1.1's surprises and lax booleans (issue 23) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("train: {lr: 1:30}", "train.lr at line 3: 1:30 is a YAML 1.1 base-60 number (it would read as 90)"),
+        ("train: {max_steps: 1:00:00}", "train.max_steps at line 3: 1:00:00 is a YAML 1.1 base-60 number"),
+        ("output: {name: !!binary aGVsbG8=}", "output.name at line 3: !!binary data"),
+    ],
+)
+def test_base_60_numbers_and_binary_data_are_refused_with_their_line(tmp_path: Path, line: str, message: str):
+    text = f"model: {{name: tiny:qwen2_vl}}\ndata: {{train: {DEMO}/train.jsonl}}\n{line}\n"
+    stderr = refused("validate", str(recipe_text(tmp_path, text)))
+    assert message in stderr and "hint: quote a value meant as text" in stderr
+
+
+def test_a_base_60_override_is_refused_and_a_quoted_one_is_text(tmp_path: Path):
+    path = write_recipe(tmp_path, **MINIMAL)
+    assert "1:30 is a YAML 1.1 base-60 number" in refused("validate", str(path), "--set", "train.lr=1:30")
+    stderr = refused("validate", str(path), "--set", "train.lr='1:30'")  # text now: not a number
+    assert "train.lr" in stderr and "base-60" not in stderr
+
+
+GRPO_CODE = {
+    "model": {"name": "tiny:qwen2_vl"},
+    "data": {"train": str(DEMO / "train.jsonl")},
+    "train": {"objective": "grpo"},
+    "grpo": {"rewards": [{"type": "function", "function": "my_rewards:score"}]},
+}
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "on", 1, "1"])
+@pytest.mark.parametrize(
+    "key", ["grpo.allow_code", "data.allow_urls", "data.follow_symlinks", "data.shuffle"]
+)
+def test_a_boolean_opt_in_takes_only_true_or_false(tmp_path: Path, key: str, value):
+    section, name = key.split(".")
+    recipe = json.loads(json.dumps(GRPO_CODE))
+    recipe[section][name] = value
+    stderr = refused("validate", str(write_recipe(tmp_path, **recipe)))
+    assert f"{key} (line" in stderr and f"expects true or false, got {value!r}" in stderr
+    if key == "grpo.allow_code":
+        assert "allow_code is false" not in stderr  # refused as a value, not read as false or true
+
+
+def test_a_real_boolean_opt_in_stays_valid(tmp_path: Path):
+    recipe = json.loads(json.dumps(GRPO_CODE))
+    recipe["grpo"]["allow_code"] = True
+    recipe["data"].update(allow_urls=True, follow_symlinks=False)
+    result = vlmtune("validate", str(write_recipe(tmp_path, **recipe)))
+    assert result.returncode == 0, result.stderr

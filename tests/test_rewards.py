@@ -3,6 +3,10 @@ errors that name the reward, its function and the sample when a reward misbehave
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +16,8 @@ from vlmtune.errors import RecipeError
 from vlmtune.recipe import parse_recipe
 from vlmtune.training import rewards
 from vlmtune.training.rewards import Batch, RewardError
+
+from conftest import ROOT
 
 MINIMAL = "model:\n  name: tiny:qwen2_vl\ndata:\n  train: train.jsonl\ntrain:\n  objective: grpo\n"
 
@@ -207,3 +213,118 @@ def test_recipe_rewards_need_unique_plain_names():
         parse_recipe(MINIMAL + "grpo:\n  rewards: [{type: contains, name: std}]\n")
     with pytest.raises(RecipeError, match="not a valid regular expression"):
         parse_recipe(MINIMAL + "grpo:\n  rewards: [{type: regex, pattern: '(['}]\n")
+
+
+# --- rewards that exit, hang, overflow or change their arguments (issue 23) ---------------------------
+
+
+def isolated(code: str, tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (a reward that ends the process must not end pytest), with a
+    time limit (a hang fails instead of hanging the suite)."""
+    script = tmp_path / "isolated.py"
+    script.write_text(textwrap.dedent(code))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path
+    )
+
+
+CALL_ONE = """
+    import sys
+    from test_rewards import batch, built
+    from vlmtune.training import rewards
+    try:
+        (reward,) = built({line!r}, allow_code=True, base_dir=__import__("pathlib").Path.cwd())
+        rewards.call(reward, batch({completions!r}))
+    except rewards.RewardError as exc:
+        print(exc)
+        sys.exit(3)
+    print("no error")
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [("import sys; sys.exit(0)", "called sys.exit(0)"), ("import os; os._exit(0)", "called os._exit(0)"),
+     ("raise SystemExit('bye')", "called sys.exit('bye')")],
+)  # fmt: skip
+def test_a_reward_that_exits_is_an_error_naming_the_call(tmp_path: Path, body: str, said: str):
+    write_module(tmp_path, f"def leave(completions, **kwargs):\n    {body}\n")
+    code = CALL_ONE.format(line="{type: function, function: 'my_rewards:leave'}", completions=["red", "blue"])
+    result = isolated(code, tmp_path)
+    assert result.returncode == 3, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert f"my_rewards.py:leave) {said} on sample 10 (completion 'red')" in result.stdout
+    assert "a reward may not end the process" in result.stdout
+
+
+def test_a_module_that_exits_while_imported_is_an_error(tmp_path: Path):
+    write_module(tmp_path, "import os\nos._exit(0)\n")
+    code = CALL_ONE.format(line="{type: function, function: 'my_rewards:leave'}", completions=["red"])
+    result = isolated(code, tmp_path)
+    assert result.returncode == 3 and "my_rewards.py: called os._exit(0)" in result.stdout, (
+        result.stdout + result.stderr[-2000:]
+    )
+
+
+def test_a_catastrophically_backtracking_regex_stops_naming_the_sample(tmp_path: Path):
+    code = CALL_ONE.format(line="{type: regex, pattern: '(a|aa)+$'}", completions=["aaa", "a" * 40 + "!"])
+    result = isolated(code, tmp_path, timeout=60)  # Python's re: longer than the age of the universe
+    assert result.returncode == 3, (result.stdout, result.stderr[-2000:])
+    assert (
+        "ran over 1s matching sample 11" in result.stdout and "backtracks catastrophically" in result.stdout
+    )
+    (reward,) = built("{type: regex, pattern: '(a|aa)+$'}")
+    assert rewards.call(reward, batch(["aaaa", "ab"])) == [1.0, 0.0]  # an ordinary match is unaffected
+
+
+@pytest.mark.parametrize("value", ["1e300", "-1e7", "10**400"])
+def test_a_reward_beyond_the_limit_is_refused_naming_the_sample(tmp_path: Path, value: str):
+    write_module(tmp_path, f"def huge(completions, **kwargs):\n    return [0.5, {value}]\n")
+    (reward,) = built("{type: function, function: 'my_rewards:huge'}", allow_code=True, base_dir=tmp_path)
+    with pytest.raises(RewardError) as info:
+        rewards.call(reward, batch(["red", "blue"]))
+    assert "for sample 11 (completion 'blue')" in str(info.value) and "within +-1e+06" in str(info.value)
+    at_the_limit = dataclasses.replace(reward, score=lambda b: [1e6, -1e6])
+    assert rewards.call(at_the_limit, batch(["a", "b"])) == [1e6, -1e6]
+
+
+def test_a_reward_that_changes_its_arguments_changes_nothing_vlmtune_reads(tmp_path: Path):
+    write_module(
+        tmp_path,
+        """
+        def greedy(completions, samples, references, **kwargs):
+            n = len(completions)
+            completions.clear(); samples.reverse(); references[:] = []
+            return [1.0] * n
+
+        def short(completions, samples, **kwargs):
+            completions.pop(); samples.pop()
+            return [1.0] * len(completions)
+        """,
+    )
+    greedy, short = built(
+        "{type: function, function: 'my_rewards:greedy'}", "{type: function, function: 'my_rewards:short'}",
+        allow_code=True, base_dir=tmp_path,
+    )  # fmt: skip
+    given = batch(["red", "blue", "green"])
+    assert rewards.call(greedy, given) == [1.0, 1.0, 1.0]
+    assert given.completions == ["red", "blue", "green"] and given.samples == [10, 11, 12]
+    with pytest.raises(RewardError, match=r"returned 2 value\(s\) for 3 completions \(samples 10, 11, 12\)"):
+        rewards.call(short, given)
+
+
+def test_coverage_stops_once_enough_completions_got_no_reward_at_all():
+    (reward,) = built("{type: contains}")
+    coverage = rewards.Coverage([reward])
+    coverage.check()  # nothing scored yet (a resume at its last step): no verdict
+    for _ in range(rewards.NO_REWARD_COMPLETIONS // 16 - 1):
+        coverage.add([None] * 16)
+    with pytest.raises(
+        RewardError, match=r"no reward applied to any of the 512 completions scored: `contains`"
+    ):
+        coverage.add([None] * 16)
+    rescued = rewards.Coverage([reward])
+    rescued.add([None] * 15 + [0.0])  # one value anywhere: the rewards apply, a zero is a signal too
+    for _ in range(64):
+        rescued.add([None] * 16)
+    rescued.check()

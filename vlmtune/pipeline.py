@@ -77,7 +77,12 @@ def run(
         path = distributed.from_writer(lambda: _create(recipe, run_name, run_dir).path)
         run = RunDir(path, writer=here.writer)
         with _lock(run), recorded(run):
-            run.write_text(rundir.RECIPE, recipe_text)
+            redacted = run.write_recipe(recipe_text)
+            if redacted and run.writer:
+                warn(
+                    f"{run.path / rundir.RECIPE}: redacted {len(redacted)} secret(s) from the copy of the recipe "
+                    f"({', '.join(sorted(set(redacted)))}); keep tokens in the environment, not in recipes"
+                )
             run.write_text(rundir.RESOLVED, recipe.to_yaml())
             run.init_summary(recipe.output.name or run_name)
             run.set_status("running", resolved=resuming.baseline(recipe))

@@ -151,6 +151,11 @@ def _rows(report: CheckedSplit, summary: dict) -> list[tuple[str, str]]:
             if budget
             else "no budget (data.max_image_pixels: null)",
         ),
+        (
+            "multi-frame images",
+            f"{summary['images_multi_frame']} animation(s) or multi-page TIFF(s), trained on their first frame "
+            "(data.multi_frame_images)",
+        ),
     ]
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from vlmtune.constants import IGNORE_INDEX
 from vlmtune.data import Sample, open_image
+from vlmtune.data.images import open_images
 from vlmtune.errors import DataError, ModelError
 from vlmtune.model.families import Family
 
@@ -50,7 +51,7 @@ class VisionCollator:
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [self.render(s.messages) for s in samples]
         spans = [self.trained_spans(s, text) for s, text in zip(samples, texts, strict=True)]
-        batch = self._process(texts, [[open_image(src) for src in s.images] for s in samples])
+        batch = self._process(texts, [open_images(s.index, s.images, s.image_fields) for s in samples])
         batch["labels"] = self._labels(batch, texts, spans)
         if self.family.token_types_from_labels:
             batch["token_type_ids"] = answer_token_types(batch["labels"])

@@ -20,12 +20,16 @@ import functools
 import io
 import os
 import re
+import stat
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from vlmtune.errors import DataError
+from vlmtune.redact import redact_text, redact_url
 
 
 class ImageProblem(ValueError):
@@ -36,39 +40,135 @@ class ImageProblem(ValueError):
         self.reason = reason
 
 
+DEFAULT_URL_BYTES = 64 << 20  # what UrlImage caps a download at unless told (data.url_max_bytes)
+URL_CHUNK = 64 << 10
+
+
 @dataclass(frozen=True)
 class UrlImage:
-    """An http(s) image fetched when opened (only when data.allow_urls is on)."""
+    """An http(s) image fetched when opened (only when data.allow_urls is on).
+
+    ``timeout`` bounds the whole fetch (name lookup, connection, every read), not one read: a server
+    that sends a byte every few seconds cannot hold a run. ``max_bytes`` caps what is downloaded.
+    Messages show the URL with its credentials (user info, query values) redacted.
+    """
 
     url: str
     timeout: float
+    max_bytes: int = DEFAULT_URL_BYTES
+
+    def __repr__(self) -> str:
+        return f"UrlImage({redact_url(self.url)!r})"
 
     def fetch(self) -> bytes:
+        import threading
+
+        outcome: dict[str, Any] = {}
+        stop = threading.Event()
+        # A thread, because only a join bounds everything: urlopen's timeout bounds each socket
+        # operation, and not the name lookup at all. A fetch past its deadline is abandoned; its
+        # thread stops at its next read (each read is bounded by the timeout too).
+        worker = threading.Thread(target=self._download, args=(outcome, stop), daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            stop.set()
+            raise ImageProblem(
+                f"cannot fetch {redact_url(self.url)}: no complete answer within data.url_timeout={self.timeout:g}s"
+            )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["data"]
+
+    def _download(self, outcome: dict, stop: Any) -> None:
         import urllib.request
 
+        shown = redact_url(self.url)
         request = urllib.request.Request(self.url, headers={"User-Agent": "vlmtune"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (http(s) only)
-                return response.read()
+                declared = getattr(response, "headers", {}).get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise ImageProblem(self._too_large(shown, int(declared)))
+                chunks, total = [], 0
+                read = getattr(response, "read1", response.read)
+                while not stop.is_set():
+                    chunk = read(URL_CHUNK)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > self.max_bytes:
+                        raise ImageProblem(self._too_large(shown, total, "at least "))
+                    chunks.append(chunk)
+                outcome["data"] = b"".join(chunks)
+        except ImageProblem as exc:
+            outcome["error"] = exc
         except Exception as exc:  # urllib raises URLError, HTTPError, TimeoutError, ...
-            raise ImageProblem(f"cannot fetch {self.url} ({type(exc).__name__}: {exc})") from None
+            detail = redact_text(f"{type(exc).__name__}: {exc}")
+            outcome["error"] = ImageProblem(f"cannot fetch {shown} ({detail})")
+
+    def _too_large(self, shown: str, size: int, qualifier: str = "") -> str:
+        return (
+            f"image URL {shown} is {qualifier}{size:,} bytes, over data.url_max_bytes={self.max_bytes:,} "
+            "(download it and check it, or raise data.url_max_bytes)"
+        )
+
+
+class ImageUnreadable(DataError):
+    """An image that passed the pre-flight and cannot be read while training (deleted, moved, a URL
+    failing): the run stops naming the sample; ``for_run`` puts the run's resume command in the hint."""
+
+    def for_run(self, run: Any) -> ImageUnreadable:
+        message, hint = self.message, self.hint
+        marker = f"{type(self).__name__}: "
+        if hint is None and marker in message:  # re-raised from a DataLoader worker: its traceback as text
+            message, _, hint = message.rsplit(marker, 1)[1].partition("\nhint: ")
+        return ImageUnreadable(
+            message.strip(), hint=hint.strip().replace(RESUME_PLACEHOLDER, str(run)) or None
+        )
+
+
+RESUME_PLACEHOLDER = "RUN_DIR"
+
+
+def open_images(index: int, sources: list[Any], fields: list[str] | None = None) -> list[Any]:
+    """The decoded images of the sample at ``index`` for a batch; ImageUnreadable naming it otherwise."""
+    opened = []
+    for i, source in enumerate(sources):
+        try:
+            opened.append(open_image(source))
+        except ImageProblem as exc:
+            field = fields[i] if fields and i < len(fields) else f"images[{i}]"
+            raise ImageUnreadable(
+                f"sample {index}: {field}: the image passed the pre-flight but cannot be read now: {exc.reason}",
+                hint="restore it (or fix its URL), then continue from the last checkpoint with `vlmtune train "
+                f"--resume {RESUME_PLACEHOLDER}`; or take the sample out of the data and start a new run",
+            ) from None
+    return opened
 
 
 # --- resolving ---------------------------------------------------------------------------------
 
 
-def resolve_source(value: Any, root: Path, *, allow_urls: bool, url_timeout: float) -> Any:
+def resolve_source(
+    value: Any, root: Path, *, allow_urls: bool, url_timeout: float, url_max_bytes: int = DEFAULT_URL_BYTES,
+    follow_symlinks: bool = False,
+) -> Any:  # fmt: skip
     """What a sample names -> a lazy source (path str, bytes, PIL image or UrlImage)."""
     if isinstance(value, dict):  # datasets' Image feature without decoding: {"bytes": ..., "path": ...}
         if value.get("bytes"):
             return bytes(value["bytes"])
         if value.get("path"):
-            return resolve_source(value["path"], root, allow_urls=allow_urls, url_timeout=url_timeout)
+            return resolve_source(
+                value["path"], root, allow_urls=allow_urls, url_timeout=url_timeout, url_max_bytes=url_max_bytes,
+                follow_symlinks=follow_symlinks,
+            )  # fmt: skip
         raise ImageProblem("an image object with neither `bytes` nor `path`")
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str):
-        return _resolve_string(value.strip(), root, allow_urls=allow_urls, url_timeout=url_timeout)
+        fetch = UrlImage("", url_timeout, url_max_bytes) if allow_urls else None  # how a URL is fetched
+        return _resolve_string(value.strip(), root, fetch=fetch, follow_symlinks=follow_symlinks)
     if _is_pil(value):
         return value
     raise ImageProblem(
@@ -76,39 +176,64 @@ def resolve_source(value: Any, root: Path, *, allow_urls: bool, url_timeout: flo
     )
 
 
-def _resolve_string(value: str, root: Path, *, allow_urls: bool, url_timeout: float) -> Any:
+def _resolve_string(value: str, root: Path, *, fetch: UrlImage | None, follow_symlinks: bool) -> Any:
+    """``fetch``: None when URLs are off, else a UrlImage with the settings a URL is fetched with."""
     if not value:
         raise ImageProblem("empty image path")
+    if "\0" in value:  # the OS refuses such a path outright (ValueError, not OSError)
+        raise ImageProblem(f"image path {redact_text(value)!r} holds a NUL byte; no file can have that name")
     lowered = value[:8].lower()
     if lowered.startswith("data:"):
         return _decode_data_uri(value)
     if lowered.startswith(("http://", "https://")):
-        if not allow_urls:
+        if fetch is None:
             raise ImageProblem(
-                f"image URL {value} is not fetched: URLs are off by default; set data.allow_urls: true, or "
+                f"image URL {redact_url(value)} is not fetched: URLs are off by default; set data.allow_urls: true, or "
                 "download the images and use local paths (faster, and reproducible)"
             )
-        return UrlImage(value, url_timeout)
+        return replace(fetch, url=value)
     if lowered.startswith("file://"):
         value = value[len("file://") :]
-    return resolve_path(value, root)
+    return resolve_path(value, root, follow_symlinks=follow_symlinks)
 
 
-def resolve_path(value: str, root: Path) -> str:
-    """An absolute path as given, or a relative one inside ``root`` (never outside it)."""
+def resolve_path(value: str, root: Path, *, follow_symlinks: bool = False) -> str:
+    """An absolute path as given, or a relative one inside ``root`` (never outside it).
+
+    Inside means where the path really leads: symlinks are resolved before the check (a link in
+    the data folder to /etc/passwd escapes as surely as ``../..`` does), unless ``follow_symlinks``
+    (data.follow_symlinks) trusts the links a data folder holds (an image folder linked in, the
+    hub cache's blobs); ``..`` out of the root is refused either way.
+    """
     if value.startswith("~"):
         value = os.path.expanduser(value)
     if os.path.isabs(value):
         return os.path.normpath(value)
     base = _absolute(str(root), os.getcwd())
-    # normpath, not resolve(): a symlinked image folder inside the root is fine; `..` out of it is not.
     joined = os.path.normpath(os.path.join(base, value))
-    if joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep):
+    if not _inside(joined, base):
         raise ImageProblem(
             f"path {value!r} escapes the image root {base}; relative image paths must stay inside it "
             "(set data.image_root to a folder that holds them all, or use absolute paths)"
         )
+    if not follow_symlinks:
+        real, real_base = os.path.realpath(joined), _real(base)
+        if not _inside(real, real_base):
+            raise ImageProblem(
+                f"path {value!r} is a symlink (or inside a linked folder) that leads out of the image root "
+                f"{base}, to {real} (set data.image_root to the folder it leads to, use absolute paths, or set "
+                "data.follow_symlinks: true if you trust the links in your data folder)"
+            )
     return joined
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+@functools.lru_cache(maxsize=64)
+def _real(path: str) -> str:  # the root resolved once, not once per image
+    return os.path.realpath(path)
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,7 +281,7 @@ def describe(source: Any) -> str:
     if isinstance(source, str):
         return source
     if isinstance(source, UrlImage):
-        return source.url
+        return redact_url(source.url)
     if callable(getattr(source, "fetch", None)):
         return repr(source)
     if isinstance(source, bytes):
@@ -170,12 +295,24 @@ def describe(source: Any) -> str:
 ORIENTATION_TAG = 0x0112
 
 
-def open_image(source: Any, *, max_side: int | None = None):
-    """A decoded RGB PIL image; ``ImageProblem`` with a named reason when that is impossible."""
+FIRST_FRAME, REFUSE_FRAMES = "first_frame", "error"  # data.multi_frame_images
+# Formats whose extra frames are frames: not MPO, whose extra pictures (a phone's depth or gain maps)
+# come with one photo.
+MULTI_FRAME_FORMATS = ("GIF", "PNG", "TIFF", "WEBP")
+FRAMES_INFO = "vlmtune_frames"  # open_image notes a multi-frame source's frame count in image.info
+
+
+def open_image(source: Any, *, max_side: int | None = None, multi_frame: str = FIRST_FRAME):
+    """A decoded RGB PIL image; ``ImageProblem`` with a named reason when that is impossible.
+
+    An animated GIF/PNG/WebP or a multi-page TIFF gives its first frame (``frames_of`` tells how
+    many it had), or is refused with ``multi_frame="error"``.
+    """
     raw = _materialise(source)
     image = _open_header(raw)
     try:
         _check_side(image, max_side)
+        frames = _frames(image, raw, multi_frame)
         _decode(image, raw)  # decode now: a truncated file fails here, not inside the processor
     except ImageProblem:
         _close_if_ours(image, raw)
@@ -183,11 +320,28 @@ def open_image(source: Any, *, max_side: int | None = None):
     rgb = to_rgb(upright(image))
     if rgb is not image:
         _close_if_ours(image, raw)
+    if frames > 1:
+        rgb.info[FRAMES_INFO] = frames
     return rgb
 
 
-def image_size(source: Any, *, max_side: int | None = None, decode: bool = False) -> tuple[int, int]:
-    """(width, height) as the model sees the image (EXIF orientation applied), once it is known whole.
+def frames_of(image: Any) -> int:
+    """How many frames the source ``open_image`` made ``image`` from had (1 for a still image)."""
+    return image.info.get(FRAMES_INFO, 1)
+
+
+def image_size(
+    source: Any, *, max_side: int | None = None, decode: bool = False, multi_frame: str = FIRST_FRAME
+) -> tuple[int, int]:
+    """(width, height) as the model sees the image; see ``image_facts``."""
+    return image_facts(source, max_side=max_side, decode=decode, multi_frame=multi_frame)[0]
+
+
+def image_facts(
+    source: Any, *, max_side: int | None = None, decode: bool = False, multi_frame: str = FIRST_FRAME
+) -> tuple[tuple[int, int], int]:
+    """(width, height) as the model sees the image (EXIF orientation applied), once it is known whole,
+    and its number of frames (more than 1: an animation or a multi-page TIFF, trained on its first).
 
     ``decode`` decodes every pixel, as open_image does. Otherwise the check reads the file's
     structure to its end instead of building the picture: a JPEG's segments and scans to its EOI
@@ -197,21 +351,39 @@ def image_size(source: Any, *, max_side: int | None = None, decode: bool = False
     catches compressed data corrupted in place behind an intact structure.
     """
     if decode:
-        image = open_image(source, max_side=max_side)
-        size = image.size
+        image = open_image(source, max_side=max_side, multi_frame=multi_frame)
+        size, frames = image.size, frames_of(image)
         if image is not source:
             image.close()
-        return size
+        return size, frames
     raw = _materialise(source)
     data = _read(raw) if isinstance(raw, str) else raw  # one read: the header and the walk share it
     image = _open_header(data, name=raw)
     try:
         _check_side(image, max_side)
+        frames = _frames(image, raw, multi_frame)
         width, height = image.size
         orientation = _verify_whole(image, data, raw)
     finally:
         _close_if_ours(image, data)
-    return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
+    return ((height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)), frames
+
+
+def _frames(image: Any, raw: Any, multi_frame: str) -> int:
+    """The image's frame count; ImageProblem for more than one under ``multi_frame="error"``."""
+    if image.format not in MULTI_FRAME_FORMATS:
+        return 1
+    try:
+        frames = image.n_frames if getattr(image, "is_animated", False) else 1
+    except Exception:  # noqa: BLE001 - a damaged later frame: the first is checked on its own
+        return 1
+    if frames > 1 and multi_frame == REFUSE_FRAMES:
+        kind = "a multi-page TIFF" if image.format == "TIFF" else f"an animated {image.format}"
+        raise ImageProblem(
+            f"{describe(raw)} is {kind} of {frames} frames; data.multi_frame_images: error refuses it "
+            "(first_frame trains on its first frame)"
+        )
+    return frames
 
 
 def upright(image):
@@ -236,17 +408,36 @@ def _materialise(source: Any) -> Any:
 def _read(path: str) -> bytes:
     """A file's bytes; ImageProblem naming what is wrong with the path."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise ImageProblem(f"file not found: {path}") from None
     except IsADirectoryError:
         raise ImageProblem(f"is a folder, not an image: {path}") from None
-    except OSError as exc:
-        raise ImageProblem(f"cannot read {path} ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ImageProblem(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+    with open(fd, "rb") as f:
+        _regular(os.fstat(fd).st_mode, path)
+        data = f.read()
     if not data:
         raise ImageProblem(f"empty file (0 bytes): {path}")
     return data
+
+
+def _regular(mode: int, path: str) -> None:
+    """Refuse what is not a plain file before a byte is read: reading a FIFO waits for a writer and a
+    device like /dev/zero never ends."""
+    if stat.S_ISDIR(mode):
+        raise ImageProblem(f"is a folder, not an image: {path}")
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )  # fmt: skip
+        raise ImageProblem(f"is {kind}, not an image file: {path}")
 
 
 def _open_header(source: Any, name: Any = None):
@@ -257,10 +448,14 @@ def _open_header(source: Any, name: Any = None):
     if _is_pil(source):
         return source
     if isinstance(source, str):
-        if not os.path.isfile(source):
-            what = "is a folder, not an image" if os.path.isdir(source) else "file not found"
-            raise ImageProblem(f"{what}: {source}")
-        if os.path.getsize(source) == 0:
+        try:
+            info = os.stat(source)
+        except FileNotFoundError:
+            raise ImageProblem(f"file not found: {source}") from None
+        except (OSError, ValueError) as exc:
+            raise ImageProblem(f"cannot read {source} ({getattr(exc, 'strerror', None) or exc})") from None
+        _regular(info.st_mode, source)
+        if info.st_size == 0:
             raise ImageProblem(f"empty file (0 bytes): {source}")
         stream: Any = source
     elif isinstance(source, bytes | bytearray):

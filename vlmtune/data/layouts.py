@@ -62,6 +62,8 @@ class SampleReader:
     placeholder: str
     allow_urls: bool
     url_timeout: float
+    url_max_bytes: int = 64 << 20
+    follow_symlinks: bool = False
     columns_mapped: bool = False  # data.columns or data.prompt set: plain columns are read as mapped
     table: Any = None  # rows' source when Arrow-backed: embedded images become RowImage references
     require_answer: bool = True  # GRPO's prompts may end at a user turn (vlmtune.stages.grpo.PromptReader)
@@ -77,6 +79,8 @@ class SampleReader:
             placeholder=data.image_placeholder,
             allow_urls=data.allow_urls,
             url_timeout=data.url_timeout,
+            url_max_bytes=data.url_max_bytes,
+            follow_symlinks=data.follow_symlinks,
             columns_mapped=data.columns != data.DEFAULT_COLUMNS or data.prompt is not None,
         )
 
@@ -206,8 +210,9 @@ class SampleReader:
             if found.encoding == "base64":
                 return decode_base64(found.value)
             return resolve_source(
-                found.value, self.root, allow_urls=self.allow_urls, url_timeout=self.url_timeout
-            )
+                found.value, self.root, allow_urls=self.allow_urls, url_timeout=self.url_timeout,
+                url_max_bytes=self.url_max_bytes, follow_symlinks=self.follow_symlinks,
+            )  # fmt: skip
         except ImageProblem as exc:
             raise SampleError(found.field, exc.reason) from None
 

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from vlmtune.data import Problem, Sample, SampleError, SampleReader, invalid_samples_error, open_records
-from vlmtune.data.images import ImageProblem, image_size, open_image
+from vlmtune.data.images import FIRST_FRAME, ImageProblem, frames_of, image_facts, open_image
 from vlmtune.data.lengths import TokenCounter
 from vlmtune.distributed import from_writer
 from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.recipe import DataSection
+from vlmtune.redact import redact_text
 
 Measure = Callable[[Sample], int]  # tokens of a sample whose images are decoded (collator.count_tokens)
 
@@ -60,6 +61,7 @@ class CheckedSplit:
     max_length: int | None = None
     formats: Counter = field(default_factory=Counter)
     images_over_budget: int = 0  # images the processor shrinks to data.max_image_pixels
+    images_multi_frame: int = 0  # animations and multi-page TIFFs kept, trained on their first frame
     max_image_pixels: int | None = None
     image_check: str = "fast"
     measured_by: str | None = None  # how the lengths were measured, in words
@@ -86,6 +88,7 @@ class CheckedSplit:
             "image_check": self.image_check,
             "max_image_pixels": self.max_image_pixels,
             "images_over_pixel_budget": self.images_over_budget,
+            "images_multi_frame": self.images_multi_frame,
         }
 
 
@@ -116,6 +119,7 @@ class Outcome(NamedTuple):
     length: int | None = None
     over_budget: int = 0  # its images above the pixel budget
     problem: SampleError | None = None
+    multi_frame: int = 0  # its images with more than one frame (trained on their first)
 
 
 @dataclass(frozen=True)
@@ -123,10 +127,13 @@ class ImageRules:
     max_side: int
     max_pixels: int | None
     decode: bool  # data.image_check: full
+    multi_frame: str = FIRST_FRAME  # data.multi_frame_images
 
     @classmethod
     def of(cls, data: DataSection) -> ImageRules:
-        return cls(data.max_image_side, data.max_image_pixels, data.image_check == "full")
+        return cls(
+            data.max_image_side, data.max_image_pixels, data.image_check == "full", data.multi_frame_images
+        )
 
     def over_budget(self, sizes: list[tuple[int, int]]) -> int:
         return sum(self.max_pixels is not None and w * h > self.max_pixels for w, h in sizes)
@@ -140,7 +147,8 @@ class FastChecker:
     counter: TokenCounter | None = None
 
     def check(self, samples: list[Sample]) -> list[Outcome]:
-        sizes: list[list[tuple[int, int]] | SampleError] = [self._sizes(s) for s in samples]
+        facts = [self._facts(s) for s in samples]
+        sizes = [f if isinstance(f, SampleError) else [size for size, _ in f] for f in facts]
         good = [i for i, s in enumerate(sizes) if not isinstance(s, SampleError)]
         lengths: list[int | None] = [None] * len(samples)
         if self.counter is not None and good:
@@ -148,23 +156,29 @@ class FastChecker:
             for i, length in zip(good, counted, strict=True):
                 lengths[i] = length
         outcomes = []
-        for sample, sample_sizes, length in zip(samples, sizes, lengths, strict=True):
+        for sample, sample_facts, sample_sizes, length in zip(samples, facts, sizes, lengths, strict=True):
             if isinstance(sample_sizes, SampleError):
                 outcomes.append(Outcome(problem=sample_sizes))
             elif self.counter is not None and length is None:  # only the processor can tell
                 outcomes.append(_measured(sample, self.rules, self.counter.collator.count_tokens))
             else:
-                outcomes.append(Outcome(length, self.rules.over_budget(sample_sizes)))
+                multi = sum(frames > 1 for _, frames in sample_facts)
+                outcomes.append(Outcome(length, self.rules.over_budget(sample_sizes), multi_frame=multi))
         return outcomes
 
-    def _sizes(self, sample: Sample) -> list[tuple[int, int]] | SampleError:
-        sizes = []
+    def _facts(self, sample: Sample) -> list[tuple[tuple[int, int], int]] | SampleError:
+        facts = []
+        rules = self.rules
         for i, source in enumerate(sample.images):
             try:
-                sizes.append(image_size(source, max_side=self.rules.max_side, decode=self.rules.decode))
+                facts.append(
+                    image_facts(
+                        source, max_side=rules.max_side, decode=rules.decode, multi_frame=rules.multi_frame
+                    )
+                )
             except ImageProblem as exc:
                 return SampleError(sample.image_field(i), exc.reason)
-        return sizes
+        return facts
 
     def verified(self, samples: list[Sample]) -> tuple[Checker, str | None]:
         """This checker if its counts equal the processor's on the first samples, else the processor's."""
@@ -208,15 +222,16 @@ def _measured(sample: Sample, rules: ImageRules, measure: Measure | None) -> Out
     try:
         for i, source in enumerate(sample.images):
             try:
-                opened.append(open_image(source, max_side=rules.max_side))
+                opened.append(open_image(source, max_side=rules.max_side, multi_frame=rules.multi_frame))
             except ImageProblem as exc:
                 return Outcome(problem=SampleError(sample.image_field(i), exc.reason))
         over = rules.over_budget([im.size for im in opened])
+        multi = sum(frames_of(im) > 1 for im in opened)
         if measure is None:
-            return Outcome(None, over)
+            return Outcome(None, over, multi_frame=multi)
         decoded = replace(sample, images=opened)
         try:
-            return Outcome(measure(decoded), over)
+            return Outcome(measure(decoded), over, multi_frame=multi)
         except VlmtuneError:
             raise
         except Exception as exc:  # the processor refuses what it cannot take (e.g. an extreme aspect ratio)
@@ -264,7 +279,7 @@ def scan_split(
     reading = reader.from_section(data, records.root, records.table)
     report = CheckedSplit(
         name,
-        records.source,
+        redact_text(records.source),
         0,
         [],
         max_length=max_length,
@@ -315,8 +330,8 @@ def _add(report: CheckedSplit, chunk: list, outcomes: list[Outcome]) -> None:
     for index, item in chunk:
         report.total += 1
         outcome = Outcome(problem=item) if isinstance(item, SampleError) else next(pending)
-        if outcome.problem is not None:
-            report.skipped.append(Problem(index, outcome.problem.field, outcome.problem.reason))
+        if outcome.problem is not None:  # URLs in a reason lose their credentials (it is written and printed)
+            report.skipped.append(Problem(index, outcome.problem.field, redact_text(outcome.problem.reason)))
             continue
         report.formats[item.format] += 1
         length, limit = outcome.length, report.max_length
@@ -328,6 +343,7 @@ def _add(report: CheckedSplit, chunk: list, outcomes: list[Outcome]) -> None:
         if length is not None:
             report.lengths.append(length)
         report.images_over_budget += outcome.over_budget
+        report.images_multi_frame += outcome.multi_frame
 
 
 def _workers(setting: int | None, total: int | None) -> int:
@@ -464,6 +480,14 @@ def _check_split(
     reader: Any,
 ) -> CheckedSplit:
     report = scan_split(name, path, data, max_length, measure, console, split=split, reader=reader)
+    if report.images_multi_frame:
+        import sys
+
+        print(
+            f"warning: {report.source}: {report.images_multi_frame} image(s) are animations or multi-page TIFFs; "
+            "they train on their first frame (data.multi_frame_images: error refuses them)",
+            file=sys.stderr,
+        )
     if report.skipped and data.on_bad_sample == "error":
         raise invalid_samples_error(report.source, report.skipped, report.total)
     if report.too_long and data.too_long == "error":

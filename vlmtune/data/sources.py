@@ -18,6 +18,7 @@ from vlmtune.data.images import embedded_bytes
 from vlmtune.data.samples import SampleError
 from vlmtune.errors import DataError
 from vlmtune.paths import DATA_SUFFIXES, is_hub_id, written_as_path
+from vlmtune.redact import redact_text
 
 CONVERSATION_KEYS = ("messages", "conversations", "conversation")  # in order of preference
 JSON_CELLS = (*CONVERSATION_KEYS, "texts", "images", "history")  # list-valued columns a CSV holds as JSON
@@ -82,12 +83,14 @@ def open_records(source: str, split: str = "train", subset: str | None = None) -
         )
     if path.is_absolute() or written_as_path(source):
         raise DataError(
-            f"data file not found: {source}", hint="paths in a recipe are relative to the recipe's folder"
+            f"data file not found: {redact_text(source)}",
+            hint="paths in a recipe are relative to the recipe's folder",
         )
     if is_hub_id(source):
         return _dataset_records(_load_from_hub(source, split, subset), Path.cwd(), f"{source} [{split}]")
     raise DataError(
-        f"data source not found: {source}", hint="give a data file, a save_to_disk folder or a hub id"
+        f"data source not found: {redact_text(source)}",
+        hint="give a data file, a save_to_disk folder or a hub id (vlmtune does not download data files from URLs)",
     )
 
 

@@ -68,9 +68,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
         try:
             node[keys[-1]] = safe_yaml.load_value(value, "the value") if value.strip() else None
         except RecipeError as exc:
+            quoting = f"--set '{key.strip()}=\"{value}\"'"
             raise RecipeError(
                 f"bad override {item!r}: {exc.message}",
-                hint=f"quote a value that starts with [, {{, *, & or !: --set '{key.strip()}=\"{value}\"'",
+                exc.problems,
+                hint=f"{exc.hint}: {quoting}"
+                if exc.problems
+                else f"quote a value that starts with [, {{, *, & or !: {quoting}",
             ) from None
         touched.add(keys)
     return touched

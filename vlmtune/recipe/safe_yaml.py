@@ -18,6 +18,11 @@ from vlmtune.errors import RecipeError
 MAX_BYTES = 1 << 20  # a recipe is a page of text; 1 MiB is far beyond any real one
 MAX_VALUES = 100_000  # values (scalars, lists, mappings) after every alias is expanded
 MERGE_TAG = "tag:yaml.org,2002:merge"
+INT_TAG, FLOAT_TAG, BINARY_TAG = (
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:binary",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,14 @@ def load(text: str, source: str) -> Document:
         if root is None:
             return Document({}, {})
         _check_expansion(root, source)
+        surprises = _yaml11_surprises(root)
+        if surprises:
+            raise RecipeError(
+                f"{source} holds value(s) YAML 1.1 would read as something other than what they look like:",
+                surprises,
+                hint="quote a value meant as text ('1:30'); write numbers as plain decimals (lr: 0.0002, "
+                "max_steps: 90)",
+            )
         duplicates = _duplicate_keys(root)
         if duplicates:
             raise RecipeError(
@@ -98,6 +111,39 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
             "it is refused before it is built",
             hint="write the recipe without nested aliases",
         )
+
+
+def _yaml11_surprises(root: yaml.Node) -> list[str]:
+    """Scalars YAML 1.1 turns into something a reader would not expect: base-60 numbers (``lr: 1:30``
+    reads as 90, ``1:30.5`` as 90.5) and ``!!binary`` data (bytes in a settings file)."""
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def where(path: tuple[str, ...], node: yaml.Node) -> str:
+        return f"{'.'.join(path) or 'the document'} at line {node.start_mark.line + 1}"
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag in (INT_TAG, FLOAT_TAG) and ":" in str(node.value):
+                problems.append(
+                    f"{where(path, node)}: {node.value} is a YAML 1.1 base-60 number (it would read as "
+                    f"{yaml.safe_load(node.value)}), not text"
+                )
+            elif node.tag == BINARY_TAG:
+                problems.append(f"{where(path, node)}: !!binary data; a recipe holds settings, not bytes")
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                walk(key_node, path)
+                walk(value_node, (*path, str(key_node.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    walk(root, ())
+    return problems
 
 
 def _duplicate_keys(root: yaml.Node) -> list[str]:

@@ -38,16 +38,32 @@ class Section(Strict):
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML's true/false would pass as 1/0 for a number (pydantic's lax mode): refuse them."""
-        if isinstance(value, bool) and info.field_name and wants_number(cls.model_fields[info.field_name]):
+        """Pydantic's lax mode would take YAML's true/false as 1/0 for a number, and "yes", "on", 1 or
+        "false" as a boolean (an opt-in such as grpo.allow_code set by `allow_code: "no"` would be
+        on): refuse both; a boolean is written true or false."""
+        if not info.field_name:
+            return value
+        field = cls.model_fields[info.field_name]
+        if isinstance(value, bool) and wants_number(field):
             raise ValueError(f"expects a number, got {str(value).lower()}")
+        if not isinstance(value, bool) and wants_bool(field) and value is not None:
+            raise ValueError(f"expects true or false, got {value!r} ({type(value).__name__})")
         return value
 
 
-def wants_number(field: FieldInfo) -> bool:
+def _options(field: FieldInfo) -> tuple:
     annotation = field.annotation
-    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+
+
+def wants_number(field: FieldInfo) -> bool:
+    options = _options(field)
     return bool(set(options) & {int, float}) and bool not in options
+
+
+def wants_bool(field: FieldInfo) -> bool:
+    """A boolean (or boolean-or-null) field, which takes nothing but true and false."""
+    return set(_options(field)) - {type(None)} == {bool}
 
 
 class ModelSection(Section):
@@ -211,12 +227,33 @@ class DataSection(Section):
     on_bad_sample: Literal["error", "skip"] = Field(
         "error", description="A sample that fails validation: stop, or skip it (listed in data_report.json)."
     )
+    follow_symlinks: bool = Field(
+        False,
+        description="Let a relative image path follow symlinks out of the image root (an image folder linked "
+        "into the data folder, the hub cache's blobs). Off: a path must lead inside the root once its links are "
+        "resolved, so a link in a dataset cannot read any file on the machine.",
+    )
+    multi_frame_images: Literal["first_frame", "error"] = Field(
+        "first_frame",
+        description="An animated GIF/PNG/WebP or a multi-page TIFF: first_frame trains on its first frame (counted "
+        "in the data report as images_multi_frame, with a warning); error refuses the sample (a bad sample, "
+        "per on_bad_sample).",
+    )
     allow_urls: bool = Field(
         False,
         description="Let samples fetch http(s) image URLs (off: such samples are refused with a reason).",
     )
     url_timeout: float = Field(
-        30.0, gt=0, description="Seconds to wait for one image URL when allow_urls is on."
+        30.0,
+        gt=0,
+        description="Seconds one image URL may take in all (name lookup, connection, every read) when allow_urls "
+        "is on.",
+    )
+    url_max_bytes: int = Field(
+        64 << 20,
+        gt=0,
+        description="Bytes one image URL may send at most (64 MiB); a larger answer is refused before or while it "
+        "downloads.",
     )
     image_check: Literal["fast", "full"] = Field(
         "fast",

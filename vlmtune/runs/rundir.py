@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.errors import RunDirError
+from vlmtune.redact import redact_secrets
 
 STAGES = ("load", "lora", "train")
 STAGE_DIRS = {"load": "1-load", "lora": "2-lora", "train": "3-train", "eval": "4-eval"}
@@ -180,6 +181,16 @@ class RunDir:
         if self.writer:
             write_text_atomic(self.path / name, text)
         return self.path / name
+
+    def write_recipe(self, text: str) -> list[str]:
+        """recipe.yaml: the recipe as given, less the secrets it may hold (a token in a comment, a URL's
+        credentials); what was redacted is returned and said in the copy's first line."""
+        redacted, found = redact_secrets(text)
+        if found:
+            kinds = ", ".join(sorted(set(found)))
+            redacted = f"# vlmtune redacted {len(found)} secret(s) in this copy ({kinds}) as ***\n{redacted}"
+        self.write_text(RECIPE, redacted)
+        return found
 
     def append_jsonl(self, name: str, row: dict) -> None:
         if not self.writer:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune import distributed
+from vlmtune.data.images import ImageUnreadable
 from vlmtune.data.preflight import CheckedSplit
 from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
@@ -135,7 +136,10 @@ def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: 
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)
-    trainer.train_from(resume)
+    try:
+        trainer.train_from(resume)
+    except ImageUnreadable as exc:  # an image deleted (or a URL failing) after the pre-flight
+        raise exc.for_run(run.path) from None
     output = save_final(trainer, processor, run)
     # Every rank waits for rank 0's last metrics row and the saved weights before reading or leaving.
     distributed.barrier()

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data import open_image
 from vlmtune.data.collator import template_special_tokens, vision_token_ids
+from vlmtune.data.images import open_images
 from vlmtune.data.preflight import CheckedSplit, check_split
 from vlmtune.data.prompts import Prompt, prompt_of, prompt_reading
 from vlmtune.errors import DataError, ModelError
@@ -144,7 +144,8 @@ class PromptRows:
         for row in rows:
             position = row[POSITION]
             if position not in opened:
-                opened[position] = [open_image(source) for source in self.prompts[position].images]
+                prompt = self.prompts[position]
+                opened[position] = open_images(prompt.index, prompt.images)
             out.append(
                 {"prompt": self.prompts[position].messages, "images": opened[position], POSITION: position}
             )
@@ -250,10 +251,14 @@ def trainer_class() -> type:
         at the first micro-batch of each optimizer step (steps_per_generation = grad_accum), so a
         checkpoint never falls inside a generation batch."""
 
-        def __init__(self, *args: Any, prompts: list[Prompt], completions_log: CompletionsLog, **kwargs: Any):
+        def __init__(
+            self, *args: Any, prompts: list[Prompt], completions_log: CompletionsLog, coverage: rewards.Coverage,
+            **kwargs: Any,
+        ) -> None:  # fmt: skip
             super().__init__(*args, **kwargs)
             self.data_collator = PromptRows(prompts)  # GRPOTrainer installs an identity collator
             self.completions_log = completions_log
+            self.coverage = coverage
 
         def _get_train_sampler(self, dataset: Any = None) -> Any:
             """TRL's order: each prompt num_generations times, each generation batch once per micro-step
@@ -284,9 +289,10 @@ def trainer_class() -> type:
             mode = "train" if self.model.training else "eval"
             group = self.num_generations if mode == "train" else self.num_generations_eval
             columns = [[_finite(v) for v in column] for column in per_function.T.tolist()]
-            spread = rewards.group_spread(
-                rewards.weighted_total(columns, self.reward_weights.tolist()), group
-            )
+            totals = rewards.weighted_total(columns, self.reward_weights.tolist())
+            if mode == "train":
+                self.coverage.add(totals)  # stops a run no reward ever applies to
+            spread = rewards.group_spread(totals, group)
             if spread is not None:
                 self._metrics[mode]["reward_group_std"].append(spread)
             return per_function
@@ -378,6 +384,7 @@ def train(
         callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
     result = run_trainer(trainer, processor, run, device, resume)
+    trainer.coverage.check()  # a short run no reward applied to: failed, not done
     return replace(result, figures=reward_figures(run))
 
 
@@ -424,6 +431,7 @@ def build_trainer(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         prompts=prompts,
         completions_log=CompletionsLog(run, prompts, weights, options.completions_to_log),
+        coverage=rewards.Coverage(scorers),
         keep_checkpoints=train_section.save_total_limit,
         dtype=dtype,
     )

@@ -19,20 +19,30 @@ keyword arguments (those it names, or all of them if it takes ``**kwargs``):
     step               int               the optimizer step
 
 and returns one number (or None) per completion. Whatever goes wrong (it raises, returns the
-wrong count, or something that is not a number) stops training with a RewardError naming the
-reward, the function and the sample.
+wrong count, something that is not a number, or a number beyond +-REWARD_LIMIT, or it calls
+``sys.exit()``/``os._exit()``) stops training with a RewardError naming the reward, the function
+and the sample. It gets copies of the lists, so changing them changes nothing vlmtune reads.
+``os._exit`` ends a process without unwinding it, so while a reward function runs it is replaced
+by one that raises; only a reference taken before (``from os import _exit`` at import time, or a
+C extension's own exit) escapes that, and then the run is left `running`, never `done`.
+
+The built-in regex reward matches with the ``regex`` package and a time limit per completion
+(REGEX_TIMEOUT): a pattern that backtracks catastrophically on some completion stops the run with
+that sample named instead of hanging it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import math
+import os
 import re
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +63,8 @@ Value = float | None
 ARGUMENTS = ("completions", "references", "prompts", "samples", "completion_tokens", "step")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+REWARD_LIMIT = 1e6  # |reward| at most: TRL sums and scales rewards in float32, where 1e300 is inf
+REGEX_TIMEOUT = 1.0  # seconds the regex reward may spend matching one completion
 
 
 class RewardError(VlmtuneError):
@@ -108,11 +120,31 @@ def contains_scores(batch: Batch) -> list[Value]:
     return [None if ref is None else float(contains_answer(c, ref)) for c, ref in pairs]
 
 
-def regex_scores(pattern: str) -> Callable[[Batch], list[Value]]:
-    compiled = re.compile(pattern, re.DOTALL)
+def regex_scores(pattern: str, timeout: float = REGEX_TIMEOUT) -> Callable[[Batch], list[Value]]:
+    """1.0 where the whole completion matches. Matched by the ``regex`` package (the same syntax as
+    ``re``) with ``timeout`` seconds per completion: ``re`` cannot be interrupted, and a pattern such
+    as ``(a|aa)+$`` takes longer than the universe's age on 40 characters."""
+    import regex
+
+    try:
+        compiled = regex.compile(pattern, regex.DOTALL)
+    except regex.error as exc:
+        raise RewardError(
+            f"regex reward pattern {pattern!r} does not compile: {exc}", hint="fix grpo.rewards' pattern"
+        ) from None
 
     def score(batch: Batch) -> list[Value]:
-        return [float(compiled.fullmatch(c.strip()) is not None) for c in batch.completions]
+        out: list[Value] = []
+        for i, completion in enumerate(batch.completions):
+            try:
+                out.append(float(compiled.fullmatch(completion.strip(), timeout=timeout) is not None))
+            except TimeoutError:
+                raise RewardError(
+                    f"regex reward pattern {pattern!r} ran over {timeout:g}s matching sample {batch.samples[i]} "
+                    f"(completion {_quote(completion)}): it backtracks catastrophically",
+                    hint="simplify the pattern: no nested or overlapping repeats such as (a+)+ or (a|aa)+",
+                ) from None
+        return out
 
     return score
 
@@ -192,9 +224,36 @@ def user_function(spec: str) -> Callable[[Batch], Sequence[Any]]:
             hint="check the name after the colon",
         )
     names = _accepted_arguments(function, spec)
-    return lambda batch: function(
-        **{name: value for name, value in batch.arguments().items() if name in names}
-    )
+
+    def score(batch: Batch) -> Any:
+        # Copies: a function that changes its lists (pops, sorts) must not change what the checks read.
+        arguments = {
+            n: list(v) if isinstance(v, list) else v for n, v in batch.arguments().items() if n in names
+        }
+        with no_process_exit():
+            return function(**arguments)
+
+    return score
+
+
+class ProcessExit(SystemExit):
+    """``os._exit`` called by user code while ``no_process_exit`` is in force."""
+
+
+@contextlib.contextmanager
+def no_process_exit() -> Iterator[None]:
+    """``os._exit`` raises ProcessExit meanwhile (it would end the process with no summary, no error,
+    and exit 0). Rewards run in the main thread, one at a time."""
+    real = os._exit
+
+    def refused(code: int = 0) -> None:
+        raise ProcessExit(code)
+
+    os._exit = refused
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 def _import(module: str, spec: str) -> Any:
@@ -210,12 +269,18 @@ def _import(module: str, spec: str) -> Any:
             loader = importlib.util.spec_from_file_location(name, path)
             loaded = importlib.util.module_from_spec(loader)
             sys.modules[name] = loaded  # dataclasses and pickling look modules up by name
-            loader.loader.exec_module(loaded)
+            try:
+                with no_process_exit():
+                    loader.loader.exec_module(loaded)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
             return loaded
-        return importlib.import_module(module)
-    except Exception as exc:  # the user's module may raise anything while it is imported
+        with no_process_exit():
+            return importlib.import_module(module)
+    except (Exception, SystemExit) as exc:  # the user's module may raise anything while it is imported
         raise RewardError(
-            f"reward function {spec}: cannot import {module}: {type(exc).__name__}: {exc}",
+            f"reward function {spec}: cannot import {module}: {_what(exc)}",
             hint="put the module beside the recipe (my_rewards.py -> my_rewards:function) or make it importable; "
             "--debug shows the traceback",
         ) from exc
@@ -245,7 +310,9 @@ def call(reward: Reward, batch: Batch) -> list[Value]:
     """The reward's values for ``batch``, checked: one finite number (or None) per completion."""
     try:
         values = reward.score(batch)
-    except Exception as exc:  # any error of the reward's code: find the sample it fails on
+    except RewardError:
+        raise
+    except (Exception, SystemExit) as exc:  # any error of the reward's code (an exit too): find the sample
         raise _raised(reward, batch, exc) from exc
     return checked(reward, values, batch)
 
@@ -270,9 +337,17 @@ def checked(reward: Reward, values: Any, batch: Batch) -> list[Value]:
             continue
         if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):
             raise RewardError(
-                f"reward {_who(reward)} returned {value!r} ({type(value).__name__}) for sample {batch.samples[i]} "
-                f"(completion {_quote(batch.completions[i])}); a reward must be a finite number or None",
+                f"reward {_who(reward)} returned {_clip(repr(value), 80)} ({type(value).__name__}) for sample "
+                f"{batch.samples[i]} (completion {_quote(batch.completions[i])}); a reward must be a finite number "
+                "or None",
                 hint="return a float (None where the reward does not apply)",
+            )
+        if abs(value) > REWARD_LIMIT:
+            raise RewardError(
+                f"reward {_who(reward)} returned {_clip(repr(value), 80)} for sample {batch.samples[i]} (completion "
+                f"{_quote(batch.completions[i])}); rewards are summed and scaled in 32-bit floats, so one must lie "
+                f"within +-{REWARD_LIMIT:g}",
+                hint="scale the reward down (GRPO learns from differences within a group, not from the size)",
             )
         out.append(float(value))
     return out
@@ -284,13 +359,27 @@ def _raised(reward: Reward, batch: Batch, exc: Exception) -> RewardError:
     for i in range(len(batch)):
         try:
             reward.score(batch.row(i))
-        except Exception:  # noqa: BLE001 - any failure of the user's code identifies the sample
+        except (Exception, SystemExit):  # noqa: BLE001 - any failure of the user's code identifies the sample
             where = f"sample {batch.samples[i]} (completion {_quote(batch.completions[i])})"
             break
+    if isinstance(exc, SystemExit):
+        return RewardError(
+            f"reward {_who(reward)} {_what(exc)} on {where}: a reward may not end the process",
+            hint="return a value (None where the reward does not apply) or raise an exception to stop the run",
+        )
     return RewardError(
-        f"reward {_who(reward)} raised {type(exc).__name__}: {exc} on {where}",
+        f"reward {_who(reward)} raised {_clip(f'{type(exc).__name__}: {exc}')} on {where}",
         hint="fix the reward function (--debug shows the traceback); return None where it does not apply",
     )
+
+
+def _what(exc: BaseException) -> str:
+    """An exception in words; an exit says which call made it."""
+    if isinstance(exc, ProcessExit):
+        return f"called os._exit({exc.code})"
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _who(reward: Reward) -> str:
@@ -303,7 +392,44 @@ def _samples(batch: Batch) -> str:
 
 
 def _quote(text: str, limit: int = 80) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+    return repr(_clip(text, limit))
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- a reward that never applies -------------------------------------------------------------------
+
+NO_REWARD_COMPLETIONS = 512  # completions scored with no reward applying to any: the run stops
+
+
+class Coverage:
+    """Whether any reward applies at all. A reward returning None everywhere (a function that never
+    finds its format, a column it never gets) gives GRPO nothing to learn from: every advantage is 0,
+    the run trains nothing and would end `done`. Training stops once NO_REWARD_COMPLETIONS
+    completions were scored without one value, and a run that ends without one fails."""
+
+    def __init__(self, rewards: Sequence[Reward]):
+        self.rewards = list(rewards)
+        self.scored = 0
+        self.applied = 0
+
+    def add(self, totals: Sequence[float | None]) -> None:
+        self.scored += len(totals)
+        self.applied += sum(total is not None for total in totals)
+        if self.scored >= NO_REWARD_COMPLETIONS:
+            self.check()
+
+    def check(self) -> None:
+        if self.scored and not self.applied:
+            names = ", ".join(_who(reward) for reward in self.rewards)
+            raise RewardError(
+                f"no reward applied to any of the {self.scored} completions scored: {names} returned None for "
+                "every one, so every advantage is 0 and GRPO learns nothing",
+                hint="return a number wherever a reward can judge a completion (None only where it cannot); "
+                "3-train/completions.jsonl shows what the model wrote",
+            )
 
 
 # --- figures --------------------------------------------------------------------------------------

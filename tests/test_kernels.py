@@ -132,3 +132,46 @@ def test_cos_sin_kernel_matches_the_family_rotary_module(family_name, kind):
     if kind != "default":  # the sections matter: plain RoPE on the t row alone would differ
         plain_cos, _ = rope_cos_sin(rows, rotary.inv_freq, axis_map("default", half), 1.0)
         assert not torch.allclose(plain_cos, cos_ref)
+
+
+def quantized(out_features: int, in_features: int, nested: bool):
+    import bitsandbytes.functional as bnbf
+
+    from vlmtune.kernels.nf4_lora import nf4_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(out_features, in_features) * 0.05
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    return nf4_weight(packed, state), bnbf.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "single_quant"])
+def test_nf4_lora_matches_bitsandbytes_dequantize_then_matmul(nested):
+    """Forward and all three gradients (x, A, B) against bitsandbytes' own dequantized weight."""
+    from vlmtune.kernels.nf4_lora import dequantize_reference, nf4_lora
+
+    weight, dense = quantized(80, 192, nested)
+    torch.testing.assert_close(dequantize_reference(weight), dense)  # the packing is read right
+    torch.manual_seed(1)
+    x, a, b = torch.randn(2, 9, 192), torch.randn(8, 192) * 0.1, torch.randn(80, 8) * 0.1
+    bias = torch.randn(80)
+
+    def reference(x, a, b):
+        return x @ dense.t() + 2.0 * (x @ a.t()) @ b.t() + bias
+
+    assert_same(lambda x, a, b: nf4_lora(x, weight, a, b, 2.0, bias), reference, x, a, b, atol=1e-4)
+
+
+def test_nf4_lora_keeps_no_dequantized_weight():
+    """What autograd saves for backward is x and the (tokens x r) LoRA product: nothing of W's size."""
+    from vlmtune.kernels.nf4_lora import nf4_lora
+
+    weight, _ = quantized(128, 256, True)
+    x = torch.randn(4, 256, requires_grad=True)
+    a = torch.randn(4, 256, requires_grad=True)
+    b = torch.zeros(128, 4, requires_grad=True)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        nf4_lora(x, weight, a, b, 1.0).sum().backward()
+    assert saved and all(shape.numel() < 128 * 256 for shape in saved), saved
+    assert x.grad is not None and torch.count_nonzero(b.grad) > 0

@@ -104,13 +104,14 @@ def rope_cos_sin(
 
 @triton.jit
 def _rotate(
-    X, COS, SIN, Y, rows, heads, seq, half, TRANSPOSE: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr
-):
+    X, COS, SIN, Y, rows, heads, seq, half, trig_batch_stride,
+    TRANSPOSE: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     col = tl.arange(0, HALF)[None, :]
     mask = (row < rows) & (col < half)
-    # x is (batch, heads, seq, 2*half) contiguous; cos/sin are (batch, seq, 2*half)
-    trig = ((row // (heads * seq)) * seq + row % seq) * (2 * half) + col
+    # x is (batch, heads, seq, 2*half) contiguous; cos/sin are (batch or 1, seq, 2*half)
+    trig = (row // (heads * seq)) * trig_batch_stride + (row % seq) * (2 * half) + col
     at = row * (2 * half) + col
     x1 = tl.load(X + at, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + at + half, mask=mask, other=0.0).to(tl.float32)
@@ -143,6 +144,7 @@ def _rotate_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transp
         heads,
         seq,
         dim // 2,
+        0 if cos.shape[0] == 1 else seq * dim,  # one cos/sin row shared by the batch (Gemma 3)
         TRANSPOSE=transpose,
         ROWS=block_rows,
         HALF=max(16, triton.next_power_of_2(dim // 2)),
@@ -170,5 +172,7 @@ def apply_rotary(
     if unsqueeze_dim != 1:
         raise ValueError("apply_rotary expects q and k as (batch, heads, seq, dim)")
     if cos.dim() == 2:  # (seq, dim) shared by the batch
-        cos, sin = cos.expand(q.shape[0], *cos.shape), sin.expand(q.shape[0], *sin.shape)
+        cos, sin = cos[None], sin[None]
+    if cos.shape[0] not in (1, q.shape[0]):
+        raise ValueError(f"cos/sin batch {cos.shape[0]} fits neither 1 nor q's {q.shape[0]}")
     return RotaryFunction.apply(q, k, cos.to(q.dtype), sin.to(q.dtype))

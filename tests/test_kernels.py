@@ -41,7 +41,9 @@ def test_rms_norm_matches_torch_forward_and_backward(offset):
     torch.manual_seed(0)
     x = torch.randn(3, 7, 96) * 3
     w = torch.randn(96) * 0.5 + (0.0 if offset else 1.0)
-    assert_same(lambda a, b: rms_norm(a, b, 1e-6, offset), lambda a, b: rms_norm_reference(a, b, 1e-6, offset), x, w)
+    assert_same(
+        lambda a, b: rms_norm(a, b, 1e-6, offset), lambda a, b: rms_norm_reference(a, b, 1e-6, offset), x, w
+    )
 
 
 def test_gemma_offset_changes_the_result():
@@ -113,7 +115,6 @@ def rotary_module(family_name: str):
 def test_cos_sin_kernel_matches_the_family_rotary_module(family_name, kind):
     """Multimodal RoPE: distinct t/h/w position rows give the module's exact cos and sin."""
     from vlmtune.kernels.rope import axis_map, rope_cos_sin
-
     from vlmtune.model.families import get_family
 
     assert get_family(family_name).rope == kind
@@ -122,7 +123,9 @@ def test_cos_sin_kernel_matches_the_family_rotary_module(family_name, kind):
     sections = getattr(rotary, "mrope_section", ())
     seq = 11
     positions = torch.stack([torch.arange(seq), torch.arange(seq) // 3, torch.arange(seq) % 4 + 2])[:, None]
-    positions = positions.expand(3, 2, seq).contiguous() if kind != "default" else positions[:1, 0].expand(2, seq)
+    positions = (
+        positions.expand(3, 2, seq).contiguous() if kind != "default" else positions[:1, 0].expand(2, seq)
+    )
     x = torch.zeros(1, dtype=torch.float32)
     cos_ref, sin_ref = rotary(x, positions)
     rows = positions if positions.dim() == 3 else positions[None]

@@ -35,7 +35,9 @@ def tiny(family_name: str, quantized: bool = False):
             llm_int8_skip_modules=get_family(family_name).keep_16bit(),
         )
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path(family_name), dtype=torch.float32, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_model_path(family_name), dtype=torch.float32, **kwargs
+    )
     return model.train()
 
 
@@ -102,7 +104,9 @@ def test_nf4_lora_patch_matches_peft_on_a_4bit_model():
 
     family = get_family("qwen2_vl")
     model = tiny("qwen2_vl", quantized=True)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|up_proj|down_proj)")
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|up_proj|down_proj)"
+    )
     model = get_peft_model(model, lora)
     torch.manual_seed(3)
     for name, parameter in model.named_parameters():
@@ -142,3 +146,22 @@ def test_auto_on_cuda_uses_only_kernels_measured_faster(monkeypatch):
     assert patching.chosen("auto", "cuda") == tuple(k for k, v in patching.MEASURED_FASTER.items() if v > 1.0)
     monkeypatch.setattr(patching, "MEASURED_FASTER", {"rmsnorm": 1.3, "glu": 0.9})
     assert patching.chosen("auto", "cuda") == ("rmsnorm",)
+
+
+def test_kernels_asked_for_without_triton_is_a_user_error(monkeypatch):
+    import vlmtune.kernels as kernels
+    from vlmtune.errors import ModelError
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(ModelError) as raised:
+        kernels.require_triton()
+    assert "triton" in str(raised.value) and "train.kernels: off" in raised.value.hint
+
+
+def test_recipe_kernels_and_offload_default_off():
+    from vlmtune.recipe import TrainSection
+
+    train = TrainSection()
+    assert train.kernels == "off" and train.offload_activations is False
+    with pytest.raises(ValueError):
+        TrainSection(kernels="on")

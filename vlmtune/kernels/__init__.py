@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 
+from vlmtune.errors import ModelError
+
 
 def triton_available() -> bool:
     """Is triton installed (it is on the dev and gpu extras; the kernels need it even on CPU)?"""
     return importlib.util.find_spec("triton") is not None
+
+
+def require_triton() -> None:
+    """Raise the user error for kernels asked for where triton is missing."""
+    if not triton_available():
+        raise ModelError(
+            "train.kernels: auto picked Triton kernels for this CUDA run, but triton is not installed",
+            hint="pip install 'vlmtune[gpu]' (triton), or set train.kernels: off",
+        )

@@ -47,7 +47,9 @@ def nf4_weight(packed: torch.Tensor, quant_state: Any) -> NF4Weight:
     return NF4Weight(
         packed=packed.reshape(-1),
         code=quant_state.code.float().contiguous(),
-        absmax=quant_state.absmax.reshape(-1).contiguous() if nested else quant_state.absmax.float().reshape(-1),
+        absmax=quant_state.absmax.reshape(-1).contiguous()
+        if nested
+        else quant_state.absmax.float().reshape(-1),
         blocksize=int(quant_state.blocksize),
         shape=(int(quant_state.shape[0]), int(quant_state.shape[1])),
         nested=nested,
@@ -77,7 +79,9 @@ def nf4_lora_reference(x, weight: NF4Weight, lora_a, lora_b, scaling: float, bia
 
 
 @triton.jit
-def _dequant_tile(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, n, k, N, K, blocksize, blocksize2, offset, NESTED: tl.constexpr):
+def _dequant_tile(
+    PACKED, CODE, ABSMAX, CODE2, ABSMAX2, n, k, N, K, blocksize, blocksize2, offset, NESTED: tl.constexpr
+):
     """The fp32 values of W[n, k] for broadcastable index blocks n, k (0 outside the matrix)."""
     inside = (n < N) & (k < K)
     flat = n * K + k
@@ -87,9 +91,11 @@ def _dequant_tile(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, n, k, N, K, blocksize, b
     block = flat // blocksize
     if NESTED:
         scale_u8 = tl.load(ABSMAX + block, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(CODE2 + scale_u8, mask=inside, other=0.0) * tl.load(
-            ABSMAX2 + block // blocksize2, mask=inside, other=0.0
-        ) + offset
+        scale = (
+            tl.load(CODE2 + scale_u8, mask=inside, other=0.0)
+            * tl.load(ABSMAX2 + block // blocksize2, mask=inside, other=0.0)
+            + offset
+        )
     else:
         scale = tl.load(ABSMAX + block, mask=inside, other=0.0)
     return tl.where(inside, value * scale, 0.0)
@@ -109,7 +115,9 @@ def _forward(
         kx = k0 + tl.arange(0, BK)[None, :]  # (1, BK)
         x = tl.load(X + m * K + kx, mask=(m < M) & (kx < K), other=0.0)
         kw = k0 + tl.arange(0, BK)[:, None]  # (BK, 1): the transposed tile W[n, k]^T
-        w = _dequant_tile(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, n, kw, N, K, blocksize, blocksize2, offset, NESTED)
+        w = _dequant_tile(
+            PACKED, CODE, ABSMAX, CODE2, ABSMAX2, n, kw, N, K, blocksize, blocksize2, offset, NESTED
+        )
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     r_row = tl.arange(0, BR)[None, :]
     r_col = tl.arange(0, BR)[:, None]
@@ -133,7 +141,9 @@ def _backward_input(
         ng = n0 + tl.arange(0, BN)[None, :]
         g = tl.load(G + m * N + ng, mask=(m < M) & (ng < N), other=0.0)
         nw = n0 + tl.arange(0, BN)[:, None]  # (BN, 1): the tile W[n, k]
-        w = _dequant_tile(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, nw, k, N, K, blocksize, blocksize2, offset, NESTED)
+        w = _dequant_tile(
+            PACKED, CODE, ABSMAX, CODE2, ABSMAX2, nw, k, N, K, blocksize, blocksize2, offset, NESTED
+        )
         acc += tl.dot(g, w.to(g.dtype), input_precision=PRECISION)
     r_row = tl.arange(0, BR)[None, :]
     r_col = tl.arange(0, BR)[:, None]

@@ -58,7 +58,9 @@ def _language_modules(model: torch.nn.Module, family: Family) -> Iterable[tuple[
 
 def _probe_device(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     parameter = next(module.parameters(), None)
-    return (parameter.device, torch.float32) if parameter is not None else (torch.device("cpu"), torch.float32)
+    return (
+        (parameter.device, torch.float32) if parameter is not None else (torch.device("cpu"), torch.float32)
+    )
 
 
 # --- the swaps ----------------------------------------------------------------------------------
@@ -81,7 +83,9 @@ def _patch_norm(name: str, module: torch.nn.Module, family: Family, report: Patc
     device, dtype = _probe_device(module)
     probe = torch.randn(2, weight.numel(), device=device, dtype=dtype)
     with torch.no_grad():
-        agrees = torch.allclose(module(probe).float(), rms_norm_reference(probe, weight, eps, offset).float(), atol=1e-3)
+        agrees = torch.allclose(
+            module(probe).float(), rms_norm_reference(probe, weight, eps, offset).float(), atol=1e-3
+        )
     if not agrees:
         report.skipped[name] = f"does not compute {family.norm}"
         return
@@ -101,7 +105,11 @@ def _patch_mlp(name: str, module: torch.nn.Module, family: Family, report: Patch
 
     probe = torch.linspace(-6, 6, 97)
     with torch.no_grad():
-        agrees = torch.allclose(module.act_fn(probe), glu_reference(probe, torch.ones_like(probe), family.mlp_activation), atol=1e-5)
+        agrees = torch.allclose(
+            module.act_fn(probe),
+            glu_reference(probe, torch.ones_like(probe), family.mlp_activation),
+            atol=1e-5,
+        )
     if not agrees:
         report.skipped[name] = f"its act_fn is not {family.mlp_activation}"
         return
@@ -188,7 +196,12 @@ def _lora4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     compute = getattr(base, "compute_dtype", None) or x.dtype
     weight = nf4_weight(base.weight.data, base.weight.quant_state)
     y = nf4_lora(
-        x.to(compute), weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], base.bias
+        x.to(compute),
+        weight,
+        self.lora_A[adapter].weight,
+        self.lora_B[adapter].weight,
+        self.scaling[adapter],
+        base.bias,
     )
     return y.to(input_dtype)
 
@@ -218,7 +231,9 @@ def patch_model(model: torch.nn.Module, family: Family, kernels: Iterable[str]) 
     for name, module in list(_language_modules(model, family)):
         if "rmsnorm" in wanted and type(module).__name__.endswith("RMSNorm"):
             _patch_norm(name, module, family, report)
-        elif "glu" in wanted and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        elif "glu" in wanted and all(
+            hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")
+        ):
             _patch_mlp(name, module, family, report)
         elif "rope" in wanted and hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
             _patch_rotary_module(name, module, family, report)

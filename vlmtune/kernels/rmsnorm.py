@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> torch.Tensor:
     """The torch reference (fp32 arithmetic, result in x's dtype)."""
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -59,7 +61,9 @@ def _rms_backward(
 
 def _launch_shape(rows: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program): a few programs per SM on CUDA, few large ones in the interpreter."""
-    programs = torch.cuda.get_device_properties(device).multi_processor_count * 4 if device.type == "cuda" else 4
+    programs = (
+        torch.cuda.get_device_properties(device).multi_processor_count * 4 if device.type == "cuda" else 4
+    )
     per_program = triton.cdiv(rows, min(programs, rows))
     return triton.cdiv(rows, per_program), per_program
 
@@ -75,7 +79,16 @@ class RMSNormFunction(torch.autograd.Function):
         programs, per_program = _launch_shape(rows, x.device)
         block = triton.next_power_of_2(cols)
         _rms_forward[(programs,)](
-            x2, weight, y, rstd, rows, cols, float(eps), float(offset), ROWS_PER_PROGRAM=per_program, BLOCK=block
+            x2,
+            weight,
+            y,
+            rstd,
+            rows,
+            cols,
+            float(eps),
+            float(offset),
+            ROWS_PER_PROGRAM=per_program,
+            BLOCK=block,
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.launch = float(offset), shape, (programs, per_program, block)
@@ -90,7 +103,17 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x2)
         dw_partial = torch.empty(programs, cols, dtype=torch.float32, device=x2.device)
         _rms_backward[(programs,)](
-            dy2, x2, weight, rstd, dx, dw_partial, rows, cols, ctx.offset, ROWS_PER_PROGRAM=per_program, BLOCK=block
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            rows,
+            cols,
+            ctx.offset,
+            ROWS_PER_PROGRAM=per_program,
+            BLOCK=block,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.reshape(ctx.shape), dw, None, None

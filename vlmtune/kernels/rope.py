@@ -27,7 +27,9 @@ def axis_map(kind: str, half: int, sections: Sequence[int] = ()) -> torch.Tensor
         for i, size in enumerate(sections):
             axes[start : start + size] = i % 3
             start += size
-    elif kind == "mrope_interleaved":  # Qwen3-VL: h at 1, 4, 7 ... < 3*sections[1]; w at 2, 5, ... < 3*sections[2]
+    elif (
+        kind == "mrope_interleaved"
+    ):  # Qwen3-VL: h at 1, 4, 7 ... < 3*sections[1]; w at 2, 5, ... < 3*sections[2]
         for axis in (1, 2):
             axes[axis : sections[axis] * 3 : 3] = axis
     elif kind != "default":

@@ -4,12 +4,12 @@ kernels against torch, and activation offloading. bench/gpu.py registers them; r
     bash bench/gpu.sh --parts workloads kernels offload          # the device tool: carry [".whl"]
     python bench/gpu.py --dry-run --parts workloads kernels offload   # CPU, tiny shapes (the test)
 
-  workloads  two realistic workloads trained by vlmtune at real shapes with random weights: Qwen2-VL-2B
-             in bf16 + LoRA and Qwen2.5-VL-7B in 4-bit + LoRA, 8 samples of 1024-1536 image tokens a
-             step (896 px square and 1344x896 images, ~10k tokens); tokens/s, MFU (``step_flops``), peak
-             allocated and reserved, and a torch.profiler breakdown of two steps by class
-             (``CLASSES``). The plain stack's arm at these workloads is not here yet: the `compare`
-             part measures it at the 2B shape in 4-bit.
+  workloads  two realistic workloads at real shapes with random weights: Qwen2-VL-2B in bf16 + LoRA and
+             Qwen2.5-VL-7B in 4-bit + LoRA, 8 samples a step of one 896x896 or 1024x896 image (1024 or
+             1152 image tokens: ~9k tokens a step), each trained by vlmtune and by the plain stack
+             (``plain_arm``: TRL's SFTTrainer at its best documented settings for a VLM) in turn, in
+             this process: tokens/s, MFU (``step_flops``), peak allocated and reserved, and for
+             vlmtune a torch.profiler breakdown of two steps by class (``CLASSES``).
   kernels    each Triton kernel against its torch reference, forward + backward, at the 7B's layer
              shapes in bf16 (on CUDA): median ms, speed-up, max error. Its ``measured_faster`` is what
              vlmtune/kernels/patching.py's MEASURED_FASTER takes (the table `train.kernels: auto` reads).
@@ -265,6 +265,80 @@ class BatchShapes:
 # --- parts ------------------------------------------------------------------------------------------
 
 
+def plain_arm(
+    ckpt: Path, data: Path, pixels: int, family_name: str, bits: int | None, s: Any, timer: Any
+) -> dict:
+    """The plain stack at its best documented settings for a VLM, on vlmtune's LoRA targets: TRL SFTTrainer,
+    assistant_only_loss, gradient checkpointing (non-reentrant), bf16, Liger where it imports;
+    padding-free is refused by TRL for vision models. Returns what it could and could not switch on."""
+    import importlib.util
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from vlmtune.model.families import get_family
+    from vlmtune.model.lora_targets import target_regex
+    from vlmtune.model.processing import load_processor
+    from vlmtune.recipe import LoraSection
+
+    family = get_family(family_name)
+    processor = load_processor(ckpt, family, pixels)  # AutoProcessor minus the torchvision-only video part
+    quantization = {}
+    if bits:
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=family.keep_16bit(),
+        )  # fmt: skip
+    placement = {"device_map": {"": s.device}} if s.device != "cpu" else {}
+    model = AutoModelForImageTextToText.from_pretrained(
+        ckpt, dtype=torch.bfloat16, **quantization, **placement
+    )
+    for module in model.modules():  # the CPU repacking trap (FACTS.md)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    dataset = Dataset.from_list([
+        {"messages": [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
+                                                      for p in m["content"]]} for m in r["messages"]],
+         "images": [Image.open(data.parent / p["image"]).convert("RGB")
+                    for m in r["messages"] for p in m["content"] if p["type"] == "image"]}
+        for r in rows
+    ])  # fmt: skip
+    liger = s.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    args = SFTConfig(
+        output_dir=str(ckpt.parent / f"{ckpt.name}-plain"), max_steps=s.perf_steps,
+        per_device_train_batch_size=s.perf_batch, gradient_accumulation_steps=1, learning_rate=1e-4,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=s.device == "cpu", bf16=True,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=None,
+        assistant_only_loss=True, seed=3407, disable_tqdm=True, use_liger_kernel=liger,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=16, lora_alpha=16, target_modules=target_regex(family, LoraSection()), task_type="CAUSAL_LM"
+    )
+    settings = {"liger": liger, "padding_free": "refused by TRL for vision models", "assistant_only_loss": True,
+                "gradient_checkpointing": True}  # fmt: skip
+    try:
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=processor, peft_config=lora
+        )
+    except Exception as exc:  # Liger's patches fail on some transformers versions (FACTS.md): without it
+        if not liger:
+            raise
+        settings["liger"] = f"failed: {str(exc).splitlines()[0][:200]}"
+        args.use_liger_kernel = False
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=processor, peft_config=lora
+        )
+    with timer.watching():
+        trainer.train()
+    del trainer, model
+    return settings
+
+
 def write_recipe(
     path: Path, model: str, data: Path, pixels: int, bits: int | None, s: Any, **train: Any
 ) -> Path:
@@ -319,27 +393,68 @@ def train_measured(recipe: Path, run_dir: Path, device: str, extra_callbacks: li
     return {**timer.summary(), "seconds": time.perf_counter() - started}
 
 
+WIDTHS = (1.0, 8 / 7)  # 896x896 and 1024x896 at the GPU's side
+
+
+def workload_pixels(side: int) -> int:
+    """The pixel budget that admits both image shapes unscaled."""
+    return int(side * side * WIDTHS[1]) + 1
+
+
 def workload(name: str, s: Any, work: Path, dry_7b: dict, device_name: str) -> dict:
+    """vlmtune, then the plain stack, on one checkpoint and data set; peaks reset between them."""
+    import shutil
+
     import compare
-    from harness import build_random_checkpoint
+    from harness import StepTimer, build_random_checkpoint, free_memory, reset_peak
+    from transformers import Trainer
 
     hub_id, family_name, bits = WORKLOADS[name]
     ckpt = work / f"{name}-checkpoint"
-    build_random_checkpoint(perf_shape(hub_id, s, dry_7b), family_name, ckpt, s.device)
-    data = compare.build_data(work / f"{name}-data", s.perf_image_side, n=s.perf_batch * s.perf_steps)
-    recipe = write_recipe(
-        work / name / "recipe.yaml", str(ckpt), data, compare.max_pixels(s.perf_image_side), bits, s
+    config = perf_shape(hub_id, s, dry_7b)
+    build_random_checkpoint(config, family_name, ckpt, s.device)
+    data = compare.build_data(
+        work / f"{name}-data", s.perf_image_side, n=s.perf_batch * s.perf_steps, widths=WIDTHS
     )
+    pixels = workload_pixels(s.perf_image_side)
+    recipe = write_recipe(work / name / "recipe.yaml", str(ckpt), data, pixels, bits, s)
     found: dict = {}
     shapes: list[dict] = []
     profile = profiler_callback(s.perf_profile_from, s.perf_profile_steps, s.device, found)
-    trained = train_measured(recipe, work / name / "run", s.device, [profile], shapes)
-    import shutil
+    ours = train_measured(recipe, work / name / "run", s.device, [profile], shapes)
+    ours.update(mfu(found, shapes, ours, config, device_name))
+    ours["breakdown"] = found.get("breakdown")
 
+    timer, plain_found, plain_shapes = StepTimer(s.device), {}, []
+    timer.callbacks.append(profiler_callback(-1, 0, s.device, plain_found))  # its Linear counts, no profile
+    original = Trainer.train
+
+    def train(trainer, *args, **kwargs):
+        trainer.data_collator = BatchShapes(trainer.data_collator, plain_shapes)
+        return original(trainer, *args, **kwargs)
+
+    reset_peak(s.device)
+    Trainer.train = train
+    try:
+        settings = plain_arm(ckpt, data, pixels, family_name, bits, s, timer)
+    finally:
+        Trainer.train = original
+    free_memory(s.device)
+    plain = {**timer.summary(), "settings": settings}
+    plain.update(mfu(plain_found, plain_shapes, plain, config, device_name))
     shutil.rmtree(ckpt, ignore_errors=True)
-    return {"model": hub_id, "bits": bits, "image_side": s.perf_image_side, "batch_size": s.perf_batch,
-            **trained, **mfu(found, shapes, trained, perf_shape(hub_id, s, dry_7b), device_name),
-            "breakdown": found.get("breakdown")}  # fmt: skip
+    return {
+        "model": hub_id, "bits": bits, "image_side": s.perf_image_side, "batch_size": s.perf_batch,
+        "vlmtune": ours, "plain": plain,
+        "ratios_vlmtune_over_plain": {
+            "tokens_per_s": ratio(ours.get("tokens_per_s"), plain.get("tokens_per_s")),
+            "peak_allocated": ratio(peak_of(ours), peak_of(plain)),
+        },
+    }  # fmt: skip
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def mfu(found: dict, shapes: list[dict], trained: dict, config: dict, device_name: str) -> dict:
@@ -387,11 +502,11 @@ def part_offload(s: Any, work: Path, emit: Callable[[dict], None], dry_7b: dict,
     hub_id, family_name, bits = WORKLOADS["qwen2_vl_2b_bf16_lora"]
     ckpt = work / "checkpoint"
     build_random_checkpoint(perf_shape(hub_id, s, dry_7b), family_name, ckpt, s.device)
-    data = compare.build_data(work / "data", s.perf_image_side, n=s.perf_batch * s.perf_steps)
+    data = compare.build_data(work / "data", s.perf_image_side, n=s.perf_batch * s.perf_steps, widths=WIDTHS)
     out: dict = {"model": hub_id, "image_side": s.perf_image_side, "batch_size": s.perf_batch}
     for offload in (False, True):
         key = "offload_on" if offload else "offload_off"
-        recipe = write_recipe(work / key / "recipe.yaml", str(ckpt), data, compare.max_pixels(s.perf_image_side),
+        recipe = write_recipe(work / key / "recipe.yaml", str(ckpt), data, workload_pixels(s.perf_image_side),
                               bits, s, offload_activations=offload)  # fmt: skip
         out[key] = train_measured(recipe, work / key / "run", s.device, [], [])
         emit(out)
@@ -402,8 +517,11 @@ def part_offload(s: Any, work: Path, emit: Callable[[dict], None], dry_7b: dict,
 
 
 def peak_of(trained: dict) -> float:
+    """max_memory_allocated on CUDA, the RSS high-water mark on CPU (harness.peak_bytes); 0 when missing."""
+    from harness import peak_bytes
+
     peak = trained.get("training_peak") or {}
-    return float(peak.get("allocated", peak.get("rss_hwm", 0)) or 0)
+    return float(peak_bytes(peak)) if peak else 0.0
 
 
 # --- kernel micro-benchmarks --------------------------------------------------------------------------

@@ -88,13 +88,20 @@ def test_perf_parts_ran(dry_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workload", list(gpu_perf.WORKLOADS))
-def test_workloads_report_throughput_mfu_inputs_and_a_breakdown(dry_run, workload):
+def test_workloads_measure_both_arms_with_mfu_and_a_breakdown(dry_run, workload):
     figures = dry_run[0]["parts"]["workloads"][workload]
-    assert figures["steps"] == 3 and all(math.isfinite(x) for x in figures["losses"])
-    assert figures["tokens_per_s"] > 0
-    assert figures["flops_per_step"] > 0 and figures["mfu"] is None  # no peak FLOP/s for a CPU
-    assert figures["linear_params"]["language"] > 0 and figures["linear_params"]["vision"] > 0
-    table = figures["breakdown"]["ms"]
+    ours, plain = figures["vlmtune"], figures["plain"]
+    for arm in (ours, plain):
+        assert arm["steps"] == 3 and len(arm["losses"]) == 3 and all(math.isfinite(x) for x in arm["losses"])
+        assert arm["tokens_per_s"] > 0
+        assert arm["flops_per_step"] > 0 and arm["mfu"] is None  # no peak FLOP/s for a CPU
+        assert arm["linear_params"]["language"] > 0 and arm["linear_params"]["vision"] > 0
+    # the same model and the same samples: the same Linear layers and the same tokens a step
+    assert ours["linear_params"] == plain["linear_params"]
+    assert ours["tokens_per_step_mean"] == plain["tokens_per_step_mean"]
+    assert plain["settings"]["assistant_only_loss"] is True
+    assert figures["ratios_vlmtune_over_plain"]["tokens_per_s"] > 0
+    table = ours["breakdown"]["ms"]
     for label in ("matmuls", "attention", "vision tower", "loss", "optimizer", "data loading", "idle"):
         assert label in table
     assert table["matmuls"] > 0 and table["vision tower"] > 0

@@ -466,7 +466,7 @@ class PerfSettings:
 PERF = {
     # 896x896 and 1024x896 images: 1024 and 1152 image tokens per sample, 8 samples: ~9k tokens a step
     "cuda": PerfSettings("cuda", False, 5, 8, 2048, 896, 2, 2, (8192, 3584, 18944, 28, 4, 128), 10, 3),
-    "cpu": PerfSettings("cpu", True, 3, 2, 512, 112, 1, 1, (32, 64, 128, 4, 2, 16), 2, 1),
+    "cpu": PerfSettings("cpu", True, 2, 2, 512, 112, 1, 1, (32, 64, 128, 4, 2, 16), 2, 1),
 }
 
 

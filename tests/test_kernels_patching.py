@@ -65,6 +65,7 @@ def _restore_rotary():
     unpatch_rotary()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_patched_model_matches_torch_loss_and_gradients(family_name):
     from vlmtune.kernels.patching import patch_model
@@ -96,6 +97,7 @@ def test_a_record_that_contradicts_the_model_is_not_applied():
     assert any("geglu" in why for why in report.skipped.values())
 
 
+@pytest.mark.slow
 def test_nf4_lora_patch_matches_peft_on_a_4bit_model():
     """QLoRA: the fused NF4 + LoRA path gives peft's loss and LoRA gradients, and is used."""
     from peft import LoraConfig, get_peft_model

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from vlmtune.kernels import triton_available
-from vlmtune.model.families import get_family
+from vlmtune.model.families import family_names, get_family
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "llava", "idefics3")
+FAMILIES = tuple(family_names())
 
 
 def tiny(family_name: str, quantized: bool = False):

@@ -167,3 +167,36 @@ def test_recipe_kernels_and_offload_default_off():
     assert train.kernels == "off" and train.offload_activations is False
     with pytest.raises(ValueError):
         TrainSection(kernels="on")
+
+
+class _Run:
+    def __init__(self):
+        self.recorded: dict = {}
+
+    def record(self, **figures):
+        self.recorded.update(figures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_speed_switches_patch_what_auto_picks_and_nothing_under_fsdp(fsdp, monkeypatch):
+    """The train stage's hook: with rmsnorm measured faster on CUDA it is swapped in, except under FSDP."""
+    from types import SimpleNamespace
+
+    from vlmtune.kernels import patching
+    from vlmtune.recipe import TrainSection
+    from vlmtune.runs import rundir
+    from vlmtune.stages.common import speed_switches
+
+    monkeypatch.setattr(patching, "MEASURED_FASTER", {"rmsnorm": 1.4})
+    trainer = SimpleNamespace(
+        model=tiny("qwen2_vl"), args=SimpleNamespace(fsdp=["full_shard"] if fsdp else [])
+    )
+    run = _Run()
+    # "cuda" as the run's device; the tiny model stays on CPU, where the interpreter runs the kernel
+    speed_switches(
+        trainer, TrainSection(kernels="auto", offload_activations=True), get_family("qwen2_vl"), run, "cuda"
+    )
+    used = run.recorded[rundir.SPEED_SWITCHES]["kernels_used"]["patched"]
+    assert used == ({} if fsdp else {"rmsnorm": 5})
+    assert trainer.offload_activations is True

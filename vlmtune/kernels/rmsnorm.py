@@ -59,6 +59,11 @@ def _rms_backward(
     tl.store(DW + program * cols + offsets, dw, mask=mask)
 
 
+def _warps(block: int) -> int:
+    """More warps for wider rows (a 4,096-wide row is 16 elements per thread at 8 warps)."""
+    return min(16, max(1, block // 512))
+
+
 def _launch_shape(rows: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program): a few programs per SM on CUDA, few large ones in the interpreter."""
     programs = (
@@ -89,6 +94,7 @@ class RMSNormFunction(torch.autograd.Function):
             float(offset),
             ROWS_PER_PROGRAM=per_program,
             BLOCK=block,
+            num_warps=_warps(block),
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.launch = float(offset), shape, (programs, per_program, block)
@@ -114,6 +120,7 @@ class RMSNormFunction(torch.autograd.Function):
             ctx.offset,
             ROWS_PER_PROGRAM=per_program,
             BLOCK=block,
+            num_warps=_warps(block),
         )
         dw = dw_partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.reshape(ctx.shape), dw, None, None

@@ -157,11 +157,13 @@ def run_trainer(
 
 
 def speed_switches(trainer: Any, train: TrainSection, family: Family, run: RunDir, device: str) -> dict:
-    """train.kernels (the measured-faster Triton kernels swapped into the model, CUDA only) and
-    train.offload_activations, set on the trainer and written to summary.json."""
+    """train.kernels (the measured-faster Triton kernels swapped into the model, CUDA only, not under
+    FSDP) and train.offload_activations, set on the trainer and written to summary.json."""
     from vlmtune.kernels.patching import chosen, patch_model
 
     kernels = chosen(train.kernels, device)
+    if kernels and trainer.args.fsdp:  # the swapped forwards read whole weights; FSDP shards them
+        kernels = ()
     if kernels:
         from vlmtune.kernels import require_triton
 

@@ -58,6 +58,7 @@ CLASSES: tuple[tuple[str, str], ...] = (
     ("matmuls", r"gemm|matmul|\bmm\b|aten::mm|addmm|bmm|linear|cutlass|xmma|nvjet|_forward|_backward_input"),
 )
 VISION_RANGE = "vlmtune::vision_tower"
+AGREEMENT = 2e-2  # a kernel's outputs and gradients within 2% of the largest value of torch's
 DATA_RANGE = "enumerate(DataLoader)"
 
 
@@ -622,16 +623,22 @@ def part_kernels(s: Any, work: Path, emit: Callable[[dict], None], dry_7b: dict,
             kernel_ms, kernel_out = time_fwd_bwd(kernel_fn, inputs, s.kernel_reps, s.device)
             torch_ms, torch_out = time_fwd_bwd(torch_fn, inputs, s.kernel_reps, s.device)
             rows.append((kernel_ms, torch_ms))
-        error = max(
-            float((a.float() - b.float()).abs().max()) for a, b in zip(kernel_out, torch_out, strict=True)
+        pairs = list(zip(kernel_out, torch_out, strict=True))
+        error = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+        # relative to each tensor's largest value: bf16 keeps 8 bits of mantissa, sums differ in order
+        relative = max(
+            float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+            for a, b in pairs
         )
         kernel_ms = statistics.median(r[0] for r in rows)
         torch_ms = statistics.median(r[1] for r in rows)
         out["kernels"][name] = {"kernel_ms": kernel_ms, "torch_ms": torch_ms, "speedup": torch_ms / kernel_ms,
-                                "max_abs_error": error}  # fmt: skip
+                                "max_abs_error": error, "max_relative_error": relative,
+                                "agrees": relative <= AGREEMENT}  # fmt: skip
         emit(out)
-    # vlmtune/kernels/patching.py's names: swiglu and geglu share the `glu` kernel (the slower decides)
-    speedups = {k: v["speedup"] for k, v in out["kernels"].items()}
+    # vlmtune/kernels/patching.py's names: swiglu and geglu share the `glu` kernel (the slower decides);
+    # a kernel whose results disagree with torch's counts as never faster
+    speedups = {k: v["speedup"] if v["agrees"] else 0.0 for k, v in out["kernels"].items()}
     by_kernel = {"rmsnorm": speedups["rmsnorm"], "glu": min(speedups["swiglu"], speedups["geglu"]),
                  "rope": speedups["rope"], "nf4_lora": speedups["nf4_lora"]}  # fmt: skip
     out["measured_faster"] = {k: round(v, 3) for k, v in by_kernel.items()} if s.device == "cuda" else {}

@@ -24,6 +24,9 @@ under one global deadline:
                         for the same recipe, image size and tokens
   tiny_families         `vlmtune train tiny:FAMILY` for every family, 4-bit + LoRA, 2 steps
   torch_compile         train.torch_compile off and on, step times
+  workloads, kernels,   issue 26's performance parts (bench/gpu_perf.py): realistic workloads with MFU and a
+  offload               profiler breakdown, the Triton kernels against torch, activation offloading. Not
+                        in the default launch (its 8 minutes are spent): `--parts workloads kernels offload`
 
 The memory parts and tiny_families run side by side (peaks are per process, and their speed is not
 a goal; their real-size checkpoints take turns on the disk, each deleted once loaded); compare and
@@ -433,6 +436,55 @@ PARTS: dict[str, Callable[[Settings, Path, Emit], dict]] = {
 }
 
 
+# --- issue 26's performance parts (bench/gpu_perf.py), a launch of their own -----------------------------
+
+PERF_PARTS = ("workloads", "kernels", "offload")
+SCHEDULE.extend([[name] for name in PERF_PARTS])  # each alone: they time things
+# On a GPU the workloads part alone needs most of a launch (a 7B checkpoint built, two arms of two
+# workloads): run it as `BENCH_BUDGET_S=570 bash bench/gpu.sh --parts workloads`, then `--parts kernels offload`.
+PERF_TIMEOUTS = {"cuda": {"workloads": 530, "kernels": 120, "offload": 240},
+                 "cpu": {"workloads": 900, "kernels": 300, "offload": 400}}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PerfSettings:
+    device: str
+    shrink: bool
+    perf_steps: int  # optimizer steps per workload run
+    perf_batch: int
+    perf_max_length: int
+    perf_image_side: int  # compare.build_data: SIDE x SIDE and 1.5 SIDE x SIDE images
+    perf_profile_from: int  # the profiled optimizer steps: [from, from + steps)
+    perf_profile_steps: int
+    kernel_shape: tuple[
+        int, int, int, int, int, int
+    ]  # tokens, hidden, intermediate, heads, kv heads, head_dim
+    kernel_reps: int
+    kernel_rounds: int
+
+
+PERF = {
+    # 896x896 and 1024x896 images: 1024 and 1152 image tokens per sample, 8 samples: ~9k tokens a step
+    "cuda": PerfSettings("cuda", False, 5, 8, 2048, 896, 2, 2, (8192, 3584, 18944, 28, 4, 128), 10, 3),
+    "cpu": PerfSettings("cpu", True, 2, 2, 512, 112, 1, 1, (32, 64, 128, 4, 2, 16), 2, 1),
+}
+
+
+def perf_part(name: str) -> Callable[[Settings, Path, Emit], dict]:
+    def run(s: Settings, work: Path, emit: Emit) -> dict:
+        import gpu_perf
+
+        part = getattr(gpu_perf, f"part_{name}")
+        return part(PERF[s.device], work, emit, DRY_SHAPES[QWEN_7B], device_name(s.device))
+
+    return run
+
+
+PARTS.update({name: perf_part(name) for name in PERF_PARTS})
+GPU.timeouts.update(PERF_TIMEOUTS["cuda"])
+DRY.timeouts.update(PERF_TIMEOUTS["cpu"])
+
+
 class PartError(RuntimeError):
     """A part that ran but missed what it checks; ``figures`` are kept in the results."""
 
@@ -682,11 +734,30 @@ def headline(name: str, part: dict) -> str:
     if name == "tiny_families":
         ok = sum(r["status"] == "ok" for r in part["families"].values())
         return f"{ok} of {len(part['families'])} families trained"
+    if name in PERF_PARTS:
+        return perf_headline(name, part)
     if name == "torch_compile":
         on, off = part["compile_on"], part["compile_off"]
         return (f"steady step {off['steady_step_s']:.3f} s off, {on['steady_step_s']:.3f} s on; "
                 f"first step {off['first_step_s']:.1f} s / {on['first_step_s']:.1f} s")  # fmt: skip
     return ""
+
+
+def perf_headline(name: str, part: dict) -> str:
+    if name == "workloads":
+
+        def arm(r: dict) -> str:
+            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+            return f"{r.get('tokens_per_s') or 0:.0f} tok/s{mfu}"
+
+        return "; ".join(
+            f"{w}: vlmtune {arm(r['vlmtune'])} vs plain {arm(r['plain'])}"
+            for w, r in part.items() if isinstance(r, dict) and "vlmtune" in r
+        )  # fmt: skip
+    if name == "kernels":
+        return ", ".join(f"{k} x{v['speedup']:.2f}" for k, v in part["kernels"].items())
+    return (f"step time on/off {part['step_time_ratio_on_over_off']:.2f}, "
+            f"peak on/off {part['peak_ratio_on_over_off'] or 0:.2f}")  # fmt: skip
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -706,7 +777,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--work", type=Path, help="checkpoints, data, run folders [default: .cache/bench-gpu]"
     )
-    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="run only these")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS),
+                        default=[p for p in PARTS if p not in PERF_PARTS], help="run only these")  # fmt: skip
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

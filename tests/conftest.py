@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One torch thread per test process (and per subprocess it starts): on a shared 2-core machine the
 # default thread count made training up to 11x slower (FACTS.md); `make test` runs two workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# vlmtune.kernels on CPU: triton reads this when its decorators run, so before any kernel module loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlmtune"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "choices", "constants", "units", "paths", "scoring", "redact"),
     ("model",),
+    ("kernels",),
     ("recipe",),
     ("runs",),
     ("distributed",),

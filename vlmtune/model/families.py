@@ -76,6 +76,13 @@ class Family:
     # as one unit. Lists, not class names: a family's checkpoints differ in backbone (Llava has
     # Llama, Mistral or Qwen2 blocks, CLIP or SigLIP towers), so the classes are read from the model.
     block_lists: tuple[str, ...] = ()
+    # What the language model computes, for vlmtune.kernels (train.kernels): its norm (rmsnorm, or
+    # gemma_rmsnorm: x_hat * (1 + w)), its gated MLP activation (swiglu: silu; geglu: gelu tanh) and its
+    # rotary layout (default; mrope: Qwen2/2.5-VL's t|h|w frequency sections; mrope_interleaved: Qwen3-VL's).
+    # The patch checks each against the loaded modules and leaves a module alone where they disagree.
+    norm: str = "rmsnorm"
+    mlp_activation: str = "swiglu"
+    rope: str = "default"
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -136,6 +143,7 @@ QWEN2_VL = Family(
     extra_inputs=("image_grid_thw", "mm_token_type_ids"),  # M-RoPE: forward raises without the latter
     processor_class="Qwen2VLProcessor",
     processor_needs_video=True,
+    rope="mrope",
     **_QWEN_COMMON,
 )
 
@@ -149,6 +157,7 @@ QWEN2_5_VL = Family(
     extra_inputs=("image_grid_thw", "mm_token_type_ids"),
     processor_class="Qwen2_5_VLProcessor",
     processor_needs_video=True,
+    rope="mrope",
     **_QWEN_COMMON,
 )
 
@@ -162,6 +171,7 @@ QWEN3_VL = Family(
     extra_inputs=("image_grid_thw", "mm_token_type_ids"),
     processor_class="Qwen3VLProcessor",
     processor_needs_video=True,
+    rope="mrope_interleaved",
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
 )
 
@@ -258,6 +268,8 @@ GEMMA3 = Family(
     extra_inputs=("token_type_ids",),
     tokens_per_image=it.fixed_tokens,
     image_settings=it.seq_length_settings,
+    norm="gemma_rmsnorm",
+    mlp_activation="geglu",
     **_LLAVA_LAYOUT,
 )
 
@@ -344,6 +356,8 @@ PALIGEMMA = Family(
     extra_inputs=("token_type_ids",),
     token_types_from_labels=True,
     chat_template=PALIGEMMA_CHAT_TEMPLATE,
+    norm="gemma_rmsnorm",
+    mlp_activation="geglu",
     tokens_per_image=it.fixed_tokens,
     image_settings=it.seq_length_settings,
     **_LLAVA_LAYOUT,

@@ -16,6 +16,7 @@ from vlmtune.choices import (
     DataFormat,
     Device,
     Dtype,
+    KernelsMode,
     LoraBias,
     LoraMethod,
     Objective,
@@ -358,6 +359,18 @@ class TrainSection(Section):
         False, description="torch.compile the model (CUDA; first steps pay the compile)."
     )
     device: Device = Field("auto", description="auto = CUDA when available.")
+    kernels: KernelsMode = Field(
+        "off",
+        description="Triton kernels for the hot paths (fused RMSNorm, rotary, SwiGLU/GeGLU, NF4 + LoRA matmul; "
+        "docs/performance.md). auto = on CUDA, only the kernels bench/gpu.py measured faster than torch (none "
+        "yet); never on CPU. off = transformers' own modules.",
+    )
+    offload_activations: bool = Field(
+        False,
+        description="Keep the tensors saved for backward (with gradient_checkpointing: each block's input) in "
+        "pinned host memory, copied back when backward needs them: less GPU memory for long multi-image "
+        "sequences, for some step time (docs/performance.md).",
+    )
     distributed: DistributedSection = Field(
         default_factory=DistributedSection,
         description="Under torchrun / accelerate launch: the strategy (ddp or fsdp) and the collective timeout.",

@@ -54,6 +54,8 @@ EVAL_REPORT = "4-eval/eval_report.json"
 
 # summary.json: stages.train[MEASURED_MEMORY] holds the measured peak beside the estimate.
 MEASURED_MEMORY = "memory"
+# summary.json: [SPEED_SWITCHES] (top level): train.kernels and what it swapped in, train.offload_activations.
+SPEED_SWITCHES = "speed_switches"
 # summary.json: stages.load[RSS_BEFORE_LOAD], the process's RSS before the model loads (the CPU floor).
 RSS_BEFORE_LOAD = "rss_before_load_bytes"
 

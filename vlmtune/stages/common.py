@@ -125,14 +125,25 @@ def trainer_arguments(
     )
 
 
-def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: Path | None) -> TrainResult:
+def run_trainer(
+    trainer: Any,
+    processor: Any,
+    run: RunDir,
+    device: str,
+    resume: Path | None,
+    train: TrainSection | None = None,
+    family: Family | None = None,
+) -> TrainResult:
     """Train (from ``resume``, a complete checkpoint, when given), save the final weights, report the losses.
 
-    The trainer mixes in vlmtune.training.reliable_trainer.ReliableTrainerMixin."""
+    The trainer mixes in vlmtune.training.reliable_trainer.ReliableTrainerMixin. ``train`` and ``family``
+    switch on train.kernels and train.offload_activations (left out: neither)."""
     from transformers.trainer_callback import PrinterCallback
 
     from vlmtune import observe
 
+    if train is not None and family is not None:
+        speed_switches(trainer, train, family, run, device)
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)
@@ -147,6 +158,29 @@ def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: 
     return TrainResult(
         losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
     )
+
+
+def speed_switches(trainer: Any, train: TrainSection, family: Family, run: RunDir, device: str) -> dict:
+    """train.kernels (the measured-faster Triton kernels swapped into the model, CUDA only, not under
+    FSDP) and train.offload_activations, set on the trainer and written to summary.json."""
+    from vlmtune.kernels.patching import chosen, patch_model
+
+    kernels = chosen(train.kernels, device)
+    if kernels and trainer.args.fsdp:  # the swapped forwards read whole weights; FSDP shards them
+        kernels = ()
+    if kernels:
+        from vlmtune.kernels import require_triton
+
+        require_triton()
+    report = patch_model(trainer.model, family, kernels)
+    trainer.offload_activations = train.offload_activations
+    switches = {
+        "kernels": train.kernels,
+        "kernels_used": report.as_dict(),
+        "offload_activations": train.offload_activations,
+    }
+    run.record(**{rundir.SPEED_SWITCHES: switches})
+    return switches
 
 
 def save_final(trainer: Any, processor: Any, run: RunDir) -> str:

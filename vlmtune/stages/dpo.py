@@ -128,7 +128,7 @@ def train(
         model, processor, family, data, train_section, options, run=run, device=device, dtype=dtype,
         callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
-    return run_trainer(trainer, processor, run, device, resume)
+    return run_trainer(trainer, processor, run, device, resume, train_section, family)
 
 
 def build_trainer(

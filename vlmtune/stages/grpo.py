@@ -383,7 +383,7 @@ def train(
         model, processor, family, data, train_section, options, run=run, device=device, dtype=dtype,
         callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
-    result = run_trainer(trainer, processor, run, device, resume)
+    result = run_trainer(trainer, processor, run, device, resume, train_section, family)
     trainer.coverage.check()  # a short run no reward applied to: failed, not done
     return replace(result, figures=reward_figures(run))
 

@@ -139,4 +139,4 @@ def train(
         keep_checkpoints=train_section.save_total_limit,
         dtype=dtype,
     )
-    return run_trainer(trainer, processor, run, device, resume)
+    return run_trainer(trainer, processor, run, device, resume, train_section, family)

@@ -108,8 +108,14 @@ class ReliableTrainerMixin:
         """Optimizer steps the whole run takes: train.max_steps, or the epochs' worth of steps."""
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
+    # train.offload_activations (set by vlmtune.stages.common.run_trainer): saved activations in host memory
+    offload_activations = False
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        from vlmtune.training.offload import activation_offload
+
+        with activation_offload(self.offload_activations):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe_loss(loss)
         return loss
 

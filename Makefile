@@ -5,14 +5,21 @@ BIN := $(VENV)/bin
 # torch goes in first and pinned: an unpinned torch pulls gigabytes of CUDA packages (FACTS.md).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format docs bench clean
+.PHONY: install install-dev demo test test-fast lint format docs bench clean
 
+# install: what `vlmtune` needs (the demo); install-dev adds the test tools and triton (~1 GB, for the
+# kernel tests under its CPU interpreter), so a first `make demo` does not download them.
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
@@ -24,24 +31,24 @@ demo: install
 # up to 11x slower on this shared 2-core machine (FACTS.md).
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(or $(WORKERS),2) --dist loadfile
 
-test: install
+test: install-dev
 	$(PYTEST)
 
-test-fast: install
+test-fast: install-dev
 	$(PYTEST) -m "not slow"
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check vlmtune tests bench scripts
 	$(BIN)/ruff format --check vlmtune tests bench scripts
 
-format: install
+format: install-dev
 	$(BIN)/ruff check --fix vlmtune tests bench scripts
 	$(BIN)/ruff format vlmtune tests bench scripts
 
-docs: install
+docs: install-dev
 	$(BIN)/python scripts/gen_recipe_reference.py
 
-bench: install
+bench: install-dev
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/compare.py
 

@@ -26,7 +26,7 @@ from vlmtune.model.image_tokens import (
     image_patches,
     image_settings_from_config,
 )
-from vlmtune.model.lora_targets import present_projectors, select_targets
+from vlmtune.model.lora_targets import present_projectors, select_expert_parameters, select_targets
 from vlmtune.recipe import DataSection, LoraSection, ModelSection, QuantizationSection, Recipe, TrainSection
 
 
@@ -64,9 +64,11 @@ def training_method(
 ) -> TrainingMethod:  # fmt: skip
     """The recipe's choices, with LoRA targets selected exactly as the lora stage selects them."""
     targets: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
     if lora.method == "lora":
-        targets = select_targets(family, lora, (lin.name for lin in shape.linears))
+        experts = select_expert_parameters(family, lora, (p.name for p in shape.params))
+        targets = select_targets(family, lora, (lin.name for lin in shape.linears), experts)
         if lora.train_projector:
             projector = present_projectors(family, {p.name.rsplit(".", 1)[0] for p in shape.params})
     return TrainingMethod(
@@ -76,6 +78,7 @@ def training_method(
         keep_16bit=(*family.keep_16bit(), *quant.keep_16bit),
         method=lora.method,
         targets=targets,
+        expert_targets=experts,
         r=lora.r,
         dropout=lora.dropout,
         bias=lora.bias,

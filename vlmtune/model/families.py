@@ -11,7 +11,8 @@ collide (Qwen2.5-VL's vision MLP and Pixtral's vision attention reuse the langua
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,27 @@ class Family:
     # Llama, Mistral or Qwen2 blocks, CLIP or SigLIP towers), so the classes are read from the model.
     block_lists: tuple[str, ...] = ()
 
+    # --- hybrid attention, mixture of experts, objectives (issue 25; one block, for easy merges) ---
+    # Language Linears kept 16-bit under 4-bit/8-bit loading, as module-path endings (whole segments):
+    # gates whose outputs are a few scalars per head, which 4-bit would disturb most for the least
+    # memory (Qwen3.5's Gated DeltaNet in_proj_a / in_proj_b, a shared expert's gate).
+    language_keep_16bit: tuple[str, ...] = ()
+    # Fused expert tensors (3-D nn.Parameters, no nn.Linear) as parameter-name endings under the
+    # language prefix: bitsandbytes leaves them 16-bit, LoRA reaches them only through peft's
+    # target_parameters. Empty: a dense model.
+    expert_parameters: tuple[str, ...] = ()
+    # The config keys (of the text config) holding the number of routed experts and the experts each
+    # token uses: estimate-memory's active parameters.
+    expert_count_keys: tuple[str, str] = ("num_experts", "num_experts_per_tok")
+    # The router's module-path ending. Never quantized: it is no nn.Linear in these families, and
+    # keep_16bit() lists it anyway.
+    router: str | None = None
+    # Why LoRA cannot reach the experts (None: it can, through target_parameters with the MLP toggle).
+    expert_lora_refusal: str | None = None
+    # Objectives this family cannot be trained with: (objective, reason) pairs; the objective's stage
+    # refuses them with the reason before any weight loads.
+    refused_objectives: tuple[tuple[str, str], ...] = ()
+
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
         if module_name == self.lm_head:
@@ -90,8 +112,26 @@ class Family:
         return "other"
 
     def keep_16bit(self) -> list[str]:
-        """Full module prefixes bitsandbytes must leave alone (the default list is replaced)."""
-        return [self.vision_prefix, *self.projector_prefixes, self.lm_head]
+        """What bitsandbytes must leave alone (the default list is replaced): full module prefixes of
+        the towers kept 16-bit, then anchored regexes of the language Linears kept 16-bit."""
+        language = [
+            f"{re.escape(self.language_prefix)}\\.(?:.*\\.)?{re.escape(ending)}"
+            for ending in (*self.language_keep_16bit, *((self.router,) if self.router else ()))
+        ]
+        return [self.vision_prefix, *self.projector_prefixes, self.lm_head, *language]
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.expert_parameters)
+
+    def is_expert_parameter(self, param_name: str) -> bool:
+        return under(param_name, self.language_prefix) and any(
+            ends_with(param_name, ending) for ending in self.expert_parameters
+        )
+
+    def refusal(self, objective: str) -> str | None:
+        """Why this family cannot be trained with ``objective`` (None: it can)."""
+        return dict(self.refused_objectives).get(objective)
 
     @property
     def image_feature_token(self) -> str:
@@ -110,6 +150,17 @@ def under(name: str, prefix: str) -> bool:
 def ends_with(name: str, suffix: str) -> bool:
     """Does module ``name`` end with the module path ``suffix`` (whole segments: attn.proj, not c_proj)?"""
     return name == suffix or name.endswith("." + suffix)
+
+
+def skipped_by(name: str, patterns: Iterable[str]) -> bool:
+    """Does bitsandbytes leave module ``name`` alone under the skip list ``patterns``?
+
+    transformers 5's rule (quantizers_utils.should_convert_module): a pattern matches from the start
+    up to a module boundary, as a prefix or as a regex, or it is a suffix of the name. The memory
+    model reads it here so the estimate quantizes exactly what loading does.
+    """
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
 
 
 # --- the records --------------------------------------------------------------------------------
@@ -163,6 +214,59 @@ QWEN3_VL = Family(
     processor_class="Qwen3VLProcessor",
     processor_needs_video=True,
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+)
+
+# Gated DeltaNet (Qwen3.5's linear-attention layers): LoRA and 4-bit reach the three wide
+# projections; in_proj_a / in_proj_b (hidden -> one scalar per value head: the decay and the write
+# strength) stay 16-bit and untrained, as do the conv1d, A_log and dt_bias (no Linears).
+GATED_DELTANET = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj")
+GATED_DELTANET_16BIT = ("linear_attn.in_proj_a", "linear_attn.in_proj_b")
+# Fused experts of the Qwen MoE lineage: (experts, 2 * moe_intermediate, hidden) and (experts,
+# hidden, moe_intermediate) tensors, one pair per layer; the router is mlp.gate (no Linear).
+QWEN_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+_QWEN3_LINEAGE = dict(
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.linear_fc1", "mlp.linear_fc2"),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    processor_class="Qwen3VLProcessor",
+    processor_needs_video=True,
+)
+
+QWEN3_VL_MOE = Family(
+    name="qwen3_vl_moe",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_vl_moe",
+    title="Qwen3-VL-MoE",
+    model_types=("qwen3_vl_moe",),
+    expert_parameters=QWEN_EXPERTS,
+    router="mlp.gate",
+    **_QWEN3_LINEAGE,
+    **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+)
+
+QWEN3_5 = Family(
+    name="qwen3_5",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5",
+    title="Qwen3.5",
+    model_types=("qwen3_5",),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # output projections last in each kind
+    language_keep_16bit=GATED_DELTANET_16BIT,
+    **_QWEN3_LINEAGE,
+    **_QWEN_COMMON,
+)
+
+QWEN3_5_MOE = Family(
+    name="qwen3_5_moe",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5_moe",
+    title="Qwen3.5-MoE",
+    model_types=("qwen3_5_moe",),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),
+    # language_mlp's gate/up/down_proj are the shared expert's Linears (mlp.shared_expert.*): 4-bit, LoRA
+    language_keep_16bit=(*GATED_DELTANET_16BIT, "mlp.shared_expert_gate"),
+    expert_parameters=QWEN_EXPERTS,
+    router="mlp.gate",
+    **_QWEN3_LINEAGE,
+    **_QWEN_COMMON,
 )
 
 _LLAVA_LAYOUT = dict(
@@ -386,6 +490,10 @@ FAMILIES: tuple[Family, ...] = (
     SMOLVLM,
     PALIGEMMA,
     INTERNVL,
+    # issue 25: the newest architectures of transformers 5.23
+    QWEN3_5,
+    QWEN3_VL_MOE,
+    QWEN3_5_MOE,
 )
 
 

@@ -56,6 +56,14 @@ def targets_experts(family: Family, lora: LoraSection) -> bool:
     )
 
 
+def expert_refusal(family: Family, lora: LoraSection) -> str | None:
+    """Why the toggles that would reach the experts do not (the family's documented refusal), or None."""
+    wanted = (
+        family.moe and not lora.target_modules and lora.finetune_language_layers and lora.finetune_mlp_modules
+    )
+    return family.expert_lora_refusal if wanted else None
+
+
 def select_expert_parameters(
     family: Family, lora: LoraSection, param_names: Iterable[str]
 ) -> tuple[str, ...]:
@@ -79,6 +87,13 @@ def select_targets(
         ) from None
     targets = tuple(name for name in linear_names if pattern.fullmatch(name))
     if not targets and not tuple(experts):
+        refused = expert_refusal(family, lora)
+        if refused:
+            raise RecipeError(
+                f"the LoRA toggles reach only the experts of this {family.title} model, and LoRA cannot train "
+                f"them: {refused}",
+                hint="add finetune_attention_modules: true (or the vision layers), or train with lora.method: full",
+            )
         raise RecipeError(
             f"the LoRA targets match no Linear layer of this {family.title} model (regex {regex})",
             hint="check lora.target_modules against the names `vlmtune inspect` prints",

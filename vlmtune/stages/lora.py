@@ -15,6 +15,7 @@ from typing import Any
 from vlmtune.model import modelinfo
 from vlmtune.model.families import COMPONENTS, Family
 from vlmtune.model.lora_targets import (
+    expert_refusal,
     present_projectors,
     select_expert_parameters,
     select_targets,
@@ -34,6 +35,7 @@ class LoraPlan:
     targets_per_component: dict[str, int] = field(default_factory=dict)
     # Fused expert tensors (3-D parameters, no Linears) LoRA reaches through peft's target_parameters.
     expert_parameters: tuple[str, ...] = ()
+    experts_refused: str | None = None  # why the MLP toggle leaves the experts untrained (the family's word)
 
 
 def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
@@ -47,7 +49,10 @@ def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
     for name in targets:
         per_component[family.component_of(name)] += 1
     modules_to_save = present_projectors(family, modules) if lora.train_projector else ()
-    return LoraPlan("lora", target_regex(family, lora), targets, modules_to_save, per_component, experts)
+    return LoraPlan(
+        "lora", target_regex(family, lora), targets, modules_to_save, per_component, experts,
+        expert_refusal(family, lora),
+    )  # fmt: skip
 
 
 def apply(
@@ -102,6 +107,7 @@ def trainable_report(model: Any, family: Family, lora_plan: LoraPlan) -> dict:
         "targets_per_component": lora_plan.targets_per_component,
         "modules_to_save": list(lora_plan.modules_to_save),
         "expert_parameters": list(lora_plan.expert_parameters),
+        "experts_refused": lora_plan.experts_refused,
         "trainable_params": trainable,
         "trainable_total": sum(trainable.values()),
         "params_total": sum(p.numel for p in params),

@@ -15,7 +15,7 @@ SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
 
 
 def test_every_family_has_a_unique_name_and_a_tiny_builder():
-    assert len(set(NAMES)) == len(NAMES) == 17
+    assert len(set(NAMES)) == len(NAMES) == 18
     assert all(callable(tiny_builder(family)) for family in FAMILIES)
 
 
@@ -137,6 +137,10 @@ def _internvl(processor):
     processor.image_seq_length = 256
 
 
+def _gemma4(processor):
+    processor.image_processor.max_soft_tokens = 280
+
+
 RELEASED = {
     "qwen2_vl": _qwen,
     "qwen2_5_vl": _qwen,
@@ -147,6 +151,7 @@ RELEASED = {
     "idefics3": _idefics3,
     "smolvlm": _idefics3,
     "internvl": _internvl,
+    "gemma4": _gemma4,
 }
 
 

@@ -44,6 +44,7 @@ VISION_BLOCKS = {
     "qwen3_5": ("model.visual.blocks.",),
     "qwen3_vl_moe": ("model.visual.blocks.",),
     "qwen3_5_moe": ("model.visual.blocks.",),
+    "gemma4": ("model.vision_tower.encoder.layers.",),
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
@@ -77,6 +78,7 @@ TRAINED_TEXT = {
     "qwen3_5": "There are two.<|im_end|>\nRed.<|im_end|>\n",
     "qwen3_vl_moe": "There are two.<|im_end|>\nRed.<|im_end|>\n",
     "qwen3_5_moe": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "gemma4": "There are two.<turn|>\nRed.<turn|>\n",
 }
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row
 
@@ -99,7 +101,8 @@ def expected_targets(loaded, vision: bool, language: bool, attention: bool, mlp:
     chosen = set()
     for linear in loaded.report["linears"]:
         module = linear["name"]
-        parent = module.split(".")[-2] if "." in module else ""
+        parts = module.removesuffix(".linear").split(".")  # Gemma 4's vision Linears: q_proj.linear
+        parent = parts[-2] if len(parts) > 1 else ""
         in_vision = module.startswith(VISION_BLOCKS[name])
         in_language = module.startswith(LANGUAGE_BLOCKS[name]) and not module.endswith(
             LANGUAGE_16BIT.get(name, ())

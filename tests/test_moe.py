@@ -133,7 +133,7 @@ def test_every_record_names_a_router_for_its_experts():
 
 # --- the new families through the pipeline ------------------------------------------------------------
 
-NEW = ["qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"]
+NEW = ["qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "gemma4"]
 PAIRS = Path(__file__).parent / "data" / "preference" / "trl.jsonl"
 DEMO = Path(__file__).parent.parent / "data" / "demo" / "train.jsonl"
 
@@ -167,7 +167,8 @@ def test_qlora_sft_and_dpo_runs_through_the_pipeline(family: str, objective: str
     plan = run.read_json(rundir.LORA_PLAN)
     with safe_open(str(run / rundir.ADAPTER / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert any(".visual." in k for k in keys) and any(".language_model." in k for k in keys)
+    vision = get_family(family).vision_prefix
+    assert any(f".{vision}." in k for k in keys) and any(".language_model." in k for k in keys)
     if get_family(family).moe:
         assert len(plan["expert_parameters"]) == 4
         assert any(".mlp.experts." in k for k in keys), "the experts' LoRA is saved"

@@ -36,7 +36,10 @@ def image_settings_for(
     """The family's own settings from the checkpoint's processor where its files are at hand (a
     local folder, a tiny model), with the pixel budget applied as training applies it; otherwise
     read from the config. Returns a note when the processor could not be used."""
-    if path and (Path(path) / "preprocessor_config.json").is_file():
+    # transformers 5 saves the image processor inside processor_config.json (Gemma 4's tiny model)
+    if path and any(
+        (Path(path) / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")
+    ):
         from vlmtune.model.processing import load_processor
 
         try:
@@ -44,8 +47,14 @@ def image_settings_for(
             return family.image_settings(processor), None
         except (VlmtuneError, OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
             note = f"image tokens from the config: the processor did not load ({str(exc).splitlines()[0]})"
-            return image_settings_from_config(config.to_dict(), max_image_pixels), note
-    return image_settings_from_config(config.to_dict(), max_image_pixels), None
+            return _from_config(family, config, max_image_pixels), note
+    return _from_config(family, config, max_image_pixels), None
+
+
+def _from_config(family: Family, config: Any, max_image_pixels: int | None) -> ImageSettings:
+    """The family's own reading of a config where it has one, else the generic keys."""
+    read = family.config_image_settings or image_settings_from_config
+    return read(config.to_dict(), max_image_pixels)
 
 
 def image_tokens(family: Family, width: int, height: int, settings: ImageSettings) -> int:

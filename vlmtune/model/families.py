@@ -98,6 +98,9 @@ class Family:
     # Objectives this family cannot be trained with: (objective, reason) pairs; the objective's stage
     # refuses them with the reason before any weight loads.
     refused_objectives: tuple[tuple[str, str], ...] = ()
+    # (config dict, max_image_pixels) -> ImageSettings, where a config alone (estimate-memory on a hub id)
+    # needs the family's own reading (Gemma 4: soft tokens per image live in the processor, not the config).
+    config_image_settings: Callable[[dict, int | None], ImageSettings] | None = None
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -267,6 +270,29 @@ QWEN3_5_MOE = Family(
     router="mlp.gate",
     **_QWEN3_LINEAGE,
     **_QWEN_COMMON,
+)
+
+GEMMA4 = Family(
+    name="gemma4",
+    tiny_builder="vlmtune.model.tiny.gemma4:build_gemma4",
+    title="Gemma 4",
+    model_types=("gemma4",),
+    vision_prefix="model.vision_tower",
+    projector_prefixes=("model.embed_vision",),
+    language_prefix="model.language_model",
+    image_token="<|image|>",
+    structural_tokens=("<|image>", "<image|>"),
+    # Gemma 4's vision Linears sit inside clippable wrappers: self_attn.q_proj.linear, mlp.gate_proj.linear
+    vision_attention=tuple(f"self_attn.{n}.linear" for n in LANGUAGE_ATTENTION),
+    vision_mlp=tuple(f"mlp.{n}.linear" for n in LANGUAGE_MLP),
+    extra_inputs=("image_position_ids", "mm_token_type_ids"),
+    processor_class="Gemma4Processor",
+    processor_needs_video=True,
+    tokens_per_image=it.gemma4_tokens,
+    pixel_budget=it.gemma4_budget,
+    image_settings=it.gemma4_settings,
+    config_image_settings=it.gemma4_settings_from_config,
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
 )
 
 _LLAVA_LAYOUT = dict(
@@ -494,6 +520,7 @@ FAMILIES: tuple[Family, ...] = (
     QWEN3_5,
     QWEN3_VL_MOE,
     QWEN3_5_MOE,
+    GEMMA4,
 )
 
 

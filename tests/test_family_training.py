@@ -51,12 +51,13 @@ LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "
 ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention", "linear_attn"}
 MLP_PARENTS = {"mlp", "feed_forward", "shared_expert"}
 # Fused expert tensors (3-D parameters) of the MoE families, read from the loaded model's names.
-EXPERT_TENSORS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
 # Language Linears that stay 16-bit and untrained: gates with a few outputs per head or one per token
 # (Gated DeltaNet's decay and write strength, the shared expert's gate).
 LANGUAGE_16BIT = {
     "qwen3_5": ("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
     "qwen3_5_moe": ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.shared_expert_gate"),
+    "gemma4": ("router.proj",),  # the MoE router is a Linear here: never quantized, never a target
 }
 
 # What the labels keep of the two-turn sample: each answer and the end of its turn, per template.

@@ -17,11 +17,11 @@ from vlmtune.stages import load, lora
 from conftest import ONE_IMAGE, PIXEL_BUDGET, TWO_TURNS
 
 MOE = [f.name for f in FAMILIES if f.moe]
-EXPERT_TENSORS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
 
 
 def test_the_moe_families_are_the_expected_ones():
-    assert sorted(MOE) == ["qwen3_5_moe", "qwen3_vl_moe"]
+    assert sorted(MOE) == ["gemma4", "qwen3_5_moe", "qwen3_vl_moe"]
 
 
 @pytest.fixture(scope="module", params=MOE)
@@ -31,7 +31,7 @@ def loaded(request):
 
 def test_4bit_leaves_the_router_and_the_experts_16bit(loaded):
     params = dict(loaded.model.named_parameters())
-    routers = {n: p for n, p in params.items() if n.endswith(".mlp.gate.weight")}
+    routers = {n: p for n, p in params.items() if n.endswith((".mlp.gate.weight", ".router.proj.weight"))}
     experts = {n: p for n, p in params.items() if n.endswith(EXPERT_TENSORS)}
     assert len(routers) == 2 and len(experts) == 4  # two layers
     for name, param in {**routers, **experts}.items():
@@ -39,7 +39,7 @@ def test_4bit_leaves_the_router_and_the_experts_16bit(loaded):
         assert param.dtype.itemsize == 2, name  # bfloat16, never packed 4-bit
     modules = dict(loaded.model.named_modules())
     for name, module in modules.items():  # a router or gate that were a Linear stays a plain one
-        if name.endswith((".mlp.gate", ".shared_expert_gate")):
+        if name.endswith((".mlp.gate", ".shared_expert_gate", ".router.proj")):
             assert type(module).__name__ != "Linear4bit", name
     # ...while the attention Linears of the same layers are 4-bit
     assert type(modules["model.language_model.layers.1.self_attn.q_proj"]).__name__ == "Linear4bit"
@@ -57,9 +57,13 @@ def test_lora_reaches_every_expert_tensor_and_trains_it(family: str):
     assert set(plan.expert_parameters) == expected and plan.experts_refused is None
     model = lora.apply(loaded.model, section, plan, seed=0)
     model.train()
-    expert_lora = {n: p for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_" in n}
+    expert_lora = {n: p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
     assert len(expert_lora) == 2 * len(expected)  # A and B per expert tensor
-    routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".mlp.gate.weight")}
+    routers = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.endswith((".mlp.gate.weight", ".router.proj.weight"))
+    }
     before = {n: p.detach().clone() for n, p in expert_lora.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -171,4 +175,4 @@ def test_qlora_sft_and_dpo_runs_through_the_pipeline(family: str, objective: str
     assert any(f".{vision}." in k for k in keys) and any(".language_model." in k for k in keys)
     if get_family(family).moe:
         assert len(plan["expert_parameters"]) == 4
-        assert any(".mlp.experts." in k for k in keys), "the experts' LoRA is saved"
+        assert any(".experts." in k for k in keys), "the experts' LoRA is saved"

@@ -286,6 +286,11 @@ GEMMA4 = Family(
     vision_attention=tuple(f"self_attn.{n}.linear" for n in LANGUAGE_ATTENTION),
     vision_mlp=tuple(f"mlp.{n}.linear" for n in LANGUAGE_MLP),
     extra_inputs=("image_position_ids", "mm_token_type_ids"),
+    # The 26B-A4B checkpoint adds, beside each layer's dense MLP, 128 fused experts (8 per token) and a
+    # router whose projection IS a Linear (router.proj): kept 16-bit. Dense checkpoints have neither.
+    expert_parameters=("experts.gate_up_proj", "experts.down_proj"),
+    expert_count_keys=("num_experts", "top_k_experts"),
+    router="router.proj",
     processor_class="Gemma4Processor",
     processor_needs_video=True,
     tokens_per_image=it.gemma4_tokens,

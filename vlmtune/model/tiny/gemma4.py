@@ -1,5 +1,6 @@
-"""Tiny Gemma 4 checkpoint: a 2-layer Gemma 4 decoder (one sliding, one full-attention layer) under a
-2-layer Gemma 4 vision encoder whose patches are pooled 3x3 into soft tokens.
+"""Tiny Gemma 4 checkpoint: a 2-layer Gemma 4 decoder (one sliding, one full-attention layer; each with the
+26B-A4B's dense MLP beside 4 fused experts) under a 2-layer Gemma 4 vision encoder whose patches are pooled
+3x3 into soft tokens.
 
 Gemma 4 writes <|image|> in the text; its processor expands it into
 "<|image>" + <|image|> x soft tokens + "<image|>", the soft tokens counted from the image's size
@@ -75,6 +76,11 @@ def build_gemma4(out: Path) -> None:
             hidden_size_per_layer_input=0,  # the 26B/31B checkpoints have no per-layer inputs
             vocab_size_per_layer_input=len(tokenizer),
             tie_word_embeddings=True,
+            # the 26B-A4B layout: a dense MLP and fused experts side by side, a Linear router
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=64,
         )
     )
     vision = Gemma4VisionConfig(
@@ -108,5 +114,8 @@ def build_gemma4(out: Path) -> None:
     with torch.no_grad():  # what transformers zeroes would cut the image off the text (see gemma.py)
         for name, param in model.named_parameters():
             if name.startswith("model.embed_vision.") and param.dim() > 1 and not param.any():
+                param.normal_(std=0.2)
+        for name, param in model.named_parameters():  # fused experts: random, as trained ones are
+            if ".experts." in name:
                 param.normal_(std=0.2)
     save(model, processor, out, ("<turn|>", "<eos>"))

@@ -231,3 +231,20 @@ def test_the_support_matrix_names_every_family_and_its_inputs():
         assert all(f"`{model_type}`" in row for model_type in family.model_types), family.title
         assert all(name in row for name in family.extra_inputs), family.title
     assert (ROOT / "docs" / "adding-a-family.md").is_file()
+
+
+def test_a_record_that_refuses_an_objective_stops_it_with_the_reason():
+    import dataclasses
+
+    from vlmtune.model.families import check_objective
+
+    record = dataclasses.replace(
+        get_family("qwen3_5"), refused_objectives=(("grpo", "its rollouts cannot be scored"),)
+    )
+    check_objective(record, "sft")  # the others pass
+    with pytest.raises(
+        ModelError, match="cannot be trained with train.objective: grpo: its rollouts"
+    ) as info:
+        check_objective(record, "grpo")
+    assert "train.objective" in info.value.hint
+    assert all(not family.refused_objectives for family in FAMILIES), "no record refuses one today"

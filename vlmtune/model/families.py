@@ -529,6 +529,16 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def check_objective(family: Family, objective: str) -> None:
+    """Stop before any weight loads when the record says this family cannot serve ``objective``."""
+    reason = family.refusal(objective)
+    if reason:
+        raise ModelError(
+            f"{family.title} cannot be trained with train.objective: {objective}: {reason}",
+            hint="choose another train.objective for this family (docs/families.md lists what each serves)",
+        )
+
+
 def family_names() -> list[str]:
     return [f.name for f in FAMILIES]
 

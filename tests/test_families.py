@@ -15,7 +15,7 @@ SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
 
 
 def test_every_family_has_a_unique_name_and_a_tiny_builder():
-    assert len(set(NAMES)) == len(NAMES) == 18
+    assert len(set(NAMES)) == len(NAMES) == 20
     assert all(callable(tiny_builder(family)) for family in FAMILIES)
 
 
@@ -137,6 +137,10 @@ def _internvl(processor):
     processor.image_seq_length = 256
 
 
+def _glm(processor):
+    processor.image_processor.size = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000}
+
+
 def _gemma4(processor):
     processor.image_processor.max_soft_tokens = 280
 
@@ -152,6 +156,8 @@ RELEASED = {
     "smolvlm": _idefics3,
     "internvl": _internvl,
     "gemma4": _gemma4,
+    "glm4v": _glm,
+    "glm46v": _glm,
 }
 
 

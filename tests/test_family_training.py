@@ -45,6 +45,8 @@ VISION_BLOCKS = {
     "qwen3_vl_moe": ("model.visual.blocks.",),
     "qwen3_5_moe": ("model.visual.blocks.",),
     "gemma4": ("model.vision_tower.encoder.layers.",),
+    "glm4v": ("model.visual.blocks.",),
+    "glm46v": ("model.visual.blocks.",),
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
@@ -80,7 +82,11 @@ TRAINED_TEXT = {
     "qwen3_vl_moe": "There are two.<|im_end|>\nRed.<|im_end|>\n",
     "qwen3_5_moe": "There are two.<|im_end|>\nRed.<|im_end|>\n",
     "gemma4": "There are two.<turn|>\nRed.<turn|>\n",
+    # GLM-4's template ends no answer: the collator appends eos to each (as for Llava-1.5's released one)
+    "glm4v": "There are two.<|endoftext|>Red.<|endoftext|>",
+    "glm46v": "There are two.<|endoftext|>Red.<|endoftext|>",
 }
+APPENDS_STOP = {"glm4v", "glm46v"}
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row
 
 
@@ -257,7 +263,8 @@ def test_no_second_bos_when_the_template_writes_one(collator):
 
 
 def test_templates_that_end_answers_with_a_stop_token_are_rendered_as_they_are(collator):
-    assert collator.appended_stop is None
+    expected = collator.tokenizer.eos_token if collator.family.name in APPENDS_STOP else None
+    assert collator.appended_stop == expected
 
 
 # llava-hf/llava-1.5-*'s released template: each answer ends with a space, no </s>.

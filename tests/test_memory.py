@@ -42,6 +42,7 @@ PUBLISHED = {
     "OpenGVLab/InternVL3-2B-hf": 2.09e9,  # HF page of OpenGVLab/InternVL3-2B: 2.09B
     "OpenGVLab/InternVL3-8B-hf": 7.94e9,  # HF page of OpenGVLab/InternVL3-8B: 7.94B
     "Qwen/Qwen3-VL-30B-A3B-Instruct": 31.1e9,  # HF page: 31.1B
+    "zai-org/GLM-4.1V-9B-Thinking": 10.3e9,  # HF page: 10.3B
     # Not checked against the HF page (no hub here): the name's size, within 3%. Qwen3.5 checkpoints also
     # hold one multi-token-prediction layer that transformers does not instantiate (and vlmtune never trains).
     "Qwen/Qwen3.5-27B": 27e9,

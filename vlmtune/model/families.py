@@ -300,6 +300,41 @@ GEMMA4 = Family(
     block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
 )
 
+_GLM_V = dict(
+    vision_prefix="model.visual",
+    projector_prefixes=("model.visual.merger",),
+    language_prefix="model.language_model",
+    image_token="<|image|>",
+    structural_tokens=("<|begin_of_image|>", "<|end_of_image|>"),
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    language_mlp=("mlp.gate_up_proj", "mlp.down_proj"),  # GLM-4 fuses gate and up
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    processor_needs_video=True,
+    tokens_per_image=it.glm4v_tokens,
+    pixel_budget=it.glm4v_budget,
+    image_settings=it.qwen_settings,
+    block_lists=("model.visual.blocks", "model.language_model.layers"),
+)
+
+GLM4V = Family(
+    name="glm4v",
+    tiny_builder="vlmtune.model.tiny.glm:build_glm4v",
+    title="GLM-4.1V",
+    model_types=("glm4v",),
+    processor_class="Glm4vProcessor",
+    **_GLM_V,
+)
+
+GLM46V = Family(
+    name="glm46v",
+    tiny_builder="vlmtune.model.tiny.glm:build_glm46v",
+    title="GLM-4.6V",
+    model_types=("glm46v",),
+    processor_class="Glm46VProcessor",
+    **_GLM_V,
+)
+
 _LLAVA_LAYOUT = dict(
     vision_prefix="model.vision_tower",
     projector_prefixes=("model.multi_modal_projector",),
@@ -526,6 +561,8 @@ FAMILIES: tuple[Family, ...] = (
     QWEN3_VL_MOE,
     QWEN3_5_MOE,
     GEMMA4,
+    GLM4V,
+    GLM46V,
 )
 
 

@@ -86,6 +86,39 @@ def qwen_tokens(width: int, height: int, s: ImageSettings) -> int:
     return (h // factor) * (w // factor)
 
 
+GLM_FRAMES = 2  # GLM-4.xV resizes a still image as two frames: its pixel limits count both
+
+
+def glm4v_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """GLM-4.1V/4.6V's smart_resize: small sides scaled up to one cell, then Qwen's rounding with the
+    area counted twice (the image is its own second frame)."""
+    factor = s.patch_size * s.merge_size
+    min_pixels, max_pixels = s.min_pixels or 112 * 112, s.max_pixels or 28 * 28 * 15000
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio of {width}x{height} is over 200, which GLM processors refuse")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if GLM_FRAMES * h * w > max_pixels:
+        beta = math.sqrt(GLM_FRAMES * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif GLM_FRAMES * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (GLM_FRAMES * height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return (h // factor) * (w // factor)
+
+
+def glm4v_budget(ip: Any, max_pixels: int) -> None:
+    # The processor's longest_edge caps both frames' pixels: twice the image's own.
+    size = dict(getattr(ip, "size", None) or {})
+    factor = ip.patch_size * ip.merge_size
+    size["longest_edge"] = min(size.get("longest_edge") or GLM_FRAMES * max_pixels, GLM_FRAMES * max_pixels)
+    size["shortest_edge"] = min(size.get("shortest_edge") or factor * factor, size["longest_edge"])
+    ip.size = size
+
+
 def fixed_tokens(width: int, height: int, s: ImageSettings) -> int:
     """Llava-1.5, Gemma 3 (without pan-and-scan), PaliGemma: every image is resized to one size."""
     return _need(s, "tokens_per_tile")

@@ -52,8 +52,8 @@ def test_an_unknown_architecture_lists_every_family_and_the_guide():
 
 
 def test_an_unknown_family_name_lists_the_names():
-    with pytest.raises(ModelError, match="unknown family 'gemma4'") as info:
-        get_family("gemma4")
+    with pytest.raises(ModelError, match="unknown family 'gemma5'") as info:
+        get_family("gemma5")
     assert "gemma3" in info.value.hint
 
 

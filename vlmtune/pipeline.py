@@ -144,9 +144,10 @@ def _stages(
     else:
         with stage(run, "load") as figures:
             initial = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
-            check_objective(checkpoint.detect(initial.model.name, initial.model.revision)[1], train.objective)
             if hasattr(objective, "before_load"):  # grpo's reward functions: refused before any weight loads
                 objective.before_load(recipe.objective_options())
+            # the record's refusals (Family.refused_objectives): a config read, still before any weight loads
+            check_objective(checkpoint.detect(initial.model.name, initial.model.revision)[1], train.objective)
             if run.writer:  # only rank 0 writes the estimate and warns
                 figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
             figures.update(observe.before_load())

@@ -64,9 +64,8 @@ def test_the_verdict_follows_the_documented_thresholds():
 # --- on tiny models ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_vl_moe"])
-def test_a_model_compared_with_itself_has_kl_zero_and_4bit_has_a_positive_kl(family: str):
-    recipe = recipe_for(family)
+def test_a_model_compared_with_itself_has_kl_zero_and_4bit_has_a_positive_kl():
+    recipe = recipe_for("qwen3_5")  # Gated DeltaNet layers: the family Unsloth warns about
     itself = quant_check(recipe, samples=3, against=QuantizationSection(bits=None))
     assert itself["samples"] == 3 and itself["answer_tokens"] > 0
     assert itself["kl"] == 0.0 and itself["top1_agreement"] == 1.0 and itself["delta_logp"] == 0.0

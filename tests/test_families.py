@@ -254,3 +254,27 @@ def test_a_record_that_refuses_an_objective_stops_it_with_the_reason():
         check_objective(record, "grpo")
     assert "train.objective" in info.value.hint
     assert all(not family.refused_objectives for family in FAMILIES), "no record refuses one today"
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_the_memory_models_skip_rule_is_transformers_own(family: str):
+    """estimate-memory decides what 4-bit reaches with families.skipped_by; loading asks transformers."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from vlmtune.model.families import skipped_by
+
+    record = get_family(family)
+    patterns = record.keep_16bit()
+    names = [
+        record.vision_prefix + ".blocks.0.attn.qkv",
+        record.language_prefix + ".layers.0.self_attn.q_proj",
+        record.language_prefix + ".layers.3.linear_attn.in_proj_a",
+        record.language_prefix + ".layers.3.linear_attn.in_proj_qkv",
+        record.language_prefix + ".layers.1.mlp.gate",
+        record.language_prefix + ".layers.1.mlp.gate_proj",
+        record.language_prefix + ".layers.1.router.proj",
+        record.language_prefix + ".layers.1.mlp.shared_expert_gate",
+        "lm_head",
+    ]
+    for name in names:
+        assert skipped_by(name, patterns) is (not should_convert_module(name, patterns)), name

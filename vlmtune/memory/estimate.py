@@ -138,7 +138,8 @@ def _expert_notes(model: ModelShape, training: TrainingMethod) -> list[str]:
     notes = [
         f"mixture of experts: {model.experts_per_token} of {model.experts} experts per token, "
         f"{human_count(model.active_params)} active of {human_count(model.total_params)} parameters; "
-        "every expert is held in memory"
+        "every expert is held in memory; the activations term leaves out the routed experts' own "
+        "(about experts_per_token x an MLP's per token: a low estimate)"
     ]
     if training.quantized:
         notes.append(

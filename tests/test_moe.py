@@ -85,6 +85,16 @@ def test_lora_reaches_every_expert_tensor_and_trains_it(family: str):
         assert torch.equal(dict(model.named_parameters())[name].detach(), value), name
 
 
+def test_inspect_names_the_expert_tensors_lora_reaches():
+    from typer.testing import CliRunner
+
+    from vlmtune.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "--model", "tiny:qwen3_vl_moe"])
+    assert result.exit_code == 0, result.output
+    assert "LoRA on the experts: 4 fused expert tensors" in result.output
+
+
 def test_the_mlp_toggle_off_leaves_the_experts_alone(loaded):
     plan = lora.plan(loaded.model, loaded.family, LoraSection(finetune_mlp_modules=False))
     assert plan.expert_parameters == () and plan.targets

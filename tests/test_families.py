@@ -15,7 +15,7 @@ SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
 
 
 def test_every_family_has_a_unique_name_and_a_tiny_builder():
-    assert len(set(NAMES)) == len(NAMES) == 14
+    assert len(set(NAMES)) == len(NAMES) == 20
     assert all(callable(tiny_builder(family)) for family in FAMILIES)
 
 
@@ -52,8 +52,8 @@ def test_an_unknown_architecture_lists_every_family_and_the_guide():
 
 
 def test_an_unknown_family_name_lists_the_names():
-    with pytest.raises(ModelError, match="unknown family 'gemma4'") as info:
-        get_family("gemma4")
+    with pytest.raises(ModelError, match="unknown family 'gemma5'") as info:
+        get_family("gemma5")
     assert "gemma3" in info.value.hint
 
 
@@ -73,7 +73,8 @@ def test_keep_16bit_names_full_prefixes_and_lm_head(family: str):
     record = get_family(family)
     keep = record.keep_16bit()
     assert keep[0] == record.vision_prefix and "lm_head" in keep
-    assert all(prefix.startswith("model.") or prefix == "lm_head" for prefix in keep)
+    # tower prefixes as module names; language Linears kept 16-bit as anchored regexes (model\\.language_model...)
+    assert all(p.startswith(("model.", "model\\.")) or p == "lm_head" for p in keep)
 
 
 # --- image tokens ------------------------------------------------------------------------------
@@ -136,6 +137,14 @@ def _internvl(processor):
     processor.image_seq_length = 256
 
 
+def _glm(processor):
+    processor.image_processor.size = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000}
+
+
+def _gemma4(processor):
+    processor.image_processor.max_soft_tokens = 280
+
+
 RELEASED = {
     "qwen2_vl": _qwen,
     "qwen2_5_vl": _qwen,
@@ -146,6 +155,9 @@ RELEASED = {
     "idefics3": _idefics3,
     "smolvlm": _idefics3,
     "internvl": _internvl,
+    "gemma4": _gemma4,
+    "glm4v": _glm,
+    "glm46v": _glm,
 }
 
 
@@ -225,3 +237,44 @@ def test_the_support_matrix_names_every_family_and_its_inputs():
         assert all(f"`{model_type}`" in row for model_type in family.model_types), family.title
         assert all(name in row for name in family.extra_inputs), family.title
     assert (ROOT / "docs" / "adding-a-family.md").is_file()
+
+
+def test_a_record_that_refuses_an_objective_stops_it_with_the_reason():
+    import dataclasses
+
+    from vlmtune.model.families import check_objective
+
+    record = dataclasses.replace(
+        get_family("qwen3_5"), refused_objectives=(("grpo", "its rollouts cannot be scored"),)
+    )
+    check_objective(record, "sft")  # the others pass
+    with pytest.raises(
+        ModelError, match="cannot be trained with train.objective: grpo: its rollouts"
+    ) as info:
+        check_objective(record, "grpo")
+    assert "train.objective" in info.value.hint
+    assert all(not family.refused_objectives for family in FAMILIES), "no record refuses one today"
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_the_memory_models_skip_rule_is_transformers_own(family: str):
+    """estimate-memory decides what 4-bit reaches with families.skipped_by; loading asks transformers."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from vlmtune.model.families import skipped_by
+
+    record = get_family(family)
+    patterns = record.keep_16bit()
+    names = [
+        record.vision_prefix + ".blocks.0.attn.qkv",
+        record.language_prefix + ".layers.0.self_attn.q_proj",
+        record.language_prefix + ".layers.3.linear_attn.in_proj_a",
+        record.language_prefix + ".layers.3.linear_attn.in_proj_qkv",
+        record.language_prefix + ".layers.1.mlp.gate",
+        record.language_prefix + ".layers.1.mlp.gate_proj",
+        record.language_prefix + ".layers.1.router.proj",
+        record.language_prefix + ".layers.1.mlp.shared_expert_gate",
+        "lm_head",
+    ]
+    for name in names:
+        assert skipped_by(name, patterns) is (not should_convert_module(name, patterns)), name

@@ -41,11 +41,26 @@ VISION_BLOCKS = {
     "smolvlm": ("model.vision_model.encoder.layers.",),
     "paligemma": ("model.vision_tower.encoder.layers.",),
     "internvl": ("model.vision_tower.encoder.layer.",),
+    "qwen3_5": ("model.visual.blocks.",),
+    "qwen3_vl_moe": ("model.visual.blocks.",),
+    "qwen3_5_moe": ("model.visual.blocks.",),
+    "gemma4": ("model.vision_tower.encoder.layers.",),
+    "glm4v": ("model.visual.blocks.",),
+    "glm46v": ("model.visual.blocks.",),
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
-ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention"}
-MLP_PARENTS = {"mlp", "feed_forward"}
+ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention", "linear_attn"}
+MLP_PARENTS = {"mlp", "feed_forward", "shared_expert"}
+# Fused expert tensors (3-D parameters) of the MoE families, read from the loaded model's names.
+EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
+# Language Linears that stay 16-bit and untrained: gates with a few outputs per head or one per token
+# (Gated DeltaNet's decay and write strength, the shared expert's gate).
+LANGUAGE_16BIT = {
+    "qwen3_5": ("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
+    "qwen3_5_moe": ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.shared_expert_gate"),
+    "gemma4": ("router.proj",),  # the MoE router is a Linear here: never quantized, never a target
+}
 
 # What the labels keep of the two-turn sample: each answer and the end of its turn, per template.
 TRAINED_TEXT = {
@@ -63,7 +78,15 @@ TRAINED_TEXT = {
     "smolvlm": " There are two.<end_of_utterance>\n Red.<end_of_utterance>\n",
     "paligemma": "There are two.<eos>Red.<eos>",
     "internvl": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "qwen3_5": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "qwen3_vl_moe": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "qwen3_5_moe": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "gemma4": "There are two.<turn|>\nRed.<turn|>\n",
+    # GLM-4's template ends no answer: the collator appends eos to each (as for Llava-1.5's released one)
+    "glm4v": "There are two.<|endoftext|>Red.<|endoftext|>",
+    "glm46v": "There are two.<|endoftext|>Red.<|endoftext|>",
 }
+APPENDS_STOP = {"glm4v", "glm46v"}
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row
 
 
@@ -85,9 +108,12 @@ def expected_targets(loaded, vision: bool, language: bool, attention: bool, mlp:
     chosen = set()
     for linear in loaded.report["linears"]:
         module = linear["name"]
-        parent = module.split(".")[-2] if "." in module else ""
+        parts = module.removesuffix(".linear").split(".")  # Gemma 4's vision Linears: q_proj.linear
+        parent = parts[-2] if len(parts) > 1 else ""
         in_vision = module.startswith(VISION_BLOCKS[name])
-        in_language = module.startswith(LANGUAGE_BLOCKS[name])
+        in_language = module.startswith(LANGUAGE_BLOCKS[name]) and not module.endswith(
+            LANGUAGE_16BIT.get(name, ())
+        )
         if not ((vision and in_vision) or (language and in_language)):
             continue
         if (attention and parent in ATTENTION_PARENTS) or (mlp and parent in MLP_PARENTS):
@@ -104,13 +130,19 @@ def test_every_language_linear_is_4bit_and_nothing_else_is(loaded):
         c: [lin for lin in linears if lin["component"] == c] for c in ("vision", "language", "lm_head")
     }
     assert all(by_component.values()), "vision, language and lm_head Linears were found"
+    kept = LANGUAGE_16BIT.get(loaded.family.name, ())
     for linear in linears:
-        assert linear["quantized"] is (linear["component"] == "language"), linear
+        quantized = linear["component"] == "language" and not linear["name"].endswith(kept)
+        assert linear["quantized"] is quantized, linear
     assert not [lin["name"] for lin in linears if lin["component"] == "other"], "every Linear has a component"
     modules = dict(loaded.model.named_modules())
     assert type(modules["lm_head"]).__name__ == "Linear"
-    language = loaded.family.language_prefix + ".layers.0.mlp.down_proj"
+    # the first self-attention output projection (Qwen3.5's layer 0 is linear attention, Mllama's cross-attention)
+    prefix = loaded.family.language_prefix
+    language = next(n for n in modules if n.startswith(prefix) and n.endswith("self_attn.o_proj"))
     assert type(modules[language]).__name__ == "Linear4bit"
+    for name in kept:
+        assert any(lin["name"].endswith(name) and not lin["quantized"] for lin in linears), name
 
 
 # --- lora ----------------------------------------------------------------------------------------
@@ -131,7 +163,11 @@ def test_lora_targets_exactly_the_expected_modules(loaded, vision, language, att
     expected = expected_targets(loaded, vision, language, attention, mlp)
     assert set(plan.targets) == expected
     per_component = plan.targets_per_component
-    assert (per_component["vision"] > 0) is vision and (per_component["language"] > 0) is language
+    # Fused experts are parameters, not Linears: the MLP toggle of the language tower reaches them.
+    experts = {n for n, _ in loaded.model.named_parameters() if n.endswith(EXPERT_TENSORS)}
+    assert set(plan.expert_parameters) == (experts if language and mlp else set())
+    reached_language = per_component["language"] > 0 or bool(plan.expert_parameters)
+    assert (per_component["vision"] > 0) is vision and reached_language is language
     assert per_component["projector"] == per_component["lm_head"] == per_component["other"] == 0
 
 
@@ -227,7 +263,8 @@ def test_no_second_bos_when_the_template_writes_one(collator):
 
 
 def test_templates_that_end_answers_with_a_stop_token_are_rendered_as_they_are(collator):
-    assert collator.appended_stop is None
+    expected = collator.tokenizer.eos_token if collator.family.name in APPENDS_STOP else None
+    assert collator.appended_stop == expected
 
 
 # llava-hf/llava-1.5-*'s released template: each answer ends with a space, no </s>.

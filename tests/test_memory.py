@@ -41,7 +41,14 @@ PUBLISHED = {
     "google/paligemma2-3b-pt-224": 3.03e9,  # HF page: 3.03B
     "OpenGVLab/InternVL3-2B-hf": 2.09e9,  # HF page of OpenGVLab/InternVL3-2B: 2.09B
     "OpenGVLab/InternVL3-8B-hf": 7.94e9,  # HF page of OpenGVLab/InternVL3-8B: 7.94B
+    "Qwen/Qwen3-VL-30B-A3B-Instruct": 31.1e9,  # HF page: 31.1B
+    "zai-org/GLM-4.1V-9B-Thinking": 10.3e9,  # HF page: 10.3B
+    # Not checked against the HF page (no hub here): the name's size, within 3%. Qwen3.5 checkpoints also
+    # hold one multi-token-prediction layer that transformers does not instantiate (and vlmtune never trains).
+    "Qwen/Qwen3.5-27B": 27e9,
+    "Qwen/Qwen3.5-35B-A3B": 35e9,
 }
+NOMINAL = {"Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-35B-A3B"}
 BUNDLED = list(mem.bundled_configs())
 
 
@@ -79,7 +86,7 @@ def test_every_bundled_config_has_a_published_count_and_its_own_name():
 @pytest.mark.parametrize("hub_id", BUNDLED)
 def test_bundled_config_matches_the_published_parameter_count(hub_id: str):
     _, _, shape = shape_or_skip(hub_id)
-    assert shape.total_params == pytest.approx(PUBLISHED[hub_id], rel=0.01)
+    assert shape.total_params == pytest.approx(PUBLISHED[hub_id], rel=0.03 if hub_id in NOMINAL else 0.01)
 
 
 @pytest.mark.parametrize("hub_id", BUNDLED)

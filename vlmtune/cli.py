@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from vlmtune.commands import core, memory, observe, posttrain
+from vlmtune.commands import core, memory, observe, posttrain, quantcheck
 from vlmtune.commands import inspect as inspect_cmd
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ app.command("schema")(core.schema)
 app.command("tiny")(core.tiny)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("estimate-memory")(memory.estimate_memory)
+app.command("quant-check")(quantcheck.quant_check)
 app.command("predict")(posttrain.predict)
 app.command("eval")(posttrain.evaluate)
 app.command("export")(posttrain.export)

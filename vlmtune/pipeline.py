@@ -24,6 +24,7 @@ from vlmtune.after import evaluate, trained
 from vlmtune.distributed import text_only
 from vlmtune.errors import RunDirError, VlmtuneError
 from vlmtune.model import checkpoint
+from vlmtune.model.families import check_objective
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
 from vlmtune.runs import resuming, rundir, runlock, signals, trainer_checkpoints
@@ -150,6 +151,8 @@ def _stages(
             initial = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
             if hasattr(objective, "before_load"):  # grpo's reward functions: refused before any weight loads
                 objective.before_load(recipe.objective_options())
+            # the record's refusals (Family.refused_objectives): a config read, still before any weight loads
+            check_objective(checkpoint.detect(initial.model.name, initial.model.revision)[1], train.objective)
             if run.writer:  # only rank 0 writes the estimate and warns
                 figures.update(estimate_memory(run, recipe, device, warn, gpus=here.world_size))
             figures.update(observe.before_load())

@@ -61,6 +61,9 @@ def summarize(loaded: Any, quantization: QuantizationSection, plan: Any, trainab
         "method": plan.method,
         "lora_regex": plan.regex,
         "lora_targets": len(plan.targets),
+        "lora_expert_tensors": len(
+            plan.expert_parameters
+        ),  # fused experts LoRA reaches (peft target_parameters)
         "modules_to_save": list(plan.modules_to_save),
         "components": components,
         "total_params": report["total_params"],

@@ -142,3 +142,9 @@ def render(result: dict, out: Console) -> None:
     )
     if result["lora_regex"]:
         out.print(f"LoRA targets regex: {result['lora_regex']}", markup=False, soft_wrap=True)
+    if result.get("lora_expert_tensors"):
+        out.print(
+            f"LoRA on the experts: {result['lora_expert_tensors']} fused expert tensors (peft target_parameters; "
+            "bitsandbytes leaves them 16-bit)",
+            markup=False,
+        )

@@ -240,7 +240,9 @@ def render(result) -> None:
     work = result.workload
     console.print(
         f"[bold]{result.model}[/] ({result.family}, {result.source}): "
-        f"{units.human_count(result.total_params)} params, {units.human_count(result.trainable_params)} trainable"
+        f"{units.human_count(result.total_params)} params"
+        + (f" ({units.human_count(result.active_params)} active)" if result.active_params is not None else "")
+        + f", {units.human_count(result.trainable_params)} trainable"
     )
     weights = Table(title="weights", title_justify="left", show_footer=True)
     weights.add_column("component", footer="total")

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
+from vlmtune.choices import DTYPE_BYTES
 from vlmtune.memory.activations import activation_bytes, layer_bytes, logits_bytes
 from vlmtune.memory.objectives import generation_bytes, reference_bytes
 from vlmtune.memory.records import (
@@ -38,7 +39,7 @@ from vlmtune.memory.records import (
 from vlmtune.memory.shape import ModelShape
 from vlmtune.memory.trainable import Trainable, optimizer_bytes, trainable_tensors
 from vlmtune.memory.weights import weight_components
-from vlmtune.units import MiB, human_bytes
+from vlmtune.units import MiB, human_bytes, human_count
 
 
 def estimate_terms(
@@ -109,7 +110,9 @@ def estimate(
         *_notes(training),
         *_checkpointing_notes(model, training, work),
         *_sampling_notes(work),
+        *_expert_notes(model, training),
     ]
+    expert_params = sum(p.numel for p in model.params if p.expert)
     return MemoryEstimate(
         model=name,
         family=model.family,
@@ -122,7 +125,33 @@ def estimate(
         notes=tuple(all_notes),
         fit=fit(model, training, work, gpu_bytes) if gpu_bytes is not None else None,
         source=source,
+        active_params=model.active_params if model.experts else None,
+        expert_params=expert_params,
     )
+
+
+def _expert_notes(model: ModelShape, training: TrainingMethod) -> list[str]:
+    """A mixture of experts: active vs total parameters, and what 4-bit does not reach."""
+    expert = sum(p.numel for p in model.params if p.expert)
+    if not expert:
+        return []
+    notes = [
+        f"mixture of experts: {model.experts_per_token} of {model.experts} experts per token, "
+        f"{human_count(model.active_params)} active of {human_count(model.total_params)} parameters; "
+        "every expert is held in memory; the activations term leaves out the routed experts' own "
+        "(about experts_per_token x an MLP's per token: a low estimate)"
+    ]
+    if training.quantized:
+        notes.append(
+            f"bitsandbytes cannot quantize the fused expert tensors ({human_count(expert)} parameters, 3-D, no "
+            f"Linear): they stay {training.dtype}, {human_bytes(expert * DTYPE_BYTES[training.dtype])} of the "
+            "weights; the router stays 16-bit too"
+        )
+    if training.expert_targets:
+        notes.append(
+            f"LoRA reaches the experts: {len(training.expert_targets)} fused expert tensors (peft target_parameters)"
+        )
+    return notes
 
 
 def _notes(training: TrainingMethod) -> list[str]:

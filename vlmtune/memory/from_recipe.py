@@ -26,7 +26,7 @@ from vlmtune.model.image_tokens import (
     image_patches,
     image_settings_from_config,
 )
-from vlmtune.model.lora_targets import present_projectors, select_targets
+from vlmtune.model.lora_targets import present_projectors, select_expert_parameters, select_targets
 from vlmtune.recipe import DataSection, LoraSection, ModelSection, QuantizationSection, Recipe, TrainSection
 
 
@@ -36,7 +36,10 @@ def image_settings_for(
     """The family's own settings from the checkpoint's processor where its files are at hand (a
     local folder, a tiny model), with the pixel budget applied as training applies it; otherwise
     read from the config. Returns a note when the processor could not be used."""
-    if path and (Path(path) / "preprocessor_config.json").is_file():
+    # transformers 5 saves the image processor inside processor_config.json (Gemma 4's tiny model)
+    if path and any(
+        (Path(path) / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")
+    ):
         from vlmtune.model.processing import load_processor
 
         try:
@@ -44,8 +47,14 @@ def image_settings_for(
             return family.image_settings(processor), None
         except (VlmtuneError, OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
             note = f"image tokens from the config: the processor did not load ({str(exc).splitlines()[0]})"
-            return image_settings_from_config(config.to_dict(), max_image_pixels), note
-    return image_settings_from_config(config.to_dict(), max_image_pixels), None
+            return _from_config(family, config, max_image_pixels), note
+    return _from_config(family, config, max_image_pixels), None
+
+
+def _from_config(family: Family, config: Any, max_image_pixels: int | None) -> ImageSettings:
+    """The family's own reading of a config where it has one, else the generic keys."""
+    read = family.config_image_settings or image_settings_from_config
+    return read(config.to_dict(), max_image_pixels)
 
 
 def image_tokens(family: Family, width: int, height: int, settings: ImageSettings) -> int:
@@ -64,9 +73,11 @@ def training_method(
 ) -> TrainingMethod:  # fmt: skip
     """The recipe's choices, with LoRA targets selected exactly as the lora stage selects them."""
     targets: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
     if lora.method == "lora":
-        targets = select_targets(family, lora, (lin.name for lin in shape.linears))
+        experts = select_expert_parameters(family, lora, (p.name for p in shape.params))
+        targets = select_targets(family, lora, (lin.name for lin in shape.linears), experts)
         if lora.train_projector:
             projector = present_projectors(family, {p.name.rsplit(".", 1)[0] for p in shape.params})
     return TrainingMethod(
@@ -76,6 +87,7 @@ def training_method(
         keep_16bit=(*family.keep_16bit(), *quant.keep_16bit),
         method=lora.method,
         targets=targets,
+        expert_targets=experts,
         r=lora.r,
         dropout=lora.dropout,
         bias=lora.bias,

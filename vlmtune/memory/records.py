@@ -48,6 +48,7 @@ class TrainingMethod:
     keep_16bit: tuple[str, ...] = ()  # full module prefixes bitsandbytes leaves alone
     method: str = "lora"  # lora | full
     targets: tuple[str, ...] = ()  # names of the Linears LoRA wraps
+    expert_targets: tuple[str, ...] = ()  # fused expert tensors LoRA wraps (peft target_parameters)
     r: int = 16
     dropout: float = 0.0
     bias: str = "none"  # none | all | lora_only
@@ -139,6 +140,8 @@ class MemoryEstimate:
     source: str = ""
     gpus: int = 1
     per_gpu: tuple = ()  # vlmtune.memory.parallel.PerGpu under DDP and FSDP, when spread over gpus > 1
+    active_params: int | None = None  # per token, for a mixture of experts (None: dense, all of them)
+    expert_params: int = 0  # fused expert tensors' parameters (kept 16-bit under 4-bit loading)
 
     @property
     def total_params(self) -> int:
@@ -156,6 +159,8 @@ class MemoryEstimate:
             "source": self.source,
             "family": self.family,
             "total_params": self.total_params,
+            "active_params": self.total_params if self.active_params is None else self.active_params,
+            "expert_params": self.expert_params,
             "trainable_params": self.trainable_params,
             "peak_bytes": self.peak_bytes,
             "components": [
@@ -177,6 +182,7 @@ class MemoryEstimate:
                 "dtype": training.dtype,
                 "r": training.r,
                 "lora_targets": self.lora_targets,
+                "lora_expert_tensors": len(training.expert_targets),
                 "optim": training.optim,
                 "gradient_checkpointing": training.gradient_checkpointing,
                 "supervised_loss": training.supervised_loss,

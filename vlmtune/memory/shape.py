@@ -27,6 +27,8 @@ class Param:
     numel: int
     linear: str | None = None  # the nn.Linear it is the weight of, if any
     embedding: bool = False
+    shape: tuple[int, ...] = ()
+    expert: bool = False  # a fused expert tensor (its family's expert_parameters)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,21 @@ class ModelShape:
     vision_hidden: int
     tied_lm_head: bool
     projector_prefixes: tuple[str, ...] = ()
+    experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    experts_per_token: int = 0
 
     @property
     def total_params(self) -> int:
         return sum(p.numel for p in self.params)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: the routed experts count for experts_per_token of
+        experts (the router, shared experts and everything else count whole)."""
+        expert = sum(p.numel for p in self.params if p.expert)
+        if not expert or not self.experts:
+            return self.total_params
+        return self.total_params - expert + expert * self.experts_per_token // self.experts
 
 
 def describe_model(config: Any) -> ModelShape:
@@ -117,7 +130,8 @@ def shape_of(model: Any, family: Family) -> ModelShape:
     for name, param in model.named_parameters(remove_duplicate=True):
         params.append(
             Param(name, family.component_of(name.rsplit(".", 1)[0]), logical_numel(param),
-                  linear_weights.get(name), name in embeddings)
+                  linear_weights.get(name), name in embeddings, tuple(param.shape),
+                  family.is_expert_parameter(name))
         )  # fmt: skip
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     text = model.config.get_text_config()
@@ -136,7 +150,19 @@ def shape_of(model: Any, family: Family) -> ModelShape:
         vision_hidden=vision_layers[0] if vision_layers else int(vision_hidden),
         tied_lm_head=tied_lm_head(model),
         projector_prefixes=family.projector_prefixes,
+        **expert_counts(text, family),
     )
+
+
+def expert_counts(text_config: Any, family: Family) -> dict[str, int]:
+    """Routed experts per layer and experts per token, from the text config keys the record names."""
+    if not family.moe:
+        return {}
+    total_key, active_key = family.expert_count_keys
+    return {
+        "experts": int(getattr(text_config, total_key, 0) or 0),
+        "experts_per_token": int(getattr(text_config, active_key, 0) or 0),
+    }
 
 
 def checkpointable_blocks(model: Any, family: Family) -> frozenset[str]:

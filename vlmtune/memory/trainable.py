@@ -52,6 +52,12 @@ def trainable_tensors(model: ModelShape, training: TrainingMethod) -> list[Train
         lin = linears[name]
         out.append(Trainable(f"{name}.lora_A", lin.component, training.r * lin.in_features, lora_size))
         out.append(Trainable(f"{name}.lora_B", lin.component, training.r * lin.out_features, lora_size))
+    params = {p.name: p for p in model.params}
+    for name in training.expert_targets:  # peft's ParamWrapper: A (r*E, in), B (out, r*E) per tensor
+        experts, rows, cols = params[name].shape
+        component = params[name].component
+        out.append(Trainable(f"{name}.lora_A", component, training.r * experts * cols, lora_size))
+        out.append(Trainable(f"{name}.lora_B", component, training.r * experts * rows, lora_size))
     for p in model.params:
         in_projector = any(under(p.name, prefix) for prefix in training.projector)
         if in_projector:  # peft's modules_to_save: a trainable copy of the module

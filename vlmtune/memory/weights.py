@@ -21,12 +21,12 @@ from vlmtune.memory.records import (
     TrainingMethod,
 )
 from vlmtune.memory.shape import ModelShape
-from vlmtune.model.families import COMPONENTS, under
+from vlmtune.model.families import COMPONENTS, skipped_by
 
 
 def will_quantize(linear: str, training: TrainingMethod) -> bool:
-    """bitsandbytes replaces every nn.Linear except those under a skip prefix."""
-    return training.quantized and not any(under(linear, p) for p in training.keep_16bit)
+    """bitsandbytes replaces every nn.Linear except those its skip list names (prefix, regex or suffix)."""
+    return training.quantized and not skipped_by(linear, training.keep_16bit)
 
 
 def quantized_bytes(numel: int, out_features: int, training: TrainingMethod) -> int:

@@ -11,7 +11,8 @@ collide (Qwen2.5-VL's vision MLP and Pixtral's vision attention reuse the langua
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,30 @@ class Family:
     mlp_activation: str = "swiglu"
     rope: str = "default"
 
+    # --- hybrid attention, mixture of experts, objectives (issue 25; one block, for easy merges) ---
+    # Language Linears kept 16-bit under 4-bit/8-bit loading, as module-path endings (whole segments):
+    # gates whose outputs are a few scalars per head, which 4-bit would disturb most for the least
+    # memory (Qwen3.5's Gated DeltaNet in_proj_a / in_proj_b, a shared expert's gate).
+    language_keep_16bit: tuple[str, ...] = ()
+    # Fused expert tensors (3-D nn.Parameters, no nn.Linear) as parameter-name endings under the
+    # language prefix: bitsandbytes leaves them 16-bit, LoRA reaches them only through peft's
+    # target_parameters. Empty: a dense model.
+    expert_parameters: tuple[str, ...] = ()
+    # The config keys (of the text config) holding the number of routed experts and the experts each
+    # token uses: estimate-memory's active parameters.
+    expert_count_keys: tuple[str, str] = ("num_experts", "num_experts_per_tok")
+    # The router's module-path ending. Never quantized: it is no nn.Linear in these families, and
+    # keep_16bit() lists it anyway.
+    router: str | None = None
+    # Why LoRA cannot reach the experts (None: it can, through target_parameters with the MLP toggle).
+    expert_lora_refusal: str | None = None
+    # Objectives this family cannot be trained with: (objective, reason) pairs; the objective's stage
+    # refuses them with the reason before any weight loads.
+    refused_objectives: tuple[tuple[str, str], ...] = ()
+    # (config dict, max_image_pixels) -> ImageSettings, where a config alone (estimate-memory on a hub id)
+    # needs the family's own reading (Gemma 4: soft tokens per image live in the processor, not the config).
+    config_image_settings: Callable[[dict, int | None], ImageSettings] | None = None
+
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
         if module_name == self.lm_head:
@@ -97,8 +122,26 @@ class Family:
         return "other"
 
     def keep_16bit(self) -> list[str]:
-        """Full module prefixes bitsandbytes must leave alone (the default list is replaced)."""
-        return [self.vision_prefix, *self.projector_prefixes, self.lm_head]
+        """What bitsandbytes must leave alone (the default list is replaced): full module prefixes of
+        the towers kept 16-bit, then anchored regexes of the language Linears kept 16-bit."""
+        language = [
+            f"{re.escape(self.language_prefix)}\\.(?:.*\\.)?{re.escape(ending)}"
+            for ending in (*self.language_keep_16bit, *((self.router,) if self.router else ()))
+        ]
+        return [self.vision_prefix, *self.projector_prefixes, self.lm_head, *language]
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.expert_parameters)
+
+    def is_expert_parameter(self, param_name: str) -> bool:
+        return under(param_name, self.language_prefix) and any(
+            ends_with(param_name, ending) for ending in self.expert_parameters
+        )
+
+    def refusal(self, objective: str) -> str | None:
+        """Why this family cannot be trained with ``objective`` (None: it can)."""
+        return dict(self.refused_objectives).get(objective)
 
     @property
     def image_feature_token(self) -> str:
@@ -117,6 +160,17 @@ def under(name: str, prefix: str) -> bool:
 def ends_with(name: str, suffix: str) -> bool:
     """Does module ``name`` end with the module path ``suffix`` (whole segments: attn.proj, not c_proj)?"""
     return name == suffix or name.endswith("." + suffix)
+
+
+def skipped_by(name: str, patterns: Iterable[str]) -> bool:
+    """Does bitsandbytes leave module ``name`` alone under the skip list ``patterns``?
+
+    transformers 5's rule (quantizers_utils.should_convert_module): a pattern matches from the start
+    up to a module boundary, as a prefix or as a regex, or it is a suffix of the name. The memory
+    model reads it here so the estimate quantizes exactly what loading does.
+    """
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
 
 
 # --- the records --------------------------------------------------------------------------------
@@ -173,6 +227,122 @@ QWEN3_VL = Family(
     processor_needs_video=True,
     rope="mrope_interleaved",
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+)
+
+# Gated DeltaNet (Qwen3.5's linear-attention layers): LoRA and 4-bit reach the three wide
+# projections; in_proj_a / in_proj_b (hidden -> one scalar per value head: the decay and the write
+# strength) stay 16-bit and untrained, as do the conv1d, A_log and dt_bias (no Linears).
+GATED_DELTANET = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj")
+GATED_DELTANET_16BIT = ("linear_attn.in_proj_a", "linear_attn.in_proj_b")
+# Fused experts of the Qwen MoE lineage: (experts, 2 * moe_intermediate, hidden) and (experts,
+# hidden, moe_intermediate) tensors, one pair per layer; the router is mlp.gate (no Linear).
+QWEN_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+_QWEN3_LINEAGE = dict(
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.linear_fc1", "mlp.linear_fc2"),
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    processor_class="Qwen3VLProcessor",
+    processor_needs_video=True,
+)
+
+QWEN3_VL_MOE = Family(
+    name="qwen3_vl_moe",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_vl_moe",
+    title="Qwen3-VL-MoE",
+    model_types=("qwen3_vl_moe",),
+    expert_parameters=QWEN_EXPERTS,
+    router="mlp.gate",
+    **_QWEN3_LINEAGE,
+    **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+)
+
+QWEN3_5 = Family(
+    name="qwen3_5",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5",
+    title="Qwen3.5",
+    model_types=("qwen3_5",),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # output projections last in each kind
+    language_keep_16bit=GATED_DELTANET_16BIT,
+    **_QWEN3_LINEAGE,
+    **_QWEN_COMMON,
+)
+
+QWEN3_5_MOE = Family(
+    name="qwen3_5_moe",
+    tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5_moe",
+    title="Qwen3.5-MoE",
+    model_types=("qwen3_5_moe",),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),
+    # language_mlp's gate/up/down_proj are the shared expert's Linears (mlp.shared_expert.*): 4-bit, LoRA
+    language_keep_16bit=(*GATED_DELTANET_16BIT, "mlp.shared_expert_gate"),
+    expert_parameters=QWEN_EXPERTS,
+    router="mlp.gate",
+    **_QWEN3_LINEAGE,
+    **_QWEN_COMMON,
+)
+
+GEMMA4 = Family(
+    name="gemma4",
+    tiny_builder="vlmtune.model.tiny.gemma4:build_gemma4",
+    title="Gemma 4",
+    model_types=("gemma4",),
+    vision_prefix="model.vision_tower",
+    projector_prefixes=("model.embed_vision",),
+    language_prefix="model.language_model",
+    image_token="<|image|>",
+    structural_tokens=("<|image>", "<image|>"),
+    # Gemma 4's vision Linears sit inside clippable wrappers: self_attn.q_proj.linear, mlp.gate_proj.linear
+    vision_attention=tuple(f"self_attn.{n}.linear" for n in LANGUAGE_ATTENTION),
+    vision_mlp=tuple(f"mlp.{n}.linear" for n in LANGUAGE_MLP),
+    extra_inputs=("image_position_ids", "mm_token_type_ids"),
+    # The 26B-A4B checkpoint adds, beside each layer's dense MLP, 128 fused experts (8 per token) and a
+    # router whose projection IS a Linear (router.proj): kept 16-bit. Dense checkpoints have neither.
+    expert_parameters=("experts.gate_up_proj", "experts.down_proj"),
+    expert_count_keys=("num_experts", "top_k_experts"),
+    router="router.proj",
+    processor_class="Gemma4Processor",
+    processor_needs_video=True,
+    tokens_per_image=it.gemma4_tokens,
+    pixel_budget=it.gemma4_budget,
+    image_settings=it.gemma4_settings,
+    config_image_settings=it.gemma4_settings_from_config,
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+)
+
+_GLM_V = dict(
+    vision_prefix="model.visual",
+    projector_prefixes=("model.visual.merger",),
+    language_prefix="model.language_model",
+    image_token="<|image|>",
+    structural_tokens=("<|begin_of_image|>", "<|end_of_image|>"),
+    vision_attention=("attn.qkv", "attn.proj"),
+    vision_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    language_mlp=("mlp.gate_up_proj", "mlp.down_proj"),  # GLM-4 fuses gate and up
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    processor_needs_video=True,
+    tokens_per_image=it.glm4v_tokens,
+    pixel_budget=it.glm4v_budget,
+    image_settings=it.qwen_settings,
+    block_lists=("model.visual.blocks", "model.language_model.layers"),
+)
+
+GLM4V = Family(
+    name="glm4v",
+    tiny_builder="vlmtune.model.tiny.glm:build_glm4v",
+    title="GLM-4.1V",
+    model_types=("glm4v",),
+    processor_class="Glm4vProcessor",
+    **_GLM_V,
+)
+
+GLM46V = Family(
+    name="glm46v",
+    tiny_builder="vlmtune.model.tiny.glm:build_glm46v",
+    title="GLM-4.6V",
+    model_types=("glm46v",),
+    processor_class="Glm46VProcessor",
+    **_GLM_V,
 )
 
 _LLAVA_LAYOUT = dict(
@@ -400,7 +570,24 @@ FAMILIES: tuple[Family, ...] = (
     SMOLVLM,
     PALIGEMMA,
     INTERNVL,
+    # issue 25: the newest architectures of transformers 5.23
+    QWEN3_5,
+    QWEN3_VL_MOE,
+    QWEN3_5_MOE,
+    GEMMA4,
+    GLM4V,
+    GLM46V,
 )
+
+
+def check_objective(family: Family, objective: str) -> None:
+    """Stop before any weight loads when the record says this family cannot serve ``objective``."""
+    reason = family.refusal(objective)
+    if reason:
+        raise ModelError(
+            f"{family.title} cannot be trained with train.objective: {objective}: {reason}",
+            hint="choose another train.objective for this family (docs/families.md lists what each serves)",
+        )
 
 
 def family_names() -> list[str]:

@@ -86,6 +86,39 @@ def qwen_tokens(width: int, height: int, s: ImageSettings) -> int:
     return (h // factor) * (w // factor)
 
 
+GLM_FRAMES = 2  # GLM-4.xV resizes a still image as two frames: its pixel limits count both
+
+
+def glm4v_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """GLM-4.1V/4.6V's smart_resize: small sides scaled up to one cell, then Qwen's rounding with the
+    area counted twice (the image is its own second frame)."""
+    factor = s.patch_size * s.merge_size
+    min_pixels, max_pixels = s.min_pixels or 112 * 112, s.max_pixels or 28 * 28 * 15000
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio of {width}x{height} is over 200, which GLM processors refuse")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if GLM_FRAMES * h * w > max_pixels:
+        beta = math.sqrt(GLM_FRAMES * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif GLM_FRAMES * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (GLM_FRAMES * height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return (h // factor) * (w // factor)
+
+
+def glm4v_budget(ip: Any, max_pixels: int) -> None:
+    # The processor's longest_edge caps both frames' pixels: twice the image's own.
+    size = dict(getattr(ip, "size", None) or {})
+    factor = ip.patch_size * ip.merge_size
+    size["longest_edge"] = min(size.get("longest_edge") or GLM_FRAMES * max_pixels, GLM_FRAMES * max_pixels)
+    size["shortest_edge"] = min(size.get("shortest_edge") or factor * factor, size["longest_edge"])
+    ip.size = size
+
+
 def fixed_tokens(width: int, height: int, s: ImageSettings) -> int:
     """Llava-1.5, Gemma 3 (without pan-and-scan), PaliGemma: every image is resized to one size."""
     return _need(s, "tokens_per_tile")
@@ -225,6 +258,33 @@ def internvl_tokens(width: int, height: int, s: ImageSettings) -> int:
     return internvl_tiles(width, height, s) * _need(s, "tokens_per_tile")
 
 
+def gemma4_resized(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
+    """Gemma 4's aspect-preserving resize: the largest size with at most max_soft_tokens x pooling^2
+    patches whose sides are whole (pooling x patch) cells; a side that rounds to 0 gets one cell."""
+    per_tile, patch, pool = _need(s, "tokens_per_tile"), s.patch_size, s.merge_size
+    max_patches = per_tile * pool * pool
+    factor = math.sqrt(max_patches * patch * patch / (height * width))
+    cell = pool * patch
+    h, w = math.floor(factor * height / cell) * cell, math.floor(factor * width / cell) * cell
+    if h == 0 and w == 0:
+        raise ValueError(f"a {width}x{height} image resizes to 0x0 for Gemma 4")
+    longest = (max_patches // pool**2) * cell
+    if h == 0:
+        h, w = cell, min(math.floor(width / height) * cell, longest)
+    elif w == 0:
+        w, h = cell, min(math.floor(height / width) * cell, longest)
+    return h, w
+
+
+def gemma4_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """Soft tokens: the resized image's patches pooled (pooling x pooling) into one token each."""
+    h, w = gemma4_resized(height, width, s)
+    return (h // s.patch_size) * (w // s.patch_size) // s.merge_size**2
+
+
+GEMMA4_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the settings Gemma 4's image processor accepts
+
+
 # --- reading settings from a loaded processor ---------------------------------------------------
 
 
@@ -311,6 +371,36 @@ def seq_length_settings(processor: Any) -> ImageSettings:
     return ImageSettings(
         image_size=_size(processor.image_processor.size, "height"), tokens_per_tile=processor.image_seq_length
     )
+
+
+def gemma4_settings(processor: Any) -> ImageSettings:
+    ip = _image_processor(processor)
+    return ImageSettings(
+        patch_size=ip.patch_size, merge_size=ip.pooling_kernel_size, tokens_per_tile=ip.max_soft_tokens
+    )
+
+
+def gemma4_budget(ip: Any, max_pixels: int) -> None:
+    # The largest soft-token setting whose patches fit the budget (at least the smallest), never above
+    # the checkpoint's own.
+    cell_pixels = (ip.patch_size * ip.pooling_kernel_size) ** 2
+    fitting = [n for n in GEMMA4_SOFT_TOKENS if n * cell_pixels <= max_pixels and n <= ip.max_soft_tokens]
+    ip.max_soft_tokens = max(fitting, default=min(GEMMA4_SOFT_TOKENS[0], ip.max_soft_tokens))
+
+
+GEMMA4_RELEASED_SOFT_TOKENS = 280  # the released checkpoints' processor default
+
+
+def gemma4_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """Patch and pooling from the vision config; soft tokens the released default, lowered to the budget
+    as gemma4_budget lowers them on a loaded processor."""
+    vision = config.get("vision_config") or {}
+    patch, pool = int(vision.get("patch_size") or 16), int(vision.get("pooling_kernel_size") or 3)
+    soft = GEMMA4_RELEASED_SOFT_TOKENS
+    if max_image_pixels:
+        fitting = [n for n in GEMMA4_SOFT_TOKENS if n * (patch * pool) ** 2 <= max_image_pixels and n <= soft]
+        soft = max(fitting, default=GEMMA4_SOFT_TOKENS[0])
+    return ImageSettings(max_pixels=max_image_pixels, patch_size=patch, merge_size=pool, tokens_per_tile=soft)
 
 
 def mllama_settings(processor: Any) -> ImageSettings:

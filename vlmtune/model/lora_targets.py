@@ -41,8 +41,43 @@ def _names(attention: tuple[str, ...], mlp: tuple[str, ...], lora: LoraSection) 
     return "|".join(re.escape(n) for n in chosen)
 
 
-def select_targets(family: Family, lora: LoraSection, linear_names: Iterable[str]) -> tuple[str, ...]:
-    """The Linear names the regex full-matches; a RecipeError when it is invalid or matches none."""
+def targets_experts(family: Family, lora: LoraSection) -> bool:
+    """Do the toggles reach the fused experts (language layers and MLP on, a family that allows it)?
+
+    Experts are no Linears: peft reaches them through ``target_parameters``. A recipe's own
+    ``target_modules`` regex names Linears only, so it leaves the experts alone.
+    """
+    return (
+        family.moe
+        and family.expert_lora_refusal is None
+        and not lora.target_modules
+        and lora.finetune_language_layers
+        and lora.finetune_mlp_modules
+    )
+
+
+def expert_refusal(family: Family, lora: LoraSection) -> str | None:
+    """Why the toggles that would reach the experts do not (the family's documented refusal), or None."""
+    wanted = (
+        family.moe and not lora.target_modules and lora.finetune_language_layers and lora.finetune_mlp_modules
+    )
+    return family.expert_lora_refusal if wanted else None
+
+
+def select_expert_parameters(
+    family: Family, lora: LoraSection, param_names: Iterable[str]
+) -> tuple[str, ...]:
+    """The fused expert tensors LoRA wraps (full parameter names), empty when the toggles leave them."""
+    if not targets_experts(family, lora):
+        return ()
+    return tuple(name for name in param_names if family.is_expert_parameter(name))
+
+
+def select_targets(
+    family: Family, lora: LoraSection, linear_names: Iterable[str], experts: Iterable[str] = ()
+) -> tuple[str, ...]:
+    """The Linear names the regex full-matches; a RecipeError when it is invalid, or when it matches
+    none and no ``experts`` (fused expert tensors LoRA reaches besides) are targeted either."""
     regex = target_regex(family, lora)
     try:
         pattern = re.compile(regex)
@@ -51,7 +86,14 @@ def select_targets(family: Family, lora: LoraSection, linear_names: Iterable[str
             f"lora.target_modules is not a valid regex: {exc}", hint="test it with python's re"
         ) from None
     targets = tuple(name for name in linear_names if pattern.fullmatch(name))
-    if not targets:
+    if not targets and not tuple(experts):
+        refused = expert_refusal(family, lora)
+        if refused:
+            raise RecipeError(
+                f"the LoRA toggles reach only the experts of this {family.title} model, and LoRA cannot train "
+                f"them: {refused}",
+                hint="add finetune_attention_modules: true (or the vision layers), or train with lora.method: full",
+            )
         raise RecipeError(
             f"the LoRA targets match no Linear layer of this {family.title} model (regex {regex})",
             hint="check lora.target_modules against the names `vlmtune inspect` prints",

@@ -9,6 +9,7 @@ has no ``video_processor`` parameter makes ProcessorMixin skip it; image-only us
 from __future__ import annotations
 
 import inspect
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,26 @@ def without_video_processor(base: type) -> type:
     )
     namespace: dict[str, Any] = {"_defaults": defaults, "_base": base}
     exec(source, namespace)  # noqa: S102 - names come from the base class's own signature
+    # Bases that hand video_processor to ProcessorMixin by keyword (Gemma 4) get a class between them and
+    # ProcessorMixin in the MRO that drops it; positional passing (Qwen) is dropped by ProcessorMixin itself.
     no_video = type(
-        base.__name__, (base,), {"__init__": namespace["__init__"], "__module__": base.__module__}
+        base.__name__,
+        (base, _drops_video_keyword()),
+        {"__init__": namespace["__init__"], "__module__": base.__module__},
     )
     no_video.__qualname__ = base.__qualname__
     return no_video
+
+
+@cache
+def _drops_video_keyword() -> type:
+    from transformers import ProcessorMixin
+
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("video_processor", None)
+        ProcessorMixin.__init__(self, *args, **kwargs)
+
+    return type("DropsVideoKeyword", (ProcessorMixin,), {"__init__": __init__})
 
 
 def processor_class(family: Family) -> type | None:

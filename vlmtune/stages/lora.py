@@ -14,7 +14,13 @@ from typing import Any
 
 from vlmtune.model import modelinfo
 from vlmtune.model.families import COMPONENTS, Family
-from vlmtune.model.lora_targets import present_projectors, select_targets, target_regex
+from vlmtune.model.lora_targets import (
+    expert_refusal,
+    present_projectors,
+    select_expert_parameters,
+    select_targets,
+    target_regex,
+)
 from vlmtune.recipe import LoraSection
 from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
@@ -27,6 +33,9 @@ class LoraPlan:
     targets: tuple[str, ...]
     modules_to_save: tuple[str, ...]
     targets_per_component: dict[str, int] = field(default_factory=dict)
+    # Fused expert tensors (3-D parameters, no Linears) LoRA reaches through peft's target_parameters.
+    expert_parameters: tuple[str, ...] = ()
+    experts_refused: str | None = None  # why the MLP toggle leaves the experts untrained (the family's word)
 
 
 def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
@@ -34,12 +43,16 @@ def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
     if lora.method == "full":
         return LoraPlan("full", None, (), ())
     modules = dict(model.named_modules())
-    targets = select_targets(family, lora, (n for n, m in modules.items() if modelinfo.is_linear(m)))
+    experts = select_expert_parameters(family, lora, (n for n, _ in model.named_parameters()))
+    targets = select_targets(family, lora, (n for n, m in modules.items() if modelinfo.is_linear(m)), experts)
     per_component = dict.fromkeys(COMPONENTS, 0)
     for name in targets:
         per_component[family.component_of(name)] += 1
     modules_to_save = present_projectors(family, modules) if lora.train_projector else ()
-    return LoraPlan("lora", target_regex(family, lora), targets, modules_to_save, per_component)
+    return LoraPlan(
+        "lora", target_regex(family, lora), targets, modules_to_save, per_component, experts,
+        expert_refusal(family, lora),
+    )  # fmt: skip
 
 
 def apply(
@@ -70,7 +83,9 @@ def apply(
         lora_dropout=lora.dropout,
         use_rslora=lora.use_rslora,
         bias=lora.bias,
-        target_modules=lora_plan.regex,
+        # A plan of experts alone targets no Linear: peft takes an empty list, not a regex matching none.
+        target_modules=lora_plan.regex if lora_plan.targets else [],
+        target_parameters=list(lora_plan.expert_parameters) or None,
         modules_to_save=list(lora_plan.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
@@ -91,6 +106,8 @@ def trainable_report(model: Any, family: Family, lora_plan: LoraPlan) -> dict:
         "targets": list(lora_plan.targets),
         "targets_per_component": lora_plan.targets_per_component,
         "modules_to_save": list(lora_plan.modules_to_save),
+        "expert_parameters": list(lora_plan.expert_parameters),
+        "experts_refused": lora_plan.experts_refused,
         "trainable_params": trainable,
         "trainable_total": sum(trainable.values()),
         "params_total": sum(p.numel for p in params),

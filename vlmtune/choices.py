@@ -33,6 +33,8 @@ DpoReference = Literal["start", "base"]  # the frozen model DPO measures its rew
 GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
 RewardScaling = Literal["group", "batch", "none"]  # what a reward is divided by to form its advantage
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+# The answer metrics (vlmtune/scoring/metrics.py; a test keeps the two lists equal)
+AnswerMetric = Literal["exact_match", "contains", "number", "anls", "cer", "wer", "rouge_l", "bleu", "chrf"]
 Strategy = Literal["ddp", "fsdp"]  # how ranks share the work under torchrun / accelerate launch
 # Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
 # what each needs installed.

@@ -378,7 +378,7 @@ def train(
         callbacks=callbacks, report_to=report_to,
     )  # fmt: skip
     result = run_trainer(trainer, processor, run, device, resume)
-    return replace(result, figures=reward_figures(run))
+    return replace(result, figures={**result.figures, **reward_figures(run)})
 
 
 def build_trainer(
@@ -396,6 +396,7 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The prompts pre-flighted and TRL's GRPOTrainer set up on them, not yet trained."""
+    from vlmtune.training.best import BestTracker
     from vlmtune.training.callbacks import MetricsWriter
 
     check_family(family)
@@ -425,6 +426,7 @@ def build_trainer(
         prompts=prompts,
         completions_log=CompletionsLog(run, prompts, weights, options.completions_to_log),
         keep_checkpoints=train_section.save_total_limit,
+        best=BestTracker.from_section(train_section),
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model)

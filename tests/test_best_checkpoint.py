@@ -1,0 +1,126 @@
+"""Answer metrics during training, the best checkpoint and early stopping, on one short tiny-model run.
+
+A user's metric (opted in with train.allow_metric_code) scores the answers at train.eval_generate_steps
+with a scripted series, so the best checkpoint is known in advance and is not the last one: 0.2 at
+step 2, 0.9 at step 4 (the best), then 0.5 and 0.4, which uses up a patience of 2 at step 8.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from posttrain_fixtures import IMAGE, PROMPT, overfit_recipe
+
+from vlmtune.runs import rundir
+from vlmtune.runs.trainer_checkpoints import best, rotate
+
+from test_cli import vlmtune
+
+SCRIPTED = """
+VALUES = [0.2, 0.9, 0.5, 0.4, 0.3, 0.2]
+calls = []
+
+
+def scripted(predictions, references):
+    assert len(predictions) == len(references) == 1  # train.eval_max_samples
+    calls.append(1)
+    return VALUES[len(calls) - 1]
+"""
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    folder = tmp_path_factory.mktemp("best")
+    (folder / "my_metric.py").write_text(SCRIPTED)
+    recipe = overfit_recipe(
+        folder, max_steps=20, save_steps=2, save_total_limit=1, eval_generate=False,
+        eval_generate_steps=2, eval_max_samples=1, eval_max_new_tokens=4,
+        metrics=["exact_match", "rouge_l", "cer"], metric_function="my_metric:scripted", allow_metric_code=True,
+        best_metric="scripted", early_stopping_patience=2,
+    )  # fmt: skip
+    result = vlmtune("train", str(recipe), "--run-dir", str(folder / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run", result
+
+
+@pytest.mark.slow
+def test_answer_metrics_are_logged_at_eval_generate_steps(stopped_run):
+    run, _ = stopped_run
+    rows = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
+    answers = [row for row in rows if "eval_scripted" in row]
+    assert [row["step"] for row in answers] == [2, 4, 6, 8]
+    assert [row["eval_scripted"] for row in answers] == [0.2, 0.9, 0.5, 0.4]
+    for row in answers:
+        assert row["eval_answers"] == 1
+        assert 0 <= row["eval_exact_match"] <= 1 and 0 <= row["eval_rouge_l"] <= 1 and row["eval_cer"] >= 0
+        assert "eval_bleu" not in row, "only train.metrics are computed"
+    assert any("loss" in row for row in rows), "the train rows are still written"
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_and_says_why(stopped_run):
+    run, result = stopped_run
+    train = json.loads((run / rundir.SUMMARY).read_text())["stages"]["train"]
+    assert train["steps"] == 8, "patience 2 is used up at the 4th measurement (step 8), not at max_steps 20"
+    assert "has not improved for 2 measurements" in train["stopped_early"]
+    assert "stopped early at step 8" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_best_checkpoint_is_kept_named_and_used(stopped_run):
+    from safetensors.torch import load_file
+
+    from vlmtune.after.trained import load_for_inference, open_trained_run
+
+    run, result = stopped_run
+    best_entry = json.loads((run / rundir.SUMMARY).read_text())["stages"]["train"]["best_checkpoint"]
+    assert best_entry["path"] == f"{rundir.CHECKPOINTS}/checkpoint-4" and best_entry["value"] == 0.9
+    kept = sorted(p.name for p in (run / rundir.CHECKPOINTS).glob("checkpoint-*"))
+    assert kept == ["checkpoint-4", "checkpoint-8"], (
+        "save_total_limit 1 keeps the newest, and the best beside it"
+    )
+    assert "best checkpoint: 3-train/checkpoints/checkpoint-4" in result.stderr
+
+    trained = open_trained_run(run)
+    assert trained.weights == run / rundir.CHECKPOINTS / "checkpoint-4"
+    assert open_trained_run(run, "last").weights == run / rundir.ADAPTER
+    assert open_trained_run(run, "checkpoint-8").weights.name == "checkpoint-8"
+    # the weights predict loads are the best checkpoint's, not the final ones
+    model = load_for_inference(trained).model
+    saved = load_file(str(run / rundir.CHECKPOINTS / "checkpoint-4" / rundir.PEFT_WEIGHTS))
+    final = load_file(str(run / rundir.ADAPTER / rundir.PEFT_WEIGHTS))
+    live = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    name = next(iter(k for k in saved if "lora_B" in k))
+    param = next(p for n, p in live.items() if n.replace(".default", "") == name)
+    assert param.float().allclose(saved[name].float()) and not param.float().allclose(final[name].float())
+
+
+@pytest.mark.slow
+def test_predict_uses_the_best_checkpoint_and_checkpoint_picks_another(stopped_run):
+    run, _ = stopped_run
+    used = vlmtune("predict", str(run), "-i", str(IMAGE), "-p", PROMPT, "--max-new-tokens", "4")
+    assert used.returncode == 0, used.stderr[-3000:]
+    assert "using the best checkpoint checkpoint-4 (eval_scripted 0.9)" in used.stderr
+    missing = vlmtune("predict", str(run), "-i", str(IMAGE), "-p", PROMPT, "--checkpoint", "6")
+    assert missing.returncode == 2 and "no checkpoint '6'" in missing.stderr
+    assert "checkpoint-4, checkpoint-8" in missing.stderr
+
+
+def _checkpoint(folder: Path, step: int, value: float | None) -> None:
+    from vlmtune.runs.trainer_checkpoints import mark_complete
+
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "weights.json").write_text("{}")
+    mark_complete(path, {"metrics": {"eval_cer": value}} if value is not None else {})
+
+
+@pytest.mark.parametrize(("greater", "expected"), [(False, 4), (True, 6)])
+def test_rotation_keeps_the_best_beside_the_newest(tmp_path: Path, greater: bool, expected: int):
+    for step, value in ((2, 0.5), (4, 0.1), (6, 0.9), (8, None), (10, 0.3)):
+        _checkpoint(tmp_path, step, value)
+    assert best(tmp_path, "eval_cer", greater).step == expected
+    rotate(tmp_path, 1, ("eval_cer", greater))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({f"checkpoint-{expected}", "checkpoint-10"})

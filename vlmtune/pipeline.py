@@ -193,7 +193,7 @@ def _stages(
 
     if train.eval_generate and run.writer:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:
-            figures.update(evaluate.after_training(model, processor, recipe.model, recipe.data, run))
+            figures.update(evaluate.after_training(model, processor, recipe.model, recipe.data, run, train))
 
     run.set_status("done", seconds=round(time.time() - started, 1), output=output)
     return run

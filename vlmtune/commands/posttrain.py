@@ -109,10 +109,11 @@ def evaluate(
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
     found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))
-    content = ev.report(items, found, max_new_tokens=max_new_tokens, data=read)
+    content = ev.report(items, found, trained.recipe.train, max_new_tokens=max_new_tokens, data=read)
     path = ev.write_report(trained.run, content)
+    page = ev.write_html(trained.run, items, content)
     ev.render(content, console)
-    console.print(f"report: [bold]{path}[/]")
+    console.print(f"report: [bold]{path}[/] (open [bold]{page}[/] in a browser)")
 
 
 def export(

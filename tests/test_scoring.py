@@ -111,3 +111,78 @@ def test_sample_scores_hold_the_per_answer_metrics_only():
 def test_directions():
     assert [name for name in METRICS if not greater_is_better(name)] == ["cer", "wer"]
     assert greater_is_better("eval_rouge_l") and not greater_is_better("eval_loss")
+
+
+def test_the_recipe_offers_exactly_the_metrics_there_are():
+    from vlmtune.choices import AnswerMetric, words
+
+    assert words(AnswerMetric) == tuple(METRICS)
+
+
+# --- the recipe keys: every mistake refused with its fix ------------------------------------------
+
+RECIPE = "model:\n  name: tiny:qwen2_vl\ndata:\n  train: train.jsonl\n  eval: eval.jsonl\n"
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"best_metric": "rouge_l"}, "measured at train.eval_generate_steps; set it"),
+        ({"best_metric": "loss"}, "measured at train.eval_steps; set it"),
+        ({"best_metric": "bleu", "metrics": ["anls"], "eval_generate_steps": 5}, "'bleu' is not measured"),
+        (
+            {"best_metric": "anls", "eval_generate_steps": 3, "save_steps": 10},
+            "not a multiple of train.eval_gen",
+        ),
+        ({"early_stopping_patience": 2}, "needs train.best_metric"),
+        ({"metric_function": "my_metrics:score"}, "allow_metric_code is false"),
+        ({"metric_function": "no colon"}, "is not module:function"),
+        ({"metrics": ["bleu", "meteor"]}, "meteor"),
+    ],
+)
+def test_metric_keys_refuse_what_cannot_work(train, message):
+    import yaml
+
+    from vlmtune.errors import RecipeError
+    from vlmtune.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(RECIPE + yaml.safe_dump({"train": train}))
+
+
+def test_eval_generate_steps_needs_eval_data_and_sft():
+    from vlmtune.errors import RecipeError
+    from vlmtune.recipe import parse_recipe
+
+    no_eval = RECIPE.replace("  eval: eval.jsonl\n", "")
+    with pytest.raises(RecipeError, match="eval_generate_steps is set but data.eval is empty"):
+        parse_recipe(no_eval + "train:\n  eval_generate_steps: 5\n")
+    with pytest.raises(RecipeError, match="applies to sft only"):
+        parse_recipe(RECIPE + "train:\n  objective: dpo\n  eval_generate_steps: 5\n")
+    recipe = parse_recipe(
+        RECIPE + "train:\n  eval_generate_steps: 5\n  save_steps: 10\n  best_metric: cer\n"
+        "  early_stopping_patience: 2\n"
+    )
+    assert recipe.train.best_metric == "cer" and recipe.train.metrics == list(METRICS)
+
+
+def test_a_metric_function_beside_the_recipe_is_found_and_checked(tmp_path):
+    from vlmtune.recipe import load_recipe
+    from vlmtune.training.answer_eval import MetricError, user_metric
+
+    (tmp_path / "my_metrics.py").write_text(
+        "def score(predictions, references):\n    return sum(p == r for p, r in zip(predictions, references))\n"
+        "def text(predictions):\n    return 'high'\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        RECIPE + "train:\n  metric_function: my_metrics:score\n  allow_metric_code: true\n"
+    )
+    spec = load_recipe(tmp_path / "r.yaml").train.metric_function
+    assert spec == f"{tmp_path / 'my_metrics.py'}:score"
+    assert user_metric(spec)(["a", "b"], ["a", "c"], ["q1", "q2"]) == 1.0
+    with pytest.raises(MetricError, match="not a finite number"):
+        user_metric(spec.replace(":score", ":text"))(["a"], ["a"], ["q"])
+    with pytest.raises(MetricError, match="has no function 'nope'"):
+        user_metric(spec.replace(":score", ":nope"))
+    with pytest.raises(MetricError, match="cannot import"):
+        user_metric(f"{tmp_path / 'missing.py'}:score")

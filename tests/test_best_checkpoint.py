@@ -35,7 +35,7 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]
     folder = tmp_path_factory.mktemp("best")
     (folder / "my_metric.py").write_text(SCRIPTED)
     recipe = overfit_recipe(
-        folder, max_steps=20, save_steps=2, save_total_limit=1, eval_generate=False,
+        folder, max_steps=20, save_steps=2, save_total_limit=1, eval_generate=True,
         eval_generate_steps=2, eval_max_samples=1, eval_max_new_tokens=4,
         metrics=["exact_match", "rouge_l", "cer"], metric_function="my_metric:scripted", allow_metric_code=True,
         best_metric="scripted", early_stopping_patience=2,
@@ -95,6 +95,19 @@ def test_the_best_checkpoint_is_kept_named_and_used(stopped_run):
     name = next(iter(k for k in saved if "lora_B" in k))
     param = next(p for n, p in live.items() if n.replace(".default", "") == name)
     assert param.float().allclose(saved[name].float()) and not param.float().allclose(final[name].float())
+
+
+@pytest.mark.slow
+def test_the_eval_stage_scores_the_best_checkpoint_and_writes_the_html_report(stopped_run):
+    run, _ = stopped_run
+    summary = json.loads((run / rundir.SUMMARY).read_text())
+    assert summary["status"] == "done" and summary["stages"]["eval"]["status"] == "done"
+    report = json.loads((run / rundir.EVAL_REPORT).read_text())
+    assert set(report) >= {"exact_match", "rouge_l", "cer"} and "bleu" not in report, (
+        "the run's train.metrics"
+    )
+    page = (run / rundir.EVAL_HTML).read_text()
+    assert page.count('class="card ') == report["n"] == 2 and page.count("<img ") == 2
 
 
 @pytest.mark.slow

@@ -169,8 +169,11 @@ class AnswerEval(TrainerCallback):
         found = self.measure(model if model is not None else self.trainer.model)
         logs = {f"eval_{name}": value for name, value in found.items() if value is not None}
         logs["eval_answers"] = len(self.items)
-        # Trainer.log itself: TRL's log would fold (and clear) its running train metrics into this row
+        # Trainer.log itself: TRL's log would fold (and clear) its running train metrics into this row.
+        # Logging clears control.should_log, which would swallow this step's train row: keep it.
+        should_log = control.should_log
         Trainer.log(self.trainer, logs)
+        control.should_log = self.trainer.control.should_log = should_log
 
     def measure(self, model: Any) -> dict[str, float | None]:
         from vlmtune.data import open_image

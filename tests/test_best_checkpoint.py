@@ -141,3 +141,33 @@ def test_rotation_keeps_the_best_beside_the_newest(tmp_path: Path, greater: bool
     assert best(tmp_path, "eval_cer", greater).step == expected
     rotate(tmp_path, 1, ("eval_cer", greater))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({f"checkpoint-{expected}", "checkpoint-10"})
+
+
+def test_the_tracker_reads_every_objectives_eval_row_and_stops_on_patience():
+    from transformers import TrainerControl, TrainerState
+
+    from vlmtune.recipe import TrainSection
+    from vlmtune.training.best import BestTracker
+
+    dpo = BestTracker.from_section(
+        TrainSection(
+            best_metric="preference_accuracy", eval_steps=5, save_steps=10, early_stopping_patience=1
+        )
+    )
+    assert (dpo.key, dpo.greater) == ("eval_preference_accuracy", True)
+    state, control = TrainerState(), TrainerControl()
+    for step, value in ((5, 0.6), (10, 0.7), (15, 0.7)):  # TRL's key; a tie does not improve
+        state.global_step = step
+        dpo.on_log(None, state, control, logs={"eval_rewards/accuracies": value, "eval_loss": 0.5})
+    assert dpo.best == (10, 0.7) and dpo.measured == {5: 0.6, 10: 0.7, 15: 0.7}
+    assert control.should_training_stop and "best 0.7 at step 10" in dpo.stopped
+    assert dpo.marker(10) == {"metrics": {"eval_preference_accuracy": 0.7}} and dpo.marker(12) == {}
+
+    loss = BestTracker.from_section(TrainSection(best_metric="loss", eval_steps=5, save_steps=5))
+    assert (loss.key, loss.greater, loss.patience) == ("eval_loss", False, None)
+    state.global_step, control = 5, TrainerControl()
+    loss.on_log(None, state, control, logs={"loss": 0.1})  # a train row: not the eval loss
+    loss.on_log(None, state, control, logs={"eval_loss": 2.0})
+    assert loss.measured == {5: 2.0} and not control.should_training_stop
+    flipped = TrainSection(best_metric="cer", eval_generate_steps=5, save_steps=5, greater_is_better=True)
+    assert BestTracker.from_section(flipped).greater is True

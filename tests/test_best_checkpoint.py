@@ -171,3 +171,20 @@ def test_the_tracker_reads_every_objectives_eval_row_and_stops_on_patience():
     assert loss.measured == {5: 2.0} and not control.should_training_stop
     flipped = TrainSection(best_metric="cer", eval_generate_steps=5, save_steps=5, greater_is_better=True)
     assert BestTracker.from_section(flipped).greater is True
+
+
+def test_the_curves_picture_draws_the_answer_metrics(tmp_path: Path):
+    from vlmtune.observe import curves
+
+    rows = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "eval_exact_match": 0.0, "eval_anls": 0.4, "eval_cer": 0.9, "eval_bleu": 3.0},
+        {"step": 4, "eval_exact_match": 0.5, "eval_anls": 0.8, "eval_cer": 0.2, "eval_bleu": 40.0},
+    ]
+    drawn = curves.extract(rows)
+    assert [s.key for s in drawn["answer scores"]] == ["eval_exact_match", "eval_anls"]
+    assert drawn["answer error rates"][0].values == (0.9, 0.2)
+    assert drawn["answer BLEU / chrF"][0].steps == (2, 4)
+    titles = [panel.title for panel in curves.drawn_panels(drawn)]
+    assert {"answer scores", "answer error rates", "answer BLEU / chrF"} <= set(titles)
+    assert curves.write_png(drawn, tmp_path / "curves.png", "run").stat().st_size > 0

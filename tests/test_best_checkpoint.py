@@ -188,3 +188,16 @@ def test_the_curves_picture_draws_the_answer_metrics(tmp_path: Path):
     titles = [panel.title for panel in curves.drawn_panels(drawn)]
     assert {"answer scores", "answer error rates", "answer BLEU / chrF"} <= set(titles)
     assert curves.write_png(drawn, tmp_path / "curves.png", "run").stat().st_size > 0
+
+
+def test_a_resume_counts_the_patience_on_from_the_logged_measurements(tmp_path: Path):
+    from vlmtune.training.best import BestTracker
+
+    rows = [{"step": 2, "eval_anls": 0.5}, {"step": 3, "loss": 1.0}, {"step": 4, "eval_anls": 0.4},
+            {"step": 6, "eval_anls": 0.3}, {"step": 8, "eval_anls": 0.9}]  # fmt: skip
+    (tmp_path / rundir.METRICS).parent.mkdir(parents=True)
+    (tmp_path / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tracker = BestTracker("eval_anls", True, patience=3)
+    tracker.restore(tmp_path / rundir.CHECKPOINTS, up_to=6)  # resumed from checkpoint-6: step 8 is redone
+    assert tracker.best == (2, 0.5) and tracker.since_best == 2 and not tracker.stopped
+    assert tracker.observe(8, 0.45), "the third measurement without improvement stops, across the resume"

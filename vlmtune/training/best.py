@@ -9,13 +9,14 @@ train.early_stopping_patience, N measurements in a row without improvement stop 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from vlmtune.recipe import TrainSection
-from vlmtune.runs import trainer_checkpoints
+from vlmtune.runs import rundir, trainer_checkpoints
 from vlmtune.scoring import greater_is_better
 from vlmtune.training.callbacks import stable_row
 
@@ -64,11 +65,19 @@ class BestTracker(TrainerCallback):
             control.should_training_stop = True
 
     def restore(self, checkpoints: Path, up_to: int) -> None:
-        """A resume: the measurements of the checkpoints kept up to its step, replayed in order."""
-        for checkpoint in trainer_checkpoints.all_checkpoints(checkpoints):
-            value = trainer_checkpoints.metric_of(checkpoint.path, self.key)
-            if checkpoint.step <= up_to and value is not None:
-                self.observe(checkpoint.step, value)
+        """A resume: the measurements up to its checkpoint's step replayed in order, from metrics.jsonl (the
+        pipeline has kept its rows up to that step), so the best and the patience count on as if never
+        stopped; from the kept checkpoints' markers when that file cannot be read."""
+        run = checkpoints.parents[len(Path(rundir.CHECKPOINTS).parts) - 1]
+        found = _logged(run / rundir.METRICS, self.key, up_to)
+        if found is None:
+            found = [
+                (c.step, value)
+                for c in trainer_checkpoints.all_checkpoints(checkpoints)
+                if c.step <= up_to and (value := trainer_checkpoints.metric_of(c.path, self.key)) is not None
+            ]
+        for step, value in found:
+            self.observe(step, value)
 
     def marker(self, step: int) -> dict:
         """What a checkpoint saved at ``step`` records: the value measured there, if any."""
@@ -89,3 +98,21 @@ class BestTracker(TrainerCallback):
         if self.stopped:
             out["stopped_early"] = self.stopped
         return out
+
+
+def _logged(metrics: Path, key: str, up_to: int) -> list[tuple[int, float]] | None:
+    """(step, value) of ``key`` in metrics.jsonl rows up to ``up_to``; None when the file cannot be read."""
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill: the resume drops it too
+        value = row.get(key) if isinstance(row, dict) else None
+        if isinstance(value, int | float) and isinstance(row.get("step"), int) and row["step"] <= up_to:
+            found.append((row["step"], float(value)))
+    return found

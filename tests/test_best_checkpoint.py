@@ -201,3 +201,49 @@ def test_a_resume_counts_the_patience_on_from_the_logged_measurements(tmp_path: 
     tracker.restore(tmp_path / rundir.CHECKPOINTS, up_to=6)  # resumed from checkpoint-6: step 8 is redone
     assert tracker.best == (2, 0.5) and tracker.since_best == 2 and not tracker.stopped
     assert tracker.observe(8, 0.45), "the third measurement without improvement stops, across the resume"
+
+
+PERSISTENT = """
+from pathlib import Path
+
+VALUES = [0.2, 0.9, 0.5, 0.4, 0.3, 0.2]
+CALLS = Path(__file__).with_name("calls.txt")  # survives the kill, so the series goes on after the resume
+
+
+def scripted(predictions):
+    done = len(CALLS.read_text()) if CALLS.exists() else 0
+    CALLS.write_text("x" * (done + 1))
+    return VALUES[done]
+"""
+
+
+@pytest.mark.slow
+def test_early_stopping_counts_on_across_a_kill_and_resume(tmp_path: Path):
+    """Killed after step 4 (0.2, then the best 0.9): the resume must still stop at step 8 (0.5, 0.4);
+    a resume that forgot the measurements would take 0.5 as its best and stop only at step 10."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "my_metric.py").write_text(PERSISTENT)
+    recipe = overfit_recipe(
+        tmp_path, max_steps=20, save_steps=2, save_total_limit=1, eval_generate=False,
+        eval_generate_steps=2, eval_max_samples=1, eval_max_new_tokens=4, metrics=["exact_match"],
+        metric_function="my_metric:scripted", allow_metric_code=True, best_metric="scripted",
+        early_stopping_patience=2,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "faults.py"), "SIGKILL@step:4", "--", "train", str(recipe),
+         "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr[-3000:]
+    resumed = vlmtune("train", "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())["stages"]["train"]
+    assert train["steps"] == 8 and "best 0.9 at step 4" in train["stopped_early"]
+    assert train["best_checkpoint"]["step"] == 4

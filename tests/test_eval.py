@@ -12,6 +12,7 @@ from posttrain_fixtures import ANSWER, DEMO, IMAGE, fake_run, train_overfit_run
 from vlmtune import scoring
 from vlmtune.after import evaluate as ev
 from vlmtune.data import prompts
+from vlmtune.scoring import METRICS, contains_answer, exact_match
 
 from test_cli import vlmtune
 
@@ -41,8 +42,8 @@ PREDICTION_KEYS = {"index", "prompt", "reference", "base", "adapter"}
     ],
 )
 def test_scores_ignore_case_whitespace_and_trailing_punctuation(prediction, reference, exact, contains):
-    assert scoring.exact_match(prediction, reference) is exact
-    assert scoring.contains_answer(prediction, reference) is contains
+    assert exact_match(prediction, reference) is exact
+    assert contains_answer(prediction, reference) is contains
 
 
 def test_scores_are_fractions_of_the_samples():
@@ -120,13 +121,18 @@ def test_eval_scores_base_vs_adapter_and_writes_the_report(run_copy: Path, monke
     assert len(loads) == 1, "one base load; the adapter is disabled for the 'before' answers"
 
     report = json.loads((run_copy / "4-eval/eval_report.json").read_text())
-    assert set(report) >= REPORT_KEYS and set(report["base"]) == {"exact_match", "contains"}
+    assert set(report) >= REPORT_KEYS and set(report["base"]) == set(METRICS)  # the run's train.metrics: all
     assert report["n"] == 2 and len(report["predictions"]) == 2
     assert report["exact_match"] == 0.5 and report["contains"] == 0.5
-    assert report["base"] == {"exact_match": 0.0, "contains": 0.0}
+    assert report["base"]["exact_match"] == 0.0 and report["base"]["contains"] == 0.0
     first = report["predictions"][0]
     assert set(first) >= PREDICTION_KEYS
     assert first["index"] == 0 and first["reference"] == ANSWER and first["adapter"] == ANSWER
+    assert first["adapter_scores"] == {
+        "exact_match": 1.0, "contains": 1.0, "anls": 1.0, "cer": 0.0, "wer": 0.0, "rouge_l": 1.0
+    }  # fmt: skip
+    page = (run_copy / "4-eval/report.html").read_text()
+    assert page.count("<img ") == 2 and page.count('class="card ') == 2 and "http" not in page
     assert first["prompt"] == "user: <image> What color is the shape?"
     assert "exact match" in result.output and "after (trained)" in result.output
 
@@ -167,3 +173,36 @@ def test_eval_refuses_an_unfinished_or_missing_run(tmp_path: Path):
     )
     result = vlmtune("eval", str(tmp_path / "nope"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+# --- the HTML report ------------------------------------------------------------------------------
+
+
+def test_the_html_report_holds_every_sample_and_every_image_mistakes_first(tmp_path: Path):
+    """Built from the demo eval split (one sample shows two images) with made-up answers, no model."""
+    import base64
+    import re
+
+    from vlmtune.after import report_html
+    from vlmtune.data.preflight import read_split
+    from vlmtune.recipe import DataSection
+    from vlmtune.runs.rundir import RunDir
+
+    split = read_split(str(DEMO / "eval.jsonl"), DataSection(train="x"))
+    items = [ev.eval_item(s) for s in split.samples]
+    answers = [item.reference if n % 2 else "<b>wrong</b> & 错" for n, item in enumerate(items)]
+    found = {"adapter": {"answers": answers}, "base": {"answers": [""] * len(items)}}
+    content = ev.report(items, found)
+    path = report_html.write(RunDir(tmp_path), items, content)
+    page = path.read_text(encoding="utf-8")
+
+    cards = re.findall(r'id="sample-(\d+)"', page)
+    assert sorted(map(int, cards)) == sorted(item.index for item in items), "every sample, once"
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == sum(len(item.images) for item in items) and len(images) > len(items)
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images), "embedded PNGs"
+    assert "http://" not in page and "https://" not in page, "self-contained"
+    misses = [item.index for n, item in enumerate(items) if n % 2 == 0]
+    assert [int(c) for c in cards[: len(misses)]] == misses, "the wrong answers come first"
+    assert "&lt;b&gt;wrong&lt;/b&gt; &amp; 错" in page and "<b>wrong" not in page, "answers are escaped"
+    assert 'class="card hit"' in page and 'class="card miss"' in page

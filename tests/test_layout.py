@@ -82,18 +82,7 @@ def test_no_module_imports_a_package_above_its_own(path):
 def test_the_top_level_holds_only_entry_points_and_shared_leaves():
     loose = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     assert loose == sorted(
-        [
-            "__main__",
-            "cli",
-            "pipeline",
-            "choices",
-            "constants",
-            "errors",
-            "paths",
-            "redact",
-            "scoring",
-            "units",
-        ]
+        ["__main__", "cli", "pipeline", "choices", "constants", "errors", "paths", "redact", "units"]
     )
 
 

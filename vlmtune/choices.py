@@ -34,6 +34,8 @@ GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
 RewardScaling = Literal["group", "batch", "none"]  # what a reward is divided by to form its advantage
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 KernelsMode = Literal["auto", "off"]  # train.kernels: the Triton kernels (vlmtune/kernels) or none
+# The answer metrics (vlmtune/scoring/metrics.py; a test keeps the two lists equal)
+AnswerMetric = Literal["exact_match", "contains", "number", "anls", "cer", "wer", "rouge_l", "bleu", "chrf"]
 Strategy = Literal["ddp", "fsdp"]  # how ranks share the work under torchrun / accelerate launch
 # Experiment trackers the HF Trainer reports to (its `report_to`); vlmtune/observe/trackers.py knows
 # what each needs installed.

@@ -182,15 +182,26 @@ def _stages(
             )  # fmt: skip
             figures.update(first_loss=result.first_loss, last_loss=result.last_loss, steps=result.steps)
             figures.update(result.figures)
+            if run.writer and result.figures.get("stopped_early"):
+                _say(f"stopped early at step {result.steps}: {result.figures['stopped_early']}")
+            if run.writer and result.figures.get("best_checkpoint"):
+                best = result.figures["best_checkpoint"]
+                _say(
+                    f"best checkpoint: {best['path']} ({best['metric']} {best['value']:.4g}); predict, eval and "
+                    "export use it (--checkpoint last picks the final weights)"
+                )
             if run.writer:
                 figures.update(
                     observe.after_training(run, warn)
                 )  # measured memory; writes the curves picture
         processor, output = loaded.processor, result.output
+        if train.eval_generate and run.writer and result.figures.get("best_checkpoint"):
+            del model, loaded  # the eval scores the best checkpoint, as predict and export use it
+            model, processor, _ = _trained_model(run, recipe, device)
 
     if train.eval_generate and run.writer:  # optional: only then does summary.json list an eval stage
         with stage(run, "eval") as figures:
-            figures.update(evaluate.after_training(model, processor, recipe.model, recipe.data, run))
+            figures.update(evaluate.after_training(model, processor, recipe.model, recipe.data, run, train))
 
     run.set_status("done", seconds=round(time.time() - started, 1), output=output)
     return run

@@ -18,10 +18,18 @@ from typing import Any
 
 from vlmtune.data.prompts import EvalItem, eval_item, pair_item, prompt_text
 from vlmtune.errors import DataError
-from vlmtune.recipe import DataSection, ModelSection
+from vlmtune.recipe import DataSection, ModelSection, TrainSection
 from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
-from vlmtune.scoring import exact_match, preference_scores, scores
+from vlmtune.scoring import (
+    METRICS,
+    answer_scores,
+    contains_answer,
+    exact_match,
+    preference_scores,
+    sample_scores,
+    scores,
+)
 
 MAX_NEW_TOKENS = 64  # per answer; the CLI's --max-new-tokens overrides it
 
@@ -163,19 +171,24 @@ def run_answers(trained: Any, items: list[EvalItem], max_new_tokens: int, progre
     return {"adapter": adapter, "base": measure(base.model, base.processor, items, max_new_tokens, progress)}
 
 
-def report(items: list[EvalItem], found: dict, **facts: Any) -> dict:
+def report(items: list[EvalItem], found: dict, train: TrainSection | None = None, **facts: Any) -> dict:
     """The eval_report.json content: scores after (top level) and before (under `base`), per sample.
 
-    ``found`` is what ``before_and_after`` / ``run_answers`` measured of the adapter and the base.
+    ``found`` is what ``before_and_after`` / ``run_answers`` measured of the adapter and the base;
+    ``train``: the run's train section, whose metrics (train.metrics, the number tolerances) are reported
+    beside exact match and contains (all of them when None).
     """
     references = [item.reference for item in items]
     adapter, base = found["adapter"], found["base"]
     after = scores(adapter["answers"], references)
     before = scores(base["answers"], references)
+    measure_with = _metric_options(train)
+    after.update(answer_scores(adapter["answers"], references, **measure_with))
+    before.update(answer_scores(base["answers"], references, **measure_with))
     if "logps" in adapter:
         after.update(preference_scores(adapter["logps"]))
         before.update(preference_scores(base["logps"]))
-    return {
+    content = {
         **after,
         "base": before,
         "n": len(items),
@@ -191,6 +204,24 @@ def report(items: list[EvalItem], found: dict, **facts: Any) -> dict:
                 strict=True,
             )
         ],  # fmt: skip
+    }
+    for row, item in zip(content["predictions"], items, strict=True):  # each answer's own scores
+        for who in ("adapter", "base"):
+            row[f"{who}_scores"] = {
+                "exact_match": float(exact_match(row[who], item.reference)),
+                "contains": float(contains_answer(row[who], item.reference)),
+                **sample_scores(row[who], item.reference, **measure_with),
+            }
+    return content
+
+
+def _metric_options(train: TrainSection | None) -> dict:
+    """The answer metrics beyond exact match and contains (which ``scores`` always gives), as the run chose."""
+    names = train.metrics if train is not None else list(METRICS)
+    return {
+        "names": [name for name in names if name not in ("exact_match", "contains")],
+        "tolerance": train.number_tolerance if train is not None else 0.0,
+        "relative_tolerance": train.number_relative_tolerance if train is not None else 0.0,
     }
 
 
@@ -221,7 +252,12 @@ def write_report(run: RunDir, content: dict) -> Path:
 
 
 def after_training(
-    model: Any, processor: Any, model_section: ModelSection, data: DataSection, run: RunDir
+    model: Any,
+    processor: Any,
+    model_section: ModelSection,
+    data: DataSection,
+    run: RunDir,
+    train: TrainSection | None = None,
 ) -> dict:
     """Stage 4 (train.eval_generate): score data.eval before vs after; figures for summary.json."""
     if not data.eval:
@@ -233,9 +269,17 @@ def after_training(
     else:  # a full fine-tune: the base is a second model
         found = {"adapter": measure(model, processor, items, MAX_NEW_TOKENS)}
         found["base"] = base_measure(model_section, data, items, model.device.type)
-    content = report(items, found, max_new_tokens=MAX_NEW_TOKENS, data=source)
+    content = report(items, found, train, max_new_tokens=MAX_NEW_TOKENS, data=source)
     write_report(run, content)
+    write_html(run, items, content)
     return headline(content)
+
+
+def write_html(run: RunDir, items: list[EvalItem], content: dict) -> Path:
+    """4-eval/report.html beside the JSON report (vlmtune.after.report_html)."""
+    from vlmtune.after import report_html
+
+    return report_html.write(run, items, content)
 
 
 def base_measure(model_section: ModelSection, data: DataSection, items: list[EvalItem], device: str) -> dict:
@@ -275,6 +319,7 @@ def render(content: dict, console: Any, show: int = 8) -> None:
     scores_table.add_row("before (base)", *(f"{before[key]:.1%}" for key in columns))
     scores_table.add_row("[bold]after (trained)[/]", *(f"[bold]{after[key]:.1%}[/]" for key in columns))
     console.print(scores_table)
+    _render_metrics(content, console)
     rows = content["predictions"][:show]
     if not rows:
         return
@@ -295,3 +340,26 @@ def _plain(text: str) -> str:
     from rich.markup import escape
 
     return escape("".join(c if c.isprintable() or c == "\n" else "\N{REPLACEMENT CHARACTER}" for c in text))
+
+
+def _render_metrics(content: dict, console: Any) -> None:
+    """The answer metrics beyond exact match and contains, base vs trained (vlmtune.scoring)."""
+    from rich.table import Table
+
+    names = [n for n in METRICS if n not in ("exact_match", "contains") and content.get(n) is not None]
+    if not names:
+        return
+    table = Table(title="answer metrics", title_justify="left")
+    table.add_column("model")
+    for name in names:
+        arrow = "↑" if METRICS[name].greater_is_better else "↓"
+        table.add_column(f"{name} {arrow}", justify="right")
+
+    def shown(name: str, value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1%}" if METRICS[name].scale == "fraction" else f"{value:.3g}"
+
+    table.add_row("before (base)", *(shown(n, content["base"].get(n)) for n in names))
+    table.add_row("[bold]after (trained)[/]", *(f"[bold]{shown(n, content.get(n))}[/]" for n in names))
+    console.print(table)

@@ -139,7 +139,7 @@ def run_processor(trained: TrainedRun) -> Any:
     from vlmtune.model.processing import load_processor
 
     family = get_family(trained.run.read_json(rundir.MODEL_REPORT)["family"])
-    return load_processor(trained.weights, family, trained.recipe.data.max_image_pixels)
+    return load_processor(trained.final or trained.weights, family, trained.recipe.data.max_image_pixels)
 
 
 # --- proofs ---------------------------------------------------------------------------------------

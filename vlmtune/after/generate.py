@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.errors import DataError
+from vlmtune.training.answer_eval import generate_answer
+
+__all__ = ["generate_answer", "open_images", "user_turn"]
 
 
 def user_turn(prompt: str, n_images: int) -> list[dict]:
@@ -34,35 +37,3 @@ def open_images(paths: list[str | Path]) -> list[Any]:
                 hint="pass a readable PNG, JPEG or WebP file (`python -m PIL.Image` can tell what it is)",
             ) from None
     return images
-
-
-def generate_answer(
-    model: Any, processor: Any, messages: list[dict], images: list[Any], max_new_tokens: int
-) -> str:
-    """Greedy continuation of ``messages`` (rendered with the generation prompt), special tokens removed."""
-    import torch
-
-    from vlmtune.data.collator import template_special_tokens
-
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The same tokenization as training: no second BOS after a template that writes one.
-    kwargs: dict[str, Any] = {
-        "text": [prompt],
-        "return_tensors": "pt",
-        **template_special_tokens(processor.tokenizer, [prompt]),
-    }
-    if images:
-        kwargs["images"] = [images]
-    inputs = processor(**kwargs).to(model.device)
-    tokenizer = processor.tokenizer
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else tokenizer.eos_token_id,
-        )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -23,7 +23,9 @@ from vlmtune.runs.rundir import RunDir
 class TrainedRun:
     run: RunDir
     recipe: Recipe
-    weights: Path  # 3-train/adapter, or 3-train/model for a full fine-tune
+    weights: Path  # 3-train/adapter (3-train/model for a full fine-tune), or the checkpoint chosen
+    which: str = "the final weights"  # what ``weights`` is, in words
+    final: Path | None = None  # the final weights folder (it holds the processor as trained)
 
     @property
     def is_full(self) -> bool:
@@ -38,8 +40,10 @@ class Inference:
     has_adapter: bool
 
 
-def open_trained_run(path: str | Path) -> TrainedRun:
-    """A run folder whose training finished, with its resolved recipe and final weights."""
+def open_trained_run(path: str | Path, checkpoint: str | None = None) -> TrainedRun:
+    """A run folder whose training finished, with its resolved recipe and the weights to use: the best
+    checkpoint when the run kept one (train.best_metric), else the final weights. ``checkpoint`` picks
+    another: ``last`` (the final weights), ``best``, or a checkpoint by step (``40`` or ``checkpoint-40``)."""
     from vlmtune.recipe import load_recipe
 
     path = Path(path)
@@ -69,7 +73,46 @@ def open_trained_run(path: str | Path) -> TrainedRun:
     from vlmtune.training.finite import refuse_nonfinite
 
     refuse_nonfinite(weights)  # a run that diverged before vlmtune stopped such runs
-    return TrainedRun(run, recipe, weights)
+    chosen, which = chosen_weights(run, summary, checkpoint)
+    if chosen is None:
+        return TrainedRun(run, recipe, weights, final=weights)
+    refuse_nonfinite(chosen)
+    return TrainedRun(run, recipe, chosen, which, final=weights)
+
+
+def chosen_weights(run: RunDir, summary: dict, checkpoint: str | None) -> tuple[Path | None, str]:
+    """The checkpoint folder to use instead of the final weights (None: the final weights), in words."""
+    from vlmtune.runs import trainer_checkpoints
+
+    best = summary.get("stages", {}).get("train", {}).get("best_checkpoint")
+    if checkpoint in ("last", "final") or (checkpoint is None and not best):
+        return None, "the final weights"
+    if checkpoint in (None, "best"):
+        if not best:
+            raise RunDirError(
+                f"run {run.path} kept no best checkpoint (its recipe sets no train.best_metric, or nothing was "
+                "measured at a saved step)",
+                hint="pass --checkpoint last, or a checkpoint step; train with train.best_metric to keep the best",
+            )
+        folder = run / best["path"]
+        which = f"the best checkpoint {folder.name} ({best['metric']} {best['value']:.4g})"
+    else:
+        step = checkpoint.removeprefix(rundir.CHECKPOINT_PREFIX)
+        folder = run / rundir.CHECKPOINTS / f"{rundir.CHECKPOINT_PREFIX}{step}"
+        which = f"checkpoint {folder.name}"
+        if not step.isdigit() or not folder.is_dir():
+            kept = [c.path.name for c in trainer_checkpoints.all_checkpoints(run / rundir.CHECKPOINTS)]
+            raise RunDirError(
+                f"run {run.path} has no checkpoint {checkpoint!r}",
+                hint=f"pass last, best or one of the checkpoints kept: {', '.join(kept) or 'none'}",
+            )
+    problem = trainer_checkpoints.problem(folder)
+    if problem is not None:
+        raise RunDirError(
+            f"{which} of run {run.path} cannot be used: {problem[0]}",
+            hint="pass --checkpoint last for the final weights, or another checkpoint",
+        )
+    return folder, which
 
 
 # The lora keys that shape an adapter: a run training on an earlier run's adapter must state them as
@@ -97,7 +140,7 @@ def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
     if model.adapter is None:
         return StartFrom(model)
     try:
-        earlier = open_trained_run(model.adapter)
+        earlier = open_trained_run(model.adapter, checkpoint="last")
     except RunDirError as exc:
         raise RunDirError(f"model.adapter: {exc.message}", hint=exc.hint) from None
     base = earlier.recipe.model

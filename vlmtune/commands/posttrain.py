@@ -14,6 +14,13 @@ console = Console(highlight=False)
 status = Console(stderr=True, highlight=False)  # progress notes; stdout keeps only the results
 
 RUN_ARG = typer.Argument(..., help="A run folder that `vlmtune train` created.", show_default=False)
+CHECKPOINT_OPT = typer.Option(
+    None,
+    "--checkpoint",
+    help="Which weights: last (the final ones), best, or a checkpoint step (40 or checkpoint-40); default: the "
+    "best checkpoint when the run kept one (train.best_metric), else the final weights.",
+    show_default=False,
+)
 
 
 # The recipe's dtypes (vlmtune.choices), as the enum typer needs for a choice option.
@@ -22,6 +29,7 @@ ExportDtype = enum.Enum("ExportDtype", {name: name for name in words(Dtype)}, ty
 
 def predict(
     run_dir: Path = RUN_ARG,
+    checkpoint: str = CHECKPOINT_OPT,
     image: list[Path] = typer.Option(
         None, "--image", "-i", help="An image to show the model (repeatable, in order).", show_default=False
     ),
@@ -47,7 +55,8 @@ def predict(
     from vlmtune.after.generate import generate_answer, open_images, user_turn
     from vlmtune.after.trained import load_for_inference, open_trained_run
 
-    trained = open_trained_run(run_dir)
+    trained = open_trained_run(run_dir, checkpoint)
+    status.print(f"using {trained.which}")
     images = open_images(image or [])  # before the model loads: a bad path fails in a second
     _quiet_libraries()
     status.print(f"loading {'the base of ' if base_only else ''}[bold]{run_dir}[/] ...")
@@ -58,6 +67,7 @@ def predict(
 
 def evaluate(
     run_dir: Path = RUN_ARG,
+    checkpoint: str = CHECKPOINT_OPT,
     data: Path = typer.Option(
         None,
         "--data",
@@ -84,7 +94,8 @@ def evaluate(
     from vlmtune.after.trained import open_trained_run
     from vlmtune.errors import DataError
 
-    trained = open_trained_run(run_dir)
+    trained = open_trained_run(run_dir, checkpoint)
+    status.print(f"using {trained.which}")
     section = trained.recipe.data
     if data is None and not section.eval:
         raise DataError(
@@ -98,14 +109,16 @@ def evaluate(
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
     found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))
-    content = ev.report(items, found, max_new_tokens=max_new_tokens, data=read)
+    content = ev.report(items, found, trained.recipe.train, max_new_tokens=max_new_tokens, data=read)
     path = ev.write_report(trained.run, content)
+    page = ev.write_html(trained.run, items, content)
     ev.render(content, console)
-    console.print(f"report: [bold]{path}[/]")
+    console.print(f"report: [bold]{path}[/] (open [bold]{page}[/] in a browser)")
 
 
 def export(
     run_dir: Path = RUN_ARG,
+    checkpoint: str = CHECKPOINT_OPT,
     out: Path = typer.Option(
         ..., "--out", "-o", help="New folder to write (must not exist).", show_default=False
     ),
@@ -127,7 +140,8 @@ def export(
     from vlmtune.after.export import check_new_folder, export_run
     from vlmtune.after.trained import open_trained_run
 
-    trained = open_trained_run(run_dir)
+    trained = open_trained_run(run_dir, checkpoint)
+    status.print(f"using {trained.which}")
     check_new_folder(out)
     _quiet_libraries()
     if trained.is_full and merge:

@@ -50,6 +50,19 @@ OBJECTIVE_PANELS = (
     Panel("preference accuracy", (("preference_accuracy", "train"), ("eval_preference_accuracy", "eval"))),
     Panel("reward", (("reward", "train"), ("eval_reward", "eval"))),
     Panel("kl", (("kl", "train"),)),
+    # answers generated at train.eval_generate_steps (vlmtune.training.answer_eval)
+    Panel(
+        "answer scores",
+        (
+            ("eval_exact_match", "exact match"),
+            ("eval_contains", "contains"),
+            ("eval_number", "number"),
+            ("eval_anls", "ANLS"),
+            ("eval_rouge_l", "ROUGE-L"),
+        ),
+    ),  # fmt: skip
+    Panel("answer error rates", (("eval_cer", "CER"), ("eval_wer", "WER"))),
+    Panel("answer BLEU / chrF", (("eval_bleu", "BLEU"), ("eval_chrf", "chrF"))),
 )
 PANELS = CORE_PANELS + OBJECTIVE_PANELS
 

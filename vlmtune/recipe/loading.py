@@ -113,16 +113,28 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     output = recipe.output.model_copy(
         update={"dir": str(out_dir if out_dir.is_absolute() else (base_dir / out_dir).resolve())}
     )
-    return recipe.model_copy(update={"data": data, "model": model, "output": output, "grpo": grpo})
+    train = recipe.train.model_copy(
+        update={"metric_function": function_beside(recipe.train.metric_function, base_dir)}
+    )
+    return recipe.model_copy(
+        update={"data": data, "model": model, "output": output, "grpo": grpo, "train": train}
+    )
 
 
 def _beside(reward: Any, base_dir: Path) -> Any:
     """A function reward whose module is a file beside the recipe, named by its absolute path."""
     if not isinstance(reward, FunctionReward):
         return reward
-    module, function = reward.function.rsplit(":", 1)
+    return reward.model_copy(update={"function": function_beside(reward.function, base_dir)})
+
+
+def function_beside(spec: str | None, base_dir: Path) -> str | None:
+    """module:function whose module is a file beside the recipe -> /absolute/path.py:function; else as given."""
+    if spec is None:
+        return None
+    module, function = spec.rsplit(":", 1)
     relative = Path(module) if module.endswith(".py") else Path(*module.split(".")).with_suffix(".py")
     candidate = relative.expanduser() if relative.expanduser().is_absolute() else base_dir / relative
     if not candidate.is_file():
-        return reward  # an importable module (or a missing file, reported when the run starts)
-    return reward.model_copy(update={"function": f"{candidate.resolve()}:{function}"})
+        return spec  # an importable module (or a missing file, reported when the run starts)
+    return f"{candidate.resolve()}:{function}"

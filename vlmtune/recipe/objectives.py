@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from vlmtune.choices import DpoLoss, DpoReference, GrpoLoss, RewardScaling
-from vlmtune.recipe.sections import Section, Strict, wants_number
+from vlmtune.recipe.sections import MODULE_FUNCTION, Section, Strict, wants_number
 
 
 class DpoSection(Section):
@@ -67,7 +67,6 @@ class DpoSection(Section):
 
 REWARD_NAME = re.compile(r"[a-z][a-z0-9_]*")  # becomes a metrics key: reward_<name>
 RESERVED_REWARD_NAMES = ("std", "group_std")  # reward_std, reward_group_std are the total's spreads
-MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
 
 
 class RewardSpec(Strict):
@@ -264,6 +263,10 @@ OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("train", "supervised_loss"): (
         ("sft",),
         "DPO scores answers with TRL's chunked log-probabilities, and so does GRPO",
+    ),
+    ("train", "eval_generate_steps"): (
+        ("sft",),
+        "DPO is measured by held-out preference accuracy and GRPO by held-out reward, both at train.eval_steps",
     ),
     ("lora", "dropout"): (
         ("sft",),

@@ -54,6 +54,10 @@ class Recipe(Section):
             )
         if self.train.distributed.strategy == "fsdp":
             _check_fsdp(self)
+        if self.train.eval_generate_steps and not self.data.eval:
+            raise ValueError(
+                "train.eval_generate_steps is set but data.eval is empty; give data.eval or drop eval_generate_steps"
+            )
         if self.train.eval_steps and not self.data.eval:
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
@@ -113,6 +117,11 @@ def _check_fsdp(recipe: Recipe) -> None:
         raise ValueError(
             "train.distributed.strategy fsdp cannot shard 8-bit (LLM.int8) weights; use quantization.bits: 4 "
             "(QLoRA: the 4-bit weights are stored in model.dtype so FSDP can shard them) or null, or strategy: ddp"
+        )
+    if recipe.train.eval_generate_steps:
+        raise ValueError(
+            "train.eval_generate_steps cannot run under strategy fsdp (generation would need every rank); drop it, "
+            "or use strategy: ddp"
         )
     if recipe.train.eval_generate:
         raise ValueError(

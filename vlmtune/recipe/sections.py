@@ -4,6 +4,7 @@ distributed part) and output, each with its defaults and its own checks."""
 from __future__ import annotations
 
 import difflib
+import re
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -12,6 +13,7 @@ from pydantic.fields import FieldInfo
 
 from vlmtune.choices import (
     NO_QUANTIZATION,
+    AnswerMetric,
     AttnImplementation,
     DataFormat,
     Device,
@@ -28,6 +30,8 @@ from vlmtune.choices import (
     Tracker,
 )
 from vlmtune.paths import TINY_PREFIX
+
+MODULE_FUNCTION = re.compile(r"(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
 
 
 class Strict(BaseModel):
@@ -345,6 +349,56 @@ class TrainSection(Section):
         description="After training, generate answers on data.eval with the base and the adapter and score them "
         "(exact match, contains answer) into 4-eval/eval_report.json, like `vlmtune eval`.",
     )
+    eval_generate_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Every N steps, generate greedy answers on data.eval (sft) and score them with train.metrics: "
+        "eval_<metric> rows in metrics.jsonl, the curves and the trackers.",
+    )
+    eval_max_samples: int | None = Field(
+        None,
+        gt=0,
+        description="Answers generated at each eval_generate_steps: a sample of N eval samples drawn with "
+        "train.seed, the same at every step (null: all of data.eval).",
+    )
+    eval_max_new_tokens: int = Field(64, gt=0, description="New tokens per answer at eval_generate_steps.")
+    metrics: list[AnswerMetric] = Field(
+        default_factory=lambda: list(get_args(AnswerMetric)),
+        description="Answer metrics at eval_generate_steps and in `vlmtune eval` (docs/after-training.md defines "
+        "each): exact_match, contains, number, anls, cer, wer, rouge_l, bleu, chrf.",
+    )
+    number_tolerance: float = Field(
+        0.0, ge=0, description="metric number: absolute difference accepted from the reference's last number."
+    )
+    number_relative_tolerance: float = Field(
+        0.0,
+        ge=0,
+        description="metric number: difference accepted as a fraction of the reference (0.01 = 1%).",
+    )
+    metric_function: str | None = Field(
+        None,
+        description="A metric of yours, module:function (my_metrics.py beside the recipe -> my_metrics:score), "
+        "called with predictions, references and prompts, returning one number; logged as eval_<function>. "
+        "Runs only with train.allow_metric_code: true.",
+    )
+    allow_metric_code: bool = Field(
+        False, description="Let train.metric_function import and run your Python code."
+    )
+    best_metric: str | None = Field(
+        None,
+        description="The metric that picks the best checkpoint: loss (eval_loss, at eval_steps), a name of "
+        "train.metrics or metric_function's function (at eval_generate_steps), preference_accuracy (dpo) or "
+        "reward (grpo) at eval_steps. The best checkpoint is kept by rotation, named in summary.json and used by "
+        "predict, eval and export. save_steps must be a multiple of the steps that measure it.",
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Direction of best_metric; null: the metric's own (lower for loss, cer, wer)."
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop when best_metric has not improved for N measurements in a row (needs best_metric).",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader workers that decode and process images.")
     supervised_loss: bool = Field(
         True,
@@ -375,6 +429,50 @@ class TrainSection(Section):
         default_factory=DistributedSection,
         description="Under torchrun / accelerate launch: the strategy (ddp or fsdp) and the collective timeout.",
     )
+
+    @field_validator("metric_function")
+    @classmethod
+    def _module_colon_function(cls, value: str | None) -> str | None:
+        if value is not None and not MODULE_FUNCTION.fullmatch(value):
+            raise ValueError(f"{value!r} is not module:function (e.g. my_metrics:score)")
+        return value
+
+    @model_validator(mode="after")
+    def _best_metric_is_measured(self) -> TrainSection:
+        if self.metric_function and not self.allow_metric_code:
+            raise ValueError(
+                f"train.metric_function names Python code ({self.metric_function}) but train.allow_metric_code is "
+                "false: a recipe never runs code unless it says so; set allow_metric_code: true if you trust it"
+            )
+        if self.early_stopping_patience and not self.best_metric:
+            raise ValueError(
+                "train.early_stopping_patience needs train.best_metric (what must keep improving)"
+            )
+        if self.best_metric is None:
+            return self
+        answers = [*self.metrics, *([self.metric_function_name] if self.metric_function else [])]
+        by_eval = ("loss", "preference_accuracy", "reward")
+        if self.best_metric not in (*answers, *by_eval):
+            raise ValueError(
+                f"train.best_metric {self.best_metric!r} is not measured: use loss, preference_accuracy (dpo), "
+                f"reward (grpo) or one of train.metrics ({', '.join(answers)})"
+            )
+        key, steps = (
+            ("eval_steps", self.eval_steps) if self.best_metric in by_eval
+            else ("eval_generate_steps", self.eval_generate_steps)
+        )  # fmt: skip
+        if not steps:
+            raise ValueError(f"train.best_metric {self.best_metric} is measured at train.{key}; set it")
+        if self.save_steps % steps:
+            raise ValueError(
+                f"train.save_steps {self.save_steps} is not a multiple of train.{key} {steps}: a checkpoint must be "
+                f"saved where best_metric is measured; set save_steps to a multiple of {steps}"
+            )
+        return self
+
+    @property
+    def metric_function_name(self) -> str | None:
+        return MODULE_FUNCTION.fullmatch(self.metric_function)["function"] if self.metric_function else None
 
     @field_validator("max_steps")
     @classmethod

@@ -51,6 +51,7 @@ LOCK = ".lock"  # held (flock) by the one process that trains this run folder
 ADAPTER = "3-train/adapter"
 FULL_MODEL = "3-train/model"
 EVAL_REPORT = "4-eval/eval_report.json"
+EVAL_HTML = "4-eval/report.html"  # the eval report as one self-contained page (vlmtune/after/report_html.py)
 
 # summary.json: stages.train[MEASURED_MEMORY] holds the measured peak beside the estimate.
 MEASURED_MEMORY = "memory"

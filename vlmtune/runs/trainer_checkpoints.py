@@ -86,16 +86,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def rotate(folder: Path, keep: int | None) -> None:
+def rotate(folder: Path, keep: int | None, best_by: tuple[str, bool] | None = None) -> None:
     """Keep the newest ``keep`` complete checkpoints (all when None); remove the rest and every partial one.
 
     Only complete checkpoints count towards the limit, so an interrupted save never pushes the last
-    good checkpoint out.
+    good checkpoint out. ``best_by``: (metric key, greater is better): the best complete checkpoint by
+    that metric (``best()``) is kept too, beside the newest ones.
     """
     complete, partial = [], []
     for checkpoint in all_checkpoints(folder):
         (complete if (checkpoint.path / rundir.CHECKPOINT_MARKER).is_file() else partial).append(checkpoint)
-    doomed = partial + (complete[:-keep] if keep else [])
+    kept = best(folder, *best_by) if best_by else None
+    doomed = partial + [c for c in (complete[:-keep] if keep else []) if c != kept]
     for checkpoint in doomed:
         shutil.rmtree(checkpoint.path, ignore_errors=True)
 
@@ -112,6 +114,27 @@ def discard(path: Path) -> None:
 def marker(path: Path) -> dict:
     """The completion marker of a checkpoint that passed ``problem()``."""
     return json.loads((path / rundir.CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+
+
+def metric_of(path: Path, key: str) -> float | None:
+    """The value of ``key`` measured at this checkpoint's step (kept in its marker), or None."""
+    try:
+        value = marker(path).get("metrics", {}).get(key)
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def best(folder: Path, key: str, greater: bool) -> Checkpoint | None:
+    """The complete checkpoint with the best measured ``key`` (the earliest among equals), or None."""
+    found = None
+    for checkpoint in all_checkpoints(folder):
+        if not (checkpoint.path / rundir.CHECKPOINT_MARKER).is_file():
+            continue
+        value = metric_of(checkpoint.path, key)
+        if value is not None and (found is None or (value > found[1] if greater else value < found[1])):
+            found = (checkpoint, value)
+    return found[0] if found else None
 
 
 def choose(folder: Path) -> Choice:

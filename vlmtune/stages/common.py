@@ -155,8 +155,13 @@ def run_trainer(
     # Every rank waits for rank 0's last metrics row and the saved weights before reading or leaving.
     distributed.barrier()
     losses = run.losses()
+    best = getattr(trainer, "best", None)  # train.best_metric: the best checkpoint, an early stop
     return TrainResult(
-        losses[0] if losses else None, losses[-1] if losses else None, trainer.state.global_step, output
+        losses[0] if losses else None,
+        losses[-1] if losses else None,
+        trainer.state.global_step,
+        output,
+        best.figures(run.path, run / rundir.CHECKPOINTS) if best is not None else {},
     )
 
 

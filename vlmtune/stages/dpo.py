@@ -146,6 +146,7 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The pairs pre-flighted and TRL's DPOTrainer set up on them, with its reference, not yet trained."""
+    from vlmtune.training.best import BestTracker
     from vlmtune.training.callbacks import MetricsWriter
 
     collator, train_pairs, eval_pairs = prepare_pairs(processor, family, data, train_section, run)
@@ -164,6 +165,7 @@ def build_trainer(
         data_collator=IndexedCollator(collator, pairs),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         keep_checkpoints=train_section.save_total_limit,
+        best=BestTracker.from_section(train_section),
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model, options.reference)

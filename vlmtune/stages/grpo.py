@@ -385,7 +385,7 @@ def train(
     )  # fmt: skip
     result = run_trainer(trainer, processor, run, device, resume, train_section, family)
     trainer.coverage.check()  # a short run no reward applied to: failed, not done
-    return replace(result, figures=reward_figures(run))
+    return replace(result, figures={**result.figures, **reward_figures(run)})
 
 
 def build_trainer(
@@ -403,6 +403,7 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The prompts pre-flighted and TRL's GRPOTrainer set up on them, not yet trained."""
+    from vlmtune.training.best import BestTracker
     from vlmtune.training.callbacks import MetricsWriter
 
     check_family(family)
@@ -433,6 +434,7 @@ def build_trainer(
         completions_log=CompletionsLog(run, prompts, weights, options.completions_to_log),
         coverage=rewards.Coverage(scorers),
         keep_checkpoints=train_section.save_total_limit,
+        best=BestTracker.from_section(train_section),
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model)

@@ -120,6 +120,7 @@ def train(
     report_to: list[str] | None = None,
 ) -> TrainResult:
     """Train to the recipe's end; ``resume`` is the complete checkpoint to continue from (None: step 0)."""
+    from vlmtune.training.best import BestTracker
     from vlmtune.training.callbacks import MetricsWriter
     from vlmtune.training.trainer import VlmtuneTrainer
 
@@ -137,6 +138,12 @@ def train(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
         keep_checkpoints=train_section.save_total_limit,
+        best=BestTracker.from_section(train_section),
         dtype=dtype,
     )
+    if train_section.eval_generate_steps and eval_split:
+        from vlmtune.training.answer_eval import AnswerEval, sample_items
+
+        items = sample_items(eval_split.samples, train_section.eval_max_samples, train_section.seed)
+        trainer.add_callback(AnswerEval(trainer, processor, items, train_section))
     return run_trainer(trainer, processor, run, device, resume, train_section, family)

@@ -58,16 +58,22 @@ class MetricsWriter(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not logs:
             return
-        row: dict[str, Any] = {"step": state.global_step}
-        for key, value in logs.items():
-            name = stable_key(key)
-            if name is None and key.startswith("eval_"):
-                rest = stable_key(key[5:])  # an eval row keeps its train row's names, and eval_runtime & co.
-                name = f"eval_{rest}" if rest else (key if "/" not in key else None)
-            if name is not None:
-                row[name] = _plain(value)
-        if len(row) > 1 and ("loss" in row or "eval_loss" in row):
+        row: dict[str, Any] = {"step": state.global_step, **stable_row(logs)}
+        if len(row) > 1 and any(key == "loss" or key.startswith("eval_") for key in row):
             self.run.append_jsonl(rundir.METRICS, row)
+
+
+def stable_row(logs: dict) -> dict[str, Any]:
+    """A Trainer log row under our metrics.jsonl names (keys we do not keep left out)."""
+    row: dict[str, Any] = {}
+    for key, value in logs.items():
+        name = stable_key(key)
+        if name is None and key.startswith("eval_"):
+            rest = stable_key(key[5:])  # an eval row keeps its train row's names, and eval_runtime & co.
+            name = f"eval_{rest}" if rest else (key if "/" not in key else None)
+        if name is not None:
+            row[name] = _plain(value)
+    return row
 
 
 def stable_key(key: str) -> str | None:

@@ -76,13 +76,22 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
 class ReliableTrainerMixin:
     """Put before the TRL trainer class in the bases. ``keep_checkpoints``: complete checkpoints kept
-    (None: all); ``dtype``: the recipe's model.dtype (for the guard's likely cause)."""
+    (None: all); ``dtype``: the recipe's model.dtype (for the guard's likely cause); ``best``: the
+    train.best_metric watcher (vlmtune.training.best), whose best checkpoint rotation keeps too."""
 
     def __init__(
-        self, *args: Any, keep_checkpoints: int | None = None, dtype: str = "bfloat16", **kwargs: Any
+        self,
+        *args: Any,
+        keep_checkpoints: int | None = None,
+        dtype: str = "bfloat16",
+        best: Any = None,
+        **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.best = best
+        if best is not None:
+            self.add_callback(best)
         self.guard = NonFiniteGuard(
             lr=self.args.learning_rate,
             dtype=dtype,
@@ -142,14 +151,21 @@ class ReliableTrainerMixin:
         super()._save_checkpoint(model, trial)
         distributed.barrier()
         if self.args.should_save:
-            trainer_checkpoints.mark_complete(folder, {"unlogged": self._unlogged()})
-            trainer_checkpoints.rotate(folder.parent, self.keep_checkpoints)
+            extra = {
+                "unlogged": self._unlogged(),
+                **(self.best.marker(self.state.global_step) if self.best else {}),
+            }
+            trainer_checkpoints.mark_complete(folder, extra)
+            best_by = (self.best.key, self.best.greater) if self.best else None
+            trainer_checkpoints.rotate(folder.parent, self.keep_checkpoints, best_by)
         distributed.barrier()  # no rank runs ahead to a resume-able state before the marker exists
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint:
             marker = trainer_checkpoints.marker(Path(resume_from_checkpoint))
             self.unlogged_carry = marker.get("unlogged")
+            if self.best is not None:  # the measurements before the checkpoint, for the best and the patience
+                self.best.restore(Path(resume_from_checkpoint).parent, marker["step"])
             # The eval before the first step belongs to the first attempt (its row is kept in
             # metrics.jsonl); a resume that ran it again would log it twice, at the checkpoint's step.
             self.args.eval_on_start = False

@@ -1,4 +1,4 @@
-"""How a generated answer is scored against its reference: the pure text metrics every objective shares.
+"""The normalised text comparisons: exact match, contains, the last number within a tolerance.
 
 Scores compare normalised text: case, whitespace and trailing punctuation do not count. Used by
 `vlmtune eval`, by GRPO's built-in rewards and by the eval during training.
@@ -6,9 +6,12 @@ Scores compare normalised text: case, whitespace and trailing punctuation do not
 
 from __future__ import annotations
 
+import math
 import re
 
 _TRAILING = re.compile(r"[\s.!?,;:。！？]+$")
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def normalize(text: str) -> str:
@@ -23,6 +26,24 @@ def exact_match(prediction: str, reference: str) -> bool:
 def contains_answer(prediction: str, reference: str) -> bool:
     reference = normalize(reference)
     return bool(reference) and reference in normalize(prediction)
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (thousands separators allowed: 1,234.5), or None."""
+    found = _NUMBER.findall(_THOUSANDS.sub("", text))
+    return float(found[-1]) if found else None
+
+
+def number_match(
+    prediction: str, reference: str, tolerance: float = 0.0, relative: float = 0.0
+) -> bool | None:
+    """Is the prediction's last number within ``tolerance`` (absolute) or ``relative`` (a fraction of the
+    reference) of the reference's last number? None when the reference has no number (it does not apply)."""
+    expected = last_number(reference)
+    if expected is None:
+        return None
+    got = last_number(prediction)
+    return got is not None and math.isclose(got, expected, rel_tol=relative, abs_tol=tolerance)
 
 
 def scores(predictions: list[str], references: list[str]) -> dict:

@@ -27,6 +27,27 @@ CLIP_MLP = ("fc1", "fc2")
 
 COMPONENTS = ("vision", "projector", "language", "lm_head", "other")
 
+# A family whose packing is not proven says why in its record; this is the default reason.
+PACKING_UNPROVEN = "no test proves that a packed row of it trains like its samples one by one"
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a family's samples share one packed row (vlmtune.data.packing; docs/performance.md).
+
+    Every packing family is proven by tests/test_packing.py: a packed row gives the loss and the
+    gradients of its samples one by one.
+    """
+
+    # Text positions restart at 0 for each sample, which is what transformers reads to keep each
+    # sample's attention to itself. ``rope_index``: the attribute path (from the model under the
+    # LM head) of the function that gives a sample its multimodal RoPE rows (Qwen-VL's
+    # get_rope_index), put under the restarting text row; None: 1-D positions.
+    rope_index: str | None = None
+    # The axis of the pixel inputs along which a sample's images are listed (Idefics3 has a batch
+    # axis before its images); images of different sizes are zero-padded as the processor pads a batch.
+    image_axis: int = 0
+
 
 @dataclass(frozen=True)
 class Family:
@@ -76,6 +97,9 @@ class Family:
     # as one unit. Lists, not class names: a family's checkpoints differ in backbone (Llava has
     # Llama, Mistral or Qwen2 blocks, CLIP or SigLIP towers), so the classes are read from the model.
     block_lists: tuple[str, ...] = ()
+    # train.packing: how samples share a row, or None with ``packing_refused`` saying why not.
+    packing: Packing | None = None
+    packing_refused: str = PACKING_UNPROVEN
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -124,6 +148,7 @@ _QWEN_COMMON = dict(
     pixel_budget=it.qwen_budget,
     image_settings=it.qwen_settings,
     block_lists=("model.visual.blocks", "model.language_model.layers"),
+    packing=Packing(rope_index="model.get_rope_index"),  # M-RoPE rows per sample
 )
 
 QWEN2_VL = Family(
@@ -170,6 +195,7 @@ _LLAVA_LAYOUT = dict(
     projector_prefixes=("model.multi_modal_projector",),
     language_prefix="model.language_model",
     block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing=Packing(),
 )
 
 LLAVA = Family(
@@ -207,7 +233,10 @@ LLAVA_ONEVISION = Family(
     processor_needs_video=True,
     tokens_per_image=it.llava_onevision_tokens,
     image_settings=it.llava_onevision_settings,
-    **_LLAVA_LAYOUT,
+    # its forward matches image features to tokens per batch row (batch_num_images): a packed row of
+    # several samples' images fails that match
+    **{**_LLAVA_LAYOUT, "packing": None},
+    packing_refused="its anyres image features are matched to image tokens per batch row, which packing breaks",
 )
 
 _PIXTRAL_COMMON = dict(
@@ -258,7 +287,9 @@ GEMMA3 = Family(
     extra_inputs=("token_type_ids",),
     tokens_per_image=it.fixed_tokens,
     image_settings=it.seq_length_settings,
-    **_LLAVA_LAYOUT,
+    **{**_LLAVA_LAYOUT, "packing": None},
+    packing_refused="its bidirectional attention inside each image is not kept apart per packed sample "
+    "(a packed row's loss differed by 1e-3 relative in tests)",
 )
 
 MLLAMA = Family(
@@ -280,6 +311,8 @@ MLLAMA = Family(
         "model.vision_model.global_transformer.layers",
         "model.language_model.layers",  # self-attention and cross-attention decoder layers
     ),
+    packing_refused="its text attends to the images through cross-attention layers, whose mask is not built "
+    "per packed sample, so a sample would see the other samples' images",
 )
 
 _IDEFICS3_COMMON = dict(
@@ -298,6 +331,7 @@ _IDEFICS3_COMMON = dict(
     pixel_budget=it.idefics3_budget,
     image_settings=it.idefics3_settings,
     block_lists=("model.vision_model.encoder.layers", "model.text_model.layers"),
+    packing=Packing(image_axis=1),  # pixel_values: (batch, images, channels, height, width)
 )
 
 IDEFICS3 = Family(
@@ -346,7 +380,9 @@ PALIGEMMA = Family(
     chat_template=PALIGEMMA_CHAT_TEMPLATE,
     tokens_per_image=it.fixed_tokens,
     image_settings=it.seq_length_settings,
-    **_LLAVA_LAYOUT,
+    **{**_LLAVA_LAYOUT, "packing": None},
+    packing_refused="its prefix-LM attention (token_type_ids: the prompt attends both ways) is not kept "
+    "apart per packed sample",
 )
 
 INTERNVL = Family(

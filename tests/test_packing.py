@@ -212,12 +212,13 @@ def test_refused_families_are_the_ones_the_docs_name():
     assert set(REFUSED) == {"llava_onevision", "gemma3", "mllama", "paligemma"}
 
 
-def demo_recipe(folder: Path, model: str, **train) -> Path:
+def demo_recipe(folder: Path, model: str, extra: dict | None = None, **train) -> Path:
     from conftest import write_recipe
 
     folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(
         folder,
+        **(extra or {}),
         model={"name": model, "dtype": "float32"},
         quantization={"bits": None},
         lora={"method": "full"},
@@ -242,7 +243,8 @@ def test_packing_a_refused_family_is_refused_through_the_cli_naming_it(tmp_path:
 def test_packing_is_refused_for_dpo_and_grpo_through_the_cli(tmp_path: Path, objective: str):
     from test_cli import vlmtune
 
-    path = demo_recipe(tmp_path, "tiny:qwen2_vl", packing=True, objective=objective)
+    extra = {"grpo": {"rewards": [{"type": "contains"}], "num_generations": 2}} if objective == "grpo" else {}
+    path = demo_recipe(tmp_path, "tiny:qwen2_vl", extra, packing=True, objective=objective)
     result = vlmtune("validate", str(path))
     assert result.returncode == 2
     assert f"train.packing applies to sft only, and train.objective is {objective}" in " ".join(result.stderr.split())
@@ -254,3 +256,32 @@ def test_a_budget_below_max_length_is_refused(tmp_path: Path):
     result = vlmtune("validate", str(demo_recipe(tmp_path, "tiny:qwen2_vl", packing=True, max_tokens_per_batch=100)))
     assert result.returncode == 2
     assert "max_tokens_per_batch 100 is below max_length 256" in " ".join(result.stderr.split())
+
+
+# --- through the trainer --------------------------------------------------------------------------
+
+
+def metrics(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "3-train/metrics.jsonl").read_text().splitlines() if "loss" in line]
+
+
+@pytest.mark.slow
+def test_a_packed_run_logs_the_unpacked_runs_loss_with_no_padding(tmp_path: Path):
+    """Six samples in one step: one packed row, or one padded batch of six. Same loss, same real tokens."""
+    from test_cli import vlmtune
+
+    runs = {}
+    for packing in (False, True):
+        run = tmp_path / f"packing-{packing}"
+        result = vlmtune("train", str(demo_recipe(tmp_path / str(packing), "tiny:qwen2_vl", packing=packing)),
+                         "--run-dir", str(run))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        (runs[packing],) = metrics(run)
+    plain, packed = runs[False], runs[True]
+    assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    assert packed["samples"] == plain["samples"] == 6
+    assert packed["real_tokens"] == plain["real_tokens"] > 6 * 20
+    assert packed["padding_fraction"] == 0 < plain["padding_fraction"]

@@ -285,3 +285,25 @@ def test_a_packed_run_logs_the_unpacked_runs_loss_with_no_padding(tmp_path: Path
     assert packed["samples"] == plain["samples"] == 6
     assert packed["real_tokens"] == plain["real_tokens"] > 6 * 20
     assert packed["padding_fraction"] == 0 < plain["padding_fraction"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_packed_run_resumes_to_exactly_the_uninterrupted_run(tmp_path: Path):
+    """Packed rows over several epochs (their order drawn per epoch, the heaviest row first), killed
+    mid-run: the resumed run's every logged figure and its final adapter equal the uninterrupted run's."""
+    from test_cli import vlmtune
+    from test_resume import assert_same_run, recipe, rows, with_fault
+
+    packed = {"packing": True, "max_tokens_per_batch": 256, "heaviest_first": True}
+    baseline = tmp_path / "baseline"
+    done = vlmtune("train", str(recipe(tmp_path / "a", **packed)), "--run-dir", str(baseline))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(row["padding_fraction"] == 0 for row in rows(baseline) if "loss" in row)
+
+    run = tmp_path / "run"
+    stopped = with_fault("SIGKILL@step:5", "train", str(recipe(tmp_path / "b", **packed)), "--run-dir", str(run))
+    assert stopped.returncode != 0
+    resumed = vlmtune("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run} from checkpoint-4" in resumed.stdout
+    assert_same_run(run, baseline)

@@ -81,7 +81,11 @@ def test_packed_order_is_a_function_of_the_epoch_heaviest_row_first():
 def three_samples() -> list[Sample]:
     """Different lengths, 0, 1 and 2 images of different sizes."""
     return [
-        Sample(0, [user("Describe both.", 2), assistant("A tall one and a small one, side by side.")], [TALL, SMALL]),
+        Sample(
+            0,
+            [user("Describe both.", 2), assistant("A tall one and a small one, side by side.")],
+            [TALL, SMALL],
+        ),
         Sample(1, [user("Hello"), assistant("Hi.")], []),
         Sample(2, [user("What is it?", 1), assistant("A large square.")], [BIG]),
     ]
@@ -120,7 +124,11 @@ def loss_and_grads(model, batches: list[dict]) -> tuple[float, dict]:
         with lm_head_input(lm_head) as captured:
             model(**inputs, use_cache=False)
         result = supervised_cross_entropy(
-            captured.hidden, batch["labels"], lm_head, items, **logit_transform(model.config.get_text_config())
+            captured.hidden,
+            batch["labels"],
+            lm_head,
+            items,
+            **logit_transform(model.config.get_text_config()),
         )
         result.loss.backward()
         total += float(result.loss.detach())
@@ -130,7 +138,9 @@ def loss_and_grads(model, batches: list[dict]) -> tuple[float, dict]:
 
 def packed_batch(model, family, collator, samples, positions=None) -> dict:
     batch = PackedCollator(collator, family)(samples)
-    return unpacked_keys(batch, positions if positions is not None else packed_positions(model, family, batch))
+    return unpacked_keys(
+        batch, positions if positions is not None else packed_positions(model, family, batch)
+    )
 
 
 def disagreement(a: tuple[float, dict], b: tuple[float, dict]) -> str | None:
@@ -208,7 +218,7 @@ def test_a_family_that_cannot_prove_isolation_says_why(name):
 def test_refused_families_are_the_ones_the_docs_name():
     text = (ROOT / "docs" / "performance.md").read_text()
     for family in FAMILIES:
-        assert f"| {family.title} |" in text, family.title
+        assert f"| {family.title} | {'yes' if family.packing else 'refused'} |" in text, family.title
     assert set(REFUSED) == {"llava_onevision", "gemma3", "mllama", "paligemma"}
 
 
@@ -233,7 +243,9 @@ def demo_recipe(folder: Path, model: str, extra: dict | None = None, **train) ->
 def test_packing_a_refused_family_is_refused_through_the_cli_naming_it(tmp_path: Path):
     from test_cli import vlmtune
 
-    result = vlmtune("train", str(demo_recipe(tmp_path, "tiny:mllama", packing=True)), "--run-dir", str(tmp_path / "r"))
+    result = vlmtune(
+        "train", str(demo_recipe(tmp_path, "tiny:mllama", packing=True)), "--run-dir", str(tmp_path / "r")
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "train.packing is not supported for Llama 3.2 Vision: its text attends to the images through " \
            "cross-attention" in " ".join(result.stderr.split())  # fmt: skip
@@ -247,13 +259,17 @@ def test_packing_is_refused_for_dpo_and_grpo_through_the_cli(tmp_path: Path, obj
     path = demo_recipe(tmp_path, "tiny:qwen2_vl", extra, packing=True, objective=objective)
     result = vlmtune("validate", str(path))
     assert result.returncode == 2
-    assert f"train.packing applies to sft only, and train.objective is {objective}" in " ".join(result.stderr.split())
+    assert f"train.packing applies to sft only, and train.objective is {objective}" in " ".join(
+        result.stderr.split()
+    )
 
 
 def test_a_budget_below_max_length_is_refused(tmp_path: Path):
     from test_cli import vlmtune
 
-    result = vlmtune("validate", str(demo_recipe(tmp_path, "tiny:qwen2_vl", packing=True, max_tokens_per_batch=100)))
+    result = vlmtune(
+        "validate", str(demo_recipe(tmp_path, "tiny:qwen2_vl", packing=True, max_tokens_per_batch=100))
+    )
     assert result.returncode == 2
     assert "max_tokens_per_batch 100 is below max_length 256" in " ".join(result.stderr.split())
 
@@ -264,7 +280,11 @@ def test_a_budget_below_max_length_is_refused(tmp_path: Path):
 def metrics(run: Path) -> list[dict]:
     import json
 
-    return [json.loads(line) for line in (run / "3-train/metrics.jsonl").read_text().splitlines() if "loss" in line]
+    return [
+        json.loads(line)
+        for line in (run / "3-train/metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
 
 
 @pytest.mark.slow
@@ -301,9 +321,37 @@ def test_an_interrupted_packed_run_resumes_to_exactly_the_uninterrupted_run(tmp_
     assert all(row["padding_fraction"] == 0 for row in rows(baseline) if "loss" in row)
 
     run = tmp_path / "run"
-    stopped = with_fault("SIGKILL@step:5", "train", str(recipe(tmp_path / "b", **packed)), "--run-dir", str(run))
+    stopped = with_fault(
+        "SIGKILL@step:5", "train", str(recipe(tmp_path / "b", **packed)), "--run-dir", str(run)
+    )
     assert stopped.returncode != 0
     resumed = vlmtune("train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {run} from checkpoint-4" in resumed.stdout
     assert_same_run(run, baseline)
+
+
+def test_validate_says_whether_the_recipes_family_packs(tmp_path: Path):
+    from test_cli import vlmtune
+
+    refused = vlmtune("validate", str(demo_recipe(tmp_path / "m", "tiny:mllama", packing=True)))
+    assert refused.returncode == 0, refused.stderr
+    assert "train.packing: refused for Llama 3.2 Vision: its text attends" in " ".join(refused.stdout.split())
+    packs = vlmtune("validate", str(demo_recipe(tmp_path / "q", "tiny:qwen2_vl", packing=True)))
+    assert "train.packing: supported for Qwen2-VL (multimodal RoPE per sample" in " ".join(
+        packs.stdout.split()
+    )
+
+
+@pytest.mark.slow
+def test_inspect_says_whether_the_family_packs():
+    import json
+
+    from test_cli import vlmtune
+
+    for name, packs in (("tiny:idefics3", True), ("tiny:gemma3", False)):
+        result = vlmtune("inspect", "--model", name, "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout)
+        assert report["packing"] is packs
+        assert report["packing_note"].startswith("train.packing: " + ("supported" if packs else "refused"))

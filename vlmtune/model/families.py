@@ -118,6 +118,14 @@ class Family:
         return [self.vision_prefix, *self.projector_prefixes, self.lm_head]
 
     @property
+    def packing_note(self) -> str:
+        """One line for inspect / validate: can this family's samples be packed (train.packing)?"""
+        if self.packing is None:
+            return f"train.packing: refused for {self.title}: {self.packing_refused}"
+        how = "multimodal RoPE per sample" if self.packing.rope_index else "positions restart per sample"
+        return f"train.packing: supported for {self.title} ({how}; proven by tests/test_packing.py)"
+
+    @property
     def image_feature_token(self) -> str:
         return self.feature_token or self.image_token
 

@@ -154,7 +154,11 @@ def train(
     # Train and eval rows index one list, so one collator serves both.
     samples = train_split.samples + (eval_split.samples if eval_split else [])
     parallel = parallel_arguments(train_section, device, model, family)
-    rows = pack(train_split.lengths, train_section.packing_budget, train_section.seed) if train_section.packing else None
+    rows = (
+        pack(train_split.lengths, train_section.packing_budget, train_section.seed)
+        if train_section.packing
+        else None
+    )
     heaviest_first = train_section.heaviest_first
     trainer = VlmtuneTrainer(
         model=model,

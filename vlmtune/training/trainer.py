@@ -55,7 +55,9 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
         if is_packed(inputs):
             inputs = unpacked_keys(inputs, packed_positions(causal_lm, self.family, inputs))
         if not self.supervised_loss:
-            return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+            return super().compute_loss(
+                model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch
+            )
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False  # a cache switches transformers' packed-sequence masks off

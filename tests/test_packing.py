@@ -355,3 +355,22 @@ def test_inspect_says_whether_the_family_packs():
         report = json.loads(result.stdout)
         assert report["packing"] is packs
         assert report["packing_note"].startswith("train.packing: " + ("supported" if packs else "refused"))
+
+
+def test_estimate_memory_sizes_a_packed_batch_by_its_token_budget(tmp_path: Path):
+    import json
+
+    from test_cli import vlmtune
+
+    figures = {}
+    for name, train in {"plain": {}, "packed": {"packing": True, "max_tokens_per_batch": 4096}}.items():
+        path = demo_recipe(tmp_path / name, "tiny:qwen2_vl", batch_size=2, max_length=1024, **train)
+        result = vlmtune("estimate-memory", str(path), "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        figures[name] = json.loads(result.stdout)
+    plain, packed = figures["plain"], figures["packed"]
+    assert plain["inputs"]["batch_size"] * plain["inputs"]["total_tokens"] == 2048  # total_tokens: per sample
+    tokens = packed["inputs"]["batch_size"] * packed["inputs"]["total_tokens"]
+    assert 4096 - packed["inputs"]["batch_size"] < tokens <= 4096, "a packed row holds the budget"
+    assert any("train.packing: one row of up to 4,096 tokens" in note for note in packed["notes"])
+    assert packed["peak_bytes"] > plain["peak_bytes"]

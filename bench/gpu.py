@@ -24,6 +24,10 @@ under one global deadline:
                         for the same recipe, image size and tokens
   tiny_families         `vlmtune train tiny:FAMILY` for every family, 4-bit + LoRA, 2 steps
   torch_compile         train.torch_compile off and on, step times
+  packing               train.packing against unpacked (length-grouped) vlmtune at the same bound on
+                        tokens per forward (16,384 on GPU), Qwen2-VL-2B and Qwen2.5-VL-7B shapes, a mixed
+                        dataset (bench/packing.py's: answers of 5-400 tokens, 0-2 images of several sizes):
+                        real tokens/s, peak memory and MFU (docs/benchmarks.md gives the formula)
   workloads, kernels,   issue 26's performance parts (bench/gpu_perf.py): realistic workloads with MFU and a
   offload               profiler breakdown, the Triton kernels against torch, activation offloading. Not
                         in the default launch (its 8 minutes are spent): `--parts workloads kernels offload`
@@ -72,7 +76,13 @@ QWEN_7B = "Qwen/Qwen2.5-VL-7B-Instruct"
 MLLAMA_11B = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 MEMORY_PARTS = {"memory_qwen2_5_vl_7b": (QWEN_7B, "qwen2_5_vl"), "memory_mllama_11b": (MLLAMA_11B, "mllama")}
 # Parts in one list run side by side; the lists run in order (timing-sensitive parts alone).
-SCHEDULE = [["env"], ["compare"], [*MEMORY_PARTS, "tiny_families"], ["torch_compile"]]
+SCHEDULE = [["env"], ["compare"], [*MEMORY_PARTS, "tiny_families"], ["torch_compile"], ["packing"]]
+PACKING_MODELS = ("Qwen/Qwen2-VL-2B-Instruct", QWEN_7B)
+PACKED_OVER_UNPACKED = (
+    2.0  # goal: real tokens/s of packed over unpacked vlmtune, same tokens-per-forward bound
+)
+# Dense bf16 peak FLOP/s (no sparsity) by device name, for MFU: NVIDIA's datasheets (SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 MIN_PART_SECONDS = 30  # a part is not started with less time than this before the deadline
 
 # Goals (see the docstring).
@@ -119,6 +129,9 @@ class Settings:
     tiny_steps: int
     compile_shape: tuple[int, int]  # hidden, layers of a Qwen2-VL-shaped model (compare.py's knobs)
     compile_steps: int
+    packing_budget: int = 16_384  # tokens per packed row; the unpacked arm's batch_size x max_length
+    packing_max_length: int = 1_024
+    packing_steps: int = 6
     timeouts: dict[str, int] = field(default_factory=dict)
 
 
@@ -134,11 +147,11 @@ GPU = Settings(
     compile_shape=(512, 2),
     compile_steps=8,
     timeouts={"env": 60, "compare": 200, "memory_qwen2_5_vl_7b": 240, "memory_mllama_11b": 270,
-              "tiny_families": 200, "torch_compile": 150},
+              "tiny_families": 200, "torch_compile": 150, "packing": 420},
 )  # fmt: skip
 DRY = Settings(
     device="cpu",
-    deadline_s=900,
+    deadline_s=1100,
     compare_args=("--hidden", "128", "--layers", "2", "--rounds", "1", "--steps", "3", "--image-side", "112"),
     shrink=True,
     image_side=112,
@@ -147,8 +160,11 @@ DRY = Settings(
     tiny_steps=2,
     compile_shape=(128, 2),
     compile_steps=3,
+    packing_budget=1_024,
+    packing_max_length=512,
+    packing_steps=2,
     timeouts={"env": 120, "compare": 300, "memory_qwen2_5_vl_7b": 300, "memory_mllama_11b": 300,
-              "tiny_families": 400, "torch_compile": 400},
+              "tiny_families": 400, "torch_compile": 400, "packing": 400},
 )  # fmt: skip
 
 
@@ -427,12 +443,101 @@ def compile_figures(trained: dict) -> dict:
     }
 
 
+def part_packing(s: Settings, work: Path, emit: Emit) -> dict:
+    """Packed against unpacked vlmtune on each PACKING_MODELS shape: real tokens/s, peak, MFU."""
+    import compare
+    import packing
+    from harness import build_random_checkpoint, bundled_config, merged
+
+    data = packing.build_data(work / "data", n=64 if s.shrink else 640)
+    out: dict = {"budget": s.packing_budget, "max_length": s.packing_max_length, "models": {},
+                 "attn_implementation": attention_for_packing(s.device)}  # fmt: skip
+    for hub_id in PACKING_MODELS:
+        family = bundled_config(hub_id)["model_type"]
+        if not s.shrink:
+            shape = bundled_config(hub_id)
+        elif hub_id in DRY_SHAPES:
+            shape = merged(bundled_config(hub_id), DRY_SHAPES[hub_id])
+        else:
+            shape = compare.qwen2_vl_shape(128, 2, 151_936)
+        ckpt = work / "checkpoint"
+        build_random_checkpoint(shape, family, ckpt, s.device)
+        figures: dict = {"shape": "real" if not s.shrink else "dry-run", "params_6n": flops_params(shape)}
+        for arm in ("unpacked", "packed"):
+            recipe = packing_recipe(work / arm / "recipe.yaml", ckpt, data, s, packed=arm == "packed")
+            trained = train(recipe, work / f"{hub_id.split('/')[1]}-{arm}" / "run", s.device)
+            figures[arm] = {
+                **trained,
+                "mfu": mfu(trained.get("tokens_per_s"), figures["params_6n"], s.device),
+            }
+            emit({**out, "models": {**out["models"], hub_id: figures}})
+        unpacked, packed = figures["unpacked"].get("tokens_per_s"), figures["packed"].get("tokens_per_s")
+        figures["packed_over_unpacked"] = packed / unpacked if packed and unpacked else None
+        out["models"][hub_id] = figures
+        shutil.rmtree(ckpt)
+    return out
+
+
+def packing_recipe(path: Path, ckpt: Path, data: Path, s: Settings, packed: bool) -> Path:
+    """QLoRA r16, one batch a step; both arms bound a forward at packing_budget tokens."""
+    import yaml
+
+    arm = (
+        {"packing": True, "max_tokens_per_batch": s.packing_budget, "batch_size": 1}
+        if packed
+        else {"group_by_length": True, "batch_size": s.packing_budget // s.packing_max_length}
+    )
+    recipe = {
+        "model": {"name": str(ckpt), "attn_implementation": attention_for_packing(s.device)},
+        "lora": {"r": 16, "alpha": 16},
+        "data": {"train": str(data), "max_image_pixels": 448 * 336, "shuffle": True},
+        "train": {"max_steps": s.packing_steps, "grad_accum": 1, "lr": 1e-4, "max_length": s.packing_max_length,
+                  "logging_steps": 1, "save_steps": 100_000, "gradient_checkpointing": True, "device": s.device,
+                  **arm},
+    }  # fmt: skip
+    recipe["data"]["too_long"] = "drop"  # the mixed data's longest samples may pass a dry run's max_length
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def attention_for_packing(device: str) -> str:
+    """flash_attention_2 where installed (variable-length: a packed row's samples cost their own attention);
+    else sdpa, whose block-causal mask still computes the whole row's attention."""
+    import importlib.util
+
+    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def flops_params(config: dict) -> int:
+    """N of MFU's 6N: the language model's matmul weights (attention, MLP) and lm_head; no embeddings,
+    norms or vision tower (docs/benchmarks.md)."""
+    text = config.get("text_config", config)
+    h, layers, inter = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
+    heads, kv = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
+    head_dim = text.get("head_dim") or h // heads
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o; k, v
+    return layers * (attention + 3 * h * inter) + h * text["vocab_size"]
+
+
+def mfu(tokens_per_s: float | None, params: int, device: str) -> float | None:
+    """Model FLOPs utilisation: 6N FLOPs a real token over the device's dense bf16 peak (None on CPU)."""
+    if not tokens_per_s or device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return None if peak is None else 6 * params * tokens_per_s / peak
+
+
 PARTS: dict[str, Callable[[Settings, Path, Emit], dict]] = {
     "env": part_env,
     "compare": part_compare,
     **{name: part_memory(*model) for name, model in MEMORY_PARTS.items()},
     "tiny_families": part_tiny_families,
     "torch_compile": part_torch_compile,
+    "packing": part_packing,
 }
 
 
@@ -652,6 +757,7 @@ def goals(parts: dict[str, dict], dry_run: bool) -> list[dict]:
         *estimate_goals(parts),
         unsloth_goal(parts),
         tiny_goal(parts),
+        *packing_goals(parts.get("packing", {})),
     ]
     for row in rows:
         row["note"] = "dry run: CPU figures, not the goal's measure" if dry_run else ""
@@ -703,6 +809,16 @@ def tiny_goal(parts: dict[str, dict]) -> dict:
                 trained == len(families))  # fmt: skip
 
 
+def packing_goals(part: dict) -> list[dict]:
+    rows = []
+    for hub_id in PACKING_MODELS:
+        ratio = part.get("models", {}).get(hub_id, {}).get("packed_over_unpacked")
+        label = hub_id.split("/")[1].removesuffix("-Instruct")
+        rows.append(goal(f"packed / unpacked real tokens/s, {label}", ratio, f">= {PACKED_OVER_UNPACKED}",
+                         judged(ratio, lambda v: v >= PACKED_OVER_UNPACKED)))  # fmt: skip
+    return rows
+
+
 def print_report(results: dict, out: Path) -> None:
     print(f"\n{'part':24}{'status':>10}{'seconds':>9}  figures")
     for name, part in results["parts"].items():
@@ -734,6 +850,12 @@ def headline(name: str, part: dict) -> str:
     if name == "tiny_families":
         ok = sum(r["status"] == "ok" for r in part["families"].values())
         return f"{ok} of {len(part['families'])} families trained"
+    if name == "packing":
+        return "; ".join(
+            f"{hub_id.split('/')[1]}: {m['packed']['tokens_per_s']:.0f} vs {m['unpacked']['tokens_per_s']:.0f} "
+            f"real tokens/s (MFU {m['packed']['mfu'] or 0:.1%} vs {m['unpacked']['mfu'] or 0:.1%})"
+            for hub_id, m in part["models"].items()
+        )
     if name in PERF_PARTS:
         return perf_headline(name, part)
     if name == "torch_compile":

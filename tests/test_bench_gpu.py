@@ -15,7 +15,15 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-PARTS = {"env", "compare", "memory_qwen2_5_vl_7b", "memory_mllama_11b", "tiny_families", "torch_compile"}
+PARTS = {
+    "env",
+    "compare",
+    "memory_qwen2_5_vl_7b",
+    "memory_mllama_11b",
+    "tiny_families",
+    "torch_compile",
+    "packing",
+}
 # The two compare arms compute the same loss on the same batch; on CPU they agreed to 3e-7
 # (relative). 1e-3 leaves room for a different bf16 summation order, and none for different work.
 SAME_LOSS_RELATIVE = 1e-3
@@ -130,3 +138,14 @@ def test_goals_are_judged_from_the_figures(dry_run):
     # No CUDA, no reserved memory: the Unsloth goal cannot be judged on CPU, and says so.
     assert rows["7B peak reserved (GiB) vs Unsloth"]["pass"] is None
     assert all(row["note"].startswith("dry run") for row in results["goals"])
+
+
+def test_packing_part_trains_both_arms_on_both_shapes(dry_run):
+    part = dry_run[0]["parts"]["packing"]
+    assert set(part["models"]) == {"Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"}
+    for figures in part["models"].values():
+        for arm in ("unpacked", "packed"):
+            assert figures[arm]["steps"] == 2 and finite(figures[arm]["losses"])
+            assert figures[arm]["tokens_per_s"] > 0 and figures[arm]["mfu"] is None  # no MFU on CPU
+        assert figures["packed"]["tokens_per_step"] > figures["unpacked"]["tokens_per_step"] / 2
+        assert figures["params_6n"] > 0 and figures["packed_over_unpacked"] > 0

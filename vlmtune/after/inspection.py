@@ -57,6 +57,8 @@ def summarize(loaded: Any, quantization: QuantizationSection, plan: Any, trainab
         "family": loaded.family.name,
         "family_title": loaded.family.title,
         "model_class": report["model_class"],
+        "packing": loaded.family.packing is not None,
+        "packing_note": loaded.family.packing_note,
         "quantization": quantization_label(quantization),
         "method": plan.method,
         "lora_regex": plan.regex,

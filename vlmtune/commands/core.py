@@ -163,6 +163,21 @@ def validate(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:
     parsed = _load(recipe, overrides)
     console.print(f"[bold green]{recipe} is valid.[/] Resolved recipe:\n")
     console.print(parsed.to_yaml(), markup=False)
+    if parsed.train.packing:
+        console.print(_packing_note(parsed.model.name, parsed.model.revision), markup=False)
+
+
+def _packing_note(name: str, revision: str | None) -> str:
+    """Whether the recipe's model family packs, from its config alone (no weights); or when it will be known."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.model.checkpoint import detect
+
+    try:
+        return detect(name, revision)[1].packing_note
+    except VlmtuneError:
+        return (
+            f"train.packing: whether {name} packs is checked when its config can be read (at `vlmtune train`)"
+        )
 
 
 def schema() -> None:

@@ -140,6 +140,7 @@ def render(result: dict, out: Console) -> None:
         f"weights: {human_bytes(result['total_bytes'])}",
         markup=False,
     )
+    out.print(result["packing_note"], markup=False)
     if result["lora_regex"]:
         out.print(f"LoRA targets regex: {result['lora_regex']}", markup=False, soft_wrap=True)
     if result.get("lora_expert_tensors"):

@@ -143,7 +143,22 @@ def workload_for(
         image_patches=image_patches(tokens, settings, _cross_attention_tiles(config)) if tokens else 0,
         image_size=(width, height) if images_per_sample else None,
     )
+    if train.packing:
+        work, note = packed_workload(work, train.packing_budget)
+        notes.append(note)
     return work, notes
+
+
+def packed_workload(work: Workload, budget: int) -> tuple[Workload, str]:
+    """train.packing: a device batch is one row of up to ``budget`` tokens, sized here as whole samples of
+    this shape filling the row (each one's text stretched so that the row holds ``budget`` tokens)."""
+    samples = max(1, budget // max(work.sequence, 1))
+    text = work.text_tokens + max(0, budget - samples * work.sequence) // samples
+    packed = replace(work, batch_size=samples, text_tokens=text)
+    return packed, (
+        f"train.packing: one row of up to {budget:,} tokens a device batch, estimated as {samples} sample(s) "
+        f"of {packed.sequence:,} tokens"
+    )
 
 
 def _cross_attention_tiles(config: Any) -> int | None:

@@ -28,6 +28,27 @@ CLIP_MLP = ("fc1", "fc2")
 
 COMPONENTS = ("vision", "projector", "language", "lm_head", "other")
 
+# A family whose packing is not proven says why in its record; this is the default reason.
+PACKING_UNPROVEN = "no test proves that a packed row of it trains like its samples one by one"
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a family's samples share one packed row (vlmtune.data.packing; docs/performance.md).
+
+    Every packing family is proven by tests/test_packing.py: a packed row gives the loss and the
+    gradients of its samples one by one.
+    """
+
+    # Text positions restart at 0 for each sample, which is what transformers reads to keep each
+    # sample's attention to itself. ``rope_index``: the attribute path (from the model under the
+    # LM head) of the function that gives a sample its multimodal RoPE rows (Qwen-VL's
+    # get_rope_index), put under the restarting text row; None: 1-D positions.
+    rope_index: str | None = None
+    # The axis of the pixel inputs along which a sample's images are listed (Idefics3 has a batch
+    # axis before its images); images of different sizes are zero-padded as the processor pads a batch.
+    image_axis: int = 0
+
 
 @dataclass(frozen=True)
 class Family:
@@ -77,6 +98,10 @@ class Family:
     # as one unit. Lists, not class names: a family's checkpoints differ in backbone (Llava has
     # Llama, Mistral or Qwen2 blocks, CLIP or SigLIP towers), so the classes are read from the model.
     block_lists: tuple[str, ...] = ()
+    # train.packing: how samples share a row, or None with ``packing_refused`` saying why not.
+    packing: Packing | None = None
+    packing_refused: str = PACKING_UNPROVEN
+
     # What the language model computes, for vlmtune.kernels (train.kernels): its norm (rmsnorm, or
     # gemma_rmsnorm: x_hat * (1 + w)), its gated MLP activation (swiglu: silu; geglu: gelu tanh) and its
     # rotary layout (default; mrope: Qwen2/2.5-VL's t|h|w frequency sections; mrope_interleaved: Qwen3-VL's).
@@ -144,6 +169,14 @@ class Family:
         return dict(self.refused_objectives).get(objective)
 
     @property
+    def packing_note(self) -> str:
+        """One line for inspect / validate: can this family's samples be packed (train.packing)?"""
+        if self.packing is None:
+            return f"train.packing: refused for {self.title}: {self.packing_refused}"
+        how = "multimodal RoPE per sample" if self.packing.rope_index else "positions restart per sample"
+        return f"train.packing: supported for {self.title} ({how}; proven by tests/test_packing.py)"
+
+    @property
     def image_feature_token(self) -> str:
         return self.feature_token or self.image_token
 
@@ -185,6 +218,7 @@ _QWEN_COMMON = dict(
     pixel_budget=it.qwen_budget,
     image_settings=it.qwen_settings,
     block_lists=("model.visual.blocks", "model.language_model.layers"),
+    packing=Packing(rope_index="model.get_rope_index"),  # M-RoPE rows per sample
 )
 
 QWEN2_VL = Family(
@@ -257,6 +291,11 @@ QWEN3_VL_MOE = Family(
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
 )
 
+DELTANET_PACKING = (
+    "its Gated DeltaNet layers carry a recurrent state along the whole row, across the boundaries of packed "
+    "samples (tried: a packed row's loss differed from its samples' by 9e-4 relative)"
+)
+
 QWEN3_5 = Family(
     name="qwen3_5",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5",
@@ -265,7 +304,8 @@ QWEN3_5 = Family(
     language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # output projections last in each kind
     language_keep_16bit=GATED_DELTANET_16BIT,
     **_QWEN3_LINEAGE,
-    **_QWEN_COMMON,
+    **{**_QWEN_COMMON, "packing": None},
+    packing_refused=DELTANET_PACKING,
 )
 
 QWEN3_5_MOE = Family(
@@ -279,7 +319,8 @@ QWEN3_5_MOE = Family(
     expert_parameters=QWEN_EXPERTS,
     router="mlp.gate",
     **_QWEN3_LINEAGE,
-    **_QWEN_COMMON,
+    **{**_QWEN_COMMON, "packing": None},
+    packing_refused=DELTANET_PACKING,
 )
 
 GEMMA4 = Family(
@@ -308,6 +349,7 @@ GEMMA4 = Family(
     image_settings=it.gemma4_settings,
     config_image_settings=it.gemma4_settings_from_config,
     block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing=Packing(),
 )
 
 _GLM_V = dict(
@@ -325,6 +367,7 @@ _GLM_V = dict(
     pixel_budget=it.glm4v_budget,
     image_settings=it.qwen_settings,
     block_lists=("model.visual.blocks", "model.language_model.layers"),
+    packing=Packing(rope_index="model.get_rope_index"),  # its 3-D rope rows per sample, as Qwen's
 )
 
 GLM4V = Family(
@@ -350,6 +393,7 @@ _LLAVA_LAYOUT = dict(
     projector_prefixes=("model.multi_modal_projector",),
     language_prefix="model.language_model",
     block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing=Packing(),
 )
 
 LLAVA = Family(
@@ -387,7 +431,10 @@ LLAVA_ONEVISION = Family(
     processor_needs_video=True,
     tokens_per_image=it.llava_onevision_tokens,
     image_settings=it.llava_onevision_settings,
-    **_LLAVA_LAYOUT,
+    # its forward matches image features to tokens per batch row (batch_num_images): a packed row of
+    # several samples' images fails that match
+    **{**_LLAVA_LAYOUT, "packing": None},
+    packing_refused="its anyres image features are matched to image tokens per batch row, which packing breaks",
 )
 
 _PIXTRAL_COMMON = dict(
@@ -440,7 +487,9 @@ GEMMA3 = Family(
     image_settings=it.seq_length_settings,
     norm="gemma_rmsnorm",
     mlp_activation="geglu",
-    **_LLAVA_LAYOUT,
+    **{**_LLAVA_LAYOUT, "packing": None},
+    packing_refused="its bidirectional attention inside each image is not kept apart per packed sample "
+    "(tried: a packed row's loss differed from its samples' by 1e-3 relative)",
 )
 
 MLLAMA = Family(
@@ -462,6 +511,8 @@ MLLAMA = Family(
         "model.vision_model.global_transformer.layers",
         "model.language_model.layers",  # self-attention and cross-attention decoder layers
     ),
+    packing_refused="its text attends to the images through cross-attention layers, whose mask is not built "
+    "per packed sample, so a sample would see the other samples' images",
 )
 
 _IDEFICS3_COMMON = dict(
@@ -480,6 +531,7 @@ _IDEFICS3_COMMON = dict(
     pixel_budget=it.idefics3_budget,
     image_settings=it.idefics3_settings,
     block_lists=("model.vision_model.encoder.layers", "model.text_model.layers"),
+    packing=Packing(image_axis=1),  # pixel_values: (batch, images, channels, height, width)
 )
 
 IDEFICS3 = Family(
@@ -530,7 +582,9 @@ PALIGEMMA = Family(
     mlp_activation="geglu",
     tokens_per_image=it.fixed_tokens,
     image_settings=it.seq_length_settings,
-    **_LLAVA_LAYOUT,
+    **{**_LLAVA_LAYOUT, "packing": None},
+    packing_refused="its prefix-LM attention (token_type_ids: the prompt attends both ways) is not kept "
+    "apart per packed sample",
 )
 
 INTERNVL = Family(

@@ -268,6 +268,12 @@ OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
         ("sft",),
         "DPO is measured by held-out preference accuracy and GRPO by held-out reward, both at train.eval_steps",
     ),
+    ("train", "packing"): (
+        ("sft",),
+        "a DPO pair's chosen and rejected answers are scored side by side against one reference, and GRPO's "
+        "completions are sampled during the step, so their lengths are unknown before it: neither is packed",
+    ),
+    ("train", "max_tokens_per_batch"): (("sft",), "it is the budget of train.packing, which only sft reads"),
     ("lora", "dropout"): (
         ("sft",),
         "DPO turns dropout off so the model and its reference score answers alike; so does GRPO",

@@ -14,7 +14,9 @@ from typing import Any
 from vlmtune.data import Sample
 from vlmtune.data.collator import VisionCollator
 from vlmtune.data.lengths import TokenCounter
+from vlmtune.data.packing import PackedCollator, PackedRows, pack
 from vlmtune.data.preflight import CheckedSplit, check_split
+from vlmtune.errors import ModelError
 from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.runs import rundir
@@ -38,12 +40,33 @@ class SampleCollator:
     their lazy image sources) stay here; the whole object pickles for DataLoader workers.
     """
 
-    def __init__(self, collator: VisionCollator, samples: list[Sample]):
+    def __init__(self, collator: VisionCollator, samples: list[Sample], packed: PackedCollator | None = None):
         self.collator = collator
         self.samples = samples
+        self.packed = packed
 
     def __call__(self, rows: list[dict]) -> dict:
+        if "members" in rows[0]:  # a packed row (train.packing): one row per batch
+            (row,) = rows
+            return self.packed([self.samples[i] for i in row["members"]])
         return self.collator([self.samples[row["position"]] for row in rows])
+
+
+def packed_rows(rows: PackedRows) -> Any:
+    """Rows for the trainer under train.packing: each the sample positions of one packed row, and its tokens."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"members": rows.rows, "length": rows.lengths})
+
+
+def check_packing(family: Family, train: TrainSection) -> None:
+    """train.packing on a family whose packed rows are not proven to train like its samples: refused."""
+    if train.packing and family.packing is None:
+        raise ModelError(
+            f"train.packing is not supported for {family.title}: {family.packing_refused}",
+            hint="set train.packing: false (train.group_by_length keeps padding low), or pick a family that "
+            "packs (`vlmtune inspect` says whether a model's family can)",
+        )
 
 
 def positions(start: int, lengths: list[int]) -> Any:
@@ -96,8 +119,11 @@ def sft_config(
     """``parallel``: the launch's DDP / FSDP arguments (stages.common.parallel_arguments)."""
     from trl import SFTConfig
 
+    arguments = trainer_arguments(train, run, device, dtype, has_eval, report_to, parallel)
+    if train.packing:  # a device batch is one packed row of up to max_tokens_per_batch tokens
+        arguments["per_device_train_batch_size"] = 1
     return SFTConfig(
-        **trainer_arguments(train, run, device, dtype, has_eval, report_to, parallel),
+        **arguments,
         # Our collator builds the batches: TRL must not tokenize the data itself.
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
@@ -124,22 +150,32 @@ def train(
     from vlmtune.training.callbacks import MetricsWriter
     from vlmtune.training.trainer import VlmtuneTrainer
 
+    check_packing(family, train_section)
     collator, train_split, eval_split = prepare_data(processor, family, data, train_section, run)
     # Train and eval rows index one list, so one collator serves both.
     samples = train_split.samples + (eval_split.samples if eval_split else [])
     parallel = parallel_arguments(train_section, device, model, family)
+    rows = (
+        pack(train_split.lengths, train_section.packing_budget, train_section.seed)
+        if train_section.packing
+        else None
+    )
+    heaviest_first = train_section.heaviest_first
     trainer = VlmtuneTrainer(
         model=model,
         args=sft_config(train_section, run, device, dtype, eval_split is not None, report_to or [], parallel),
-        train_dataset=positions(0, train_split.lengths),
+        train_dataset=packed_rows(rows) if rows else positions(0, train_split.lengths),
         eval_dataset=positions(len(train_split.samples), eval_split.lengths) if eval_split else None,
         processing_class=processor,
-        data_collator=SampleCollator(collator, samples),
+        data_collator=SampleCollator(collator, samples, PackedCollator(collator, family) if rows else None),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
         keep_checkpoints=train_section.save_total_limit,
         best=BestTracker.from_section(train_section),
         dtype=dtype,
+        family=family,
+        packed_weights=rows.lengths if rows else None,
+        heaviest_first=device == "cuda" if heaviest_first is None else heaviest_first,
     )
     if train_section.eval_generate_steps and eval_split:
         from vlmtune.training.answer_eval import AnswerEval, sample_items

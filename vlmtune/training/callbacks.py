@@ -19,6 +19,9 @@ KEYS = {
     "grad_norm": "grad_norm",
     "mean_token_accuracy": "token_accuracy",
     "padding_fraction": "padding_fraction",
+    # per optimizer step on this rank (sft): real (non-pad) tokens and samples trained on
+    "real_tokens": "real_tokens",
+    "samples": "samples",
     # online RL (grpo): rewards of the sampled completions, their spread, the drift from the start
     "reward": "reward",
     "reward_std": "reward_std",

@@ -10,7 +10,9 @@ from typing import Any
 
 from trl import SFTTrainer
 
+from vlmtune.data.packing import PACKING_KEYS, SAMPLE_LENGTHS
 from vlmtune.training.loss import lm_head_input, logit_transform, supervised_cross_entropy
+from vlmtune.training.packed import PackedRowSampler, is_packed, packed_positions
 from vlmtune.training.reliable_trainer import ReliableTrainerMixin
 
 
@@ -18,21 +20,47 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
     """SFTTrainer whose loss skips the positions that carry no label (prompt, image tokens, pad).
 
     With ``supervised_loss=False`` it is TRL's own loss path, unchanged.
+
+    Packed batches (vlmtune.data.packing; ``family`` says how its positions are built) get their
+    position ids here, where the model's rope index is at hand; ``packed_weights`` (tokens per
+    packed row) switch the training order to the packed rows' epoch-seeded order, heaviest row first
+    when ``heaviest_first``.
     """
 
-    def __init__(self, *args: Any, supervised_loss: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        supervised_loss: bool = True,
+        family: Any = None,
+        packed_weights: list[int] | None = None,
+        heaviest_first: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.supervised_loss = supervised_loss
+        self.family = family
+        self.packed_weights = packed_weights
+        self.heaviest_first = heaviest_first
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.packed_weights is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return PackedRowSampler(self.packed_weights, seed, self.heaviest_first)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._log_padding(inputs)
-        if not self.supervised_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        model_inputs["use_cache"] = False
         causal_lm = self.accelerator.unwrap_model(model)
         causal_lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+        if is_packed(inputs):
+            inputs = unpacked_keys(inputs, packed_positions(causal_lm, self.family, inputs))
+        if not self.supervised_loss:
+            return super().compute_loss(
+                model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch
+            )
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False  # a cache switches transformers' packed-sequence masks off
         lm_head = causal_lm.get_output_embeddings()
         with lm_head_input(lm_head) as captured:
             outputs = model(**model_inputs)
@@ -52,7 +80,27 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_padding(self, inputs: dict) -> None:
-        """Fraction of the batch that is padding: what length grouping is there to cut."""
-        mask = inputs.get("attention_mask")
-        if mask is not None and self.model.training:
-            self._metrics["train"]["padding_fraction"].append(1.0 - mask.float().mean().item())
+        """Real (non-pad) tokens and samples per optimizer step on this rank, and the fraction of each
+        batch that is padding (what length grouping and packing are there to cut)."""
+        if not self.model.training:
+            return
+        if is_packed(inputs):  # one row, no padding
+            lengths = inputs[SAMPLE_LENGTHS]
+            real, samples, padding = int(lengths.sum()), len(lengths), 0.0
+        elif inputs.get("attention_mask") is not None:
+            mask = inputs["attention_mask"]
+            real, samples, padding = int(mask.sum()), mask.shape[0], 1.0 - mask.float().mean().item()
+        else:
+            return
+        steps = self.args.gradient_accumulation_steps  # the logged value is a mean over forward batches
+        metrics = self._metrics["train"]
+        metrics["padding_fraction"].append(padding)
+        metrics["real_tokens"].append(float(real * steps))
+        metrics["samples"].append(float(samples * steps))
+
+
+def unpacked_keys(inputs: dict, position_ids: Any) -> dict:
+    """A packed batch as the model takes it: its positions, no packing bookkeeping, no attention mask."""
+    model_inputs = {k: v for k, v in inputs.items() if k not in PACKING_KEYS and k != "attention_mask"}
+    model_inputs["position_ids"] = position_ids
+    return model_inputs

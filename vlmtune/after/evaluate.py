@@ -214,7 +214,28 @@ def _each(logps: list | None, items: list) -> list:
 
 
 def write_report(run: RunDir, content: dict) -> Path:
+    """4-eval/eval_report.json: the eval stage's report (a new run folder has none yet)."""
     return run.write_json(rundir.EVAL_REPORT, content)
+
+
+def write_new_report(run: RunDir, content: dict, label: str | None = None) -> Path:
+    """A report beside the others, never over one: eval_report.json when the folder has none, else
+    eval_report-LABEL.json (the data file's stem), numbered when that is taken too."""
+    return run.write_json(free_report_name(run, label), content)
+
+
+def free_report_name(run: RunDir, label: str | None) -> str:
+    import re
+
+    first = Path(rundir.EVAL_REPORT)
+    if label is None and not (run / rundir.EVAL_REPORT).exists():
+        return rundir.EVAL_REPORT
+    stem = first.stem + (f"-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}" if label else "")
+    for number in range(1, 10_000):
+        name = str(first.with_name(f"{stem}{'' if number == 1 else f'-{number}'}{first.suffix}"))
+        if not (run / name).exists():
+            return name
+    raise DataError(f"{run.path / first.parent} holds 10,000 eval reports", hint="remove some old ones")
 
 
 # --- the optional stage after training ----------------------------------------------------------
@@ -290,8 +311,25 @@ def render(content: dict, console: Any, show: int = 8) -> None:
     console.print(table)
 
 
+def render_answers(items: list[EvalItem], found: list[str], console: Any, show: int = 8) -> None:
+    """One model's first ``show`` answers beside the references."""
+    from rich.table import Table
+
+    table = Table(title=f"first {min(show, len(items))} answers", title_justify="left", show_lines=True)
+    for column in ("#", "prompt", "reference", "answer"):
+        table.add_column(column, overflow="fold")
+    for item, answer in list(zip(items, found, strict=True))[:show]:
+        mark = "[green]✓[/] " if exact_match(answer, item.reference) else ""
+        table.add_row(
+            str(item.index), _plain(prompt_text(item.messages)), _plain(item.reference), mark + _plain(answer)
+        )
+    console.print(table)
+
+
 def _plain(text: str) -> str:
-    """Rich markup escaped, control characters (random models emit them) shown as �."""
+    """Rich markup escaped, control characters (random models emit them) written as escapes (\\x1b)."""
     from rich.markup import escape
 
-    return escape("".join(c if c.isprintable() or c == "\n" else "\N{REPLACEMENT CHARACTER}" for c in text))
+    from vlmtune.after.generate import printable
+
+    return escape(printable(text))

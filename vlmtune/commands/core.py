@@ -55,6 +55,8 @@ def train(
             "--run-dir names a new run folder; --resume continues an existing one: give one",
             hint=f"vlmtune train --resume {resume} (it continues in that folder)",
         )
+    if recipe is not None:  # refusals that need no model come before the heavy imports
+        refuse_missing(_load(recipe, overrides), run_dir)
     from vlmtune.runs import signals
 
     with signals.stop_on_signals():  # before the heavy imports: a Ctrl-C during them is a clean stop too
@@ -158,11 +160,36 @@ def _scores(figures: dict) -> str:
     return f"{', '.join(scores)} on {figures['n']} samples"
 
 
-def validate(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:
-    """Check a recipe (every problem at once, with line numbers) and print it with defaults filled in."""
+def validate(
+    recipe: Path = RECIPE_ARG,
+    overrides: list[str] = SET_OPT,
+    run_dir: Path = typer.Option(
+        None, "--run-dir", help="Also check this --run-dir of `vlmtune train` is free.", show_default=False
+    ),
+) -> None:
+    """Check a recipe without loading a model: every problem at once, with line numbers; data files,
+    folders and splits that are not there; then print it with every default filled in."""
     parsed = _load(recipe, overrides)
+    refuse_missing(parsed, run_dir)
     console.print(f"[bold green]{recipe} is valid.[/] Resolved recipe:\n")
     console.print(parsed.to_yaml(), markup=False)
+
+
+def refuse_missing(parsed, run_dir: Path | None) -> None:
+    """Every local thing the recipe names that is not there, and a --run-dir that is: one RecipeError."""
+    from vlmtune.data.locate import missing
+    from vlmtune.errors import RecipeError
+
+    problems = missing(parsed.data, parsed.model)
+    if run_dir is not None and run_dir.exists():
+        problems.append(f"--run-dir: {run_dir} already exists; vlmtune never overwrites a run")
+    if problems:
+        raise RecipeError(
+            f"{len(problems)} problem{'s' * (len(problems) > 1)} found before loading anything:",
+            problems,
+            hint="paths in a recipe are relative to the recipe's folder; give a new --run-dir, or continue "
+            "an existing run with `vlmtune train --resume RUN_DIR`",
+        )
 
 
 def schema() -> None:

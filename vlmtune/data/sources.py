@@ -245,9 +245,12 @@ def _load_from_hub(name: str, split: str, subset: str | None) -> Any:  # pragma:
 def _pick_split(loaded: Any, split: str, source: str) -> Any:
     if not hasattr(loaded, "keys"):  # a Dataset, not a DatasetDict
         return loaded
-    if split not in loaded:
+    from vlmtune.data.locate import pick_split
+
+    chosen = pick_split(split, list(loaded.keys()))  # eval_split's validation falls back to test
+    if chosen is None:
         raise DataError(
             f"{source} has no split {split!r}; it has {', '.join(loaded.keys())}",
             hint="set data.train_split / data.eval_split to one of them",
         )
-    return loaded[split]
+    return loaded[chosen]

@@ -321,10 +321,24 @@ class TrainSection(Section):
         False, description="torch.compile the model (CUDA; first steps pay the compile)."
     )
     device: Device = Field("auto", description="auto = CUDA when available.")
+    cpu_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="Torch threads of a run on CPU (a CUDA run is left alone). auto: what OMP_NUM_THREADS says "
+        "when it is set (torchrun sets 1), else 1 thread per process on a machine of 4 cores or fewer per "
+        "process (on 2 busy cores torch's default of 2 threads made the demo 3-11x slower, "
+        "docs/benchmarks.md), else torch's default; a number sets it; 0 keeps torch's default.",
+    )
     distributed: DistributedSection = Field(
         default_factory=DistributedSection,
         description="Under torchrun / accelerate launch: the strategy (ddp or fsdp) and the collective timeout.",
     )
+
+    @field_validator("cpu_threads")
+    @classmethod
+    def _threads_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a thread count cannot be negative; give auto, 0 (torch's default) or a number")
+        return value
 
     @field_validator("max_steps")
     @classmethod

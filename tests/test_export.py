@@ -112,7 +112,8 @@ adapter_dir, merged_dir, image_path, prompt = sys.argv[1:5]
 if not is_torchvision_available():
     # A machine with torchvision, simulated: the family's video processor stands in under its own name
     # (what AutoProcessor then does with the folder's files is the real code path).
-    from transformers import AutoConfig, AutoVideoProcessor
+    from transformers import AutoConfig
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the top-level name is a stub
     from transformers.video_processing_utils import VideoProcessorMixin
     from transformers.utils import VIDEO_PROCESSOR_NAME
     name = json.load(open(merged_dir + "/" + VIDEO_PROCESSOR_NAME))["video_processor_type"]
@@ -121,6 +122,8 @@ if not is_torchvision_available():
         raise AssertionError("AutoProcessor loaded a video processor without torchvision")
     except ImportError as exc:
         assert "Torchvision" in str(exc), exc
+    import transformers
+    transformers.VideoProcessorMixin = VideoProcessorMixin  # the base class a processor checks its argument against
     stand_in = type(name, (VideoProcessorMixin,), {"__module__": "stand_in"})
     AutoVideoProcessor.register(type(AutoConfig.from_pretrained(merged_dir)), stand_in, exist_ok=True)
 base_path = json.load(open(adapter_dir + "/adapter_config.json"))["base_model_name_or_path"]

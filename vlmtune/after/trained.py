@@ -173,7 +173,8 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
     from vlmtune.model.processing import load_processor
 
     path = Path(path)
-    facts = json.loads((path / rundir.EXPORT_REPORT).read_text(encoding="utf-8"))
+    report = path / rundir.EXPORT_REPORT  # absent while the export itself is scored, before it is written
+    facts = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
     if facts.get("export") == "adapter":
         raise RunDirError(
             f"{path} is an adapter export: it holds the LoRA weights only, not a model",

@@ -81,7 +81,10 @@ def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | 
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
         train = parsed.train
-        console.print(distributed.describe(train.distributed, here, train.batch_size, train.grad_accum))
+        console.print(
+            distributed.describe(train.distributed, here, train.batch_size, train.grad_accum)
+            + _defaults_note(train)
+        )
         text = recipe.read_text(encoding="utf-8")
         return pipeline.run(parsed, text, recipe.stem, run_dir, callbacks=progress, warn=_warn)
     except NothingToResume as finished:
@@ -95,6 +98,16 @@ def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | 
         raise typer.Exit(stop.exit_code) from None
     finally:
         _close(progress)
+
+
+def _defaults_note(train) -> str:
+    """Defaults a user of another tool would not guess, said when the recipe leaves them unset."""
+    notes = []
+    if "grad_accum" not in train.model_fields_set:
+        notes.append(f"grad_accum {train.grad_accum} is vlmtune's default (TRL's is 1)")
+    if train.max_steps == -1:
+        notes.append(f"{train.epochs:g} epoch{'s' * (train.epochs != 1)} (train.epochs)")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _close(progress: list) -> None:
@@ -130,10 +143,11 @@ def _say(message: str) -> None:
 def _print_summary(run) -> None:
     summary = run.summary()
     trained = summary["stages"]["train"]
-    first, last = trained.get("first_loss"), trained.get("last_loss")
-    loss = f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
-    if trained.get("first_reward") is not None:  # grpo: the reward says more than its loss
-        loss += f", reward {trained['first_reward']:.4f} -> {trained['last_reward']:.4f}"
+    loss = _ends(trained, "loss")
+    if trained.get("first_reward") is not None or trained.get("reward_first_mean") is not None:
+        loss += f", reward {_ends(trained, 'reward')}"  # grpo: the reward says more than its loss
+    if trained.get("mean_window", 1) > 1:
+        loss += f" (means of the first and last {trained['mean_window']} steps)"
     console.print(
         f"[bold green]done[/] in {summary.get('seconds', 0):.0f} s: {trained.get('steps', 0)} steps, "
         f"loss {loss}\nrun folder: [bold]{run.path}[/]\noutput:     {summary.get('output')}"
@@ -142,6 +156,14 @@ def _print_summary(run) -> None:
     if evaluated and evaluated.get("status") == "done":
         console.print(f"eval:       {_scores(evaluated)}")
     observe.print_training_end(run)  # curves in short, measured vs estimated memory, the picture
+
+
+def _ends(trained: dict, key: str) -> str:
+    """The train stage's first -> last of ``key``: the means of the first and last steps when recorded."""
+    first, last = trained.get(f"{key}_first_mean"), trained.get(f"{key}_last_mean")
+    if first is None or last is None:
+        first, last = trained.get(f"first_{key}"), trained.get(f"last_{key}")
+    return f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
 
 
 def _scores(figures: dict) -> str:

@@ -30,7 +30,11 @@ def train(
         "eval_generate and num_workers may change.",
     ),
 ) -> None:
-    """Train from a recipe: load -> lora -> train (sft or grpo), artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft, dpo or grpo: train.objective), artifacts in a new run folder.
+
+    SFT learns the answers; DPO learns from chosen/rejected pairs (docs/preference.md); GRPO rewards
+    sampled answers (docs/rl.md). On CPU, train.cpu_threads (auto: 1 thread on small machines) sets
+    torch's threads.
 
     Ctrl-C or SIGTERM stops the run, marks it interrupted and prints the command that resumes it.
     Exit codes: 0 done (or --resume of a finished run), 2 refused (bad recipe, data, run folder in use),
@@ -62,7 +66,7 @@ def train(
     with signals.stop_on_signals():  # before the heavy imports: a Ctrl-C during them is a clean stop too
         _quiet_libraries()
         run = _train_or_resume(recipe, overrides or [], run_dir, resume)
-    if run is not None:
+    if run is not None and run.writer:  # under torchrun, rank 0 alone prints the summary
         _print_summary(run)
 
 

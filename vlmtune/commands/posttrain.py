@@ -112,7 +112,7 @@ def evaluate(
     content = ev.report(items, found, max_new_tokens=max_new_tokens, data=read)
     path = ev.write_new_report(trained.run, content, label=Path(source).stem if data is not None else None)
     ev.render(content, console)
-    console.print(f"report: [bold]{path}[/] (earlier reports are kept)")
+    console.print(f"report: [bold]{path}[/] (earlier reports are kept)", soft_wrap=True)
 
 
 def _evaluate_export(folder: Path, data: Path | None, max_samples: int | None, max_new_tokens: int) -> None:

@@ -166,3 +166,13 @@ def test_estimate_memory_says_what_would_fit():
     assert report["fit"]["fits"] is False
     assert any(line.startswith("4-bit QLoRA") for line in report["would_fit"])
     assert any("GPUs under FSDP" in line for line in report["would_fit"])
+
+
+def test_eval_against_the_start_run_needs_a_run_that_started_from_one(tmp_path: Path):
+    from posttrain_fixtures import fake_run
+
+    run = fake_run(tmp_path / "run")
+    result = vlmtune("eval", str(run), "--against", "start")
+    assert result.returncode == 2 and "did not train on from an earlier run" in result.stderr
+    result = vlmtune("eval", str(run), "--against", "sft")
+    assert result.returncode == 2 and "neither base nor start" in result.stderr

@@ -149,11 +149,30 @@ def before_and_after(
     return {"adapter": adapter, "base": base}
 
 
-def run_answers(trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None) -> dict:
+def run_answers(
+    trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None, against: str = "base"
+) -> dict:
     """Adapter and base measured on a finished run (a trained.TrainedRun): one load with the adapter
-    toggled, or, for a full fine-tune, the trained model and then the base."""
-    from vlmtune.after.trained import load_for_inference
+    toggled, or, for a full fine-tune, the trained model and then the base.
 
+    ``against="start"``: the "before" is the run this one trained on from (model.adapter), loaded as
+    that run was trained, so a DPO or GRPO run is compared with the SFT run it started from."""
+    from vlmtune.after.trained import load_for_inference, open_trained_run
+
+    if against == "start":
+        if trained.recipe.model.adapter is None:
+            raise DataError(
+                "this run did not train on from an earlier run (its model.adapter is empty)",
+                hint="compare it with its base: vlmtune eval RUN_DIR --against base",
+            )
+        inference = load_for_inference(trained)
+        after = measure(inference.model, inference.processor, items, max_new_tokens, progress)
+        del inference
+        earlier = load_for_inference(open_trained_run(trained.recipe.model.adapter))
+        return {
+            "adapter": after,
+            "base": measure(earlier.model, earlier.processor, items, max_new_tokens, progress),
+        }
     inference = load_for_inference(trained)
     if inference.has_adapter:
         return before_and_after(inference.model, inference.processor, items, max_new_tokens, progress)
@@ -293,7 +312,8 @@ def render(content: dict, console: Any, show: int = 8) -> None:
     for title in columns.values():
         scores_table.add_column(title, justify="right")
     before, after = content["base"], content
-    scores_table.add_row("before (base)", *(f"{before[key]:.1%}" for key in columns))
+    label = f"before ({content.get('before', 'base')})"
+    scores_table.add_row(label, *(f"{before[key]:.1%}" for key in columns))
     scores_table.add_row("[bold]after (trained)[/]", *(f"[bold]{after[key]:.1%}[/]" for key in columns))
     console.print(scores_table)
     rows = content["predictions"][:show]

@@ -74,8 +74,15 @@ def evaluate(
     ),
     max_samples: int = typer.Option(None, "--max-samples", min=1, help="Score only the first N samples."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    against: str = typer.Option(
+        None,
+        "--against",
+        help="What 'before' is: base (the base model) or start (the run this one trained on from, "
+        "model.adapter). Default: start for a run that trained on from another, else base.",
+        show_default=False,
+    ),
 ) -> None:
-    """Generate answers on an eval set, before (base) vs after (adapter): exact match and contains-answer.
+    """Generate answers on an eval set, before (base, or the run it started from) vs after: exact match and contains-answer.
 
     The reference is each sample's last assistant turn; the prompt is the conversation before it.
     On a preference set (chosen/rejected pairs) the reference is the chosen answer, and preference
@@ -96,6 +103,16 @@ def evaluate(
         _evaluate_export(run_dir, data, max_samples, max_new_tokens)
         return
     trained = open_trained_run(run_dir)
+    if against not in (None, "base", "start"):
+        raise DataError(
+            f"--against {against!r} is neither base nor start", hint="--against base or --against start"
+        )
+    if against == "start" and trained.recipe.model.adapter is None:
+        raise DataError(
+            f"run {run_dir} did not train on from an earlier run (its model.adapter is empty)",
+            hint=f"compare it with its base: vlmtune eval {run_dir} --against base",
+        )
+    against = against or ("start" if trained.recipe.model.adapter else "base")
     section = trained.recipe.data
     if data is None and not section.eval:
         raise DataError(
@@ -108,8 +125,16 @@ def evaluate(
     items, read = ev.load_items(source, settings, max_samples)
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
-    found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))
-    content = ev.report(items, found, max_new_tokens=max_new_tokens, data=read)
+    if against not in (None, "base", "start"):
+        raise DataError(
+            f"--against {against!r} is neither base nor start", hint="--against base or --against start"
+        )
+    against = against or ("start" if trained.recipe.model.adapter else "base")
+    found = _with_progress(
+        2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick, against=against)
+    )
+    before = "base" if against == "base" else f"run {Path(trained.recipe.model.adapter).name}"
+    content = ev.report(items, found, max_new_tokens=max_new_tokens, data=read, before=before)
     path = ev.write_new_report(trained.run, content, label=Path(source).stem if data is not None else None)
     ev.render(content, console)
     console.print(f"report: [bold]{path}[/] (earlier reports are kept)", soft_wrap=True)

@@ -176,3 +176,27 @@ def test_eval_against_the_start_run_needs_a_run_that_started_from_one(tmp_path: 
     assert result.returncode == 2 and "did not train on from an earlier run" in result.stderr
     result = vlmtune("eval", str(run), "--against", "sft")
     assert result.returncode == 2 and "neither base nor start" in result.stderr
+
+
+# --- data check --show -------------------------------------------------------------------------------
+
+
+def test_data_check_show_renders_samples_with_image_tokens_and_loss_marked():
+    result = vlmtune("data", "check", "recipes/demo.yaml", "--show", "1", env_extra={"COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "train sample 0: 48 tokens, 6 image tokens, 7 carry loss" in out
+    assert "<|vision_start|>[<|image_pad|> x4]<|vision_end|>What color is the shape?" in out
+    assert "⟦The circle is yellow.<|im_end|>" in out and "⟦<|im_start|>" not in out, (
+        "the prompt carries no loss"
+    )
+    assert "train: 499 tokens carry loss over 48 usable samples" in out and "eval sample 0:" in out
+    as_json = vlmtune("data", "check", "recipes/demo.yaml", "--show", "1", "--json")
+    assert json.loads(as_json.stdout)["train"]["tokens_with_loss"] == 499
+
+
+def test_data_check_show_with_the_whole_answer_trained_marks_the_prompt_too():
+    result = vlmtune("data", "check", "recipes/demo.yaml", "--show", "1", "--set", "data.train_on_responses_only=false",
+                     env_extra={"COLUMNS": "100"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "⟦<|im_start|>system" in result.stdout and "[<|image_pad|> x4]" in result.stdout

@@ -249,6 +249,13 @@ def data_check(
     full_decode: bool = typer.Option(
         False, "--full-decode", help="Decode every pixel of every image (data.image_check: full); slower."
     ),
+    show: int = typer.Option(
+        0,
+        "--show",
+        min=0,
+        help="Print the first N usable samples of each split through the chat template: where the image "
+        "tokens went, which tokens carry loss (inside ⟦ ⟧), and the tokens that carry loss per split (SFT).",
+    ),
 ) -> None:
     """Pre-flight every sample of the recipe's data (no model weights loaded).
 
@@ -256,17 +263,44 @@ def data_check(
     it lists the samples training would leave out and exits 0.
     """
     _quiet_libraries()
-    from vlmtune.data.check import check_recipe_data, fail_on_problems, render_report
+    from vlmtune.data.check import (
+        check_recipe_data,
+        fail_on_problems,
+        render_report,
+        sft_collator,
+        show_samples,
+    )
 
     parsed = _load(recipe, [*(overrides or []), *(["data.image_check=full"] if full_decode else [])])
-    reports = check_recipe_data(parsed, None if as_json else console)
+    refuse_missing(parsed, None)
+    if show and parsed.train.objective != "sft":
+        from vlmtune.errors import RecipeError
+
+        raise RecipeError(
+            f"--show renders supervised samples; this recipe's objective is {parsed.train.objective}",
+            hint="drop --show (the check itself reads pairs and prompts), or run it on an SFT recipe",
+        )
+    collator = sft_collator(parsed)
+    reports = check_recipe_data(parsed, None if as_json else console, collator=collator)
+    trained = (
+        show_samples(reports, collator, show, console if not as_json else _null_console()) if show else {}
+    )
     if as_json:
-        print(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
+        out = {name: report.to_json() for name, report in reports.items()}
+        for name, tokens in trained.items():
+            out[name]["tokens_with_loss"] = tokens
+        print(json.dumps(out, indent=2))
     else:
         render_report(reports, parsed.data, console)
     fail_on_problems(
         reports, parsed.data
     )  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
+
+
+def _null_console():
+    import io
+
+    return Console(file=io.StringIO())
 
 
 def _load(recipe: Path, overrides: list[str] | None):

@@ -21,7 +21,7 @@ from vlmtune.errors import DataError
 from vlmtune.recipe import DataSection, ModelSection
 from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
-from vlmtune.scoring import exact_match, preference_scores, scores
+from vlmtune.scoring import contains_answer, exact_match, preference_scores, scores  # noqa: F401 (contains_answer: re-exported)
 
 MAX_NEW_TOKENS = 64  # per answer; the CLI's --max-new-tokens overrides it
 

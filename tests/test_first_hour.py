@@ -200,3 +200,30 @@ def test_data_check_show_with_the_whole_answer_trained_marks_the_prompt_too():
                      env_extra={"COLUMNS": "100"})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "⟦<|im_start|>system" in result.stdout and "[<|image_pad|> x4]" in result.stdout
+
+
+def test_the_colour_pairs_are_what_their_script_writes(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    colours = ROOT / "data" / "colours"
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(colours / name, tmp_path / name)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_colour_pairs.py"), str(tmp_path)], check=True,
+                   capture_output=True)  # fmt: skip
+    for name in ("pairs.jsonl", "eval_pairs.jsonl"):
+        assert (tmp_path / name).read_text() == (colours / name).read_text(), name
+    first = json.loads((colours / "pairs.jsonl").read_text().splitlines()[0])
+    assert first["chosen"][0]["content"][0]["text"] != first["rejected"][0]["content"][0]["text"]
+
+
+def test_the_colour_dpo_recipe_validates():
+    result = vlmtune("validate", "recipes/colours_dpo.yaml")
+    assert result.returncode == 2 and "model.adapter: folder not found" in result.stderr, (
+        "the SFT run it starts from is named, and its absence found before anything loads"
+    )
+    result = vlmtune("validate", "recipes/colours_dpo.yaml", "--set", "model.adapter=null")
+    assert result.returncode == 0, result.stderr

@@ -227,3 +227,15 @@ def test_the_colour_dpo_recipe_validates():
     )
     result = vlmtune("validate", "recipes/colours_dpo.yaml", "--set", "model.adapter=null")
     assert result.returncode == 0, result.stderr
+
+
+def test_the_planned_epochs_count_as_the_trainer_counts_them():
+    from types import SimpleNamespace
+
+    from vlmtune.training.callbacks import epochs_line, planned_epochs
+
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=1)
+    state = SimpleNamespace(max_steps=60)
+    assert planned_epochs(args, state, list(range(12))) == 10.0, "12 batches = 6 steps an epoch"
+    assert planned_epochs(args, state, None) is None
+    assert epochs_line(60, args, 10.0) == "60 steps of effective batch 8 = 10.00 epochs of the training set"

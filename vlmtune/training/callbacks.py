@@ -142,18 +142,18 @@ class RichProgress(TrainerCallback):
 
 
 def planned_epochs(args: Any, state: Any, dataloader: Any) -> float | None:
-    """Passes over the training set the run will make: steps x samples per step / samples."""
+    """Passes over the training set the run will make, counted as the Trainer counts its `epoch`:
+    steps x grad_accum / batches per epoch (GRPO's repeated prompts and DDP's shards included)."""
     try:
-        samples = len(dataloader.dataset)
-    except (AttributeError, TypeError):
+        batches = len(dataloader)
+    except TypeError:
         return None
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-    return state.max_steps * per_step / samples if samples else None
+    return state.max_steps * args.gradient_accumulation_steps / batches if batches else None
 
 
 def epochs_line(steps: int, args: Any, epochs: float) -> str:
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-    return f"{steps} steps x {per_step} samples per step = {epochs:.2f} epochs of the training set"
+    return f"{steps} steps of effective batch {per_step} = {epochs:.2f} epochs of the training set"
 
 
 class StepCounter(TrainerCallback):

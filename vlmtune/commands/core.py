@@ -59,6 +59,7 @@ def train(
             "--run-dir names a new run folder; --resume continues an existing one: give one",
             hint=f"vlmtune train --resume {resume} (it continues in that folder)",
         )
+    _quiet_other_ranks()
     if recipe is not None:  # refusals that need no model come before the heavy imports
         refuse_missing(_load(recipe, overrides), run_dir)
     from vlmtune.runs import signals
@@ -68,6 +69,15 @@ def train(
         run = _train_or_resume(recipe, overrides or [], run_dir, resume)
     if run is not None and run.writer:  # under torchrun, rank 0 alone prints the summary
         _print_summary(run)
+
+
+def _quiet_other_ranks() -> None:
+    """Under torchrun, ranks other than 0 keep torch's C++ warnings to themselves (errors still print):
+    the same warning once per rank (DDP's find_unused_parameters note) says nothing rank 0 did not."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read when torch is first imported
 
 
 def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None):

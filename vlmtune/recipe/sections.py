@@ -325,7 +325,7 @@ class TrainSection(Section):
         "auto",
         description="Torch threads of a run on CPU (a CUDA run is left alone). auto: what OMP_NUM_THREADS says "
         "when it is set (torchrun sets 1), else 1 thread per process on a machine of 4 cores or fewer per "
-        "process (on 2 busy cores torch's default of 2 threads made the demo 3-11x slower, "
+        "process (on 2 busy cores torch's default of 2 threads made the demo 2.4-8x slower, "
         "docs/benchmarks.md), else torch's default; a number sets it; 0 keeps torch's default.",
     )
     distributed: DistributedSection = Field(

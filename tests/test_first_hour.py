@@ -163,7 +163,7 @@ def test_estimate_memory_says_what_would_fit():
                      "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["fit"]["fits"] is False
+    assert report["fits"]["fits"] is False
     assert any(line.startswith("4-bit QLoRA") for line in report["would_fit"])
     assert any("GPUs under FSDP" in line for line in report["would_fit"])
 

@@ -32,10 +32,16 @@ def pair(record: dict) -> dict:
 
 def main(folder: Path) -> None:
     for source, target in (("train.jsonl", "pairs.jsonl"), ("eval.jsonl", "eval_pairs.jsonl")):
-        rows = [json.loads(line) for line in (folder / source).read_text(encoding="utf-8").splitlines() if line]
+        rows = [
+            json.loads(line) for line in (folder / source).read_text(encoding="utf-8").splitlines() if line
+        ]
         (folder / target).write_text("".join(json.dumps(pair(r)) + "\n" for r in rows), encoding="utf-8")
         print(f"wrote {folder / target}: {len(rows)} pairs")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "data" / "colours")
+    main(
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parent.parent / "data" / "colours"
+    )

@@ -105,3 +105,20 @@ def test_eval_split_falls_back_to_test_when_a_set_has_no_validation(tmp_path: Pa
     assert open_records(str(disk), split).total == 1, "the test split was read"
     result = vlmtune("validate", str(recipe(tmp_path, train=str(disk), eval=str(disk))))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_hub_dataset_without_validation_is_read_from_test(monkeypatch):
+    import datasets
+
+    from vlmtune.data import open_records
+
+    calls = []
+
+    def fake_load_dataset(name, subset, split):
+        calls.append(split)
+        if split != "test":
+            raise ValueError(f"Unknown split \"{split}\". Should be one of ['train', 'test'].")
+        return datasets.load_from_disk(str(FORMATS / "disk"))["validation"]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert open_records("someone/vqa-set", "validation").total == 1 and calls == ["validation", "test"]

@@ -159,7 +159,9 @@ class DataSection(Section):
         "train", description="Split of a hub dataset or a save_to_disk DatasetDict read for `train`."
     )
     eval_split: str = Field(
-        "validation", description="Split of a hub dataset or a save_to_disk DatasetDict read for `eval`."
+        "validation",
+        description="Split of a hub dataset or a save_to_disk DatasetDict read for `eval`; `validation` "
+        "falls back to `test` when the set has no validation split.",
     )
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
     format: DataFormat = Field(

@@ -162,6 +162,8 @@ def test_two_ranks_write_one_run_folder_once(ddp_run):
     assert steps == [1, 2, 3, 4]
     assert result.stdout.count("effective batch 2 = batch_size 1 x grad_accum 1 x 2 ranks") == 1
     assert result.stdout.count("done in") == 1
+    assert result.stdout.count("  loss ") == 1 and result.stdout.count("curves:") == 1, "rank 1's summary too"
+    assert result.stderr.count("reducer.cpp") <= 1, "torch's DDP note once, from rank 0, not once per rank"
     report = json.loads((run / "3-train" / "data_report.json").read_text())["train"]
     assert report["samples_kept"] == 4 and report["text_only_samples"] == 3
     # The checkpoints hold each rank's RNG state (a resume needs both).

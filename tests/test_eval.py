@@ -143,12 +143,18 @@ def test_eval_on_another_file_with_max_samples(run_copy: Path, tmp_path: Path):
     line["messages"][0]["content"][0]["image"] = str(IMAGE)  # absolute: the file lives elsewhere
     data = tmp_path / "held_out.jsonl"
     data.write_text((json.dumps(line) + "\n") * 3)
+    training_report = (run_copy / "4-eval/eval_report.json").read_bytes()
     result = vlmtune("eval", str(run_copy), "--data", str(data), "--max-samples", "1")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_copy / "4-eval/eval_report.json").read_text())
+    assert (run_copy / "4-eval/eval_report.json").read_bytes() == training_report, "never overwritten"
+    report = json.loads((run_copy / "4-eval/eval_report-held_out.json").read_text())
+    assert "eval_report-held_out.json" in result.stdout, "it says where the report went"
     assert report["n"] == 1 and report["exact_match"] == 1.0 and report["contains"] == 1.0
     assert report["base"]["exact_match"] == 0.0
     assert report["data"]["source"].endswith("held_out.jsonl")
+    again = vlmtune("eval", str(run_copy), "--data", str(data), "--max-samples", "1")
+    assert again.returncode == 0 and (run_copy / "4-eval/eval_report-held_out-2.json").is_file()
+    assert json.loads((run_copy / "4-eval/eval_report-held_out.json").read_text()) == report
 
 
 # --- user errors ------------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ def test_merged_export_is_16_bit_safetensors_with_the_processor(exports):
     assert processor_config["processor_class"] == "Qwen2VLProcessor", (
         "AutoProcessor loads it with torchvision"
     )
+    video = json.loads((folder / "video_preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor", "AutoProcessor needs a video config"
     assert (folder / "chat_template.jinja").is_file()
     checks = json.loads((folder / "vlmtune_export.json").read_text())["checks"]
     assert len(checks) == 4 and all(c["ok"] for c in checks)
@@ -102,37 +104,128 @@ INTEROP = """
 import json, sys
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-adapter_dir, merged_dir = sys.argv[1], sys.argv[2]
+adapter_dir, merged_dir, image_path, prompt = sys.argv[1:5]
+if not is_torchvision_available():
+    # A machine with torchvision, simulated: the family's video processor stands in under its own name
+    # (what AutoProcessor then does with the folder's files is the real code path).
+    from transformers import AutoConfig
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the top-level name is a stub
+    from transformers.video_processing_utils import VideoProcessorMixin
+    from transformers.utils import VIDEO_PROCESSOR_NAME
+    name = json.load(open(merged_dir + "/" + VIDEO_PROCESSOR_NAME))["video_processor_type"]
+    try:  # without torchvision the real class says so, not "Can't load video processor"
+        AutoProcessor.from_pretrained(merged_dir)
+        raise AssertionError("AutoProcessor loaded a video processor without torchvision")
+    except ImportError as exc:
+        assert "Torchvision" in str(exc), exc
+    import transformers
+    transformers.VideoProcessorMixin = VideoProcessorMixin  # the base class a processor checks its argument against
+    stand_in = type(name, (VideoProcessorMixin,), {"__module__": "stand_in"})
+    AutoVideoProcessor.register(type(AutoConfig.from_pretrained(merged_dir)), stand_in, exist_ok=True)
 base_path = json.load(open(adapter_dir + "/adapter_config.json"))["base_model_name_or_path"]
 base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=torch.float32)
 with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
 merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
 tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-image_processor = AutoImageProcessor.from_pretrained(merged_dir)
-if is_torchvision_available():
-    from transformers import AutoProcessor
-    AutoProcessor.from_pretrained(merged_dir)
+processor = AutoProcessor.from_pretrained(merged_dir)  # the model card's own snippet
 ids = tokenizer("What color is the shape?", return_tensors="pt").input_ids
 with torch.no_grad():
     a = with_adapter(input_ids=ids).logits
     m = merged(input_ids=ids).logits
 assert torch.isfinite(a).all() and torch.isfinite(m).all()
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+inputs = processor(text=[text], images=[[Image.open(image_path).convert("RGB")]], return_tensors="pt")
+with torch.no_grad():
+    out = merged.generate(**inputs, max_new_tokens=16, do_sample=False)
+answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 assert not [name for name in sys.modules if name.split(".")[0] == "vlmtune"], "vlmtune was imported"
-print("interop ok", type(image_processor).__name__, merged.dtype)
+print("interop ok", type(processor).__name__, merged.dtype)
+print("answer:", answer)
 """
 
 
 @pytest.mark.slow
-def test_plain_peft_and_transformers_load_the_exports_without_vlmtune(exports, tmp_path: Path):
+def test_plain_transformers_autoprocessor_loads_the_merged_export_and_answers_an_image(
+    exports, tmp_path: Path
+):
+    """The model card's snippet, run without vlmtune: AutoProcessor + a real image + generate."""
     result = subprocess.run(
-        [sys.executable, "-c", INTEROP, str(exports["adapter"]), str(exports["merged"])],
+        [sys.executable, "-c", INTEROP, str(exports["adapter"]), str(exports["merged"]), str(IMAGE), PROMPT],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "interop ok" in result.stdout and "torch.bfloat16" in result.stdout
+    assert "interop ok Qwen2VLProcessor torch.bfloat16" in result.stdout
+    assert f"answer: {ANSWER}" in result.stdout, (
+        "the merged model answers the trained image through AutoProcessor"
+    )
+
+
+@pytest.mark.slow
+def test_the_merged_export_is_scored_from_its_own_files_beside_the_adapter(exports, overfit_run: Path):
+    report = json.loads((exports["merged"] / "vlmtune_export.json").read_text())
+    scored = report["scored"]
+    evaluated = json.loads((overfit_run / "4-eval/eval_report.json").read_text())
+    assert scored["n"] == 2 and scored["adapter_answers_from"] == "4-eval/eval_report.json"
+    assert [p["adapter"] for p in scored["predictions"]] == [p["adapter"] for p in evaluated["predictions"]]
+    assert scored["adapter_exact_match"] == evaluated["exact_match"]
+    agreeing = sum(p["export"].lower() == p["adapter"].lower() for p in scored["predictions"])
+    assert scored["agreeing"] == agreeing and scored["predictions"][0]["export"] == ANSWER
+    card = (exports["merged"] / "README.md").read_text()
+    assert f"| eval (this folder) | exact match {scored['exact_match']:.1%}" in card
+    assert f"the same answer as the adapter on {agreeing} of 2" in card
+    adapter = json.loads((exports["adapter"] / "vlmtune_export.json").read_text())
+    assert adapter["scored"] is None, "an adapter export is the trained weights themselves"
+
+
+@pytest.mark.slow
+def test_exports_hold_no_absolute_local_path(exports, overfit_run: Path):
+    from vlmtune.model.checkpoint import resolve_model_path
+
+    local = [str(overfit_run.parent), str(Path(resolve_model_path("tiny:qwen2_vl")).parent), str(Path.home())]
+    for folder in exports.values():
+        for name in ("README.md", "vlmtune_export.json"):
+            text = (folder / name).read_text()
+            assert not [p for p in local if p in text], f"{folder.name}/{name} holds a local path"
+    assert "| recipe | `recipe`, run `run` |" in (exports["merged"] / "README.md").read_text()
+
+
+def test_a_merge_whose_answers_part_from_the_adapter_warns():
+    from vlmtune.after.export import export_warnings
+
+    assert export_warnings({"n": 9, "agreeing": 9, "exact_match": 1.0, "adapter_exact_match": 1.0}) == []
+    [warning] = export_warnings({"n": 9, "agreeing": 0, "exact_match": 0.0, "adapter_exact_match": 0.5})
+    assert "only 0 of 9" in warning and "without --merge" in warning
+
+
+@pytest.mark.slow
+def test_predict_and_eval_take_a_merged_export_folder(exports, tmp_path: Path):
+    folder = exports["merged"]
+    result = vlmtune(
+        "predict", str(folder), "--image", str(IMAGE), "--prompt", PROMPT, "--max-new-tokens", "16"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == ANSWER
+    before = sorted(p.name for p in folder.iterdir())
+    eval_file = overfit_folder_eval(tmp_path)
+    result = vlmtune("eval", str(folder), "--data", str(eval_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exact match 50.0%" in result.stdout and "no report file" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before, "an export folder is never written to"
+    refused = vlmtune("eval", str(folder))
+    assert refused.returncode == 2 and "--data" in refused.stderr
+    refused = vlmtune("predict", str(exports["adapter"]), "--image", str(IMAGE), "--prompt", PROMPT)
+    assert refused.returncode == 2 and "adapter export" in refused.stderr and "--merge" in refused.stderr
+
+
+def overfit_folder_eval(tmp_path: Path) -> Path:
+    from posttrain_fixtures import overfit_folder
+
+    return overfit_folder(tmp_path / "data") / "eval.jsonl"
 
 
 def _logits(model, inputs):

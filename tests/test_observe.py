@@ -353,7 +353,7 @@ def test_the_filter_drops_that_message_only(caplog):
 # --- vlmtune runs and vlmtune report ------------------------------------------------------------------
 
 RUN_KEYS = {"name", "path", "model", "objective", "status", "created", "steps", "first_loss", "last_loss",
-            "peak_memory_bytes", "seconds"}  # fmt: skip
+            "peak_memory_bytes", "seconds", "eval_metric", "eval_score"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +380,7 @@ def test_runs_json_lists_every_state_newest_first_with_stable_keys(run_folders: 
     assert by_name["finished"] | {"path": None} == {
         "name": "finished", "path": None, "model": "tiny:qwen2_vl", "objective": "sft", "status": "done",
         "created": "2026-11-20T09:00:00", "steps": 3, "first_loss": 2.0, "last_loss": 1.0,
-        "peak_memory_bytes": 903 * MiB, "seconds": 35.5,
+        "peak_memory_bytes": 903 * MiB, "seconds": 35.5, "eval_metric": None, "eval_score": None,
     }  # fmt: skip
     failed = by_name["failed"]
     assert failed["status"] == "failed" and failed["first_loss"] == 3.0 and failed["last_loss"] is None
@@ -409,12 +409,13 @@ def test_runs_table(run_folders: dict[str, Path]):
         "status",
         "steps",
         "loss",
+        "eval",
         "peak",
         "memory",
         "time",
     ]
     finished = next(line for line in lines if line.startswith("finished"))
-    assert finished.split() == ["finished", "tiny:qwen2_vl", "sft", "done", "3", "2.000", "->", "1.000",
+    assert finished.split() == ["finished", "tiny:qwen2_vl", "sft", "done", "3", "2.000", "->", "1.000", "-",
                                 "903.00", "MiB", "36s"]  # fmt: skip
     assert "3.000 -> nan" in next(line for line in lines if line.startswith("failed"))
     assert [line.split()[0] for line in lines[1:]] == ["broken", "just-started", "running", "interrupted",

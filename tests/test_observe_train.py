@@ -40,7 +40,9 @@ def test_every_row_and_the_summary_carry_the_measured_peak(trained):
     run, result = trained
     logged = metrics(run)
     peaks = [row["peak_rss_since_start_bytes"] for row in logged]
-    assert len(peaks) == 8, "6 training rows and 2 eval rows, each with its figure"
+    assert len(peaks) == 9, (
+        "6 training rows and 3 eval rows (before the first step, at 3 and 6), each with its figure"
+    )
     assert peaks == sorted(peaks), "a high-water mark since the process started never falls"
     summary = json.loads((run / rundir.SUMMARY).read_text())
     floor = summary["stages"]["load"][rundir.RSS_BEFORE_LOAD]
@@ -65,10 +67,11 @@ def test_the_curves_picture_is_written_and_the_terminal_summarises(trained):
     assert png_size(run / rundir.CURVES) == (1100, 700)
     out = result.stdout
     assert "  loss " in out and "6 steps logged" in out
-    assert "  eval loss " in out and "(2 evaluations" in out
+    assert "  eval loss " in out and "(3 evaluations" in out
     # the keys the metrics writer gives the Trainer's eval metrics are the ones the curves read
     evals = [row["eval_token_accuracy"] for row in read_rows(run) if "eval_loss" in row]
-    assert len(evals) == 2 and f"  eval accuracy  {evals[0]:.3f} -> {evals[-1]:.3f}" in out
+    assert [row["step"] for row in read_rows(run) if "eval_loss" in row] == [0, 3, 6], "eval at step 0 too"
+    assert len(evals) == 3 and f"  eval accuracy  {evals[0]:.3f} -> {evals[-1]:.3f}" in out
     assert f"curves:     {run / rundir.CURVES}" in out
     before = (run / rundir.CURVES).read_bytes()
     report = vlmtune("report", str(run))

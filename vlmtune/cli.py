@@ -50,12 +50,27 @@ def _options(
         os.environ["VLMTUNE_DEBUG"] = "1"
 
 
+NARROW_HELP = 100  # columns under which --help is click's plain layout: rich's table left 20 for descriptions
+
+
+def _plain_help_when_narrow() -> None:
+    """In a narrow terminal, rich's option table squeezes each description into a sliver beside long
+    option names and types; click's plain layout wraps them at full width instead."""
+    import shutil
+
+    import typer.core
+
+    if shutil.get_terminal_size((NARROW_HELP, 24)).columns < NARROW_HELP:
+        typer.core.HAS_RICH = False
+
+
 def main() -> None:
     """Entry point: user errors become a message, a hint and exit code 2."""
     from vlmtune.errors import VlmtuneError
     from vlmtune.observe.noise import silence_known_noise
 
     silence_known_noise()  # before any library that prints it loads
+    _plain_help_when_narrow()
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting: pass it on.
         code = app(standalone_mode=False)

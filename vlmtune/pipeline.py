@@ -135,9 +135,11 @@ def _stages(
 ) -> RunDir:
     started = time.time()
     train = recipe.train
+    threads = checkpoint.apply_cpu_threads(train.cpu_threads, device, here.world_size)  # before any step
     run.write_json(rundir.ENV, environment_report(device))
     run.record(
-        distributed=distributed.summary_figures(train.distributed, here, train.batch_size, train.grad_accum)
+        distributed=distributed.summary_figures(train.distributed, here, train.batch_size, train.grad_accum),
+        **({"cpu_threads": threads} if threads is not None else {}),
     )
     strategy = distributed.strategy_of(train.distributed, here)
 

@@ -157,11 +157,30 @@ def before_and_after(
     return {"adapter": adapter, "base": base}
 
 
-def run_answers(trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None) -> dict:
+def run_answers(
+    trained: Any, items: list[EvalItem], max_new_tokens: int, progress=None, against: str = "base"
+) -> dict:
     """Adapter and base measured on a finished run (a trained.TrainedRun): one load with the adapter
-    toggled, or, for a full fine-tune, the trained model and then the base."""
-    from vlmtune.after.trained import load_for_inference
+    toggled, or, for a full fine-tune, the trained model and then the base.
 
+    ``against="start"``: the "before" is the run this one trained on from (model.adapter), loaded as
+    that run was trained, so a DPO or GRPO run is compared with the SFT run it started from."""
+    from vlmtune.after.trained import load_for_inference, open_trained_run
+
+    if against == "start":
+        if trained.recipe.model.adapter is None:
+            raise DataError(
+                "this run did not train on from an earlier run (its model.adapter is empty)",
+                hint="compare it with its base: vlmtune eval RUN_DIR --against base",
+            )
+        inference = load_for_inference(trained)
+        after = measure(inference.model, inference.processor, items, max_new_tokens, progress)
+        del inference
+        earlier = load_for_inference(open_trained_run(trained.recipe.model.adapter))
+        return {
+            "adapter": after,
+            "base": measure(earlier.model, earlier.processor, items, max_new_tokens, progress),
+        }
     inference = load_for_inference(trained)
     if inference.has_adapter:
         return before_and_after(inference.model, inference.processor, items, max_new_tokens, progress)
@@ -245,7 +264,28 @@ def _each(logps: list | None, items: list) -> list:
 
 
 def write_report(run: RunDir, content: dict) -> Path:
+    """4-eval/eval_report.json: the eval stage's report (a new run folder has none yet)."""
     return run.write_json(rundir.EVAL_REPORT, content)
+
+
+def write_new_report(run: RunDir, content: dict, label: str | None = None) -> Path:
+    """A report beside the others, never over one: eval_report.json when the folder has none, else
+    eval_report-LABEL.json (the data file's stem), numbered when that is taken too."""
+    return run.write_json(free_report_name(run, label), content)
+
+
+def free_report_name(run: RunDir, label: str | None) -> str:
+    import re
+
+    first = Path(rundir.EVAL_REPORT)
+    if label is None and not (run / rundir.EVAL_REPORT).exists():
+        return rundir.EVAL_REPORT
+    stem = first.stem + (f"-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}" if label else "")
+    for number in range(1, 10_000):
+        name = str(first.with_name(f"{stem}{'' if number == 1 else f'-{number}'}{first.suffix}"))
+        if not (run / name).exists():
+            return name
+    raise DataError(f"{run.path / first.parent} holds 10,000 eval reports", hint="remove some old ones")
 
 
 # --- the optional stage after training ----------------------------------------------------------
@@ -275,11 +315,19 @@ def after_training(
     return headline(content)
 
 
-def write_html(run: RunDir, items: list[EvalItem], content: dict) -> Path:
-    """4-eval/report.html beside the JSON report (vlmtune.after.report_html)."""
+def write_html(run: RunDir, items: list[EvalItem], content: dict, report: str = rundir.EVAL_REPORT) -> Path:
+    """The report as one page beside its JSON (vlmtune.after.report_html): 4-eval/report.html for
+    eval_report.json, report-LABEL.html for eval_report-LABEL.json, so a page is never overwritten either."""
     from vlmtune.after import report_html
 
-    return report_html.write(run, items, content)
+    return report_html.write(run, items, content, html_name(report))
+
+
+def html_name(report: str) -> str:
+    """The page's name for a JSON report's name (rundir.EVAL_HTML for rundir.EVAL_REPORT)."""
+    suffix = Path(report).stem[len(Path(rundir.EVAL_REPORT).stem) :]
+    html = Path(rundir.EVAL_HTML)
+    return str(html.with_name(f"{html.stem}{suffix}{html.suffix}"))
 
 
 def base_measure(model_section: ModelSection, data: DataSection, items: list[EvalItem], device: str) -> dict:
@@ -316,7 +364,8 @@ def render(content: dict, console: Any, show: int = 8) -> None:
     for title in columns.values():
         scores_table.add_column(title, justify="right")
     before, after = content["base"], content
-    scores_table.add_row("before (base)", *(f"{before[key]:.1%}" for key in columns))
+    label = f"before ({content.get('before', 'base')})"
+    scores_table.add_row(label, *(f"{before[key]:.1%}" for key in columns))
     scores_table.add_row("[bold]after (trained)[/]", *(f"[bold]{after[key]:.1%}[/]" for key in columns))
     console.print(scores_table)
     _render_metrics(content, console)
@@ -335,11 +384,28 @@ def render(content: dict, console: Any, show: int = 8) -> None:
     console.print(table)
 
 
+def render_answers(items: list[EvalItem], found: list[str], console: Any, show: int = 8) -> None:
+    """One model's first ``show`` answers beside the references."""
+    from rich.table import Table
+
+    table = Table(title=f"first {min(show, len(items))} answers", title_justify="left", show_lines=True)
+    for column in ("#", "prompt", "reference", "answer"):
+        table.add_column(column, overflow="fold")
+    for item, answer in list(zip(items, found, strict=True))[:show]:
+        mark = "[green]✓[/] " if exact_match(answer, item.reference) else ""
+        table.add_row(
+            str(item.index), _plain(prompt_text(item.messages)), _plain(item.reference), mark + _plain(answer)
+        )
+    console.print(table)
+
+
 def _plain(text: str) -> str:
-    """Rich markup escaped, control characters (random models emit them) shown as �."""
+    """Rich markup escaped, control characters (random models emit them) written as escapes (\\x1b)."""
     from rich.markup import escape
 
-    return escape("".join(c if c.isprintable() or c == "\n" else "\N{REPLACEMENT CHARACTER}" for c in text))
+    from vlmtune.after.generate import printable
+
+    return escape(printable(text))
 
 
 def _render_metrics(content: dict, console: Any) -> None:

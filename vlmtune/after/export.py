@@ -37,6 +37,8 @@ class ExportResult:
     out: Path
     kind: str  # adapter | merged | full
     checks: list[dict]
+    scored: dict | None = None  # the exported model's own eval scores (merged, full), and its agreement
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,12 @@ class Probe:
     expected: Any  # base weight + LoRA delta, as peft merges it
 
 
-def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> ExportResult:
-    """Write the export into ``out`` (which must not exist), with its model card and checks."""
+def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str, score: bool = True) -> ExportResult:
+    """Write the export into ``out`` (which must not exist), with its model card and checks.
+
+    A merged (or full) export is scored on the recipe's eval samples from the saved files themselves,
+    beside the answers of the adapter as trained: the card and vlmtune_export.json quote what ships.
+    """
     out = Path(out)
     check_new_folder(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -59,7 +65,13 @@ def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> Expor
             kind, checks = "merged", export_merged(trained, staging, dtype)
         else:
             kind, checks = "adapter", export_adapter(trained, staging)
-        facts = card_facts(trained, kind, dtype)
+        scored = (
+            score_export(trained, staging, dtype if kind == "merged" else None)
+            if score and kind != "adapter"
+            else None
+        )
+        facts = card_facts(trained, kind, dtype, scored)
+        facts["autoprocessor_needs_torchvision"] = declares_video(staging)
         (staging / rundir.EXPORT_CARD).write_text(model_card(facts, out.name), encoding="utf-8")
         report = json.dumps({**facts, "checks": checks}, indent=2, ensure_ascii=False)
         (staging / rundir.EXPORT_REPORT).write_text(report + "\n", encoding="utf-8")
@@ -68,7 +80,84 @@ def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> Expor
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportResult(out, kind, checks)
+    return ExportResult(out, kind, checks, scored, tuple(export_warnings(scored)))
+
+
+# --- the export measured ---------------------------------------------------------------------------
+
+
+def score_export(trained: TrainedRun, folder: Path, dtype: str | None) -> dict | None:
+    """The saved model's eval scores on data.eval, and how often it gives the adapter's answer.
+
+    The adapter's answers are the eval stage's (4-eval/eval_report.json) when it scored the same
+    samples, else they are generated now from the base as trained plus the adapter.
+    """
+    from vlmtune.after import evaluate
+    from vlmtune.after.trained import load_export, load_for_inference
+    from vlmtune.scoring import exact_match, scores
+
+    data = trained.recipe.data
+    if not data.eval:
+        return None
+    items, source = evaluate.load_items(data.eval, data, None)
+    references = [item.reference for item in items]
+    adapter, adapter_from = _reported_answers(trained, items), rundir.EVAL_REPORT
+    if adapter is None:
+        inference = load_for_inference(trained, device="cpu")
+        adapter = evaluate.answers(inference.model, inference.processor, items, evaluate.MAX_NEW_TOKENS)
+        adapter_from = "generated at export"
+        del inference
+    exported = load_export(folder, device="cpu", dtype=dtype)
+    mine = evaluate.answers(exported.model, exported.processor, items, evaluate.MAX_NEW_TOKENS)
+    agreeing = sum(map(exact_match, mine, adapter))
+    own, theirs = scores(mine, references), scores(adapter, references)
+    return {
+        "n": len(items),
+        "data": _short_path(source["source"]),
+        "exact_match": own["exact_match"],
+        "contains": own["contains"],
+        "adapter_exact_match": theirs["exact_match"],
+        "adapter_contains": theirs["contains"],
+        "agreeing": agreeing,
+        "agreement_with_adapter": agreeing / len(items) if items else 1.0,
+        "adapter_answers_from": adapter_from,
+        "max_new_tokens": evaluate.MAX_NEW_TOKENS,
+        "predictions": [
+            {"index": item.index, "reference": item.reference, "export": m, "adapter": a}
+            for item, m, a in zip(items, mine, adapter, strict=True)
+        ],
+    }
+
+
+def _reported_answers(trained: TrainedRun, items: list) -> list[str] | None:
+    """The adapter's answers from the eval stage's report, when it scored exactly these samples."""
+    path = trained.run / rundir.EVAL_REPORT
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    rows = report.get("predictions", [])
+    if report.get("max_new_tokens") != _max_new_tokens() or [r.get("index") for r in rows] != [
+        item.index for item in items
+    ]:
+        return None
+    return [r["adapter"] for r in rows]
+
+
+def _max_new_tokens() -> int:
+    from vlmtune.after.evaluate import MAX_NEW_TOKENS
+
+    return MAX_NEW_TOKENS
+
+
+def export_warnings(scored: dict | None) -> list[str]:
+    if not scored or scored["agreeing"] == scored["n"]:
+        return []
+    return [
+        f"the exported model gives the adapter's answer on only {scored['agreeing']} of {scored['n']} eval "
+        f"samples (exact match {scored['exact_match']:.1%} vs the adapter's {scored['adapter_exact_match']:.1%}): "
+        "a 16-bit merge of an adapter trained on a 4-bit base is not the model that was trained; compare "
+        "them in vlmtune_export.json (scored.predictions), or ship the adapter without --merge"
+    ]
 
 
 def check_new_folder(out: Path) -> None:
@@ -84,8 +173,6 @@ def check_new_folder(out: Path) -> None:
 
 def export_adapter(trained: TrainedRun, staging: Path) -> list[dict]:
     """adapter_config.json + adapter_model.safetensors + the processor (with its chat template)."""
-    from vlmtune.model.processing import save_processor
-
     staging.mkdir()
     for name in (rundir.PEFT_CONFIG, rundir.PEFT_WEIGHTS):
         if not (trained.weights / name).is_file():
@@ -94,7 +181,7 @@ def export_adapter(trained: TrainedRun, staging: Path) -> list[dict]:
                 hint="the run folder was changed after training; train again",
             )
         shutil.copy2(trained.weights / name, staging / name)
-    save_processor(run_processor(trained), staging)
+    save_export_processor(trained, staging)
     targets = trained.run.read_json(rundir.LORA_PLAN)["targets"]
     return [check_adapter(staging / rundir.PEFT_WEIGHTS, targets)]
 
@@ -104,7 +191,6 @@ def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
     from peft import PeftModel
 
     from vlmtune.model.modelinfo import is_quantized_linear
-    from vlmtune.model.processing import save_processor
     from vlmtune.stages import load
 
     recipe = trained.recipe
@@ -120,7 +206,7 @@ def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
     probes = merge_probes(model, base.family.component_of, PROBES)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(staging))
-    save_processor(run_processor(trained), staging)
+    save_export_processor(trained, staging)
     return check_merged(staging, probes)
 
 
@@ -131,6 +217,62 @@ def export_full(trained: TrainedRun, staging: Path) -> list[dict]:
     if not weights:
         raise RunDirError(f"{trained.weights} holds no .safetensors weights", hint="train again")
     return [{"check": "full fine-tune weights copied", "files": weights, "ok": True}]
+
+
+def save_export_processor(trained: TrainedRun, folder: Path) -> None:
+    """The run's processor, plus the video-processor config AutoProcessor reads for families that declare one.
+
+    vlmtune trains on images and builds its processors without a video processor (FACTS.md), but
+    ``AutoProcessor.from_pretrained`` of Qwen2-VL, InternVL, SmolVLM ... loads one and fails with
+    "Can't load video processor" when the folder has no video_preprocessor_config.json. With it the
+    folder loads wherever torchvision is installed, as the family's own checkpoints do; without
+    torchvision transformers says plainly that the video processor needs it.
+    """
+    from vlmtune.model.processing import save_processor
+
+    processor = run_processor(trained)
+    save_processor(processor, folder)
+    write_video_processor_config(processor, folder)
+
+
+def _transformers_classes(processor: Any) -> list[type]:
+    return [c for c in type(processor).__mro__ if c.__module__.startswith("transformers.models.")]
+
+
+def video_processor_type(processor: Any) -> str | None:
+    """The transformers video-processor class of the processor's family; None when it declares none."""
+    import inspect
+
+    import transformers
+
+    classes = _transformers_classes(processor)
+    if not any("video_processor" in inspect.signature(c.__init__).parameters for c in classes):
+        return None
+    image_type = type(getattr(processor, "image_processor", None)).__name__
+    candidates = [
+        classes[0].__name__.removesuffix("Processor")
+        + "VideoProcessor",  # Qwen3VLProcessor -> Qwen3VLVideoProcessor
+        image_type.removesuffix("Pil").removesuffix("Fast").replace("ImageProcessor", "VideoProcessor"),
+    ]  # the second is transformers' own fallback (Qwen2_5_VL uses Qwen2VLVideoProcessor)
+    return next((name for name in candidates if hasattr(transformers, name)), None)
+
+
+def write_video_processor_config(processor: Any, folder: Path) -> str | None:
+    """video_preprocessor_config.json naming the family's video processor (its defaults apply)."""
+    from transformers.utils import VIDEO_PROCESSOR_NAME
+
+    name = video_processor_type(processor)
+    if name is None or (folder / VIDEO_PROCESSOR_NAME).exists():
+        return None
+    config = {"video_processor_type": name, "processor_class": _transformers_classes(processor)[0].__name__}
+    (folder / VIDEO_PROCESSOR_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return name
+
+
+def declares_video(folder: Path) -> bool:
+    from transformers.utils import VIDEO_PROCESSOR_NAME
+
+    return (folder / VIDEO_PROCESSOR_NAME).is_file()
 
 
 def run_processor(trained: TrainedRun) -> Any:
@@ -247,10 +389,8 @@ def check_merged(folder: Path, probes: list[Probe]) -> list[dict]:
 # --- the model card -------------------------------------------------------------------------------
 
 
-def card_facts(trained: TrainedRun, kind: str, dtype: str) -> dict:
-    """What the model card says, read from the run folder's artifacts."""
-    from vlmtune.model.checkpoint import resolve_model_path
-
+def card_facts(trained: TrainedRun, kind: str, dtype: str, scored: dict | None = None) -> dict:
+    """What the model card says, read from the run folder's artifacts. No absolute local path goes in."""
     run, recipe = trained.run, trained.recipe
     summary = run.summary()
     losses = run.losses()
@@ -259,16 +399,15 @@ def card_facts(trained: TrainedRun, kind: str, dtype: str) -> dict:
     train = data.get("train", {})
     return {
         "export": kind,
-        "run": str(run.path.resolve()),
+        "run": run.path.resolve().name,
         "recipe_name": summary.get("recipe"),
         "base_model": recipe.model.name,
-        "base_path": resolve_model_path(recipe.model.name),
         "method": recipe.lora.method,
         "quantization_bits": recipe.quantization.bits,
         "lora_r": recipe.lora.r if recipe.lora.method == "lora" else None,
         "lora_alpha": recipe.lora.alpha if recipe.lora.method == "lora" else None,
         "dtype": dtype if kind == "merged" else recipe.model.dtype,
-        "train_source": train.get("source", recipe.data.train),
+        "train_source": _short_path(train.get("source", recipe.data.train)),
         "train_samples": train.get("samples_kept"),
         "train_images": train.get("images_total"),
         "steps": summary.get("stages", {}).get("train", {}).get("steps"),
@@ -277,8 +416,31 @@ def card_facts(trained: TrainedRun, kind: str, dtype: str) -> dict:
         "eval": None
         if evaluation is None
         else {k: evaluation[k] for k in ("n", "exact_match", "contains", "base") if k in evaluation},
-        "resolved_recipe": (run / rundir.RESOLVED).read_text(encoding="utf-8"),
+        "scored": scored,
+        "resolved_recipe": _without_local_paths(
+            (run / rundir.RESOLVED).read_text(encoding="utf-8"), _local_paths(recipe)
+        ),
     }
+
+
+def _local_paths(recipe: Any) -> list[str]:
+    """The absolute local paths resolved.yaml holds (data files, folders, a local model)."""
+    values = [recipe.data.train, recipe.data.eval, recipe.data.image_root, recipe.output.dir,
+              recipe.model.name, recipe.model.adapter]  # fmt: skip
+    return [v for v in values if isinstance(v, str) and os.path.isabs(v)]
+
+
+def _short_path(value: Any) -> Any:
+    """An absolute local path cut to its last two parts (folder/file); anything else as it is."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    return "/".join(Path(value).parts[-2:])
+
+
+def _without_local_paths(text: str, paths: list[str]) -> str:
+    for path in sorted(paths, key=len, reverse=True):
+        text = text.replace(path, _short_path(path))
+    return text
 
 
 KIND_TITLES = {
@@ -313,16 +475,19 @@ def model_card(facts: dict, folder_name: str) -> str:
             f"from `{facts['train_source']}` |",
             f"| steps | {_fmt(facts['steps'])} |",
             f"| final loss | {_loss(facts['final_loss'])} (first {_loss(facts['first_loss'])}) |",
-            *([f"| eval | {_eval(facts['eval'])} |"] if facts["eval"] else []),
+            *([f"| eval (adapter as trained) | {_eval(facts['eval'])} |"] if facts["eval"] else []),
+            *([f"| eval (this folder) | {_scored(facts['scored'])} |"] if facts.get("scored") else []),
             f"| recipe | `{facts['recipe_name']}`, run `{facts['run']}` |",
             "",
             "## Load it",
             "",
             "```python",
-            *_load_snippet(kind, facts["base_path"]),
+            *_load_snippet(kind, facts["base_model"]),
             "```",
             "",
-            "The checks that proved this export are in `vlmtune_export.json`.",
+            *(_TORCHVISION_NOTE if facts.get("autoprocessor_needs_torchvision") else []),
+            "The checks that proved this export, and its own answers on the eval samples, are in "
+            "`vlmtune_export.json`.",
             "",
             "## Recipe (resolved)",
             "",
@@ -341,13 +506,14 @@ def _method(facts: dict) -> str:
     return f"{base}, r={facts['lora_r']}, alpha={facts['lora_alpha']}"
 
 
-def _load_snippet(kind: str, base_path: str) -> list[str]:
+def _load_snippet(kind: str, base_model: str) -> list[str]:
     lines = ["from transformers import AutoModelForImageTextToText, AutoProcessor", ""]
     if kind == "adapter":
+        base = base_model if is_hub_id(base_model) else "path/to/the/base/model"
         return [
             "from peft import PeftModel",
             *lines,
-            f'base = AutoModelForImageTextToText.from_pretrained("{base_path}", dtype="auto")',
+            f'base = AutoModelForImageTextToText.from_pretrained("{base}", dtype="auto")',
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
             'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
         ]
@@ -356,6 +522,21 @@ def _load_snippet(kind: str, base_path: str) -> list[str]:
         'model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder", dtype="auto")',
         'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
     ]
+
+
+_TORCHVISION_NOTE = [
+    "This family's processor declares a video processor, so `AutoProcessor` needs torchvision installed "
+    "(as the original checkpoint does); without it, `vlmtune predict` and `vlmtune eval` load this folder.",
+    "",
+]
+
+
+def _scored(scored: dict) -> str:
+    return (
+        f"exact match {scored['exact_match']:.1%} (the adapter as trained: {scored['adapter_exact_match']:.1%}), "
+        f"contains answer {scored['contains']:.1%} on {scored['n']} samples; the same answer as the adapter "
+        f"on {scored['agreeing']} of {scored['n']}"
+    )
 
 
 def _fmt(value: Any) -> str:

@@ -11,6 +11,17 @@ from vlmtune.training.answer_eval import generate_answer
 __all__ = ["generate_answer", "open_images", "user_turn"]
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ESC sequences included) written as escapes (\\x1b);
+    newlines and tabs kept."""
+    return "".join(c if c.isprintable() or c in "\n\t" else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def user_turn(prompt: str, n_images: int) -> list[dict]:
     """One user message: the images first, then the question (the layout the demo data uses)."""
     return [

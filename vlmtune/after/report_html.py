@@ -112,5 +112,5 @@ def build(items: list[EvalItem], content: dict, title: str) -> str:
     )
 
 
-def write(run: RunDir, items: list[EvalItem], content: dict) -> Path:
-    return run.write_text(rundir.EVAL_HTML, build(items, content, f"eval of {Path(run.path).name}"))
+def write(run: RunDir, items: list[EvalItem], content: dict, name: str = rundir.EVAL_HTML) -> Path:
+    return run.write_text(name, build(items, content, f"eval of {Path(run.path).name}"))

@@ -194,3 +194,38 @@ def load_for_inference(trained: TrainedRun, base_only: bool = False, device: str
         model = PeftModel.from_pretrained(model, str(trained.weights))
     model.eval()
     return Inference(model, loaded.processor, loaded.family, with_adapter)
+
+
+# --- an export folder (`vlmtune export`), for predict and eval -----------------------------------
+
+
+def is_export(path: str | Path) -> bool:
+    """A folder `vlmtune export` wrote (it holds vlmtune_export.json)."""
+    return (Path(path) / rundir.EXPORT_REPORT).is_file()
+
+
+def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None) -> Inference:
+    """A merged or full export loaded as a standalone model, with the processor saved beside it.
+
+    An adapter export needs its base: predict and eval take the run folder it came from instead.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlmtune.model.families import detect_family
+    from vlmtune.model.processing import load_processor
+
+    path = Path(path)
+    report = path / rundir.EXPORT_REPORT  # absent while the export itself is scored, before it is written
+    facts = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+    if facts.get("export") == "adapter":
+        raise RunDirError(
+            f"{path} is an adapter export: it holds the LoRA weights only, not a model",
+            hint="pass the run folder it was exported from, or export a standalone model with --merge",
+        )
+    family = detect_family(AutoConfig.from_pretrained(str(path)))
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=getattr(torch, dtype or facts.get("dtype") or "bfloat16")
+    ).to(device)
+    model.eval()
+    return Inference(model, load_processor(path, family), family, has_adapter=False)

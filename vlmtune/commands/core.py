@@ -30,7 +30,11 @@ def train(
         "eval_generate and num_workers may change.",
     ),
 ) -> None:
-    """Train from a recipe: load -> lora -> train (sft or grpo), artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft, dpo or grpo: train.objective), artifacts in a new run folder.
+
+    SFT learns the answers; DPO learns from chosen/rejected pairs (docs/preference.md); GRPO rewards
+    sampled answers (docs/rl.md). On CPU, train.cpu_threads (auto: 1 thread on small machines) sets
+    torch's threads.
 
     Ctrl-C or SIGTERM stops the run, marks it interrupted and prints the command that resumes it.
     Exit codes: 0 done (or --resume of a finished run), 2 refused (bad recipe, data, run folder in use),
@@ -55,13 +59,25 @@ def train(
             "--run-dir names a new run folder; --resume continues an existing one: give one",
             hint=f"vlmtune train --resume {resume} (it continues in that folder)",
         )
+    _quiet_other_ranks()
+    if recipe is not None:  # refusals that need no model come before the heavy imports
+        refuse_missing(_load(recipe, overrides), run_dir)
     from vlmtune.runs import signals
 
     with signals.stop_on_signals():  # before the heavy imports: a Ctrl-C during them is a clean stop too
         _quiet_libraries()
         run = _train_or_resume(recipe, overrides or [], run_dir, resume)
-    if run is not None:
+    if run is not None and run.writer:  # under torchrun, rank 0 alone prints the summary
         _print_summary(run)
+
+
+def _quiet_other_ranks() -> None:
+    """Under torchrun, ranks other than 0 keep torch's C++ warnings to themselves (errors still print):
+    the same warning once per rank (DDP's find_unused_parameters note) says nothing rank 0 did not."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read when torch is first imported
 
 
 def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None):
@@ -79,7 +95,10 @@ def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | 
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
         train = parsed.train
-        console.print(distributed.describe(train.distributed, here, train.batch_size, train.grad_accum))
+        console.print(
+            distributed.describe(train.distributed, here, train.batch_size, train.grad_accum)
+            + _defaults_note(train)
+        )
         text = recipe.read_text(encoding="utf-8")
         return pipeline.run(parsed, text, recipe.stem, run_dir, callbacks=progress, warn=_warn)
     except NothingToResume as finished:
@@ -93,6 +112,16 @@ def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | 
         raise typer.Exit(stop.exit_code) from None
     finally:
         _close(progress)
+
+
+def _defaults_note(train) -> str:
+    """Defaults a user of another tool would not guess, said when the recipe leaves them unset."""
+    notes = []
+    if "grad_accum" not in train.model_fields_set:
+        notes.append(f"grad_accum {train.grad_accum} is vlmtune's default (TRL's is 1)")
+    if train.max_steps == -1:
+        notes.append(f"{train.epochs:g} epoch{'s' * (train.epochs != 1)} (train.epochs)")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _close(progress: list) -> None:
@@ -128,10 +157,11 @@ def _say(message: str) -> None:
 def _print_summary(run) -> None:
     summary = run.summary()
     trained = summary["stages"]["train"]
-    first, last = trained.get("first_loss"), trained.get("last_loss")
-    loss = f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
-    if trained.get("first_reward") is not None:  # grpo: the reward says more than its loss
-        loss += f", reward {trained['first_reward']:.4f} -> {trained['last_reward']:.4f}"
+    loss = _ends(trained, "loss")
+    if trained.get("first_reward") is not None or trained.get("reward_first_mean") is not None:
+        loss += f", reward {_ends(trained, 'reward')}"  # grpo: the reward says more than its loss
+    if trained.get("mean_window", 1) > 1:
+        loss += f" (means of the first and last {trained['mean_window']} steps)"
     console.print(
         f"[bold green]done[/] in {summary.get('seconds', 0):.0f} s: {trained.get('steps', 0)} steps, "
         f"loss {loss}\nrun folder: [bold]{run.path}[/]\noutput:     {summary.get('output')}"
@@ -140,6 +170,14 @@ def _print_summary(run) -> None:
     if evaluated and evaluated.get("status") == "done":
         console.print(f"eval:       {_scores(evaluated)}")
     observe.print_training_end(run)  # curves in short, measured vs estimated memory, the picture
+
+
+def _ends(trained: dict, key: str) -> str:
+    """The train stage's first -> last of ``key``: the means of the first and last steps when recorded."""
+    first, last = trained.get(f"{key}_first_mean"), trained.get(f"{key}_last_mean")
+    if first is None or last is None:
+        first, last = trained.get(f"first_{key}"), trained.get(f"last_{key}")
+    return f"{first:.4f} -> {last:.4f}" if first is not None and last is not None else "not logged"
 
 
 def _scores(figures: dict) -> str:
@@ -158,9 +196,17 @@ def _scores(figures: dict) -> str:
     return f"{', '.join(scores)} on {figures['n']} samples"
 
 
-def validate(recipe: Path = RECIPE_ARG, overrides: list[str] = SET_OPT) -> None:
-    """Check a recipe (every problem at once, with line numbers) and print it with defaults filled in."""
+def validate(
+    recipe: Path = RECIPE_ARG,
+    overrides: list[str] = SET_OPT,
+    run_dir: Path = typer.Option(
+        None, "--run-dir", help="Also check this --run-dir of `vlmtune train` is free.", show_default=False
+    ),
+) -> None:
+    """Check a recipe without loading a model: every problem at once, with line numbers; data files,
+    folders and splits that are not there; then print it with every default filled in."""
     parsed = _load(recipe, overrides)
+    refuse_missing(parsed, run_dir)
     console.print(f"[bold green]{recipe} is valid.[/] Resolved recipe:\n")
     console.print(parsed.to_yaml(), markup=False)
     if parsed.train.packing:
@@ -177,6 +223,23 @@ def _packing_note(name: str, revision: str | None) -> str:
     except VlmtuneError:
         return (
             f"train.packing: whether {name} packs is checked when its config can be read (at `vlmtune train`)"
+        )
+
+
+def refuse_missing(parsed, run_dir: Path | None) -> None:
+    """Every local thing the recipe names that is not there, and a --run-dir that is: one RecipeError."""
+    from vlmtune.data.locate import missing
+    from vlmtune.errors import RecipeError
+
+    problems = missing(parsed.data, parsed.model)
+    if run_dir is not None and run_dir.exists():
+        problems.append(f"--run-dir: {run_dir} already exists; vlmtune never overwrites a run")
+    if problems:
+        raise RecipeError(
+            f"{len(problems)} problem{'s' * (len(problems) > 1)} found before loading anything:",
+            problems,
+            hint="paths in a recipe are relative to the recipe's folder; give a new --run-dir, or continue "
+            "an existing run with `vlmtune train --resume RUN_DIR`",
         )
 
 
@@ -211,6 +274,13 @@ def data_check(
     full_decode: bool = typer.Option(
         False, "--full-decode", help="Decode every pixel of every image (data.image_check: full); slower."
     ),
+    show: int = typer.Option(
+        0,
+        "--show",
+        min=0,
+        help="Print the first N usable samples of each split through the chat template: where the image "
+        "tokens went, which tokens carry loss (inside ⟦ ⟧), and the tokens that carry loss per split (SFT).",
+    ),
 ) -> None:
     """Pre-flight every sample of the recipe's data (no model weights loaded).
 
@@ -218,17 +288,44 @@ def data_check(
     it lists the samples training would leave out and exits 0.
     """
     _quiet_libraries()
-    from vlmtune.data.check import check_recipe_data, fail_on_problems, render_report
+    from vlmtune.data.check import (
+        check_recipe_data,
+        fail_on_problems,
+        render_report,
+        sft_collator,
+        show_samples,
+    )
 
     parsed = _load(recipe, [*(overrides or []), *(["data.image_check=full"] if full_decode else [])])
-    reports = check_recipe_data(parsed, None if as_json else console)
+    refuse_missing(parsed, None)
+    if show and parsed.train.objective != "sft":
+        from vlmtune.errors import RecipeError
+
+        raise RecipeError(
+            f"--show renders supervised samples; this recipe's objective is {parsed.train.objective}",
+            hint="drop --show (the check itself reads pairs and prompts), or run it on an SFT recipe",
+        )
+    collator = sft_collator(parsed)
+    reports = check_recipe_data(parsed, None if as_json else console, collator=collator)
+    trained = (
+        show_samples(reports, collator, show, console if not as_json else _null_console()) if show else {}
+    )
     if as_json:
-        print(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
+        out = {name: report.to_json() for name, report in reports.items()}
+        for name, tokens in trained.items():
+            out[name]["tokens_with_loss"] = tokens
+        print(json.dumps(out, indent=2))
     else:
         render_report(reports, parsed.data, console)
     fail_on_problems(
         reports, parsed.data
     )  # a DataError: exit 2 (typer.Exit(1) was swallowed by standalone_mode=False)
+
+
+def _null_console():
+    import io
+
+    return Console(file=io.StringIO())
 
 
 def _load(recipe: Path, overrides: list[str] | None):

@@ -166,10 +166,77 @@ def estimate_memory(
         parsed, gpus=gpus, gpu_bytes=gpu_bytes, seq_len=seq_len, images_per_sample=images_per_sample,
         image_size=size, tokens_per_image=image_tokens,
     )  # fmt: skip
+    sizes = {"seq_len": seq_len, "images_per_sample": images_per_sample, "image_size": size,
+             "tokens_per_image": image_tokens}  # fmt: skip
+    would_fit = (
+        what_would_fit(parsed, gpus, gpu_bytes, sizes)
+        if result.fit is not None and not result.fit.fits
+        else []
+    )
     if json_out:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), **({"would_fit": would_fit} if would_fit else {})}, indent=2))
     else:
         render(result)
+        for line in would_fit:
+            console.print(f"  would fit: {line}", markup=False)
+
+
+GPU_COUNTS = (2, 4, 8, 16, 32, 64)  # tried under FSDP when one GPU is too small
+
+
+def what_would_fit(parsed, gpus: int, gpu_bytes: int, sizes: dict) -> list[str]:
+    """When the step does not fit: the changes that would make it fit, each estimated on its own.
+
+    4-bit QLoRA (from a 16-bit or full run), an 8-bit optimizer, gradient checkpointing, a smaller
+    batch, and the fewest GPUs that hold it under FSDP."""
+    from vlmtune import memory as mem
+
+    def peak(recipe, count: int = gpus) -> int:
+        estimate = mem.estimate_recipe(recipe, gpus=count, **sizes)
+        if count > 1:
+            return min(p.peak_bytes for p in estimate.per_gpu)
+        return estimate.peak_bytes
+
+    def changed(**updates):
+        recipe = parsed
+        for section, values in updates.items():
+            recipe = recipe.model_copy(update={section: getattr(recipe, section).model_copy(update=values)})
+        return recipe
+
+    found = []
+    train, lora, quant = parsed.train, parsed.lora, parsed.quantization
+    tries = []
+    if lora.method == "full" or quant.bits != 4:
+        tries.append(
+            ("4-bit QLoRA (--bits 4, LoRA r=16)", changed(quantization={"bits": 4}, lora={"method": "lora"}))
+        )
+    if "8bit" not in train.optim:
+        tries.append(
+            ("an 8-bit optimizer (--optim paged_adamw_8bit)", changed(train={"optim": "paged_adamw_8bit"}))
+        )
+    if not train.gradient_checkpointing:
+        tries.append(
+            ("gradient checkpointing (--grad-ckpt)", changed(train={"gradient_checkpointing": True}))
+        )
+    if train.batch_size > 1:
+        tries.append(("batch size 1 (--batch-size 1; raise grad_accum to keep the effective batch)",
+                      changed(train={"batch_size": 1})))  # fmt: skip
+    for label, recipe in tries:
+        if peak(recipe) <= gpu_bytes:
+            found.append(label)
+    for count in (c for c in GPU_COUNTS if c > gpus):
+        if (
+            peak(
+                changed(train={"distributed": train.distributed.model_copy(update={"strategy": "fsdp"})}),
+                count,
+            )
+            <= gpu_bytes
+        ):
+            found.append(f"{count} GPUs under FSDP (--gpus {count}; train.distributed.strategy: fsdp)")
+            break
+    return found or [
+        "none of 4-bit, an 8-bit optimizer, batch size 1 or up to 64 GPUs: a smaller model, or shorter samples"
+    ]
 
 
 def _knob_overrides(

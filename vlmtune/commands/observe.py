@@ -52,27 +52,72 @@ def runs(
     console.print(runs_table(found))
 
 
-def runs_table(found: list) -> Table:
+WIDE = 120  # columns from which every figure gets its own column; narrower, a run takes two lines
+EVAL_LABELS = {"exact_match": "exact", "preference_accuracy": "pref", "eval_reward": "reward",
+               "eval_preference_accuracy": "pref", "eval_token_accuracy": "tok acc"}  # fmt: skip
+
+
+def runs_table(found: list, width: int | None = None):
+    """Every run on one line in a wide terminal; in a narrow one (80 columns) the model, objective,
+    memory and time go on a second line under the run's name, so nothing is dropped or cut."""
     from vlmtune.observe.runs import human_seconds
     from vlmtune.units import human_bytes
 
+    if (width or console.width) < WIDE:
+        return _runs_lines(found)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    # In a narrow terminal the model's name gives way (ellipsis); the figures are never broken.
-    for column in ("run", "model", "objective", "status", "steps", "loss", "peak memory", "time"):
-        right = column in ("steps", "peak memory", "time")
-        table.add_column(column, justify="right" if right else "left", no_wrap=column != "model")
+    for column in ("run", "model", "objective", "status", "steps", "loss", "eval", "peak memory", "time"):
+        right = column in ("steps", "peak memory", "time", "eval")
+        table.add_column(column, justify="right" if right else "left", no_wrap=True)
     for info in found:
         table.add_row(
-            info.name,
-            info.model or "-",
-            info.objective or "-",
+            info.name, info.model or "-", info.objective or "-",
             Text(info.status, style=STATUS_STYLE.get(info.status, "")),
-            "-" if info.steps is None else str(info.steps),
-            _loss(info.first_loss, info.last_loss),
+            "-" if info.steps is None else str(info.steps), _loss(info.first_loss, info.last_loss), _eval(info),
             "-" if info.peak_memory_bytes is None else human_bytes(info.peak_memory_bytes),
             human_seconds(info.seconds),
-        )
+        )  # fmt: skip
     return table
+
+
+def _runs_lines(found: list):
+    """Two lines a run: name, status, steps, loss, eval; then model, objective, memory, time (dim)."""
+    from rich.console import Group
+
+    from vlmtune.observe.runs import human_seconds
+    from vlmtune.units import human_bytes
+
+    name_width = max(len(info.name) for info in found)
+    status_width = max(len(info.status) for info in found)
+    steps_width = max(len(str(info.steps)) for info in found)
+    lines = []
+    for info in found:
+        steps = "-" if info.steps is None else str(info.steps)
+        first = Text.assemble(
+            (f"{info.name:<{name_width}}  ", "bold"),
+            (f"{info.status:<{status_width}}", STATUS_STYLE.get(info.status, "")),
+            f"  {steps:>{steps_width}} steps  loss {_loss(info.first_loss, info.last_loss)}",
+        )  # fmt: skip
+        evaluated = [_eval(info)] if info.eval_score is not None else []
+        if evaluated and len(first) + 2 + len(evaluated[0]) <= console.width:
+            first.append(f"  {evaluated.pop()}")
+        lines.append(first)
+        memory = "-" if info.peak_memory_bytes is None else human_bytes(info.peak_memory_bytes)
+        details = [
+            *evaluated,
+            info.model or "-",
+            info.objective or "-",
+            f"peak {memory}",
+            human_seconds(info.seconds),
+        ]
+        lines.append(Text("    " + ", ".join(details), style="dim"))
+    return Group(*lines)
+
+
+def _eval(info) -> str:
+    if info.eval_score is None:
+        return "-"
+    return f"{EVAL_LABELS.get(info.eval_metric, info.eval_metric)} {info.eval_score:.3f}"
 
 
 def _loss(first: float | None, last: float | None) -> str:

@@ -13,7 +13,11 @@ from vlmtune.choices import Dtype, words
 console = Console(highlight=False)
 status = Console(stderr=True, highlight=False)  # progress notes; stdout keeps only the results
 
-RUN_ARG = typer.Argument(..., help="A run folder that `vlmtune train` created.", show_default=False)
+RUN_ARG = typer.Argument(
+    ...,
+    help="A run folder that `vlmtune train` created, or a merged folder of `vlmtune export`.",
+    show_default=False,
+)
 CHECKPOINT_OPT = typer.Option(
     None,
     "--checkpoint",
@@ -52,17 +56,22 @@ def predict(
 
         vlmtune predict runs/demo-20261123-101500 -i a.png -i b.png -p "Which one is first?" --base-only
     """
-    from vlmtune.after.generate import generate_answer, open_images, user_turn
-    from vlmtune.after.trained import load_for_inference, open_trained_run
+    from vlmtune.after.generate import generate_answer, open_images, printable, user_turn
+    from vlmtune.after.trained import is_export, load_export, load_for_inference, open_trained_run
 
-    trained = open_trained_run(run_dir, checkpoint)
-    status.print(f"using {trained.which}")
+    exported = is_export(run_dir)
+    if exported and base_only:
+        raise _export_has_no_base(run_dir)
+    trained = None if exported else open_trained_run(run_dir, checkpoint)
+    if trained is not None:
+        status.print(f"using {trained.which}")
     images = open_images(image or [])  # before the model loads: a bad path fails in a second
     _quiet_libraries()
     status.print(f"loading {'the base of ' if base_only else ''}[bold]{run_dir}[/] ...")
-    inference = load_for_inference(trained, base_only=base_only)
+    inference = load_export(run_dir) if exported else load_for_inference(trained, base_only=base_only)
     messages = user_turn(prompt, len(images))
-    print(generate_answer(inference.model, inference.processor, messages, images, max_new_tokens))
+    answer = generate_answer(inference.model, inference.processor, messages, images, max_new_tokens)
+    print(printable(answer))  # a random model's control bytes and ESC sequences shown, not obeyed
 
 
 def evaluate(
@@ -76,8 +85,15 @@ def evaluate(
     ),
     max_samples: int = typer.Option(None, "--max-samples", min=1, help="Score only the first N samples."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    against: str = typer.Option(
+        None,
+        "--against",
+        help="What 'before' is: base (the base model) or start (the run this one trained on from, "
+        "model.adapter). Default: start for a run that trained on from another, else base.",
+        show_default=False,
+    ),
 ) -> None:
-    """Generate answers on an eval set, before (base) vs after (adapter): exact match and contains-answer.
+    """Generate answers on an eval set, before (base, or the run it started from) vs after: exact match and contains-answer.
 
     The reference is each sample's last assistant turn; the prompt is the conversation before it.
     On a preference set (chosen/rejected pairs) the reference is the chosen answer, and preference
@@ -91,11 +107,24 @@ def evaluate(
         vlmtune eval runs/demo-20261123-101500 --data data/held_out.jsonl --max-samples 50
     """
     from vlmtune.after import evaluate as ev
-    from vlmtune.after.trained import open_trained_run
+    from vlmtune.after.trained import is_export, open_trained_run
     from vlmtune.errors import DataError
 
+    if is_export(run_dir):
+        _evaluate_export(run_dir, data, max_samples, max_new_tokens)
+        return
     trained = open_trained_run(run_dir, checkpoint)
     status.print(f"using {trained.which}")
+    if against not in (None, "base", "start"):
+        raise DataError(
+            f"--against {against!r} is neither base nor start", hint="--against base or --against start"
+        )
+    if against == "start" and trained.recipe.model.adapter is None:
+        raise DataError(
+            f"run {run_dir} did not train on from an earlier run (its model.adapter is empty)",
+            hint=f"compare it with its base: vlmtune eval {run_dir} --against base",
+        )
+    against = against or ("start" if trained.recipe.model.adapter else "base")
     section = trained.recipe.data
     if data is None and not section.eval:
         raise DataError(
@@ -108,12 +137,53 @@ def evaluate(
     items, read = ev.load_items(source, settings, max_samples)
     _quiet_libraries()
     status.print(f"loading [bold]{run_dir}[/] ...")
-    found = _with_progress(2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick))
-    content = ev.report(items, found, trained.recipe.train, max_new_tokens=max_new_tokens, data=read)
-    path = ev.write_report(trained.run, content)
-    page = ev.write_html(trained.run, items, content)
+    found = _with_progress(
+        2 * len(items), lambda tick: ev.run_answers(trained, items, max_new_tokens, tick, against=against)
+    )
+    before = "base" if against == "base" else f"run {Path(trained.recipe.model.adapter).name}"
+    content = ev.report(
+        items, found, trained.recipe.train, max_new_tokens=max_new_tokens, data=read, before=before
+    )
+    path = ev.write_new_report(trained.run, content, label=Path(source).stem if data is not None else None)
+    page = ev.write_html(trained.run, items, content, str(path.relative_to(trained.run.path)))
     ev.render(content, console)
-    console.print(f"report: [bold]{path}[/] (open [bold]{page}[/] in a browser)")
+    console.print(
+        f"report: [bold]{path}[/] (open [bold]{page}[/] in a browser; earlier reports are kept)",
+        soft_wrap=True,
+    )
+
+
+def _evaluate_export(folder: Path, data: Path | None, max_samples: int | None, max_new_tokens: int) -> None:
+    """Score an export folder's own model; its base is not in the folder, so there is no before."""
+    from vlmtune.after import evaluate as ev
+    from vlmtune.after.trained import load_export
+    from vlmtune.errors import DataError
+    from vlmtune.recipe import DataSection
+    from vlmtune.runs import rundir
+    from vlmtune.scoring import scores
+
+    if data is None:
+        raise DataError(
+            f"{folder} is an export folder: give the samples to score it on",
+            hint=f"vlmtune eval {folder} --data eval.jsonl (the export's own scores are in its "
+            f"{rundir.EXPORT_REPORT})",
+        )
+    items, _ = ev.load_items(str(data), DataSection(train=str(data), eval=str(data)), max_samples)
+    _quiet_libraries()
+    status.print(f"loading [bold]{folder}[/] ...")
+    inference = load_export(folder)
+    found = _with_progress(
+        len(items),
+        lambda tick: ev.answers(inference.model, inference.processor, items, max_new_tokens, tick),
+        "generating",
+    )
+    figures = scores(found, [item.reference for item in items])
+    console.print(
+        f"{folder} on {len(items)} samples of {data}: exact match {figures['exact_match']:.1%}, "
+        f"contains answer {figures['contains']:.1%}"
+    )
+    ev.render_answers(items, found, console)
+    status.print("(an export folder is not written to: no report file)")
 
 
 def export(
@@ -124,12 +194,20 @@ def export(
     ),
     merge: bool = typer.Option(False, "--merge", help="Merge the LoRA into a 16-bit copy of the base."),
     dtype: ExportDtype = typer.Option(ExportDtype.bfloat16, "--dtype", help="dtype of the merged model."),
+    score: bool = typer.Option(
+        True,
+        "--score/--no-score",
+        help="Score a merged (or full) export on the recipe's data.eval from its saved files, beside the "
+        "adapter's answers, into the card and vlmtune_export.json.",
+    ),
 ) -> None:
     """Export a run: a peft adapter folder, or (--merge) a standalone merged model, each with a model card.
 
     The adapter loads with `PeftModel.from_pretrained`; the merged folder with plain
-    `AutoModelForImageTextToText` + `AutoProcessor`. The merge reloads the base UNQUANTIZED (never
-    merging into 4-bit weights) and checks the saved weights really hold the LoRA update.
+    `AutoModelForImageTextToText` + `AutoProcessor` (which needs torchvision for families that declare a
+    video processor), and with `vlmtune predict` / `vlmtune eval`. The merge reloads the base
+    UNQUANTIZED (never merging into 4-bit weights), checks the saved weights really hold the LoRA
+    update, then scores the saved model on data.eval and warns when its answers part from the adapter's.
 
     Examples:
 
@@ -137,6 +215,8 @@ def export(
 
         vlmtune export runs/demo-20261123-101500 --out exports/demo-merged --merge --dtype bfloat16
     """
+    from rich.text import Text
+
     from vlmtune.after.export import check_new_folder, export_run
     from vlmtune.after.trained import open_trained_run
 
@@ -147,20 +227,38 @@ def export(
     if trained.is_full and merge:
         status.print("a full fine-tune is already a standalone model: copying it, no merge needed")
     status.print(f"exporting [bold]{run_dir}[/] ...")
-    result = export_run(trained, out, merge=merge, dtype=dtype.value)
+    result = export_run(trained, out, merge=merge, dtype=dtype.value, score=score)
     for check in result.checks:
         detail = f" {check['module']}" if "module" in check else ""
         console.print(f"[green]✓[/] {check['check']}{detail}")
+    if result.scored:
+        scored = result.scored
+        console.print(
+            f"scored from the saved files on {scored['n']} eval samples: exact match {scored['exact_match']:.1%} "
+            f"(the adapter as trained: {scored['adapter_exact_match']:.1%}); the adapter's answer on "
+            f"{scored['agreeing']} of {scored['n']}"
+        )
+    for warning in result.warnings:
+        console.print(Text("warning: ", style="bold yellow") + Text(warning), soft_wrap=True)
     console.print(f"[bold green]exported[/] {result.kind} to [bold]{result.out}[/] (model card: README.md)")
 
 
-def _with_progress(total: int, work):
+def _export_has_no_base(folder: Path):
+    from vlmtune.errors import RunDirError
+
+    return RunDirError(
+        f"{folder} is an export folder: it holds the trained model only, no base to answer with",
+        hint="pass the run folder it was exported from with --base-only",
+    )
+
+
+def _with_progress(total: int, work, description: str = "generating (adapter, then base)"):
     """Run ``work(tick)`` under a progress bar that ``tick()`` advances."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=status, transient=True) as progress:
-        task = progress.add_task("generating (adapter, then base)", total=total)
+        task = progress.add_task(description, total=total)
         return work(lambda: progress.advance(task))
 
 

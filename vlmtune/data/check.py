@@ -7,6 +7,7 @@ data.on_bad_sample: skip and data.too_long: drop leave out (exit 0, each one lis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from vlmtune.data import SampleReader
@@ -17,16 +18,24 @@ from vlmtune.errors import DataError
 from vlmtune.recipe import DataSection, Recipe
 
 
-def check_recipe_data(recipe: Recipe, console: Any = None) -> dict[str, CheckedSplit]:
-    """Every split of the recipe, measured as the model's processor builds it; problems listed, not raised."""
+def sft_collator(recipe: Recipe) -> VisionCollator:
+    """The collator training builds for this recipe's model (its processor, no weights)."""
     from vlmtune.model.checkpoint import detect
     from vlmtune.model.processing import load_processor
 
     path, family = detect(recipe.model.name, recipe.model.revision)
     processor = load_processor(path, family, recipe.data.max_image_pixels, revision=recipe.model.revision)
-    collator = VisionCollator(
+    return VisionCollator(
         processor, family, max_length=None, train_on_responses_only=recipe.data.train_on_responses_only
     )
+
+
+def check_recipe_data(
+    recipe: Recipe, console: Any = None, collator: VisionCollator | None = None
+) -> dict[str, CheckedSplit]:
+    """Every split of the recipe, measured as the model's processor builds it; problems listed, not raised."""
+    collator = collator or sft_collator(recipe)
+    processor, family = collator.processor, collator.family
     # SFT samples are measured from their image sizes; the other objectives read their own records
     # (pairs, prompts) and measure them with the processor.
     reader, measure = SampleReader, TokenCounter(collator)
@@ -163,3 +172,99 @@ def _spread(stats: dict) -> str:
     if not stats:
         return "-"
     return " ".join(f"{k} {stats[k]}" for k in ("min", "p50", "p90", "p99", "max", "mean"))
+
+
+# --- `data check --show N`: samples as the model sees them ------------------------------------------
+
+LOSS_OPEN, LOSS_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around the tokens that carry loss
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One sample rendered through the chat template and the processor, as training batches it."""
+
+    index: int
+    pieces: list[tuple[str, str]]  # (text, kind): kind is "loss", "image" or "context"
+    tokens: int
+    image_tokens: int
+    trained_tokens: int
+
+    def plain(self) -> str:
+        """The sample in one string: image-token runs folded, loss-carrying text inside ⟦ ⟧."""
+        return "".join(
+            f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if kind == "loss" else text for text, kind in self.pieces
+        )
+
+
+def render_sample(collator: VisionCollator, sample: Any) -> Rendered:
+    """The token ids a sample trains on, decoded in runs: image tokens folded into one mark per run."""
+    batch = collator([sample])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    vision = set(collator.vision_ids.tolist())
+    pieces: list[tuple[str, str]] = []
+    run: list[int] = []
+    kind: tuple = (None, None)
+
+    def flush() -> None:
+        if not run:
+            return
+        if kind[0] == "image":
+            token = collator.tokenizer.convert_ids_to_tokens(run[0])
+            pieces.append((token if len(run) == 1 else f"[{token} x{len(run)}]", "image"))
+        else:
+            pieces.append((collator.tokenizer.decode(run, skip_special_tokens=False), kind[0]))
+        run.clear()
+
+    for token, label in zip(ids, labels, strict=True):  # a run: one vision token repeated, or text alike
+        current = ("image", token) if token in vision else ("loss" if label != -100 else "context", None)
+        if current != kind:
+            flush()
+            kind = current
+        run.append(token)
+    flush()
+    return Rendered(
+        index=sample.index,
+        pieces=pieces,
+        tokens=len(ids),
+        image_tokens=sum(token in vision for token in ids),
+        trained_tokens=sum(label != -100 for label in labels),
+    )
+
+
+def trainable_tokens(collator: VisionCollator, samples: list) -> int:
+    """Tokens that carry loss over a whole split (every sample collated: slow on large sets)."""
+    return sum(int((collator([s])["labels"] != -100).sum()) for s in samples)
+
+
+def show_samples(
+    reports: dict[str, CheckedSplit], collator: VisionCollator, count: int, console: Any
+) -> dict:
+    """The first ``count`` usable samples of each split printed as the model sees them; returns the
+    trainable tokens of each split."""
+    from rich.text import Text
+
+    styles = {"loss": "bold green", "image": "magenta", "context": ""}
+    totals = {}
+    for name, report in reports.items():
+        for sample in report.samples[:count]:
+            shown = render_sample(collator, sample)
+            console.print(
+                Text(
+                    f"{name} sample {shown.index}: {shown.tokens} tokens, {shown.image_tokens} image tokens, "
+                    f"{shown.trained_tokens} carry loss ({LOSS_OPEN} {LOSS_CLOSE})",
+                    style="bold",
+                )
+            )
+            text = Text()
+            for piece, kind in shown.pieces:
+                text.append(
+                    f"{LOSS_OPEN}{piece}{LOSS_CLOSE}" if kind == "loss" else piece, style=styles[kind]
+                )
+            console.print(text, soft_wrap=True)
+            console.print()
+        totals[name] = trainable_tokens(collator, report.samples)
+        console.print(
+            f"{name}: {totals[name]:,} tokens carry loss over {len(report.samples)} usable samples",
+            markup=False,
+        )
+    return totals

@@ -235,8 +235,15 @@ def _load_from_disk(path: Path, split: str) -> Any:
 def _load_from_hub(name: str, split: str, subset: str | None) -> Any:  # pragma: no cover (needs the network)
     import datasets
 
+    from vlmtune.data.locate import SPLIT_FALLBACKS
+
     try:
-        return datasets.load_dataset(name, subset, split=split)
+        try:
+            return datasets.load_dataset(name, subset, split=split)
+        except ValueError as exc:  # an unknown split; eval_split's validation falls back to test
+            if split not in SPLIT_FALLBACKS or "split" not in str(exc).lower():
+                raise
+            return datasets.load_dataset(name, subset, split=SPLIT_FALLBACKS[split])
     except Exception as exc:  # offline, unknown id, unknown split: datasets raises many types
         raise DataError(
             f"cannot load hub dataset {name!r} (subset {subset!r}, split {split!r}): {exc}",
@@ -248,9 +255,12 @@ def _load_from_hub(name: str, split: str, subset: str | None) -> Any:  # pragma:
 def _pick_split(loaded: Any, split: str, source: str) -> Any:
     if not hasattr(loaded, "keys"):  # a Dataset, not a DatasetDict
         return loaded
-    if split not in loaded:
+    from vlmtune.data.locate import pick_split
+
+    chosen = pick_split(split, list(loaded.keys()))  # eval_split's validation falls back to test
+    if chosen is None:
         raise DataError(
             f"{source} has no split {split!r}; it has {', '.join(loaded.keys())}",
             hint="set data.train_split / data.eval_split to one of them",
         )
-    return loaded[split]
+    return loaded[chosen]

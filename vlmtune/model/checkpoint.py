@@ -6,6 +6,7 @@ and by the post-training commands, so none of them imports a stage.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,44 @@ def choose_device(requested: str) -> str:
             "train.device is cuda but no CUDA device is visible", hint="use train.device: auto or cpu"
         )
     return requested
+
+
+SMALL_MACHINE_CORES = 4  # cores per process at or under which `cpu_threads: auto` picks 1 thread
+
+
+def cpu_threads(setting: int | str, device: str, world_size: int = 1) -> int | None:
+    """The torch thread count a run on ``device`` should use; None: leave torch as it is.
+
+    A CUDA run is never touched. ``auto`` keeps an OMP_NUM_THREADS the user (or torchrun) set, and
+    on a machine of few cores per process picks 1 thread: on a shared 2-core machine torch's default
+    (one thread per core) spends its time waiting for a core another process holds
+    (docs/benchmarks.md has the measurement). 0 keeps torch's default; a number is used as given.
+    """
+    if device != "cpu" or setting == 0:
+        return None
+    if setting != "auto":
+        return int(setting)
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None  # the user's (or torchrun's) choice; torch already read it
+    cores = _usable_cores() // max(world_size, 1)
+    return 1 if cores <= SMALL_MACHINE_CORES else None
+
+
+def apply_cpu_threads(setting: int | str, device: str, world_size: int = 1) -> int | None:
+    """Set torch's thread count as ``cpu_threads`` says; returns the count now in use on CPU (None on CUDA)."""
+    import torch
+
+    threads = cpu_threads(setting, device, world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads() if device == "cpu" else None
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def free_memory(device: str) -> int | None:

@@ -55,7 +55,7 @@ def after_training(run: RunDir, warn: Callable[[str], None]) -> dict:
     from vlmtune.observe import curves, runs
 
     rows = read_rows(run.path)
-    figures = {}
+    figures = curves.headline_means(rows)  # first/last-N means: one step of a noisy curve says little
     measured = memory.run_memory(run, rows)
     if measured:
         figures[rundir.MEASURED_MEMORY] = measured

@@ -74,6 +74,59 @@ def series(rows: list[dict], key: str, label: str) -> Series:
     return Series(key, label, tuple(s for s, _ in points), tuple(v for _, v in points))
 
 
+# --- noisy series in short: means over the first and last steps -------------------------------
+
+MEAN_WINDOW = 10  # logged steps averaged at each end (fewer on short runs: a fifth of them, at least 1)
+
+
+def window(count: int) -> int:
+    """How many logged values each end's mean covers: 10, or a fifth of a short run (at least 1)."""
+    return max(1, min(MEAN_WINDOW, count // 5))
+
+
+def mean_ends(values: tuple[float, ...] | list[float]) -> tuple[float, float, int] | None:
+    """(mean of the first N, mean of the last N, N) over the finite values; None when there are none.
+
+    One step's loss or reward is noise on a tiny batch (a GRPO run's 0.5 -> 0.5 compared two single
+    steps while its held-out reward rose); the means say where the run started and ended."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    n = window(len(finite))
+    return sum(finite[:n]) / n, sum(finite[-n:]) / n, n
+
+
+def smoothed(values: tuple[float, ...], size: int | None = None) -> tuple[float, ...]:
+    """A trailing moving average (the mean of up to ``size`` values ending at each point; non-finite
+    values skipped), for the line drawn over a noisy curve."""
+    size = size or window(len(values))
+    out, kept = [], []
+    for v in values:
+        if math.isfinite(v):
+            kept.append(v)
+        recent = kept[-size:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return tuple(out)
+
+
+# Logged every step and noisy: summarised by mean_ends, drawn with a smoothed line.
+NOISY = ("loss", "grad_norm", "token_accuracy", "reward", "reward_margin", "preference_accuracy", "kl",
+         "reward_chosen", "reward_rejected")  # fmt: skip
+SMOOTH_FROM = 20  # points: shorter curves are drawn as they are
+
+
+def headline_means(rows: list[dict]) -> dict:
+    """summary.json's figures of the noisy series: ``<key>_first_mean``, ``<key>_last_mean`` and
+    ``mean_window`` (how many logged steps each mean covers)."""
+    figures: dict = {}
+    for key in ("loss", "reward", "preference_accuracy", "token_accuracy"):
+        ends = mean_ends(series(rows, key, key).values)
+        if ends is not None:
+            figures[f"{key}_first_mean"], figures[f"{key}_last_mean"] = ends[0], ends[1]
+            figures.setdefault("mean_window", ends[2])
+    return figures
+
+
 def extract(rows: list[dict]) -> dict[str, list[Series]]:
     """Panel title -> its series that have at least one value."""
     return {
@@ -119,6 +172,13 @@ def figure(curves: dict[str, list[Series]], title: str) -> Any:
             ax.set_yticks([])
             continue
         for s in drawn:
+            if (
+                s.key in NOISY and len(s.values) >= SMOOTH_FROM
+            ):  # the raw curve faint, its trend drawn over it
+                (raw,) = ax.plot(s.steps, s.values, alpha=0.3, linewidth=1)
+                ax.plot(s.steps, smoothed(s.values), color=raw.get_color(), linewidth=2,
+                        label=f"{s.label} (mean of {window(len(s.values))})")  # fmt: skip
+                continue
             # A lone point (one eval) would be an invisible line without a marker.
             ax.plot(
                 s.steps, s.values, label=s.label, marker="o" if len(s.values) < 20 else None, markersize=3
@@ -127,7 +187,7 @@ def figure(curves: dict[str, list[Series]], title: str) -> Any:
         ax.grid(alpha=0.3)
         if panel.title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        if len(drawn) > 1:
+        if len(drawn) > 1 or any(s.key in NOISY and len(s.values) >= SMOOTH_FROM for s in drawn):
             ax.legend()
     for ax in list(fig.axes)[len(panels) :]:  # an odd count leaves the last slot empty
         fig.delaxes(ax)
@@ -185,7 +245,11 @@ def _highest(s: Series) -> tuple[float, int] | None:
 
 
 def _trend(s: Series, digits: int = 4) -> str:
-    return f"{_g(s.values[0], digits)} -> {_g(s.values[-1], digits)}"
+    """first -> last; for a noisy series logged often, the means of the first and last N steps."""
+    ends = mean_ends(s.values) if s.key in NOISY and math.isfinite(s.values[-1]) else None  # nan stays seen
+    if ends is None or ends[2] == 1:
+        return f"{_g(s.values[0], digits)} -> {_g(s.values[-1], digits)}"
+    return f"{_g(ends[0], digits)} -> {_g(ends[1], digits)} (means of the first and last {ends[2]} steps)"
 
 
 def summary_lines(curves: dict[str, list[Series]]) -> list[tuple[str, str]]:

@@ -35,6 +35,8 @@ class RunInfo:
     last_loss: float | None  # null when not finite (a diverged run)
     peak_memory_bytes: int | None  # CUDA: peak reserved; CPU: peak RSS of the process
     seconds: float | None  # from the first stage's start to the last one's end (or now, while running)
+    eval_metric: str | None = None  # what eval_score is: exact_match, preference_accuracy, eval_reward, ...
+    eval_score: float | None = None  # the eval stage's score, else the last held-out figure logged
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -87,7 +89,24 @@ def read_run(path: Path) -> RunInfo:
         last_loss=losses[-1] if losses else None,
         peak_memory_bytes=measured.get("peak_bytes"),
         seconds=_duration(summary),
+        **_eval_score(stages.get("eval") or {}, rows),
     )
+
+
+# The held-out figure a run is judged by: the eval stage's scores first, else the last one logged.
+EVAL_STAGE_KEYS = ("preference_accuracy", "exact_match")
+EVAL_ROW_KEYS = ("eval_reward", "eval_preference_accuracy", "eval_token_accuracy")
+
+
+def _eval_score(stage: dict, rows: list[dict]) -> dict:
+    for key in EVAL_STAGE_KEYS:
+        if isinstance(stage.get(key), (int, float)):
+            return {"eval_metric": key, "eval_score": float(stage[key])}
+    for key in EVAL_ROW_KEYS:
+        values = [v for v in (number(row.get(key)) for row in rows) if v is not None]
+        if values:
+            return {"eval_metric": key, "eval_score": finite_or_none(values[-1])}
+    return {}
 
 
 def _json(path: Path) -> dict | None:

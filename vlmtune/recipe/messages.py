@@ -76,7 +76,20 @@ def _suggestion(loc: tuple[str, ...]) -> str:
         return f"; it belongs in the `{owner}` section"
     names = list(section_types()[loc[0]].model_fields)
     close = difflib.get_close_matches(loc[1], names, n=1, cutoff=0.6)
-    return f"; did you mean `{loc[0]}.{close[0]}`?" if close else ""
+    if close:
+        return f"; did you mean `{loc[0]}.{close[0]}`?"
+    return _short_key_suggestion(loc[0], loc[1], names)
+
+
+def _short_key_suggestion(section: str, key: str, names: list[str]) -> str:
+    """A key too short for a ratio (lora.r): a misspelt alias of it (rnak -> rank -> lora.r), or a key
+    that starts with it (rr -> r)."""
+    aliases = {alias: target for alias, target in ALIASES.items() if target.startswith(f"{section}.")}
+    close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.7)
+    if close:
+        return f"; did you mean `{aliases[close[0]]}`?"
+    short = [name for name in names if len(name) <= 2 and key.startswith(name)]
+    return f"; did you mean `{section}.{short[0]}`?" if short else ""
 
 
 def _nested_suggestion(loc: tuple[str, ...]) -> str:

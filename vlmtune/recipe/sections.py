@@ -180,7 +180,9 @@ class DataSection(Section):
         "train", description="Split of a hub dataset or a save_to_disk DatasetDict read for `train`."
     )
     eval_split: str = Field(
-        "validation", description="Split of a hub dataset or a save_to_disk DatasetDict read for `eval`."
+        "validation",
+        description="Split of a hub dataset or a save_to_disk DatasetDict read for `eval`; `validation` "
+        "falls back to `test` when the set has no validation split.",
     )
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
     format: DataFormat = Field(
@@ -443,6 +445,13 @@ class TrainSection(Section):
         "pinned host memory, copied back when backward needs them: less GPU memory for long multi-image "
         "sequences, for some step time (docs/performance.md).",
     )
+    cpu_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="Torch threads of a run on CPU (a CUDA run is left alone). auto: what OMP_NUM_THREADS says "
+        "when it is set (torchrun sets 1), else 1 thread per process on a machine of 4 cores or fewer per "
+        "process (on 2 busy cores torch's default of 2 threads made the demo 2.4-8x slower, "
+        "docs/benchmarks.md), else torch's default; a number sets it; 0 keeps torch's default.",
+    )
     distributed: DistributedSection = Field(
         default_factory=DistributedSection,
         description="Under torchrun / accelerate launch: the strategy (ddp or fsdp) and the collective timeout.",
@@ -505,6 +514,13 @@ class TrainSection(Section):
                 "of max_length tokens would fit no packed row; raise it (or lower max_length)"
             )
         return self
+
+    @field_validator("cpu_threads")
+    @classmethod
+    def _threads_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a thread count cannot be negative; give auto, 0 (torch's default) or a number")
+        return value
 
     @field_validator("max_steps")
     @classmethod

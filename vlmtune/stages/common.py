@@ -107,6 +107,7 @@ def trainer_arguments(
         save_total_limit=None,  # vlmtune rotates: only complete checkpoints count (ReliableTrainerMixin)
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
+        eval_on_start=has_eval and train.eval_steps is not None,  # the held-out figures before any step
         activation_checkpointing=train.gradient_checkpointing,
         # reentrant checkpointing starves vision LoRA of gradients
         activation_checkpointing_kwargs={"use_reentrant": False},

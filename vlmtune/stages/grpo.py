@@ -335,7 +335,6 @@ def grpo_config(
 
     return GRPOConfig(
         **trainer_arguments(train, run, device, dtype, has_eval, report_to, parallel),
-        eval_on_start=has_eval and train.eval_steps is not None,  # the held-out reward before any step
         shuffle_dataset=data.shuffle,
         disable_dropout=True,  # sampled, scored and referenced alike (lora.dropout is refused for grpo)
         num_generations=options.num_generations,

@@ -102,6 +102,7 @@ class RichProgress(TrainerCallback):
         self.progress = None
         self.task = None
         self.loss: float | None = None
+        self.epochs: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,15 +111,23 @@ class RichProgress(TrainerCallback):
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}"),
             TextColumn("loss {task.fields[loss]}"),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
         )
+        self.epochs = planned_epochs(args, state, kwargs.get("train_dataloader"))
+        if self.epochs is not None:
+            self.console.print(epochs_line(state.max_steps, args, self.epochs))
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=state.max_steps, completed=state.global_step, loss="-"
+            "train", total=state.max_steps, completed=state.global_step, loss="-", epoch=self._epoch(state)
         )
+
+    def _epoch(self, state: Any) -> str:
+        done = f"{state.epoch or 0:.2f}"
+        return f"{done}/{self.epochs:.2f}" if self.epochs is not None else done
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs and self.progress is not None:
@@ -129,7 +138,7 @@ class RichProgress(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
+            self.progress.update(self.task, completed=state.global_step, epoch=self._epoch(state))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
@@ -139,6 +148,21 @@ class RichProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def planned_epochs(args: Any, state: Any, dataloader: Any) -> float | None:
+    """Passes over the training set the run will make, counted as the Trainer counts its `epoch`:
+    steps x grad_accum / batches per epoch (GRPO's repeated prompts and DDP's shards included)."""
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return None
+    return state.max_steps * args.gradient_accumulation_steps / batches if batches else None
+
+
+def epochs_line(steps: int, args: Any, epochs: float) -> str:
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    return f"{steps} steps of effective batch {per_step} = {epochs:.2f} epochs of the training set"
 
 
 class StepCounter(TrainerCallback):

@@ -39,7 +39,6 @@ import importlib.util
 import inspect
 import math
 import os
-import re
 import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -57,12 +56,10 @@ from vlmtune.recipe import (
     NumberReward,
     RegexReward,
 )
-from vlmtune.scoring import contains_answer, exact_match
+from vlmtune.scoring import contains_answer, exact_match, last_number
 
 Value = float | None
 ARGUMENTS = ("completions", "references", "prompts", "samples", "completion_tokens", "step")
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 REWARD_LIMIT = 1e6  # |reward| at most: TRL sums and scales rewards in float32, where 1e300 is inf
 REGEX_TIMEOUT = 1.0  # seconds the regex reward may spend matching one completion
 
@@ -147,12 +144,6 @@ def regex_scores(pattern: str, timeout: float = REGEX_TIMEOUT) -> Callable[[Batc
         return out
 
     return score
-
-
-def last_number(text: str) -> float | None:
-    """The last number written in ``text`` (thousands separators allowed: 1,234.5), or None."""
-    found = _NUMBER.findall(_THOUSANDS.sub("", text))
-    return float(found[-1]) if found else None
 
 
 def number_scores(tolerance: float, relative_tolerance: float) -> Callable[[Batch], list[Value]]:

@@ -227,7 +227,9 @@ def recorded(run: RunDir) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         with signals.deferred():
-            mark_interrupted(run, signum)
+            mark_interrupted(
+                run, signum, getattr(exc, "saved_step", None), getattr(exc, "seconds_to_save", None)
+            )
         raise Stopped(run, signum) from exc
     except BaseException as exc:
         error = disk_full(exc, run) or exc
@@ -239,18 +241,31 @@ def recorded(run: RunDir) -> Iterator[None]:
         raise
 
 
-def mark_interrupted(run: RunDir, signum: int) -> None:
-    """summary.json: interrupted, by which signal, the last step done and where a resume starts."""
+def mark_interrupted(
+    run: RunDir, signum: int, saved_step: int | None = None, seconds_to_save: float | None = None
+) -> None:
+    """summary.json: interrupted, by which signal, the last step done and where a resume starts;
+    for a SIGTERM/SIGHUP that saved on the way out, the step saved and the seconds it took."""
     summary = run.summary()
     last_step = summary.get("stages", {}).get("train", {}).get("last_step")
     newest = trainer_checkpoints.choose(run / rundir.CHECKPOINTS).chosen
+    saved = {"saved_on_signal": {"step": saved_step, "seconds_after_signal": seconds_to_save}}
     run.set_status(
         "interrupted",
         stopped_by=signal.Signals(signum).name,
         last_step=last_step,
         resume_from_step=newest.step if newest else 0,
-        resume_command=f"vlmtune train --resume {run.path}",
+        resume_command=resume_command(run, distributed.ranks()),
+        **(saved if saved_step is not None else {}),
     )
+
+
+def resume_command(run: RunDir, here: distributed.Ranks) -> str:
+    """The command that resumes the run, launched as it was: a run of several ranks needs them again."""
+    if not here.distributed:
+        return f"vlmtune train --resume {run.path}"
+    nodes = f" --nnodes {here.nodes}" if here.nodes > 1 else ""
+    return f"torchrun{nodes} --nproc-per-node {here.local_world_size} -m vlmtune train --resume {run.path}"
 
 
 LOW_SPACE = 16 << 20  # bytes free under which a failed write is taken for a full disk

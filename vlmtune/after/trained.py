@@ -38,8 +38,9 @@ class Inference:
     has_adapter: bool
 
 
-def open_trained_run(path: str | Path) -> TrainedRun:
-    """A run folder whose training finished, with its resolved recipe and final weights."""
+def open_trained_run(path: str | Path, force: bool = False) -> TrainedRun:
+    """A run folder whose training finished, with its resolved recipe and final weights; weights no trained
+    model holds (a collapsed run's) are refused unless ``force``, NaN/inf always."""
     from vlmtune.recipe import load_recipe
 
     path = Path(path)
@@ -68,7 +69,7 @@ def open_trained_run(path: str | Path) -> TrainedRun:
         )
     from vlmtune.training.finite import refuse_nonfinite
 
-    refuse_nonfinite(weights)  # a run that diverged before vlmtune stopped such runs
+    refuse_nonfinite(weights, force)  # a run that diverged or collapsed before vlmtune stopped such runs
     return TrainedRun(run, recipe, weights)
 
 

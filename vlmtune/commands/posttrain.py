@@ -32,6 +32,9 @@ def predict(
     base_only: bool = typer.Option(
         False, "--base-only", help="Answer with the base model, without the adapter."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Use weights that look collapsed (values no trained model holds) anyway."
+    ),
 ) -> None:
     """Answer one prompt (greedy) with the base as trained plus the run's adapter.
 
@@ -47,7 +50,7 @@ def predict(
     from vlmtune.after.generate import generate_answer, open_images, user_turn
     from vlmtune.after.trained import load_for_inference, open_trained_run
 
-    trained = open_trained_run(run_dir)
+    trained = open_trained_run(run_dir, force=force)
     images = open_images(image or [])  # before the model loads: a bad path fails in a second
     _quiet_libraries()
     status.print(f"loading {'the base of ' if base_only else ''}[bold]{run_dir}[/] ...")
@@ -111,6 +114,9 @@ def export(
     ),
     merge: bool = typer.Option(False, "--merge", help="Merge the LoRA into a 16-bit copy of the base."),
     dtype: ExportDtype = typer.Option(ExportDtype.bfloat16, "--dtype", help="dtype of the merged model."),
+    force: bool = typer.Option(
+        False, "--force", help="Export weights that look collapsed (values no trained model holds) anyway."
+    ),
 ) -> None:
     """Export a run: a peft adapter folder, or (--merge) a standalone merged model, each with a model card.
 
@@ -127,7 +133,7 @@ def export(
     from vlmtune.after.export import check_new_folder, export_run
     from vlmtune.after.trained import open_trained_run
 
-    trained = open_trained_run(run_dir)
+    trained = open_trained_run(run_dir, force=force)
     check_new_folder(out)
     _quiet_libraries()
     if trained.is_full and merge:

@@ -31,6 +31,7 @@ CHANGEABLE = (
     "train.save_total_limit",
     "train.eval_generate",
     "train.num_workers",
+    "train.divergence_checks",
 )
 
 

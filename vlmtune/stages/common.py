@@ -22,7 +22,7 @@ from vlmtune import distributed
 from vlmtune.data.preflight import CheckedSplit
 from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
-from vlmtune.runs import rundir
+from vlmtune.runs import rundir, signals
 from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 
@@ -135,7 +135,8 @@ def run_trainer(trainer: Any, processor: Any, run: RunDir, device: str, resume: 
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)
-    trainer.train_from(resume)
+    with signals.graceful():  # SIGTERM/SIGHUP: finish the step, save a checkpoint, then stop
+        trainer.train_from(resume)
     output = save_final(trainer, processor, run)
     # Every rank waits for rank 0's last metrics row and the saved weights before reading or leaving.
     distributed.barrier()

@@ -164,6 +164,7 @@ def build_trainer(
         data_collator=IndexedCollator(collator, pairs),
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         keep_checkpoints=train_section.save_total_limit,
+        divergence_checks=train_section.divergence_checks,
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model, options.reference)

@@ -250,6 +250,8 @@ def trainer_class() -> type:
         at the first micro-batch of each optimizer step (steps_per_generation = grad_accum), so a
         checkpoint never falls inside a generation batch."""
 
+        loss_positive = False  # equal rewards in a group give loss 0 and no gradient: nothing is broken
+
         def __init__(self, *args: Any, prompts: list[Prompt], completions_log: CompletionsLog, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.data_collator = PromptRows(prompts)  # GRPOTrainer installs an identity collator
@@ -425,6 +427,7 @@ def build_trainer(
         prompts=prompts,
         completions_log=CompletionsLog(run, prompts, weights, options.completions_to_log),
         keep_checkpoints=train_section.save_total_limit,
+        divergence_checks=train_section.divergence_checks,
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model)

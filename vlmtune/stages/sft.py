@@ -137,6 +137,7 @@ def train(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         supervised_loss=train_section.supervised_loss,
         keep_checkpoints=train_section.save_total_limit,
+        divergence_checks=train_section.divergence_checks,
         dtype=dtype,
     )
     return run_trainer(trainer, processor, run, device, resume)

@@ -13,6 +13,7 @@ WHERE:
   load            as the load stage starts loading the model
   final           as the final adapter is saved (after the last checkpoint)
   eval            as the eval stage (train.eval_generate) starts
+  export          as `vlmtune export` checks the adapter it copied (its folder half written)
   write:NAME      as vlmtune writes the run folder's file NAME (e.g. recipe.yaml), atomically
 
 Real signals, delivered to the real CLI in its own process: only the moment is chosen here, so a test
@@ -97,6 +98,7 @@ def install(fault: str, where: str) -> None:
             "load": ("vlmtune.stages.load", "load"),
             "final": ("vlmtune.stages.common", "save_final"),  # run_trainer saves every objective's weights
             "eval": ("vlmtune.after.evaluate", "after_training"),
+            "export": ("vlmtune.after.export", "check_adapter"),
         }[kind]
         import importlib
 

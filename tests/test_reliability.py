@@ -275,3 +275,53 @@ def test_a_checkpoint_adapter_that_cannot_go_into_the_model_is_a_message(tmp_pat
     assert str(checkpoint) in str(refusal.value) and refusal.value.hint
     if saved is not None and "does not fit" in message:
         assert all(p.equal(before[name]) for name, p in live.named_parameters()), "nothing loaded"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_a_lock_that_is_not_a_plain_file_is_refused_and_its_target_untouched(tmp_path: Path, kind: str):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    if kind == "symlink":
+        (run / rundir.LOCK).symlink_to(target)
+    else:
+        (run / rundir.LOCK).mkdir()
+    with pytest.raises(RunDirError, match=r"\.lock is not a plain file") as refused, runlock.hold(run):
+        pass
+    assert refused.value.hint.startswith("remove ")
+    assert target.read_text() == "keep me", "the link's target was not truncated"
+
+
+def test_set_with_a_mapping_merges_into_the_section():
+    """`--set 'train={max_steps: 2}'` used to replace the whole section: batch size and lr fell back to
+    their defaults without a word."""
+    import yaml
+
+    from conftest import ROOT
+    from test_cli import vlmtune
+
+    result = vlmtune("validate", str(ROOT / "recipes/demo.yaml"), "--set", "train={max_steps: 2, lr: 1e-3}")
+    assert result.returncode == 0, result.stderr
+    train = yaml.safe_load(result.stdout.split("Resolved recipe:", 1)[1])["train"]
+    assert (train["max_steps"], train["lr"], train["batch_size"], train["lr_scheduler"]) == (
+        2, 1e-3, 4, "constant"), "the demo's other train keys kept"  # fmt: skip
+    result = vlmtune("validate", str(ROOT / "recipes/demo.yaml"), "--set", "train.lr=1e9")
+    assert result.returncode == 0 and "warning: train.lr 1e+09 is far above any sensible learning rate" in (
+        result.stdout
+    )
+
+
+def test_recipe_warnings_name_absurd_learning_rates():
+    from vlmtune.recipe import parse_recipe, recipe_warnings
+
+    def warned(lr: float) -> list[str]:
+        return recipe_warnings(
+            parse_recipe(f"model: {{name: tiny:qwen2_vl}}\ndata: {{train: x.jsonl}}\ntrain: {{lr: {lr}}}\n")
+        )
+
+    assert warned(2e-4) == [] and warned(5e-3) == []
+    assert (
+        "far above any sensible learning rate" in warned(1e9)[0] and "diverge or collapse" in warned(1.0)[0]
+    )
+    assert "far below" in warned(1e-12)[0]

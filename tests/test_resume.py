@@ -301,6 +301,22 @@ def test_export_and_predict_refuse_collapsed_weights_unless_forced(baselines, tm
     assert (tmp_path / "out/adapter_model.safetensors").is_file()
 
 
+def test_a_kill_during_export_leaves_an_obviously_partial_folder_that_the_next_export_removes(
+    baselines, tmp_path: Path
+):
+    out = tmp_path / "exports/demo"
+    killed = with_fault("SIGKILL@export", "export", str(baselines("bfloat16")), "--out", str(out))
+    assert killed.returncode == -signal.SIGKILL
+    partial = [p.name for p in out.parent.iterdir()]
+    assert len(partial) == 1 and partial[0].startswith("demo.partial-"), partial  # visible, not hidden
+    assert not out.exists()
+    refused = vlmtune("export", str(baselines("bfloat16")), "--out", str(out.parent / partial[0]))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    done = vlmtune("export", str(baselines("bfloat16")), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in out.parent.iterdir()] == ["demo"], "the dead process's partial folder is gone"
+
+
 def test_a_kill_during_the_final_save_resumes_without_training_a_step_more(baselines, tmp_path: Path):
     run = tmp_path / "run"
     stopped = with_fault("SIGKILL@final", "train", str(recipe(tmp_path)), "--run-dir", str(run))

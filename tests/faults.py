@@ -16,6 +16,9 @@ WHERE:
   export          as `vlmtune export` checks the adapter it copied (its folder half written)
   write:NAME      as vlmtune writes the run folder's file NAME (e.g. recipe.yaml), atomically
 
+Under torchrun (`python -m torch.distributed.run ... tests/faults.py FAULT@WHERE@rank:R -- train ...`) a
+fault given with @rank:R fires in that rank only.
+
 Real signals, delivered to the real CLI in its own process: only the moment is chosen here, so a test
 that kills "at step 3" kills at step 3 on any machine, however slow.
 """
@@ -65,7 +68,8 @@ def install(fault: str, where: str) -> None:
                         for p in self.model.parameters():
                             if p.requires_grad:
                                 p.mul_(5)
-            elif self.state.global_step == step:
+            elif self.state.global_step == step and (fault == "SLOW" or not grown):
+                grown.add(step)  # a signal once, not at each micro-batch: a second SIGTERM means "stop now"
                 fire(fault)
             return original(self, *args, **kwargs)
 
@@ -116,7 +120,9 @@ def main() -> None:
     separator = sys.argv.index("--")
     for spec in sys.argv[1:separator]:
         fault, _, where = spec.partition("@")
-        install(fault, where)
+        where, _, rank = where.partition("@rank:")  # FAULT@WHERE@rank:R: only that rank of a torchrun launch
+        if not rank or os.environ.get("RANK", "0") == rank:
+            install(fault, where)
     sys.argv = ["vlmtune", *sys.argv[separator + 1 :]]
     from vlmtune.cli import main as cli
 

@@ -325,3 +325,65 @@ def test_recipe_warnings_name_absurd_learning_rates():
         "far above any sensible learning rate" in warned(1e9)[0] and "diverge or collapse" in warned(1.0)[0]
     )
     assert "far below" in warned(1e-12)[0]
+
+
+@pytest.mark.parametrize("file", ["recipe.yaml", "summary.json"])
+def test_a_full_disk_before_the_first_summary_is_a_message_and_leaves_no_half_run(tmp_path: Path, file: str):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/faults.py"), f"ENOSPC@write:{file}", "--", "train",
+         str(ROOT / "recipes/demo.yaml"), "--run-dir", str(run)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"no space left on the device of {run}" in result.stderr
+    assert "the new run folder is removed" in result.stderr and "run the same command again" in result.stderr
+    assert not run.exists()
+
+
+def test_the_resume_command_of_a_launch_names_torchrun_and_a_lost_rank_is_a_message(monkeypatch):
+    from vlmtune import distributed, pipeline
+
+    run = RunDir(Path("/runs/demo"))
+    assert pipeline.resume_command(run, distributed.ranks()) == "vlmtune train --resume /runs/demo"
+    for name, value in {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert pipeline.resume_command(run, distributed.ranks()) == (
+        "torchrun --nnodes 2 --nproc-per-node 2 -m vlmtune train --resume /runs/demo"
+    )
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:42172: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging")  # fmt: skip
+    lost = distributed.lost_peer(gloo, "RESUME")
+    assert isinstance(lost, distributed.RankLost) and lost.exit_code == 2
+    assert str(lost).startswith("rank 1 of 4 lost contact with the other ranks (RuntimeError: [gloo")
+    assert "Connection reset by peer)" in str(lost) and lost.hint.endswith("RESUME")
+    assert distributed.lost_peer(ValueError("a bug of ours"), "RESUME") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.lost_peer(gloo, "RESUME") is None, "one process: no rank to lose"
+
+
+def test_sighup_and_sigterm_ask_for_a_stop_inside_the_training_loop_only():
+    with signals.stop_on_signals():
+        with pytest.raises(signals.Interrupted) as outside:
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert outside.value.exit_code == 129
+        with signals.graceful():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeat (torchrun forwarding it) changes nothing
+            assert signals.stop_requested() == signal.SIGTERM
+            with pytest.raises(signals.Interrupted) as saved:
+                signals.stop_now(signal.SIGTERM, saved_step=3)
+            assert saved.value.saved_step == 3 and saved.value.seconds_to_save >= 0
+            assert signals.stop_requested() is None
+        with pytest.raises(signals.Interrupted), signals.graceful():
+            os.kill(os.getpid(), signal.SIGHUP)  # asked for during the final save: raised as the loop ends
+        with pytest.raises(signals.Interrupted) as ctrl_c, signals.graceful():
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C stops at once
+        assert ctrl_c.value.exit_code == 130

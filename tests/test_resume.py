@@ -317,6 +317,62 @@ def test_a_kill_during_export_leaves_an_obviously_partial_folder_that_the_next_e
     assert [p.name for p in out.parent.iterdir()] == ["demo"], "the dead process's partial folder is gone"
 
 
+def test_a_resume_refuses_data_that_changed_since_the_run_started(tmp_path: Path):
+    shutil.copytree(DEMO, tmp_path / "data")
+    train = tmp_path / "data/train.jsonl"
+    path = recipe(tmp_path, max_steps=3, save_steps=1)
+    path.write_text(path.read_text().replace(str(DEMO / "train.jsonl"), str(train)))
+    run = tmp_path / "run"
+    stopped = with_fault("SIGKILL@step:1", "train", str(path), "--run-dir", str(run))
+    assert stopped.returncode == -signal.SIGKILL
+    recorded = summary(run)["data_fingerprints"]["train"]
+    assert recorded["source"] == str(train) and recorded["bytes"] == train.stat().st_size
+
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:20]))  # 48 samples become 20
+    before = tree(run)
+    result = vlmtune("train", "--resume", str(run))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"the data of run {run} changed since it started" in result.stderr
+    assert f"data.train ({train}): {recorded['bytes']:,} bytes when the run started" in result.stderr
+    assert "hint: put the data back as it was" in result.stderr
+    after = tree(run)
+    assert after.pop(".lock") and before.pop(".lock") and after == before, "a refused resume changes nothing"
+
+
+class _Opens:
+    """Unpickling this creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_an_adapter_stored_as_a_pickle_is_refused_before_anything_unpickles_it(baselines, tmp_path: Path):
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(baselines("bfloat16"), run)
+    adapter = run / "3-train/adapter"
+    (adapter / "adapter_model.safetensors").unlink()
+    proof = tmp_path / "unpickled"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weights": _Opens(proof)}))
+    sft = recipe(tmp_path / "next", model={"adapter": str(run)}, max_steps=1)
+    for args in (
+        ("export", str(run), "--out", str(tmp_path / "out")),
+        ("predict", str(run), "--prompt", "What color is the shape?", "--force"),
+        ("train", str(sft), "--run-dir", str(tmp_path / "next/run")),
+    ):
+        result = vlmtune(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert (
+            "holds pickled weights (adapter_model.bin); vlmtune reads weights from safetensors files only"
+            in (result.stderr)
+        )
+        assert not proof.exists(), f"{args[0]} unpickled the file"
+
+
 def test_a_kill_during_the_final_save_resumes_without_training_a_step_more(baselines, tmp_path: Path):
     run = tmp_path / "run"
     stopped = with_fault("SIGKILL@final", "train", str(recipe(tmp_path)), "--run-dir", str(run))

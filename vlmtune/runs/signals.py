@@ -7,8 +7,9 @@ summary.json `running` forever. Inside ``stop_on_signals()`` every one of them r
 
 Inside ``graceful()`` (the training loop), SIGTERM and SIGHUP only ask for a stop: the trainer
 finishes the step in progress, saves a complete checkpoint and then stops (``stop_now``), so a
-resume continues from that step instead of the last periodic checkpoint. A second SIGTERM/SIGHUP,
-or a Ctrl-C, stops at once. A signal that arrives while the run records its status (inside
+resume continues from that step instead of the last periodic checkpoint. A repeated SIGTERM/SIGHUP
+changes nothing (under torchrun a worker may get the scheduler's and the agent's forwarded copy); a
+Ctrl-C stops at once. A signal that arrives while the run records its status (inside
 ``deferred()``) is held until the write is done, so a second Ctrl-C never leaves summary.json
 half-updated.
 """
@@ -53,8 +54,9 @@ def _raise(signum: int, frame) -> None:
     if _deferring:
         _pending.append(signum)
         return
-    if _graceful and signum in GRACEFUL and not _requested:
-        _requested.append((signum, time.monotonic()))
+    if _graceful and signum in GRACEFUL:
+        if not _requested:  # a repeat (torchrun forwarding the one a scheduler also sent us) changes nothing
+            _requested.append((signum, time.monotonic()))
         return
     raise Interrupted(signum)
 

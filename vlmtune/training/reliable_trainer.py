@@ -10,7 +10,8 @@
   weights of a quantized model in bfloat16);
 - the log rows across a resume: what the Trainer summed since its last log row (loss, TRL's
   metrics) is saved with each checkpoint and put back, so with logging_steps > 1 the first row
-  after a resume averages the same steps as the uninterrupted run's;
+  after a resume averages the same steps as the uninterrupted run's; so is TRL's count of the
+  tokens trained on (logged as num_tokens and eval_num_tokens);
 - checkpoints that count only once complete (vlmtune.runs.trainer_checkpoints), rotated by vlmtune:
   the trainer's config must have save_total_limit=None, since the Trainer's rotation counts partial
   checkpoints too;
@@ -186,6 +187,8 @@ class ReliableTrainerMixin:
             "since_step": getattr(self, "_globalstep_last_logged", None),
             "loss_sum": float(loss.item()) if loss is not None else None,
             "metrics": {key: list(values) for key, values in _train_metrics(self).items()},
+            # TRL's running count of training tokens (DPO, SFT: the num_tokens and eval_num_tokens logged)
+            "total_train_tokens": getattr(self, "_total_train_tokens", None),
         }
 
     def restore_unlogged(self) -> None:
@@ -194,6 +197,8 @@ class ReliableTrainerMixin:
         carry, self.unlogged_carry = self.unlogged_carry, None
         if not carry or carry["loss_sum"] is None or not hasattr(self, "_tr_loss"):
             return
+        if carry.get("total_train_tokens") is not None and hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = carry["total_train_tokens"]
         self._tr_loss += carry["loss_sum"]
         self._globalstep_last_logged = carry["since_step"]
         for key, values in carry["metrics"].items():

@@ -387,3 +387,96 @@ def test_sighup_and_sigterm_ask_for_a_stop_inside_the_training_loop_only():
         with pytest.raises(signals.Interrupted) as ctrl_c, signals.graceful():
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C stops at once
         assert ctrl_c.value.exit_code == 130
+
+
+def test_the_completion_marker_catches_a_file_changed_in_place_with_the_same_size(tmp_path: Path):
+    """Sizes and format checks pass for a JSON value rewritten with as many digits, or an RNG state
+    replaced by another run's: only the content hash in the marker tells."""
+    import torch
+
+    path = fake_checkpoint(tmp_path, 2)
+    marker = json.loads((path / rundir.CHECKPOINT_MARKER).read_text())
+    assert set(marker["hashes"]) == set(marker["files"])
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 3}))  # parses, same size
+    assert trainer_checkpoints.problem(path) == (
+        "trainer_state.json is damaged (its content changed since it was saved)",
+        True,
+    )
+    other = fake_checkpoint(tmp_path, 4)
+    torch.save({"last_epoch": 5}, other / "scheduler.pt")  # a whole, valid archive of the same size
+    assert (other / "scheduler.pt").stat().st_size == marker["files"]["scheduler.pt"]
+    assert "scheduler.pt is damaged (its content changed" in trainer_checkpoints.problem(other)[0]
+
+
+def test_a_large_file_is_fingerprinted_from_samples_and_a_rewrite_is_caught(tmp_path: Path):
+    big = tmp_path / "optimizer.pt"
+    big.write_bytes(bytes(8 << 20))
+    before = trainer_checkpoints.fingerprint(big)
+    with big.open("r+b") as f:  # a block rewritten where a sample falls (the first block)
+        f.write(b"\x01" * 1024)
+    assert trainer_checkpoints.fingerprint(big) != before
+
+
+def test_checkpoints_saved_after_a_collapse_are_set_aside_and_the_last_good_one_chosen(tmp_path: Path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    trainer_checkpoints.set_aside_from(tmp_path, 4, "saved after the training collapsed")
+    choice = trainer_checkpoints.choose(tmp_path)
+    assert choice.chosen.step == 2
+    assert [(s.path.name, s.reason, s.damaged) for s in choice.skipped] == [
+        ("checkpoint-6", "set aside: saved after the training collapsed", False),
+        ("checkpoint-4", "set aside: saved after the training collapsed", False),
+    ]
+    trainer_checkpoints.rotate(tmp_path, keep=2)  # set-aside ones never count as complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+class _State:
+    global_step = 0
+
+
+def test_the_collapse_guard_on_zero_gradients_and_a_rising_loss(tmp_path: Path):
+    import torch
+
+    from vlmtune.training.finite import CollapseGuard, TrainingDiverged
+
+    model = torch.nn.Linear(4, 4)
+    guard = CollapseGuard(
+        lr=1e-4, dtype="bfloat16", checkpoints=tmp_path, logging_steps=1, loss_positive=True
+    )
+    guard.on_train_begin(None, _State(), None, model=model)
+    fake_checkpoint(tmp_path, 1)
+    fake_checkpoint(tmp_path, 2)
+    state = _State()
+    model.weight.grad, model.bias.grad = torch.zeros(4, 4), torch.zeros(4)
+    with pytest.raises(TrainingDiverged) as dead:
+        for step in range(2, 10):  # steps 3, 4, 5 give no gradient at all
+            state.global_step = step
+            guard.on_pre_optimizer_step(None, state, None, model=model)
+    figures = dead.value.figures
+    assert figures["collapse"] == "zero_gradient" and figures["diverged_at_step"] == 5
+    assert (
+        "exactly 0 for 3 steps in a row (steps 3-5) while 20 parameters are trainable" in figures["evidence"]
+    )
+    assert figures["last_good_checkpoint"] == "checkpoint-1", "checkpoint-2's weights gave no gradient"
+
+    grpo = CollapseGuard(
+        lr=1e-4, dtype="bfloat16", checkpoints=tmp_path, logging_steps=1, loss_positive=False
+    )
+    for step in range(2, 10):  # equal rewards: no gradient, nothing broken
+        state.global_step = step
+        grpo.on_pre_optimizer_step(None, state, None, model=model)
+        grpo.on_log(None, state, None, logs={"loss": 100.0 * step})
+
+    rising = CollapseGuard(
+        lr=1e-4, dtype="bfloat16", checkpoints=tmp_path, logging_steps=1, loss_positive=True
+    )
+    losses = [2.0, 1.8, 1.9, 7.0, 1.5, 6.5, 6.8, 7.2]  # one spike is no divergence; three rows in a row are
+    with pytest.raises(TrainingDiverged) as rose:
+        for step, loss in enumerate(losses, 1):
+            state.global_step = step
+            rising.on_log(None, state, None, logs={"loss": loss})
+    assert rose.value.figures["collapse"] == "loss_rose" and rose.value.figures["diverged_at_step"] == 8
+    assert "the loss rose from 2 at the start to 6.833 (mean of the rows of steps 6-8), over 6" in str(
+        rose.value
+    )

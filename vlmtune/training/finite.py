@@ -248,22 +248,32 @@ class CollapseGuard(TrainerCallback):
 
 def trainable_norm(model: Any) -> float:
     """The L2 norm of every trainable parameter together (one device sync)."""
-    import torch
-
-    params = [p.detach() for p in model.parameters() if p.requires_grad]
-    if not params:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in params])))
+    return global_norm([p.detach() for p in model.parameters() if p.requires_grad])
 
 
 def gradient_norm(model: Any) -> float | None:
     """The L2 norm of every gradient together; None when no parameter has one."""
-    import torch
-
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return global_norm(grads) if grads else None
+
+
+def global_norm(tensors: list[Any]) -> float:
+    """The L2 norm of tensors together. FSDP's sharded parameters (DTensors) count their local shard,
+    summed over the ranks, so every rank gets the same figure (and the same verdict)."""
+    import torch
+    import torch.distributed as dist
+
+    if not tensors:
+        return 0.0
+    sharded = any(hasattr(t, "to_local") for t in tensors)
+    squares = [
+        torch.linalg.vector_norm((t.to_local() if hasattr(t, "to_local") else t).float()) ** 2
+        for t in tensors
+    ]
+    total = torch.stack(squares).sum()
+    if sharded and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total.sqrt())
 
 
 def gradients_finite(model: Any) -> bool:

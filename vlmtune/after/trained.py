@@ -67,7 +67,7 @@ def open_trained_run(path: str | Path, force: bool = False) -> TrainedRun:
             f"run {path} says it finished but {weights} is missing",
             hint="the run folder was changed after training; train again or restore the folder",
         )
-    refuse_pickles(weights, safetensors=rundir.PEFT_WEIGHTS if recipe.lora.method != "full" else None)
+    refuse_pickles(weights)
     from vlmtune.training.finite import refuse_nonfinite
 
     refuse_nonfinite(weights, force)  # a run that diverged or collapsed before vlmtune stopped such runs
@@ -77,19 +77,17 @@ def open_trained_run(path: str | Path, force: bool = False) -> TrainedRun:
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.save / pickle files: loading runs code
 
 
-def refuse_pickles(weights: Path, safetensors: str | None) -> None:
-    """Weights are read from safetensors only: a folder whose weights are pickles (adapter_model.bin, a
-    full model's pytorch_model.bin) is refused before anything unpickles them, since unpickling a file
-    runs whatever code it names. ``safetensors``: the file that must be there (None: any *.safetensors)."""
+def refuse_pickles(weights: Path) -> None:
+    """Weights are read from safetensors only: a folder holding pickled weights (adapter_model.bin, a
+    full model's pytorch_model.bin) is refused before anything could unpickle them (peft and
+    transformers fall back to such files), since unpickling a file runs whatever code it names."""
     pickles = sorted(p.name for p in weights.iterdir() if p.is_file() and p.suffix in PICKLES)
-    present = (weights / safetensors).is_file() if safetensors else any(weights.glob("*.safetensors"))
-    if pickles or not present:
-        found = f"holds pickled weights ({', '.join(pickles)})" if pickles else "holds no safetensors weights"
+    if pickles:
         raise RunDirError(
-            f"{weights} {found}; vlmtune reads weights from safetensors files only (unpickling a file runs any "
-            "code it carries)",
-            hint="convert a trusted file yourself (safetensors.torch.save_file) into "
-            f"{safetensors or 'model.safetensors'} and remove the pickle, or train the run again",
+            f"{weights} holds pickled weights ({', '.join(pickles)}); vlmtune reads weights from safetensors "
+            "files only (unpickling a file runs any code it carries)",
+            hint="convert a file you trust yourself (safetensors.torch.save_file) and remove the pickle, or "
+            "train the run again",
         )
 
 

@@ -23,6 +23,7 @@ PARTS = {
     "tiny_families",
     "torch_compile",
     "packing",
+    "resume",
 }
 # The two compare arms compute the same loss on the same batch; on CPU they agreed to 3e-7
 # (relative). 1e-3 leaves room for a different bf16 summation order, and none for different work.
@@ -135,6 +136,7 @@ def test_goals_are_judged_from_the_figures(dry_run):
     ):
         ratio = results["parts"][part]["estimate_vs_measured"]["ratio"]
         assert rows[f"estimate / measured, {label}"]["pass"] == (abs(ratio - 1) <= 0.10)
+    assert rows["resume: losses vs uninterrupted"]["pass"] is True
     # No CUDA, no reserved memory: the Unsloth goal cannot be judged on CPU, and says so.
     assert rows["7B peak reserved (GiB) vs Unsloth"]["pass"] is None
     assert all(row["note"].startswith("dry run") for row in results["goals"])
@@ -149,3 +151,26 @@ def test_packing_part_trains_both_arms_on_both_shapes(dry_run):
             assert figures[arm]["tokens_per_s"] > 0 and figures[arm]["mfu"] is None  # no MFU on CPU
         assert figures["packed"]["tokens_per_step"] > figures["unpacked"]["tokens_per_step"] / 2
         assert figures["params_6n"] > 0 and figures["packed_over_unpacked"] > 0
+
+
+def test_the_resume_part_checks_the_gpu_tolerance(dry_run):
+    """On CPU the resume is exact: the tolerance holds with deltas of 0."""
+    figures = dry_run[0]["parts"]["resume"]
+    assert figures["saved_on_signal_at_step"] == 3 and figures["resume_first_step"] == 4
+    assert figures["resume_first_step_delta"] == 0.0 and figures["resume_max_rel_delta"] == 0.0
+    assert figures["resume_within_tolerance"] is True
+
+
+def test_the_resume_tolerance_itself():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import resume_tolerance
+
+    whole = {1: 7.0, 2: 6.0, 3: 5.0, 4: 4.0}
+    assert resume_tolerance(whole, {**whole, 3: 5.0 + 5e-7, 4: 4.0 + 5e-3}, 2)["resume_within_tolerance"]
+    assert not resume_tolerance(whole, {**whole, 3: 5.0 + 1e-5}, 2)["resume_within_tolerance"], "first step"
+    assert not resume_tolerance(whole, {**whole, 4: 4.0 + 0.05}, 2)["resume_within_tolerance"], (
+        "bf16 envelope"
+    )
+    assert not resume_tolerance(whole, {1: 7.0, 2: 6.0, 3: 5.0}, 2)["resume_within_tolerance"], (
+        "a step missing"
+    )

@@ -352,3 +352,27 @@ def test_fsdp_qlora_trains_with_16bit_storage(tmp_path: Path):
     assert any(".visual." in name for name in trained) and any(".language_model." in name for name in trained)
     assert all(adapter[name].abs().sum() > 0 for name in trained)
     assert all(x == x and x < 20 for x in losses(run))  # finite and sane
+
+
+def test_a_killed_rank_is_a_message_naming_the_cause_and_the_torchrun_resume(tmp_path: Path):
+    """kill -9 of rank 1 at step 2: rank 0 does not print gloo's raw "Connection reset by peer"
+    traceback but says another rank stopped, and how to resume every rank together (with torchrun)."""
+    path = recipe(tmp_path)
+    run = tmp_path / "run"
+    result = run_command([
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        str(ROOT / "tests/faults.py"), "SIGKILL@step:2@rank:1", "--", "train", str(path), "--run-dir", str(run),
+    ])  # fmt: skip
+    assert result.returncode != 0
+    assert "error: rank 0 of 2 lost contact with the other ranks" in result.stderr, result.stderr[-4000:]
+    assert f"resume every rank together: torchrun --nproc-per-node 2 -m vlmtune train --resume {run}" in (
+        result.stderr
+    )
+    lines = result.stderr.splitlines()
+    assert not [
+        line for line in lines if line.startswith(("RuntimeError", "torch.distributed.DistBackendError"))
+    ]
+    assert result.stderr.count("Traceback (most recent call last)") <= 1, "at most torchrun's own summary"
+    state = json.loads((run / "summary.json").read_text())
+    assert state["status"] == "failed" and "lost contact" in state["stages"]["train"]["error"]

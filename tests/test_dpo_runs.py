@@ -48,9 +48,11 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
     sft_losses = sft.losses()
     assert again.losses()[0] < sft_losses[0] - 1.0, (sft_losses, again.losses())
 
-    dpo = {"model": {**MODEL, "adapter": str(sft.path)}, "data": data, "dpo": {"sft_weight": 0.5}}
-    whole = train_run(tmp_path / "whole", train={**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2},
-                      **dpo)  # fmt: skip
+    # an eval at step 3 (after the resume): its eval_num_tokens counts the tokens trained on since step 1
+    dpo = {"model": {**MODEL, "adapter": str(sft.path)}, "data": {**data, "eval": data["train"]},
+           "dpo": {"sft_weight": 0.5}}  # fmt: skip
+    stepping = {**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2, "eval_steps": 3}
+    whole = train_run(tmp_path / "whole", train=stepping, **dpo)
 
     # The same run stopped after its checkpoint at step 2 (Ctrl-C as step 3 begins), then resumed.
     from transformers import TrainerCallback
@@ -63,8 +65,7 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
                 raise KeyboardInterrupt
 
     with pytest.raises(pipeline.Stopped):
-        train_run(tmp_path / "cut", train={**TRAIN, "objective": "dpo", "max_steps": 3, "save_steps": 2},
-                  callbacks=[CtrlCAtStep3()], **dpo)  # fmt: skip
+        train_run(tmp_path / "cut", train=stepping, callbacks=[CtrlCAtStep3()], **dpo)
     cut = RunDir(tmp_path / "cut" / "run")
     pipeline.resume(cut.path)
 
@@ -72,10 +73,19 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
         whole.read_jsonl("3-train/metrics.jsonl"),
         cut.read_jsonl("3-train/metrics.jsonl"),
     )
-    assert [r["step"] for r in resumed_rows] == [1, 2, 3], "the resumed run continues at step 3"
+    train_rows = [r for r in resumed_rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3], "the resumed run continues at step 3"
     for key in ("loss", "reward_chosen", "reward_rejected"):  # a wrong reference would move the rewards
-        assert resumed_rows[-1][key] == pytest.approx(whole_rows[-1][key], abs=1e-4), key
-    assert whole_rows[0]["reward_margin"] == 0.0, "step 1: the model equals its reference, the SFT adapter"
+        assert train_rows[-1][key] == pytest.approx(
+            [r for r in whole_rows if "loss" in r][-1][key], abs=1e-4
+        ), key
+    [whole_eval], [resumed_eval] = (
+        [x for x in rows if "eval_loss" in x] for rows in (whole_rows, resumed_rows)
+    )
+    assert resumed_eval["eval_num_tokens"] == whole_eval["eval_num_tokens"] > 0, (
+        "the token count carried over"
+    )
+    assert train_rows[0]["reward_margin"] == 0.0, "step 1: the model equals its reference, the SFT adapter"
     checkpoint = cut.checkpoints()[0]
     assert (checkpoint / "ref" / "adapter_model.safetensors").is_file(), "checkpoints keep the frozen copy"
     assert not (Path(cut.summary()["output"]) / "ref").exists(), "the final adapter is the trained one only"

@@ -14,8 +14,8 @@ uninterrupted runs differ in the last bits: this is the CPU contract.
 
 The recipe: 4 prompts, 2 per optimizer step (4 completions each, batch 4 x grad_accum 2), so an
 epoch is 2 steps; 5 steps, a checkpoint every 3 (3, then 5 at the end), the held-out reward before
-training, at step 3 and at the end (on one held-out prompt). SIGTERM as step 4 begins: the resume starts from checkpoint-3,
-in the middle of the second epoch.
+training, at step 3 and at the end (on one held-out prompt). SIGTERM as step 3 begins: step 3 finishes and is
+saved (vlmtune.runs.signals), and the resume starts from checkpoint-3, in the middle of the second epoch.
 """
 
 from __future__ import annotations
@@ -79,11 +79,12 @@ def test_a_grpo_run_stopped_by_sigterm_resumes_to_exactly_the_uninterrupted_run(
     uninterrupted, tmp_path: Path
 ):
     run = tmp_path / "run"
-    stopped = with_fault("SIGTERM@step:3", "train", str(recipe(tmp_path)), "--run-dir", str(run))
+    stopped = with_fault("SIGTERM@step:2", "train", str(recipe(tmp_path)), "--run-dir", str(run))
     assert stopped.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), stopped.stderr[-3000:]
     state = json.loads((run / "summary.json").read_text())
     assert state["status"] == "interrupted" and state["stopped_by"] == "SIGTERM"
     assert state["resume_from_step"] == 3 and not (run / "3-train/adapter").exists()
+    assert state["saved_on_signal"]["step"] == 3, "the step in progress finished and was saved"
     assert f"vlmtune train --resume {run}" in stopped.stderr
 
     resumed = vlmtune("train", "--resume", str(run))

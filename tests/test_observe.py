@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -353,7 +354,7 @@ def test_the_filter_drops_that_message_only(caplog):
 # --- vlmtune runs and vlmtune report ------------------------------------------------------------------
 
 RUN_KEYS = {"name", "path", "model", "objective", "status", "created", "steps", "first_loss", "last_loss",
-            "peak_memory_bytes", "seconds", "eval_metric", "eval_score"}  # fmt: skip
+            "peak_memory_bytes", "seconds", "eval_metric", "eval_score", "problem"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +381,7 @@ def test_runs_json_lists_every_state_newest_first_with_stable_keys(run_folders: 
     assert by_name["finished"] | {"path": None} == {
         "name": "finished", "path": None, "model": "tiny:qwen2_vl", "objective": "sft", "status": "done",
         "created": "2026-11-20T09:00:00", "steps": 3, "first_loss": 2.0, "last_loss": 1.0,
-        "peak_memory_bytes": 903 * MiB, "seconds": 35.5, "eval_metric": None, "eval_score": None,
+        "peak_memory_bytes": 903 * MiB, "seconds": 35.5, "eval_metric": None, "eval_score": None, "problem": None,
     }  # fmt: skip
     failed = by_name["failed"]
     assert failed["status"] == "failed" and failed["first_loss"] == 3.0 and failed["last_loss"] is None
@@ -394,7 +395,11 @@ def test_runs_json_lists_every_state_newest_first_with_stable_keys(run_folders: 
         "running", 2, 5.0, 4.0), "the half-written row is not counted"  # fmt: skip
     assert running["peak_memory_bytes"] == 602 * MiB and 100 <= running["seconds"] < 400
     assert by_name["just-started"]["steps"] is None and by_name["just-started"]["peak_memory_bytes"] is None
-    assert by_name["broken"]["status"] == "unreadable" and by_name["broken"]["model"] is None
+    assert by_name["broken"]["status"] == "damaged" and by_name["broken"]["model"] is None
+    assert (
+        by_name["broken"]["problem"] == "summary.json cannot be read"
+        and by_name["finished"]["problem"] is None
+    )
     assert "not-a-run" not in by_name
 
 
@@ -462,3 +467,65 @@ def test_report_draws_a_running_run_and_leaves_a_finished_picture_alone(tmp_path
 def test_new_commands_have_help(command: str):
     result = vlmtune(command, "--help")
     assert result.returncode == 0 and "Examples" in result.stdout
+
+
+DAMAGES = {
+    "metrics.jsonl is a folder": lambda p: ((p / rundir.METRICS).unlink(), (p / rundir.METRICS).mkdir()),
+    "stages is a list": lambda p: (p / rundir.SUMMARY).write_text('{"status": "done", "stages": [1, 2]}'),
+    "train is a string": lambda p: (p / rundir.SUMMARY).write_text(
+        '{"status": "done", "stages": {"train": "x"}}'
+    ),
+    "memory is a string": lambda p: (p / rundir.SUMMARY).write_text(
+        '{"status": "done", "stages": {"train": {"memory": "x", "started": "a", "seconds": "b"}}}'
+    ),
+    "binary metrics": lambda p: (p / rundir.METRICS).write_bytes(b"\xff\xfe\x00" * 10 + b'\n{"step": 1}\n'),
+    "status is a list": lambda p: (p / rundir.SUMMARY).write_text('{"status": [1], "stages": {}}'),
+    "model name is a list": lambda p: (p / rundir.RESOLVED).write_text("a: &a [x]\nmodel: {name: [*a]}\n"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_one_damaged_run_folder_never_breaks_runs_or_report(tmp_path: Path, damage: str):
+    folders = runs_in_every_state(tmp_path / "runs")
+    DAMAGES[damage](folders["finished"])
+    listed = vlmtune("runs", str(tmp_path / "runs"), "--json")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr[-2000:]
+    by_name = {entry["name"]: entry for entry in json.loads(listed.stdout)}
+    assert len(by_name) == 6 and by_name["failed"]["status"] == "failed", "every other run still listed"
+    table = vlmtune("runs", str(tmp_path / "runs"))
+    assert table.returncode == 0 and "finished" in table.stdout, table.stderr[-2000:]
+    for run in (folders["finished"], folders["running"]):
+        result = vlmtune("report", str(run), "--out", str(tmp_path / f"{run.name}.png"))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    if damage == "status is a list":
+        assert by_name["finished"]["status"] == "damaged" and by_name["finished"]["problem"]
+
+
+def test_report_out_never_overwrites_what_is_not_its_picture(tmp_path: Path):
+    folders = runs_in_every_state(tmp_path / "runs")
+    running = folders["running"]
+    precious = tmp_path / "adapter_model.safetensors"
+    precious.write_bytes(b"weights")
+    result = vlmtune("report", str(running), "--out", str(precious))
+    assert result.returncode == 2 and "exists and is not a PNG picture" in result.stderr
+    result = vlmtune("report", str(running), "--out", str(precious), "--force")
+    assert result.returncode == 2 and precious.read_bytes() == b"weights"
+    result = vlmtune("report", str(running), "--out", str(tmp_path))
+    assert result.returncode == 2 and "is a folder; --out names the picture file" in result.stderr
+    picture = tmp_path / "loss.png"
+    assert vlmtune("report", str(running), "--out", str(picture)).returncode == 0 and png_size(picture)
+    again = vlmtune("report", str(running), "--out", str(picture))
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert vlmtune("report", str(running), "--out", str(picture), "--force").returncode == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = vlmtune("report", str(running), "--out", str(locked / "loss.png"))
+        if os.geteuid() != 0:  # root writes anywhere
+            assert result.returncode == 2 and "cannot write the picture" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        locked.chmod(0o700)
+    unwritable = vlmtune("report", str(running), "--out", "/proc/loss.png")
+    assert unwritable.returncode == 2 and "cannot write the picture /proc/loss.png" in unwritable.stderr

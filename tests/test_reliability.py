@@ -275,3 +275,208 @@ def test_a_checkpoint_adapter_that_cannot_go_into_the_model_is_a_message(tmp_pat
     assert str(checkpoint) in str(refusal.value) and refusal.value.hint
     if saved is not None and "does not fit" in message:
         assert all(p.equal(before[name]) for name, p in live.named_parameters()), "nothing loaded"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_a_lock_that_is_not_a_plain_file_is_refused_and_its_target_untouched(tmp_path: Path, kind: str):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    if kind == "symlink":
+        (run / rundir.LOCK).symlink_to(target)
+    else:
+        (run / rundir.LOCK).mkdir()
+    with pytest.raises(RunDirError, match=r"\.lock is not a plain file") as refused, runlock.hold(run):
+        pass
+    assert refused.value.hint.startswith("remove ")
+    assert target.read_text() == "keep me", "the link's target was not truncated"
+
+
+def test_set_with_a_mapping_merges_into_the_section():
+    """`--set 'train={max_steps: 2}'` used to replace the whole section: batch size and lr fell back to
+    their defaults without a word."""
+    import yaml
+
+    from conftest import ROOT
+    from test_cli import vlmtune
+
+    result = vlmtune("validate", str(ROOT / "recipes/demo.yaml"), "--set", "train={max_steps: 2, lr: 1e-3}")
+    assert result.returncode == 0, result.stderr
+    train = yaml.safe_load(result.stdout.split("Resolved recipe:", 1)[1])["train"]
+    assert (train["max_steps"], train["lr"], train["batch_size"], train["lr_scheduler"]) == (
+        2, 1e-3, 4, "constant"), "the demo's other train keys kept"  # fmt: skip
+    result = vlmtune("validate", str(ROOT / "recipes/demo.yaml"), "--set", "train.lr=1e9")
+    assert result.returncode == 0 and "warning: train.lr 1e+09 is far above any sensible learning rate" in (
+        result.stdout
+    )
+
+
+def test_recipe_warnings_name_absurd_learning_rates():
+    from vlmtune.recipe import parse_recipe, recipe_warnings
+
+    def warned(lr: float) -> list[str]:
+        return recipe_warnings(
+            parse_recipe(f"model: {{name: tiny:qwen2_vl}}\ndata: {{train: x.jsonl}}\ntrain: {{lr: {lr}}}\n")
+        )
+
+    assert warned(2e-4) == [] and warned(5e-3) == []
+    assert (
+        "far above any sensible learning rate" in warned(1e9)[0] and "diverge or collapse" in warned(1.0)[0]
+    )
+    assert "far below" in warned(1e-12)[0]
+
+
+@pytest.mark.parametrize("file", ["recipe.yaml", "summary.json"])
+def test_a_full_disk_before_the_first_summary_is_a_message_and_leaves_no_half_run(tmp_path: Path, file: str):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/faults.py"), f"ENOSPC@write:{file}", "--", "train",
+         str(ROOT / "recipes/demo.yaml"), "--run-dir", str(run)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"no space left on the device of {run}" in result.stderr
+    assert "the new run folder is removed" in result.stderr and "run the same command again" in result.stderr
+    assert not run.exists()
+
+
+def test_the_resume_command_of_a_launch_names_torchrun_and_a_lost_rank_is_a_message(monkeypatch):
+    from vlmtune import distributed, pipeline
+
+    run = RunDir(Path("/runs/demo"))
+    assert pipeline.resume_command(run, distributed.ranks()) == "vlmtune train --resume /runs/demo"
+    for name, value in {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert pipeline.resume_command(run, distributed.ranks()) == (
+        "torchrun --nnodes 2 --nproc-per-node 2 -m vlmtune train --resume /runs/demo"
+    )
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:42172: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging")  # fmt: skip
+    lost = distributed.lost_peer(gloo, "RESUME")
+    assert isinstance(lost, distributed.RankLost) and lost.exit_code == 2
+    assert str(lost).startswith("rank 1 of 4 lost contact with the other ranks (RuntimeError: [gloo")
+    assert "Connection reset by peer)" in str(lost) and lost.hint.endswith("RESUME")
+    assert distributed.lost_peer(ValueError("a bug of ours"), "RESUME") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.lost_peer(gloo, "RESUME") is None, "one process: no rank to lose"
+
+
+def test_sighup_and_sigterm_ask_for_a_stop_inside_the_training_loop_only():
+    with signals.stop_on_signals():
+        with pytest.raises(signals.Interrupted) as outside:
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert outside.value.exit_code == 129
+        with signals.graceful():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeat (torchrun forwarding it) changes nothing
+            assert signals.stop_requested() == signal.SIGTERM
+            with pytest.raises(signals.Interrupted) as saved:
+                signals.stop_now(signal.SIGTERM, saved_step=3)
+            assert saved.value.saved_step == 3 and saved.value.seconds_to_save >= 0
+            assert signals.stop_requested() is None
+        with pytest.raises(signals.Interrupted), signals.graceful():
+            os.kill(os.getpid(), signal.SIGHUP)  # asked for during the final save: raised as the loop ends
+        with pytest.raises(signals.Interrupted) as ctrl_c, signals.graceful():
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C stops at once
+        assert ctrl_c.value.exit_code == 130
+
+
+def test_the_completion_marker_catches_a_file_changed_in_place_with_the_same_size(tmp_path: Path):
+    """Sizes and format checks pass for a JSON value rewritten with as many digits, or an RNG state
+    replaced by another run's: only the content hash in the marker tells."""
+    import torch
+
+    path = fake_checkpoint(tmp_path, 2)
+    marker = json.loads((path / rundir.CHECKPOINT_MARKER).read_text())
+    assert set(marker["hashes"]) == set(marker["files"])
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 3}))  # parses, same size
+    assert trainer_checkpoints.problem(path) == (
+        "trainer_state.json is damaged (its content changed since it was saved)",
+        True,
+    )
+    other = fake_checkpoint(tmp_path, 4)
+    torch.save({"last_epoch": 5}, other / "scheduler.pt")  # a whole, valid archive of the same size
+    assert (other / "scheduler.pt").stat().st_size == marker["files"]["scheduler.pt"]
+    assert "scheduler.pt is damaged (its content changed" in trainer_checkpoints.problem(other)[0]
+
+
+def test_a_large_file_is_fingerprinted_from_samples_and_a_rewrite_is_caught(tmp_path: Path):
+    big = tmp_path / "optimizer.pt"
+    big.write_bytes(bytes(8 << 20))
+    before = trainer_checkpoints.fingerprint(big)
+    with big.open("r+b") as f:  # a block rewritten where a sample falls (the first block)
+        f.write(b"\x01" * 1024)
+    assert trainer_checkpoints.fingerprint(big) != before
+
+
+def test_checkpoints_saved_after_a_collapse_are_set_aside_and_the_last_good_one_chosen(tmp_path: Path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    trainer_checkpoints.set_aside_from(tmp_path, 4, "saved after the training collapsed")
+    choice = trainer_checkpoints.choose(tmp_path)
+    assert choice.chosen.step == 2
+    assert [(s.path.name, s.reason, s.damaged) for s in choice.skipped] == [
+        ("checkpoint-6", "set aside: saved after the training collapsed", False),
+        ("checkpoint-4", "set aside: saved after the training collapsed", False),
+    ]
+    trainer_checkpoints.rotate(tmp_path, keep=2)  # set-aside ones never count as complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+class _State:
+    global_step = 0
+
+
+def test_the_collapse_guard_on_zero_gradients_and_a_rising_loss(tmp_path: Path):
+    import torch
+
+    from vlmtune.training.finite import CollapseGuard, TrainingDiverged
+
+    model = torch.nn.Linear(4, 4)
+    guard = CollapseGuard(
+        lr=1e-4, dtype="bfloat16", checkpoints=tmp_path, logging_steps=1, loss_positive=True
+    )
+    guard.on_train_begin(None, _State(), None, model=model)
+    fake_checkpoint(tmp_path, 1)
+    fake_checkpoint(tmp_path, 2)
+    state = _State()
+    model.weight.grad, model.bias.grad = torch.zeros(4, 4), torch.zeros(4)
+    with pytest.raises(TrainingDiverged) as dead:
+        for step in range(2, 10):  # steps 3, 4, 5 give no gradient at all
+            state.global_step = step
+            guard.on_pre_optimizer_step(None, state, None, model=model)
+    figures = dead.value.figures
+    assert figures["collapse"] == "zero_gradient" and figures["diverged_at_step"] == 5
+    assert (
+        "exactly 0 for 3 steps in a row (steps 3-5) while 20 parameters are trainable" in figures["evidence"]
+    )
+    assert figures["last_good_checkpoint"] == "checkpoint-1", "checkpoint-2's weights gave no gradient"
+
+    grpo = CollapseGuard(
+        lr=1e-4, dtype="bfloat16", checkpoints=tmp_path, logging_steps=1, loss_positive=False
+    )
+    for step in range(2, 10):  # equal rewards: no gradient, nothing broken
+        state.global_step = step
+        grpo.on_pre_optimizer_step(None, state, None, model=model)
+        grpo.on_log(None, state, None, logs={"loss": 100.0 * step})
+
+    rising = CollapseGuard(
+        lr=1e-4, dtype="bfloat16", checkpoints=tmp_path, logging_steps=1, loss_positive=True
+    )
+    losses = [2.0, 1.8, 1.9, 7.0, 1.5, 6.5, 6.8, 7.2]  # one spike is no divergence; three rows in a row are
+    with pytest.raises(TrainingDiverged) as rose:
+        for step, loss in enumerate(losses, 1):
+            state.global_step = step
+            rising.on_log(None, state, None, logs={"loss": loss})
+    assert rose.value.figures["collapse"] == "loss_rose" and rose.value.figures["diverged_at_step"] == 8
+    assert "the loss rose from 2 at the start to 6.833 (mean of the rows of steps 6-8), over 6" in str(
+        rose.value
+    )

@@ -139,7 +139,9 @@ def test_qlora_trains_its_lora_weights_in_bfloat16(baselines):
 SCENARIOS = {
     "ctrl-c at a step, mid-epoch": ("SIGINT@step:3", "bfloat16", "checkpoint-2", None),
     "kill -9 at a step, second epoch": ("SIGKILL@step:5", "bfloat16", "checkpoint-4", None),
-    "SIGTERM at an epoch boundary": ("SIGTERM@step:6", "bfloat16", "checkpoint-6", None),
+    # SIGTERM/SIGHUP finish the step in progress and save it: asked at step 6, step 6 is saved
+    "SIGTERM at an epoch boundary": ("SIGTERM@step:5", "bfloat16", "checkpoint-6", None),
+    "SIGHUP between periodic saves": ("SIGHUP@step:2", "bfloat16", "checkpoint-3", None),
     "ctrl-c in mid-save": ("SIGINT@save:4:scheduler.pt", "bfloat16", "checkpoint-2", "checkpoint-4"),
     "kill -9 in the first save": ("SIGKILL@save:2:scheduler.pt", "bfloat16", None, "checkpoint-2"),
     "kill -9 at a step, float32": ("SIGKILL@step:5", "float32", "checkpoint-4", None),
@@ -158,6 +160,9 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_run(scenario, b
     assert "adapter" not in os.listdir(run / "3-train")
     if skipped:
         assert not (run / "3-train/checkpoints" / skipped / "vlmtune_complete.json").exists()
+    if name in ("SIGTERM", "SIGHUP"):  # saved at the end of the step in progress
+        assert summary(run)["saved_on_signal"]["step"] == int(resume_from.split("-")[1])
+        assert f"saved {resume_from} at the step boundary after the signal" in stopped.stderr
     if name == "SIGKILL":  # no chance to write anything: the status stays as it was
         assert summary(run)["status"] == "running"
     else:
@@ -181,6 +186,191 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_run(scenario, b
     assert complete_checkpoints(run) == ["checkpoint-4", "checkpoint-6", "checkpoint-7"], (
         "3 kept, none partial"
     )
+
+
+def test_sigterm_in_mid_step_saves_that_step_and_the_resume_continues_from_it(baselines, tmp_path: Path):
+    """A scheduler's SIGTERM arrives while a slow step runs (each of its micro-batches sleeps 3 s): the
+    step finishes, a complete checkpoint of it is saved (step 3: no periodic save is due there), the run
+    stops as interrupted, and the resume starts from step 3 with the uninterrupted run's losses."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/faults.py"), "SLOW@step:2", "--", "train", str(recipe(tmp_path)),
+         "--run-dir", str(run)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    before = []
+    try:
+        for line in process.stderr:  # the first micro-batch of step 3 has begun sleeping
+            before.append(line)
+            if "slow step" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    err = "".join(before) + err
+    assert process.returncode == 143, err[-3000:]
+    state = summary(run)
+    assert state["status"] == "interrupted" and state["stopped_by"] == "SIGTERM"
+    assert state["saved_on_signal"]["step"] == 3 and state["resume_from_step"] == 3
+    assert state["saved_on_signal"]["seconds_after_signal"] > 0
+    assert complete_checkpoints(run)[-1] == "checkpoint-3"
+    assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2, 3], "stopped right after the saved step"
+    assert "saved checkpoint-3 at the step boundary after the signal" in err
+
+    resumed = vlmtune("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run} from checkpoint-3 (step 3)" in resumed.stdout
+    assert_same_run(run, baselines("bfloat16"))
+
+
+def test_a_run_whose_weights_blow_up_slowly_is_stopped_and_resumes_from_the_last_good_checkpoint(
+    baselines, tmp_path: Path
+):
+    """The subtler divergence: from step 2 on the weights are multiplied by 5 before each step (no single
+    step grows them 10 times, no number becomes NaN). The run stops as failed once they have grown by
+    three orders of magnitude; the checkpoints saved while they grew are set aside, the one before is
+    the last good one, and a resume from it (without the fault) ends as the uninterrupted run."""
+    run = tmp_path / "run"
+    stopped = with_fault("GROW@step:1", "train", str(recipe(tmp_path, save_steps=1)), "--run-dir", str(run))
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    state = summary(run)
+    train = state["stages"]["train"]
+    assert state["status"] == "failed" and train["collapse"] == "weights_blew_up"
+    assert f"training collapsed at step {train['diverged_at_step']}" in stopped.stderr
+    assert "times since training started" in train["evidence"]
+    assert train["last_good_checkpoint"] == "checkpoint-1" and "checkpoint-1, is kept" in stopped.stderr
+    assert complete_checkpoints(run)[0] == "checkpoint-1", "kept: rotation waits while a blow-up may start"
+    assert not (run / "3-train/adapter").exists()
+
+    resumed = vlmtune("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipped checkpoint-2: set aside: saved after the training collapsed" in resumed.stdout
+    assert f"resuming {run} from checkpoint-1 (step 1)" in resumed.stdout
+    assert_same_run(run, baselines("bfloat16"))
+
+
+def test_the_demo_at_lr_1e9_is_stopped_as_collapsed_at_its_first_step(tmp_path: Path):
+    """The issue's case: on the demo recipe, lr 1e9 never gives a NaN (the gradient norm is 0 from step 2,
+    the loss flat, the adapter's weights ~1e9) and the run used to say done."""
+    run = tmp_path / "run"
+    result = vlmtune(
+        "train", str(ROOT / "recipes/demo.yaml"), "--set", "train.lr=1e9", "--set", "train.max_steps=6",
+        "--set", "train.save_steps=2", "--run-dir", str(run),
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "train.lr 1e+09 is far above any sensible learning rate" in result.stdout  # warned before loading
+    train = summary(run)["stages"]["train"]
+    assert summary(run)["status"] == "failed" and train["diverged_at_step"] == 1
+    assert train["collapse"] == "weights_blew_up" and train["last_good_checkpoint"] is None
+    assert (
+        "training collapsed at step 1: one update multiplied the trainable weights' norm by" in result.stderr
+    )
+    assert "Likely cause: train.lr 1e+09 is far above the usual rates" in result.stderr
+    assert complete_checkpoints(run) == [] and not (run / "3-train/adapter").exists()
+    assert "done" not in result.stdout
+    refused = vlmtune("export", str(run), "--out", str(tmp_path / "out"))
+    assert refused.returncode == 2 and "did not finish training" in refused.stderr
+
+
+def test_export_and_predict_refuse_collapsed_weights_unless_forced(baselines, tmp_path: Path):
+    """A finished run whose adapter holds weights no trained model holds (a run of before the collapse
+    guard): refused, with --force as the way through."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(baselines("bfloat16"), run)
+    adapter = run / "3-train/adapter/adapter_model.safetensors"
+    weights = load_file(adapter)
+    name = next(k for k in weights if "lora_A" in k)
+    weights[name] = torch.full_like(weights[name], 2.6e9)
+    save_file(weights, adapter, metadata={"format": "pt"})
+    for args in (
+        ("export", str(run), "--out", str(tmp_path / "out")),
+        ("predict", str(run), "--prompt", "What color is the shape?"),
+    ):
+        result = vlmtune(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"hold values over 100000 in 1 tensor(s), e.g. {name}: the training collapsed" in result.stderr
+        assert "--force uses these weights anyway" in result.stderr
+    assert not (tmp_path / "out").exists()
+    forced = vlmtune("export", str(run), "--out", str(tmp_path / "out"), "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert (tmp_path / "out/adapter_model.safetensors").is_file()
+
+
+def test_a_kill_during_export_leaves_an_obviously_partial_folder_that_the_next_export_removes(
+    baselines, tmp_path: Path
+):
+    out = tmp_path / "exports/demo"
+    killed = with_fault("SIGKILL@export", "export", str(baselines("bfloat16")), "--out", str(out))
+    assert killed.returncode == -signal.SIGKILL
+    partial = [p.name for p in out.parent.iterdir()]
+    assert len(partial) == 1 and partial[0].startswith("demo.partial-"), partial  # visible, not hidden
+    assert not out.exists()
+    refused = vlmtune("export", str(baselines("bfloat16")), "--out", str(out.parent / partial[0]))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    done = vlmtune("export", str(baselines("bfloat16")), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in out.parent.iterdir()] == ["demo"], "the dead process's partial folder is gone"
+
+
+def test_a_resume_refuses_data_that_changed_since_the_run_started(tmp_path: Path):
+    shutil.copytree(DEMO, tmp_path / "data")
+    train = tmp_path / "data/train.jsonl"
+    path = recipe(tmp_path, max_steps=3, save_steps=1)
+    path.write_text(path.read_text().replace(str(DEMO / "train.jsonl"), str(train)))
+    run = tmp_path / "run"
+    stopped = with_fault("SIGKILL@step:1", "train", str(path), "--run-dir", str(run))
+    assert stopped.returncode == -signal.SIGKILL
+    recorded = summary(run)["data_fingerprints"]["train"]
+    assert recorded["source"] == str(train) and recorded["bytes"] == train.stat().st_size
+
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:20]))  # 48 samples become 20
+    before = tree(run)
+    result = vlmtune("train", "--resume", str(run))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"the data of run {run} changed since it started" in result.stderr
+    assert f"data.train ({train}): {recorded['bytes']:,} bytes when the run started" in result.stderr
+    assert "hint: put the data back as it was" in result.stderr
+    after = tree(run)
+    assert after.pop(".lock") and before.pop(".lock") and after == before, "a refused resume changes nothing"
+
+
+class _Opens:
+    """Unpickling this creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_an_adapter_stored_as_a_pickle_is_refused_before_anything_unpickles_it(baselines, tmp_path: Path):
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(baselines("bfloat16"), run)
+    adapter = run / "3-train/adapter"
+    (adapter / "adapter_model.safetensors").unlink()
+    proof = tmp_path / "unpickled"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weights": _Opens(proof)}))
+    sft = recipe(tmp_path / "next", model={"adapter": str(run)}, max_steps=1)
+    for args in (
+        ("export", str(run), "--out", str(tmp_path / "out")),
+        ("predict", str(run), "--prompt", "What color is the shape?", "--force"),
+        ("train", str(sft), "--run-dir", str(tmp_path / "next/run")),
+    ):
+        result = vlmtune(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert (
+            "holds pickled weights (adapter_model.bin); vlmtune reads weights from safetensors files only"
+            in (result.stderr)
+        )
+        assert not proof.exists(), f"{args[0]} unpickled the file"
 
 
 def test_a_kill_during_the_final_save_resumes_without_training_a_step_more(baselines, tmp_path: Path):
@@ -272,7 +462,9 @@ def test_non_finite_loss_stops_the_run_keeps_the_last_good_checkpoint(tmp_path: 
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    result = vlmtune("train", str(recipe(tmp_path, lr=1e9, save_steps=1)), "--run-dir", str(run))
+    # the collapse guard would stop this run at step 1, before any NaN: the NaN guard is tested alone
+    stopping = recipe(tmp_path, lr=1e9, save_steps=1, divergence_checks=False)
+    result = vlmtune("train", str(stopping), "--run-dir", str(run))
     assert result.returncode == 3, result.stderr[-3000:]
     state = summary(run)
     train = state["stages"]["train"]

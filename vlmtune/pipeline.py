@@ -27,7 +27,7 @@ from vlmtune.model import checkpoint
 from vlmtune.model.families import check_objective
 from vlmtune.observe.trackers import require_installed
 from vlmtune.recipe import Recipe
-from vlmtune.runs import resuming, rundir, runlock, signals, trainer_checkpoints
+from vlmtune.runs import fingerprints, resuming, rundir, runlock, signals, trainer_checkpoints
 from vlmtune.runs.resuming import Start
 from vlmtune.runs.rundir import RunDir, environment_report
 from vlmtune.stages import dpo, grpo, load, lora, sft
@@ -86,7 +86,8 @@ def run(
                 )
             run.write_text(rundir.RESOLVED, recipe.to_yaml())
             run.init_summary(recipe.output.name or run_name)
-            run.set_status("running", resolved=resuming.baseline(recipe))
+            prints = fingerprints.data_fingerprints(recipe.data) if run.writer else {}
+            run.set_status("running", resolved=resuming.baseline(recipe), data_fingerprints=prints)
             return _stages(recipe, run, device, here, Start(), callbacks=callbacks, warn=warn)
 
 
@@ -228,7 +229,7 @@ def stage(run: RunDir, name: str) -> Iterator[dict]:
             run.set_stage(name, "interrupted", **figures)
         raise
     except BaseException as exc:
-        error = disk_full(exc, run) or exc
+        error = explained(exc, run)
         with signals.deferred():
             run.set_stage(
                 name, "failed", **figures, **getattr(error, "figures", {}), error=_first_line(error)
@@ -247,11 +248,24 @@ def recorded(run: RunDir) -> Iterator[None]:
         yield
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
+        if _never_started(run):
+            raise
         with signals.deferred():
-            mark_interrupted(run, signum)
+            mark_interrupted(
+                run, signum, getattr(exc, "saved_step", None), getattr(exc, "seconds_to_save", None)
+            )
         raise Stopped(run, signum) from exc
     except BaseException as exc:
-        error = disk_full(exc, run) or exc
+        error = explained(exc, run)
+        if _never_started(run):
+            if (
+                isinstance(error, RunDirError) and error is not exc
+            ):  # a full disk before anything was recorded
+                error = RunDirError(
+                    f"{error.message}; the new run folder is removed (nothing had been recorded in it)",
+                    hint="free some space and run the same command again",
+                )
+            raise error from exc
         with signals.deferred(), contextlib.suppress(RunDirError):  # a damaged summary.json stays as it is
             if run.summary().get("status") == "running":
                 run.set_status("failed", error=_first_line(error))
@@ -260,18 +274,46 @@ def recorded(run: RunDir) -> Iterator[None]:
         raise
 
 
-def mark_interrupted(run: RunDir, signum: int) -> None:
-    """summary.json: interrupted, by which signal, the last step done and where a resume starts."""
+def _never_started(run: RunDir) -> bool:
+    """A new run folder stopped before its summary.json existed (a full disk, a Ctrl-C in its first
+    moments): it cannot be resumed or listed, so the writer removes it; True then."""
+    if (run / rundir.SUMMARY).is_file():
+        return False
+    if run.writer:
+        shutil.rmtree(run.path, ignore_errors=True)
+    return True
+
+
+def mark_interrupted(
+    run: RunDir, signum: int, saved_step: int | None = None, seconds_to_save: float | None = None
+) -> None:
+    """summary.json: interrupted, by which signal, the last step done and where a resume starts;
+    for a SIGTERM/SIGHUP that saved on the way out, the step saved and the seconds it took."""
     summary = run.summary()
     last_step = summary.get("stages", {}).get("train", {}).get("last_step")
     newest = trainer_checkpoints.choose(run / rundir.CHECKPOINTS).chosen
+    saved = {"saved_on_signal": {"step": saved_step, "seconds_after_signal": seconds_to_save}}
     run.set_status(
         "interrupted",
         stopped_by=signal.Signals(signum).name,
         last_step=last_step,
         resume_from_step=newest.step if newest else 0,
-        resume_command=f"vlmtune train --resume {run.path}",
+        resume_command=resume_command(run, distributed.ranks()),
+        **(saved if saved_step is not None else {}),
     )
+
+
+def resume_command(run: RunDir, here: distributed.Ranks) -> str:
+    """The command that resumes the run, launched as it was: a run of several ranks needs them again."""
+    if not here.distributed:
+        return f"vlmtune train --resume {run.path}"
+    nodes = f" --nnodes {here.nodes}" if here.nodes > 1 else ""
+    return f"torchrun{nodes} --nproc-per-node {here.local_world_size} -m vlmtune train --resume {run.path}"
+
+
+def explained(exc: BaseException, run: RunDir) -> BaseException:
+    """What stopped the run, said as a user error where it is one: a full disk, a rank of the launch gone."""
+    return disk_full(exc, run) or distributed.lost_peer(exc, resume_command(run, distributed.ranks())) or exc
 
 
 LOW_SPACE = 16 << 20  # bytes free under which a failed write is taken for a full disk

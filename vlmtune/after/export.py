@@ -8,7 +8,9 @@ their LoRA weights are a known way to ship nothing:
   merging, the modules the adapter changes most are noted with their expected merged weights, and
   after saving those exact weights are looked up in the saved safetensors rundir.
 The folder is written under a temporary name and renamed at the end: an existing --out is never
-touched, and a failed export leaves nothing half-written behind.
+touched, and a failed export leaves nothing half-written behind. A process killed outright (kill -9)
+cannot clean up: its folder keeps the visible name ``OUT.partial-PID`` (never taken for an export, as
+it is not the name asked for), and the next export to OUT removes the ones whose process is gone.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def export_run(trained: TrainedRun, out: Path, merge: bool, dtype: str, score: b
     """
     out = Path(out)
     check_new_folder(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    staging = out.parent / f"{out.name}{PARTIAL}{os.getpid()}"
     try:
         if trained.is_full:
             kind, checks = "full", export_full(trained, staging)
@@ -160,11 +163,40 @@ def export_warnings(scored: dict | None) -> list[str]:
     ]
 
 
+PARTIAL = ".partial-"  # OUT.partial-PID: an export being written (or killed while it was)
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the partial folders of earlier exports to ``out`` whose process no longer runs."""
+    removed = []
+    for folder in out.parent.glob(f"{out.name}{PARTIAL}*"):
+        pid = folder.name.rsplit(PARTIAL, 1)[1]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def check_new_folder(out: Path) -> None:
     if out.exists():
         raise ExportError(
             f"{out} already exists; vlmtune never overwrites an export",
             hint="pass a new --out folder, or remove the old one yourself first",
+        )
+    if PARTIAL in out.name:
+        raise ExportError(
+            f"{out} is named like the partial folder of an export being written ({PARTIAL}PID)",
+            hint="pass another --out name",
         )
 
 

@@ -40,10 +40,11 @@ class Inference:
     has_adapter: bool
 
 
-def open_trained_run(path: str | Path, checkpoint: str | None = None) -> TrainedRun:
+def open_trained_run(path: str | Path, checkpoint: str | None = None, force: bool = False) -> TrainedRun:
     """A run folder whose training finished, with its resolved recipe and the weights to use: the best
     checkpoint when the run kept one (train.best_metric), else the final weights. ``checkpoint`` picks
-    another: ``last`` (the final weights), ``best``, or a checkpoint by step (``40`` or ``checkpoint-40``)."""
+    another: ``last`` (the final weights), ``best``, or a checkpoint by step (``40`` or ``checkpoint-40``).
+    Weights no trained model holds (a collapsed run's) are refused unless ``force``, NaN/inf always."""
     from vlmtune.recipe import load_recipe
 
     path = Path(path)
@@ -70,13 +71,14 @@ def open_trained_run(path: str | Path, checkpoint: str | None = None) -> Trained
             f"run {path} says it finished but {weights} is missing",
             hint="the run folder was changed after training; train again or restore the folder",
         )
+    refuse_pickles(weights)
     from vlmtune.training.finite import refuse_nonfinite
 
-    refuse_nonfinite(weights)  # a run that diverged before vlmtune stopped such runs
+    refuse_nonfinite(weights, force)  # a run that diverged or collapsed before vlmtune stopped such runs
     chosen, which = chosen_weights(run, summary, checkpoint)
     if chosen is None:
         return TrainedRun(run, recipe, weights, final=weights)
-    refuse_nonfinite(chosen)
+    refuse_nonfinite(chosen, force)
     return TrainedRun(run, recipe, chosen, which, final=weights)
 
 
@@ -113,6 +115,23 @@ def chosen_weights(run: RunDir, summary: dict, checkpoint: str | None) -> tuple[
             hint="pass --checkpoint last for the final weights, or another checkpoint",
         )
     return folder, which
+
+
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.save / pickle files: loading runs code
+
+
+def refuse_pickles(weights: Path) -> None:
+    """Weights are read from safetensors only: a folder holding pickled weights (adapter_model.bin, a
+    full model's pytorch_model.bin) is refused before anything could unpickle them (peft and
+    transformers fall back to such files), since unpickling a file runs whatever code it names."""
+    pickles = sorted(p.name for p in weights.iterdir() if p.is_file() and p.suffix in PICKLES)
+    if pickles:
+        raise RunDirError(
+            f"{weights} holds pickled weights ({', '.join(pickles)}); vlmtune reads weights from safetensors "
+            "files only (unpickling a file runs any code it carries)",
+            hint="convert a file you trust yourself (safetensors.torch.save_file) and remove the pickle, or "
+            "train the run again",
+        )
 
 
 # The lora keys that shape an adapter: a run training on an earlier run's adapter must state them as

@@ -36,9 +36,11 @@ def train(
     sampled answers (docs/rl.md). On CPU, train.cpu_threads (auto: 1 thread on small machines) sets
     torch's threads.
 
-    Ctrl-C or SIGTERM stops the run, marks it interrupted and prints the command that resumes it.
-    Exit codes: 0 done (or --resume of a finished run), 2 refused (bad recipe, data, run folder in use),
-    3 training diverged (NaN/inf), 130 Ctrl-C, 143 SIGTERM. See docs/reliability.md.
+    Ctrl-C stops the run at once; SIGTERM or SIGHUP (a scheduler's notice, a dropped ssh connection) let the
+    step in progress finish and save a checkpoint first. Either way the run is marked interrupted and the
+    command that resumes it is printed. Exit codes: 0 done (or --resume of a finished run), 2 refused (bad
+    recipe, data, run folder in use), 3 training diverged or collapsed, 129 SIGHUP, 130 Ctrl-C, 143 SIGTERM.
+    See docs/reliability.md.
 
     Examples:
 
@@ -94,6 +96,7 @@ def _train_or_resume(recipe: Path | None, overrides: list[str], run_dir: Path | 
             return pipeline.resume(resume, overrides, callbacks=progress, warn=_warn, say=_say)
         parsed = _load(recipe, overrides)
         console.print(f"recipe [bold]{recipe}[/] is valid; model [bold]{parsed.model.name}[/]")
+        _warn_recipe(parsed)
         train = parsed.train
         console.print(
             distributed.describe(train.distributed, here, train.batch_size, train.grad_accum)
@@ -137,6 +140,14 @@ def _print_stopped(run, signal_name: str) -> None:
     where = f" after step {summary['last_step']}" if summary.get("last_step") is not None else ""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     err.print(Text(f"interrupted ({signal_name}){where}; run folder: {run.path}", style="bold"))
+    saved = summary.get("saved_on_signal")
+    if saved:
+        took = saved.get("seconds_after_signal")
+        err.print(
+            f"saved checkpoint-{saved['step']} at the step boundary after the signal"
+            + (f" ({took:.1f} s after it: the grace time this run needs)" if took is not None else ""),
+            markup=False,
+        )
     err.print(
         f"a resume starts from step {summary.get('resume_from_step', 0)} (the newest complete checkpoint):\n"
         f"  {summary.get('resume_command')}",
@@ -211,6 +222,14 @@ def validate(
     console.print(parsed.to_yaml(), markup=False)
     if parsed.train.packing:
         console.print(_packing_note(parsed.model.name, parsed.model.revision), markup=False)
+    _warn_recipe(parsed)
+
+
+def _warn_recipe(parsed) -> None:
+    from vlmtune.recipe import recipe_warnings
+
+    for message in recipe_warnings(parsed):
+        _warn(message)
 
 
 def _packing_note(name: str, revision: str | None) -> str:

@@ -15,7 +15,13 @@ from rich.text import Text
 
 console = Console(highlight=False)
 
-STATUS_STYLE = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow"}
+STATUS_STYLE = {
+    "done": "green",
+    "running": "cyan",
+    "failed": "red",
+    "interrupted": "yellow",
+    "damaged": "red",
+}
 
 
 def runs(
@@ -129,8 +135,11 @@ def _loss(first: float | None, last: float | None) -> str:
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder, finished or not.", show_default=False),
     out: Path = typer.Option(
-        None, "--out", help="Write the picture here instead of the run folder's 3-train/curves.png."
+        None,
+        "--out",
+        help="Write the picture to this new file instead of the run folder's 3-train/curves.png.",
     ),
+    force: bool = typer.Option(False, "--force", help="Let --out replace an existing PNG picture."),
 ) -> None:
     """Draw a run's curves (loss, learning rate, grad norm, token accuracy) to a PNG and summarise them.
 
@@ -150,6 +159,8 @@ def report(
     from vlmtune.runs.rundir import RunDir
 
     run = RunDir.open(run_dir)
+    if out is not None:
+        curves.check_picture_target(out, replace=force)
     info = read_run(run.path)
     steps = "no steps" if info.steps is None else f"{info.steps} steps"
     console.print(
@@ -160,14 +171,15 @@ def report(
             f", {steps} in {human_seconds(info.seconds)}",
         )  # fmt: skip
     )
+    if info.problem:
+        console.print(f"damaged:    {info.problem}", markup=False, soft_wrap=True)
     rows = read_rows(run.path)
     if not rows:
         console.print("no training metrics logged yet: nothing to draw")
         return
     drawn = curves.extract(rows)
     print_curves(drawn)
-    recorded = (run.summary()["stages"].get("train") or {}).get(rundir.MEASURED_MEMORY)
-    measured = recorded or memory.run_memory(run, rows)  # a finished run's figure, else the rows so far
+    measured = recorded_memory(run) or _rows_memory(run, rows)  # a finished run's figure, else the rows
     if measured:
         console.print(f"memory:     {memory.describe(measured)}", markup=False, soft_wrap=True)
     target = out or run / rundir.CURVES
@@ -176,6 +188,28 @@ def report(
         return
     curves.write_png(drawn, target, info.title)
     console.print(f"curves:     {target}", markup=False, soft_wrap=True)
+
+
+def _rows_memory(run, rows: list) -> dict:
+    from vlmtune.errors import RunDirError
+    from vlmtune.observe import memory
+
+    try:
+        return memory.run_memory(run, rows)
+    except (RunDirError, OSError, KeyError, TypeError, ValueError):  # a damaged estimate: no comparison
+        return {}
+
+
+def recorded_memory(run) -> dict:
+    """The measured memory summary.json keeps for a finished run; {} when absent or damaged."""
+    from vlmtune.errors import RunDirError
+    from vlmtune.runs import rundir
+
+    try:
+        recorded = run.summary()["stages"]["train"][rundir.MEASURED_MEMORY]
+    except (RunDirError, OSError, KeyError, TypeError):
+        return {}
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("peak_bytes"), int) else {}
 
 
 def print_curves(drawn: dict) -> None:

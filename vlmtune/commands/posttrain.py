@@ -44,6 +44,9 @@ def predict(
     base_only: bool = typer.Option(
         False, "--base-only", help="Answer with the base model, without the adapter."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Use weights that look collapsed (values no trained model holds) anyway."
+    ),
 ) -> None:
     """Answer one prompt (greedy) with the base as trained plus the run's adapter.
 
@@ -62,7 +65,7 @@ def predict(
     exported = is_export(run_dir)
     if exported and base_only:
         raise _export_has_no_base(run_dir)
-    trained = None if exported else open_trained_run(run_dir, checkpoint)
+    trained = None if exported else open_trained_run(run_dir, checkpoint, force=force)
     if trained is not None:
         status.print(f"using {trained.which}")
     images = open_images(image or [])  # before the model loads: a bad path fails in a second
@@ -200,6 +203,9 @@ def export(
         help="Score a merged (or full) export on the recipe's data.eval from its saved files, beside the "
         "adapter's answers, into the card and vlmtune_export.json.",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Export weights that look collapsed (values no trained model holds) anyway."
+    ),
 ) -> None:
     """Export a run: a peft adapter folder, or (--merge) a standalone merged model, each with a model card.
 
@@ -220,7 +226,7 @@ def export(
     from vlmtune.after.export import check_new_folder, export_run
     from vlmtune.after.trained import open_trained_run
 
-    trained = open_trained_run(run_dir, checkpoint)
+    trained = open_trained_run(run_dir, checkpoint, force=force)
     status.print(f"using {trained.which}")
     check_new_folder(out)
     _quiet_libraries()

@@ -6,11 +6,13 @@ decided); ``strategy`` what a run records about its ranks and the Trainer's DDP/
 """
 
 from vlmtune.distributed.launch import (
+    RankLost,
     Ranks,
     barrier,
     finish,
     from_writer,
     local_device,
+    lost_peer,
     ranks,
     session,
     start,
@@ -32,7 +34,9 @@ from vlmtune.distributed.strategy import (
 
 __all__ = [
     "FSDP_OBJECTIVES",
+    "RankLost",
     "Ranks",
+    "lost_peer",
     "barrier",
     "block_classes",
     "check_objective",

@@ -174,6 +174,42 @@ def _rebuilt(value: tuple) -> BaseException:
     return RuntimeError(f"rank 0 failed ({name}: {message}); see rank 0's output")
 
 
+class RankLost(VlmtuneError):
+    """Another rank of the launch stopped (killed, out of memory, crashed): this one cannot go on."""
+
+
+# What gloo and NCCL say, each in its own words, when the rank at the other end is gone.
+_PEER_GONE = (
+    "connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+    "nccl communicator was aborted", "socket timeout", "timed out", "remote process exited",
+)  # fmt: skip
+
+
+def lost_peer(exc: BaseException, resume: str) -> RankLost | None:
+    """A collective that failed because another rank is gone, said plainly (None: something else).
+
+    torchrun prints its own summary of which rank failed; the surviving ranks otherwise each add a raw
+    gloo/NCCL traceback that says only "Connection closed by peer". ``resume``: the command that resumes.
+    """
+    here = ranks()
+    if (
+        not here.distributed
+        or isinstance(exc, (VlmtuneError, KeyboardInterrupt))
+        or not isinstance(exc, Exception)
+    ):
+        return None
+    text = str(exc).lower()
+    kind = type(exc).__name__
+    if not (kind == "DistBackendError" or any(words in text for words in _PEER_GONE)):
+        return None
+    first = str(exc).strip().splitlines()[0].split(". ")[0][:300] if str(exc).strip() else kind
+    return RankLost(
+        f"rank {here.rank} of {here.world_size} lost contact with the other ranks ({kind}: {first}): another rank "
+        "stopped (killed, out of memory, or an error: the first error in the launch's output is the cause)",
+        hint=f"fix what stopped that rank, then resume every rank together: {resume}",
+    )
+
+
 def barrier() -> None:
     if _group_ready():
         import torch.distributed as dist

@@ -194,18 +194,62 @@ def figure(curves: dict[str, list[Series]], title: str) -> Any:
     return fig
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_picture_target(path: Path, replace: bool) -> None:
+    """Where `report --out` may draw: a new file, or (``replace``) an existing PNG; never a folder, never
+    another kind of file (a run's adapter, a recipe) however it is named."""
+    from vlmtune.errors import RunDirError
+
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirError(
+            f"{path} is a folder; --out names the picture file to write",
+            hint=f"give a file path, e.g. --out {path / 'curves.png'}",
+        )
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with path.open("rb") as f:
+            is_png = f.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError:
+        is_png = False
+    if not is_png:
+        raise RunDirError(
+            f"{path} exists and is not a PNG picture; vlmtune never overwrites it with one",
+            hint="give --out a new file name (e.g. loss.png)",
+        )
+    if not replace:
+        raise RunDirError(
+            f"{path} already exists",
+            hint="give --out a new file name, or add --force to replace that picture",
+        )
+
+
 def write_png(curves: dict[str, list[Series]], path: Path, title: str) -> Path:
     """Draw and write the picture atomically: a reader never sees half a PNG."""
+    from vlmtune.errors import RunDirError
+
     fig = figure(curves, title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        os.close(fd)
         fig.savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise RunDirError(
+            f"cannot write the picture {path}: {exc.strerror or exc}",
+            hint="give --out a path in a folder you can write to",
+        ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 

@@ -18,8 +18,8 @@ def read_rows(run_path: Path) -> list[dict]:
     """
     path = Path(run_path) / rundir.METRICS
     try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
+        text = path.read_text(encoding="utf-8", errors="replace")  # damaged bytes spoil their line only
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return []
     rows = []
     for line in text.splitlines():

@@ -1,7 +1,8 @@
 """The run folders under a directory, each read into one record: `vlmtune runs`.
 
-A listing must never stop at one broken folder: every file is read defensively, and a folder whose
-summary.json cannot be read is listed as "unreadable" rather than raising.
+A listing must never stop at one broken folder: every file is read defensively (a value of the wrong
+type is taken as unknown), and a folder whose summary.json cannot be read, or that fails to read in
+any other way, is listed with the status "damaged" and the reason in ``problem``, rather than raising.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from vlmtune.observe import memory
 from vlmtune.observe.metrics import finite_or_none, number, read_rows
 from vlmtune.runs import rundir
 
-UNREADABLE = "unreadable"  # the status of a folder whose summary.json does not parse
+DAMAGED = "damaged"  # the status of a folder whose summary.json (or anything else) cannot be read
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RunInfo:
     last_loss: float | None  # null when not finite (a diverged run)
     peak_memory_bytes: int | None  # CUDA: peak reserved; CPU: peak RSS of the process
     seconds: float | None  # from the first stage's start to the last one's end (or now, while running)
+    problem: str | None = None  # a damaged folder: what could not be read
     eval_metric: str | None = None  # what eval_score is: exact_match, preference_accuracy, eval_reward, ...
     eval_score: float | None = None  # the eval stage's score, else the last held-out figure logged
 
@@ -65,31 +67,44 @@ def find_runs(root: Path) -> list[RunInfo]:
 
 
 def read_run(path: Path) -> RunInfo:
+    """One folder's record; a folder that cannot be read any further is a record saying so, never a raise."""
     path = Path(path)
+    try:
+        return _read_run(path)
+    except Exception as exc:  # noqa: BLE001 - one damaged folder must not hide the others
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        problem = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return RunInfo(path.name, str(path), None, None, DAMAGED, None, None, None, None, None, None, problem)
+
+
+def _read_run(path: Path) -> RunInfo:
     summary = _json(path / rundir.SUMMARY)
     model, objective = _model_and_objective(path)
     rows = read_rows(path)
     losses = [v for v in (number(row.get("loss")) for row in rows) if v is not None]
     if summary is None:
-        return RunInfo(path.name, str(path), model, objective, UNREADABLE, None,
-                       _last_step(rows), *_ends(losses), None, None)  # fmt: skip
-    stages = summary.get("stages") or {}
-    trained = stages.get("train") or {}
+        return RunInfo(path.name, str(path), model, objective, DAMAGED, None,
+                       _last_step(rows), *_ends(losses), None, None,
+                       f"{rundir.SUMMARY} cannot be read")  # fmt: skip
+    stages = _mapping(summary.get("stages"))
+    trained = _mapping(stages.get("train"))
     # A finished run's figure; while it runs (or after a crash), the rows say as much.
-    measured = trained.get(rundir.MEASURED_MEMORY) or memory.measured_peak(rows, None, None)
+    measured = _mapping(trained.get(rundir.MEASURED_MEMORY)) or memory.measured_peak(rows, None, None)
+    status = summary.get("status")
     return RunInfo(
         name=path.name,
         path=str(path),
         model=model,
         objective=objective,
-        status=str(summary.get("status", UNREADABLE)),
-        created=summary.get("created"),
+        status=status if isinstance(status, str) else DAMAGED,
+        created=summary.get("created") if isinstance(summary.get("created"), str) else None,
         steps=trained["steps"] if isinstance(trained.get("steps"), int) else _last_step(rows),
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
-        peak_memory_bytes=measured.get("peak_bytes"),
+        peak_memory_bytes=measured.get("peak_bytes") if isinstance(measured.get("peak_bytes"), int) else None,
         seconds=_duration(summary),
         **_eval_score(stages.get("eval") or {}, rows),
+        problem=None if isinstance(status, str) else "summary.json has no status",
     )
 
 
@@ -109,10 +124,14 @@ def _eval_score(stage: dict, rows: list[dict]) -> dict:
     return {}
 
 
+def _mapping(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return data if isinstance(data, dict) else None
 
@@ -123,15 +142,13 @@ def _model_and_objective(path: Path) -> tuple[str | None, str | None]:
 
     try:
         resolved = yaml.safe_load((path / rundir.RESOLVED).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return None, None
     if not isinstance(resolved, dict):
         return None, None
-    model, train = resolved.get("model"), resolved.get("train")
-    return (
-        model.get("name") if isinstance(model, dict) else None,
-        train.get("objective") if isinstance(train, dict) else None,
-    )
+    name = _mapping(resolved.get("model")).get("name")
+    objective = _mapping(resolved.get("train")).get("objective")
+    return (name if isinstance(name, str) else None, objective if isinstance(objective, str) else None)
 
 
 def _last_step(rows: list[dict]) -> int | None:
@@ -145,13 +162,16 @@ def _ends(losses: list[float]) -> tuple[float | None, float | None]:
 def _duration(summary: dict) -> float | None:
     if isinstance(summary.get("seconds"), (int, float)):
         return float(summary["seconds"])
-    stages = [s for s in (summary.get("stages") or {}).values() if isinstance(s, dict) and "started" in s]
+    stages = [
+        s for s in _mapping(summary.get("stages")).values()
+        if isinstance(s, dict) and number(s.get("started")) is not None
+    ]  # fmt: skip
     if not stages:
         return None
     start = min(s["started"] for s in stages)
     if summary.get("status") == "running":
         return round(time.time() - start, 1)
-    ends = [s["started"] + s["seconds"] for s in stages if isinstance(s.get("seconds"), (int, float))]
+    ends = [s["started"] + s["seconds"] for s in stages if number(s.get("seconds")) is not None]
     return round(max(ends) - start, 1) if ends else None
 
 

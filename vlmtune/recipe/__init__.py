@@ -8,6 +8,7 @@ reported at once with its key path, its YAML line and a did-you-mean, and the va
 - `schema`: the whole `Recipe`, the checks across its sections, its JSON schema.
 - `loading`: `load_recipe()` and `parse_recipe()`: YAML, `--set` overrides, validation, paths.
 - `messages`: validation errors as lines a user can act on.
+- `sanity`: `recipe_warnings()`, values that validate but are almost surely a mistake (a learning rate of 1e9).
 
 Import from here (`from vlmtune.recipe import Recipe, load_recipe`), not from the modules.
 """
@@ -31,6 +32,7 @@ from vlmtune.recipe.objectives import (
     Reward,
     RewardSpec,
 )
+from vlmtune.recipe.sanity import recipe_warnings
 from vlmtune.recipe.schema import Recipe, recipe_json_schema, section_types
 from vlmtune.recipe.sections import (
     DataSection,
@@ -45,6 +47,7 @@ from vlmtune.recipe.sections import (
 )
 
 __all__ = [
+    "recipe_warnings",
     "ALIASES",
     "MODULE_FUNCTION",
     "OBJECTIVE_ONLY",

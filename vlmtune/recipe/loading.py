@@ -51,7 +51,8 @@ def parse_recipe(
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
-    """Apply ``a.b=value`` overrides in place; values are parsed as YAML (so 4, true, null work)."""
+    """Apply ``a.b=value`` overrides in place; values are parsed as YAML (so 4, true, null work), and a
+    mapping merges into the mapping it lands on."""
     touched = set()
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -66,7 +67,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
             if not isinstance(node, dict):
                 raise RecipeError(f"bad override {item!r}: {k} is not a section")
         try:
-            node[keys[-1]] = safe_yaml.load_value(value, "the value") if value.strip() else None
+            parsed = safe_yaml.load_value(value, "the value") if value.strip() else None
         except RecipeError as exc:
             quoting = f"--set '{key.strip()}=\"{value}\"'"
             raise RecipeError(
@@ -76,8 +77,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple[str, ...]]:
                 if exc.problems
                 else f"quote a value that starts with [, {{, *, & or !: {quoting}",
             ) from None
+        node[keys[-1]] = merged(node.get(keys[-1]), parsed)
         touched.add(keys)
     return touched
+
+
+def merged(current: Any, value: Any) -> Any:
+    """An override's value over what the recipe has: a mapping onto a mapping sets only its own keys
+    (``--set 'train={max_steps: 2}'`` keeps the section's other keys), anything else replaces."""
+    if isinstance(current, dict) and isinstance(value, dict):
+        return {**current, **{key: merged(current.get(key), item) for key, item in value.items()}}
+    return value
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:

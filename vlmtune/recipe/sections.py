@@ -402,6 +402,12 @@ class TrainSection(Section):
         description="Stop when best_metric has not improved for N measurements in a row (needs best_metric).",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers that decode and process images.")
+    divergence_checks: bool = Field(
+        True,
+        description="Stop a run that collapsed or diverged without a NaN (weights growing by orders of magnitude, "
+        "a gradient norm of 0 for several steps, the loss far above its start) as failed, keeping the last good "
+        "checkpoint (docs/reliability.md). The NaN/inf guard is always on.",
+    )
     supervised_loss: bool = Field(
         True,
         description="Project only labelled positions through lm_head (same loss, far less work and memory).",

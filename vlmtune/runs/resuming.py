@@ -5,7 +5,8 @@ changes a resume accepts.
 A resume continues the run it was started as. Changing the model, the LoRA shape, the data or the
 optimisation in mid-run would make the checkpoint's state meaningless (or fail on a size mismatch
 deep in the Trainer), so only the keys in ``CHANGEABLE`` may differ, from `--set` or from a hand
-edit of resolved.yaml; any other difference is refused, naming the keys.
+edit of resolved.yaml; any other difference is refused, naming the keys. The data files themselves
+must be as they were when the run started (vlmtune.runs.fingerprints).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmtune.runs import rundir, trainer_checkpoints
+from vlmtune.runs import fingerprints, rundir, trainer_checkpoints
 from vlmtune.errors import RecipeError
 from vlmtune.recipe import Recipe, load_recipe
 from vlmtune.runs.rundir import RunDir
@@ -31,6 +32,7 @@ CHANGEABLE = (
     "train.save_total_limit",
     "train.eval_generate",
     "train.num_workers",
+    "train.divergence_checks",
 )
 
 
@@ -90,6 +92,7 @@ def plan(run: RunDir, overrides: list[str]) -> tuple[Recipe, Start]:
         "start a new run for those: vlmtune train RECIPE --set KEY=VALUE",
     )
     changes = {**edits, **set_changes}
+    fingerprints.refuse_changed(summary.get("data_fingerprints"), recipe.data, run.path)
     train_done = summary.get("stages", {}).get("train", {}).get("status") == "done"
     if train_done:
         if changes:

@@ -3,12 +3,16 @@
 The Trainer creates the folder first and fills it file by file, so a kill, a Ctrl-C or a full disk
 in mid-save leaves a folder that looks like a checkpoint and is not one. A checkpoint therefore
 counts only once vlmtune has written its completion marker, last, after the Trainer's files are
-on disk; the marker lists every file with its size. A resume takes the newest checkpoint whose
-marker is there and whose files still match it, and names every newer one it skipped and why.
+on disk; the marker lists every file with its size and a content hash (the whole of a small file, a
+sample of a large one: ``fingerprint``), so a file changed in place, same size, is caught without
+reading gigabytes. A resume takes the newest checkpoint whose marker is there and whose files still
+match it, and names every newer one it skipped and why. A checkpoint saved after the training
+collapsed (vlmtune.training.finite) is set aside: its marker says so and a resume passes it over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,15 +71,57 @@ def mark_complete(path: Path, extra: dict | None = None) -> None:
 
     ``extra``: state of vlmtune's own that the checkpoint carries (kept in the marker).
     """
-    files = {}
+    files, hashes = {}, {}
     # rglob: an FSDP checkpoint keeps its sharded weights and optimizer state in subfolders
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != rundir.CHECKPOINT_MARKER):
         _fsync(file)
-        files[file.relative_to(path).as_posix()] = file.stat().st_size
-    marker = {"step": step_of(path), "files": files, **(extra or {})}
+        name = file.relative_to(path).as_posix()
+        files[name] = file.stat().st_size
+        hashes[name] = fingerprint(file)
+    marker = {"step": step_of(path), "files": files, "hashes": hashes, **(extra or {})}
     rundir.write_json_atomic(path / rundir.CHECKPOINT_MARKER, marker)
     _fsync(path / rundir.CHECKPOINT_MARKER)
     _fsync(path)  # the directory entries
+
+
+WHOLE_FILE = 1 << 20  # files up to 1 MiB are hashed whole
+SAMPLES = 16  # a larger file: this many blocks spread over it, plus its first and last block
+BLOCK = 64 << 10
+
+
+def fingerprint(path: Path) -> str:
+    """A BLAKE2b hash of a file's content: all of a small file, sampled blocks of a large one (about
+    1 MiB read whatever the size, so a save of gigabytes stays as fast). The sampled hash catches
+    a file replaced or rewritten, not a flipped byte between samples: the CRCs and headers that
+    ``file_damage`` checks cover the rest."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with path.open("rb") as f:
+        if size <= WHOLE_FILE:
+            digest.update(f.read())
+        else:
+            offsets = [0, size - BLOCK, *((size - BLOCK) * i // (SAMPLES + 1) for i in range(1, SAMPLES + 1))]
+            for offset in offsets:
+                f.seek(offset)
+                digest.update(f.read(BLOCK))
+    return digest.hexdigest()
+
+
+def set_aside_from(folder: Path, step: int, reason: str) -> list[Path]:
+    """Mark the complete checkpoints at ``step`` or later as not to be resumed from (their weights come
+    from a collapsed run); the files stay for whoever wants to look."""
+    marked = []
+    for checkpoint in all_checkpoints(folder):
+        file = checkpoint.path / rundir.CHECKPOINT_MARKER
+        if checkpoint.step < step or not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        rundir.write_json_atomic(file, {**data, "set_aside": reason})
+        marked.append(checkpoint.path)
+    return marked
 
 
 def _fsync(path: Path) -> None:
@@ -95,11 +141,23 @@ def rotate(folder: Path, keep: int | None, best_by: tuple[str, bool] | None = No
     """
     complete, partial = [], []
     for checkpoint in all_checkpoints(folder):
-        (complete if (checkpoint.path / rundir.CHECKPOINT_MARKER).is_file() else partial).append(checkpoint)
+        (complete if _counts(checkpoint.path) else partial).append(checkpoint)
     kept = best(folder, *best_by) if best_by else None
     doomed = partial + [c for c in (complete[:-keep] if keep else []) if c != kept]
     for checkpoint in doomed:
         shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def _counts(path: Path) -> bool:
+    """Complete and not set aside (a set-aside checkpoint goes with the partial ones at the next rotation,
+    which only a resumed run, continuing from an earlier one, reaches)."""
+    file = path / rundir.CHECKPOINT_MARKER
+    if not file.is_file():
+        return False
+    try:
+        return not json.loads(file.read_text(encoding="utf-8")).get("set_aside")
+    except (OSError, ValueError, AttributeError):
+        return True  # a damaged marker: a resume names it; rotation keeps it as it keeps complete ones
 
 
 def discard(path: Path) -> None:
@@ -154,9 +212,13 @@ def problem(path: Path) -> tuple[str, bool] | None:
     if not marker.is_file():
         return "incomplete: its save was interrupted (no completion marker)", False
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        files, hashes = data["files"], data.get("hashes", {})  # markers older than the hashes have none
+        files.items(), hashes.get("")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         return f"its completion marker {rundir.CHECKPOINT_MARKER} is damaged", True
+    if data.get("set_aside"):
+        return f"set aside: {data['set_aside']}", False
     for name, size in files.items():
         file = path / name
         if not file.is_file():
@@ -167,6 +229,8 @@ def problem(path: Path) -> tuple[str, bool] | None:
         damage = file_damage(file)
         if damage:
             return f"{name} is damaged ({damage})", True
+        if name in hashes and fingerprint(file) != hashes[name]:
+            return f"{name} is damaged (its content changed since it was saved)", True
     return None
 
 

@@ -23,7 +23,7 @@ from vlmtune.data.images import ImageUnreadable
 from vlmtune.data.preflight import CheckedSplit
 from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
-from vlmtune.runs import rundir
+from vlmtune.runs import rundir, signals
 from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 
@@ -149,7 +149,8 @@ def run_trainer(
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)
     try:
-        trainer.train_from(resume)
+        with signals.graceful():  # SIGTERM/SIGHUP: finish the step, save a checkpoint, then stop
+            trainer.train_from(resume)
     except ImageUnreadable as exc:  # an image deleted (or a URL failing) after the pre-flight
         raise exc.for_run(run.path) from None
     output = save_final(trainer, processor, run)

@@ -166,6 +166,7 @@ def build_trainer(
         callbacks=[MetricsWriter(run), *(callbacks or [])],
         keep_checkpoints=train_section.save_total_limit,
         best=BestTracker.from_section(train_section),
+        divergence_checks=train_section.divergence_checks,
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model, options.reference)

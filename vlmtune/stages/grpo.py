@@ -251,6 +251,8 @@ def trainer_class() -> type:
         at the first micro-batch of each optimizer step (steps_per_generation = grad_accum), so a
         checkpoint never falls inside a generation batch."""
 
+        loss_positive = False  # equal rewards in a group give loss 0 and no gradient: nothing is broken
+
         def __init__(
             self, *args: Any, prompts: list[Prompt], completions_log: CompletionsLog, coverage: rewards.Coverage,
             **kwargs: Any,
@@ -434,6 +436,7 @@ def build_trainer(
         coverage=rewards.Coverage(scorers),
         keep_checkpoints=train_section.save_total_limit,
         best=BestTracker.from_section(train_section),
+        divergence_checks=train_section.divergence_checks,
         dtype=dtype,
     )
     drop_needless_reference_copy(trainer.model)

@@ -172,6 +172,7 @@ def train(
         supervised_loss=train_section.supervised_loss,
         keep_checkpoints=train_section.save_total_limit,
         best=BestTracker.from_section(train_section),
+        divergence_checks=train_section.divergence_checks,
         dtype=dtype,
         family=family,
         packed_weights=rows.lengths if rows else None,

@@ -10,11 +10,16 @@
   weights of a quantized model in bfloat16);
 - the log rows across a resume: what the Trainer summed since its last log row (loss, TRL's
   metrics) is saved with each checkpoint and put back, so with logging_steps > 1 the first row
-  after a resume averages the same steps as the uninterrupted run's;
+  after a resume averages the same steps as the uninterrupted run's; so is TRL's count of the
+  tokens trained on (logged as num_tokens and eval_num_tokens);
 - checkpoints that count only once complete (vlmtune.runs.trainer_checkpoints), rotated by vlmtune:
   the trainer's config must have save_total_limit=None, since the Trainer's rotation counts partial
   checkpoints too;
-- the non-finite guard (vlmtune.training.finite);
+- the non-finite guard and the collapse guard (vlmtune.training.finite), the collapse guard's
+  reference figures carried in each checkpoint;
+- a stop asked by SIGTERM or SIGHUP (vlmtune.runs.signals.graceful): the step in progress finishes,
+  a complete checkpoint is saved (every rank agreeing on the step), then the run stops as
+  interrupted, and a resume continues from that very step;
 - a checkpoint file that fails to load: a message naming the checkpoint, not a traceback.
 
 The restored state and its proof: tests/test_resume.py, docs/reliability.md.
@@ -32,9 +37,9 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from vlmtune import distributed
-from vlmtune.runs import rundir, trainer_checkpoints
+from vlmtune.runs import rundir, signals, trainer_checkpoints
 from vlmtune.runs.trainer_checkpoints import CheckpointError
-from vlmtune.training.finite import NonFiniteGuard
+from vlmtune.training.finite import CollapseGuard, NonFiniteGuard
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -77,7 +82,12 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 class ReliableTrainerMixin:
     """Put before the TRL trainer class in the bases. ``keep_checkpoints``: complete checkpoints kept
     (None: all); ``dtype``: the recipe's model.dtype (for the guard's likely cause); ``best``: the
-    train.best_metric watcher (vlmtune.training.best), whose best checkpoint rotation keeps too."""
+    train.best_metric watcher (vlmtune.training.best), whose best checkpoint rotation keeps too;
+    ``divergence_checks``: the collapse guard (train.divergence_checks)."""
+
+    # The objective's loss is above 0 whenever there is something to learn (the collapse guard's zero
+    # gradient and rising loss checks); GRPO's trainer sets False.
+    loss_positive = True
 
     def __init__(
         self,
@@ -85,6 +95,7 @@ class ReliableTrainerMixin:
         keep_checkpoints: int | None = None,
         dtype: str = "bfloat16",
         best: Any = None,
+        divergence_checks: bool = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -99,8 +110,19 @@ class ReliableTrainerMixin:
             checkpoints=Path(self.args.output_dir),
         )
         self.add_callback(self.guard)
+        self.collapse = None
+        if divergence_checks:
+            self.collapse = CollapseGuard(
+                lr=self.args.learning_rate,
+                dtype=dtype,
+                checkpoints=Path(self.args.output_dir),
+                logging_steps=self.args.logging_steps,
+                loss_positive=self.loss_positive,
+            )
+            self.add_callback(self.collapse)
         self.unlogged_carry: dict | None = None  # from the checkpoint a resume starts at
         self.add_callback(_RestoreUnlogged(self))
+        self.add_callback(_StopAtStepBoundary())
 
     def train_from(self, checkpoint: Path | None) -> None:
         """Train to the end, from a complete checkpoint when given (vlmtune.runs.resuming chose it). A
@@ -151,13 +173,17 @@ class ReliableTrainerMixin:
         super()._save_checkpoint(model, trial)
         distributed.barrier()
         if self.args.should_save:
+            guard = self.collapse.state() if self.collapse else None
             extra = {
                 "unlogged": self._unlogged(),
+                "collapse_guard": guard,
                 **(self.best.marker(self.state.global_step) if self.best else {}),
             }
             trainer_checkpoints.mark_complete(folder, extra)
+            # while a collapse may be starting, the checkpoints from before it are kept
+            suspicious = self.collapse is not None and self.collapse.suspicious
             best_by = (self.best.key, self.best.greater) if self.best else None
-            trainer_checkpoints.rotate(folder.parent, self.keep_checkpoints, best_by)
+            trainer_checkpoints.rotate(folder.parent, None if suspicious else self.keep_checkpoints, best_by)
         distributed.barrier()  # no rank runs ahead to a resume-able state before the marker exists
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -166,6 +192,8 @@ class ReliableTrainerMixin:
             self.unlogged_carry = marker.get("unlogged")
             if self.best is not None:  # the measurements before the checkpoint, for the best and the patience
                 self.best.restore(Path(resume_from_checkpoint).parent, marker["step"])
+            if self.collapse is not None:
+                self.collapse.restore(marker.get("collapse_guard"))
             # The eval before the first step belongs to the first attempt (its row is kept in
             # metrics.jsonl); a resume that ran it again would log it twice, at the checkpoint's step.
             self.args.eval_on_start = False
@@ -178,6 +206,8 @@ class ReliableTrainerMixin:
             "since_step": getattr(self, "_globalstep_last_logged", None),
             "loss_sum": float(loss.item()) if loss is not None else None,
             "metrics": {key: list(values) for key, values in _train_metrics(self).items()},
+            # TRL's running count of training tokens (DPO, SFT: the num_tokens and eval_num_tokens logged)
+            "total_train_tokens": getattr(self, "_total_train_tokens", None),
         }
 
     def restore_unlogged(self) -> None:
@@ -186,6 +216,8 @@ class ReliableTrainerMixin:
         carry, self.unlogged_carry = self.unlogged_carry, None
         if not carry or carry["loss_sum"] is None or not hasattr(self, "_tr_loss"):
             return
+        if carry.get("total_train_tokens") is not None and hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = carry["total_train_tokens"]
         self._tr_loss += carry["loss_sum"]
         self._globalstep_last_logged = carry["since_step"]
         for key, values in carry["metrics"].items():
@@ -238,6 +270,42 @@ class _RestoreUnlogged(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer.restore_unlogged()
+
+
+class _StopAtStepBoundary(TrainerCallback):
+    """A SIGTERM/SIGHUP asked for a stop: at the end of the step in progress, save and stop.
+
+    Under torchrun the ranks agree first (one all-reduce of the signal per step), so every rank saves
+    the same step together even when the signal reached them during different steps. The save is the
+    Trainer's own (``should_save``), so the checkpoint is complete in every way a periodic one is; once
+    it is marked complete, ``on_save`` raises the stop (signals.Interrupted)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.asked_at: float | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        signum = _agreed(signals.stop_requested())
+        if signum:
+            self.signum = signum
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.signum:
+            signals.stop_now(self.signum, saved_step=state.global_step)
+
+
+def _agreed(signum: int | None) -> int:
+    """The highest signal any rank was asked to stop by (0: none); this rank's own outside a launch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return signum or 0
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def _train_metrics(trainer: Any) -> dict:

@@ -23,6 +23,8 @@ END_OF_TURN = {
     "llava": "</s>", "llava_next": "</s>", "llava_onevision": "<|im_end|>\n", "pixtral": "</s>",
     "mistral3": "</s>", "gemma3": "<end_of_turn>\n", "mllama": "<|eot_id|>", "idefics3": "<end_of_utterance>\n",
     "smolvlm": "<end_of_utterance>\n", "paligemma": "<eos>", "internvl": "<|im_end|>\n",
+    "qwen3_5": "<|im_end|>\n", "qwen3_vl_moe": "<|im_end|>\n", "qwen3_5_moe": "<|im_end|>\n", "gemma4": "<turn|>\n",
+    "glm4v": "<|endoftext|>", "glm46v": "<|endoftext|>",  # GLM-4's template ends no answer: the collator appends eos
 }  # fmt: skip
 # Templates that put a space between the assistant's tag and its answer ("ASSISTANT: Red.").
 ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}

@@ -226,6 +226,7 @@ def test_a_dpo_launch_under_fsdp_exits_2_before_any_folder_or_process_group(tmp_
         tmp_path, model={"name": "tiny:qwen2_vl"}, data={"train": "pairs.jsonl"}, output={"dir": str(tmp_path / "runs")},
         train={"objective": "dpo", "distributed": {"strategy": "fsdp", "timeout": 10}},
     )  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("")  # there, so the refusal is the strategy's, not a missing file's
     # Rank 1: it would wait for rank 0 if it did not refuse on its own.
     launch = dict(zip(LAUNCH_VARIABLES, ("2", "1", "1", "2"), strict=True))
     result = vlmtune("train", str(path), env_extra=launch)

@@ -106,9 +106,10 @@ class Family:
     # gemma_rmsnorm: x_hat * (1 + w)), its gated MLP activation (swiglu: silu; geglu: gelu tanh) and its
     # rotary layout (default; mrope: Qwen2/2.5-VL's t|h|w frequency sections; mrope_interleaved: Qwen3-VL's).
     # The patch checks each against the loaded modules and leaves a module alone where they disagree.
-    norm: str = "rmsnorm"
-    mlp_activation: str = "swiglu"
-    rope: str = "default"
+    # None: no kernel of that kind for this family (not proven by tests/test_kernels_patching.py).
+    norm: str | None = "rmsnorm"
+    mlp_activation: str | None = "swiglu"
+    rope: str | None = "default"
 
     # --- hybrid attention, mixture of experts, objectives (issue 25; one block, for easy merges) ---
     # Language Linears kept 16-bit under 4-bit/8-bit loading, as module-path endings (whole segments):
@@ -284,6 +285,9 @@ QWEN3_VL_MOE = Family(
     name="qwen3_vl_moe",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_vl_moe",
     title="Qwen3-VL-MoE",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its experts are fused 3-D tensors,
+    # no gated MLP module
+    mlp_activation=None,
     model_types=("qwen3_vl_moe",),
     expert_parameters=QWEN_EXPERTS,
     router="mlp.gate",
@@ -300,6 +304,10 @@ QWEN3_5 = Family(
     name="qwen3_5",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5",
     title="Qwen3.5",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its norms are not the plain RMSNorm the
+    # kernel computes, and its partial rotary (Gated DeltaNet beside attention) gave NaN with the rope kernel
+    norm=None,
+    rope=None,
     model_types=("qwen3_5",),
     language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # output projections last in each kind
     language_keep_16bit=GATED_DELTANET_16BIT,
@@ -312,6 +320,10 @@ QWEN3_5_MOE = Family(
     name="qwen3_5_moe",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5_moe",
     title="Qwen3.5-MoE",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its norms are not the plain RMSNorm the
+    # kernel computes, and its partial rotary (Gated DeltaNet beside attention) gave NaN with the rope kernel
+    norm=None,
+    rope=None,
     model_types=("qwen3_5_moe",),
     language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),
     # language_mlp's gate/up/down_proj are the shared expert's Linears (mlp.shared_expert.*): 4-bit, LoRA
@@ -327,6 +339,10 @@ GEMMA4 = Family(
     name="gemma4",
     tiny_builder="vlmtune.model.tiny.gemma4:build_gemma4",
     title="Gemma 4",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its rotary embedding takes arguments
+    # the kernel does not
+    rope=None,
+    mlp_activation="geglu",
     model_types=("gemma4",),
     vision_prefix="model.vision_tower",
     projector_prefixes=("model.embed_vision",),
@@ -374,6 +390,10 @@ GLM4V = Family(
     name="glm4v",
     tiny_builder="vlmtune.model.tiny.glm:build_glm4v",
     title="GLM-4.1V",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): GLM fuses gate and up; its rotary is
+    # not rotate-half
+    mlp_activation=None,
+    rope=None,
     model_types=("glm4v",),
     processor_class="Glm4vProcessor",
     **_GLM_V,
@@ -383,6 +403,10 @@ GLM46V = Family(
     name="glm46v",
     tiny_builder="vlmtune.model.tiny.glm:build_glm46v",
     title="GLM-4.6V",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): GLM fuses gate and up; its rotary is
+    # not rotate-half
+    mlp_activation=None,
+    rope=None,
     model_types=("glm46v",),
     processor_class="Glm46VProcessor",
     **_GLM_V,

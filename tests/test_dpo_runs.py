@@ -79,7 +79,8 @@ def test_a_dpo_run_from_an_sft_run_resumes_with_its_reference(tmp_path: Path, on
         assert train_rows[-1][key] == pytest.approx(
             [r for r in whole_rows if "loss" in r][-1][key], abs=1e-4
         ), key
-    [whole_eval], [resumed_eval] = (
+    # the evals at step 0 (before training) and at step 3; the one after the resume is compared
+    [_, whole_eval], [_, resumed_eval] = (
         [x for x in rows if "eval_loss" in x] for rows in (whole_rows, resumed_rows)
     )
     assert resumed_eval["eval_num_tokens"] == whole_eval["eval_num_tokens"] > 0, (

@@ -65,9 +65,17 @@ def refuse_changed(recorded: dict[str, Any] | None, data: DataSection, run_path:
     changed = []
     for split, before in recorded.items():
         after = now.get(split)
-        if after is None or after.get("hash") != before.get("hash") or after.get("bytes") != before.get("bytes"):
-            was = f"{before.get('bytes', '?'):,} bytes" if isinstance(before.get("bytes"), int) else "recorded"
-            is_now = f"{after['bytes']:,} bytes" if after and isinstance(after.get("bytes"), int) else "missing"
+        if (
+            after is None
+            or after.get("hash") != before.get("hash")
+            or after.get("bytes") != before.get("bytes")
+        ):
+            was = (
+                f"{before.get('bytes', '?'):,} bytes" if isinstance(before.get("bytes"), int) else "recorded"
+            )
+            is_now = (
+                f"{after['bytes']:,} bytes" if after and isinstance(after.get("bytes"), int) else "missing"
+            )
             changed.append(f"data.{split} ({before.get('source')}): {was} when the run started, {is_now} now")
     if changed:
         raise DataError(

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmtune.runs import fingerprints, rundir, trainer_checkpoints
 from vlmtune.errors import RecipeError
 from vlmtune.recipe import Recipe, load_recipe
+from vlmtune.runs import fingerprints, rundir, trainer_checkpoints
 from vlmtune.runs.rundir import RunDir
 from vlmtune.runs.trainer_checkpoints import Checkpoint, CheckpointError, Skipped
 

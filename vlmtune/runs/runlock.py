@@ -10,9 +10,9 @@ a plain file) is refused, never followed: writing the holder into it would trunc
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
-import errno
 import os
 import stat
 import sys
@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlmtune.runs import rundir
 from vlmtune.errors import RunDirError
+from vlmtune.runs import rundir
 
 
 class RunInUse(RunDirError):

@@ -21,8 +21,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.runs import rundir
 from vlmtune.errors import RunDirError
+from vlmtune.runs import rundir
 
 
 class CheckpointError(RunDirError):

@@ -31,6 +31,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from harness import (
     StepTimer,
@@ -147,9 +148,7 @@ def run_arm_b(
     ckpt: Path, data: Path, pixels: int, out: Path, steps: int, timer: StepTimer, device: str = "cpu"
 ) -> None:
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -172,14 +171,7 @@ def run_arm_b(
     for module in model.modules():  # the CPU repacking trap (FACTS.md) hits the plain stack too
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    dataset = Dataset.from_list([
-        {"messages": [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
-                                                      for p in m["content"]]} for m in r["messages"]],
-         "images": [Image.open(data.parent / p["image"]).convert("RGB")
-                    for m in r["messages"] for p in m["content"] if p["type"] == "image"]}
-        for r in rows
-    ])  # fmt: skip
+    dataset = trl_dataset(data)
     args = SFTConfig(
         output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-4, lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none",
@@ -193,6 +185,21 @@ def run_arm_b(
     )
     with timer.watching():
         trainer.train()
+
+
+def trl_dataset(data: Path) -> Any:
+    """The jsonl as TRL's vision SFT dataset: messages with bare image parts, and an `images` column."""
+    from datasets import Dataset
+    from PIL import Image
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return Dataset.from_list([
+        {"messages": [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
+                                                      for p in m["content"]]} for m in r["messages"]],
+         "images": [Image.open(data.parent / p["image"]).convert("RGB")
+                    for m in r["messages"] for p in m["content"] if p["type"] == "image"]}
+        for r in rows
+    ])  # fmt: skip
 
 
 def arm_main(

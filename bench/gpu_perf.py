@@ -274,10 +274,9 @@ def plain_arm(
     padding-free is refused by TRL for vision models. Returns what it could and could not switch on."""
     import importlib.util
 
+    import compare
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -301,14 +300,7 @@ def plain_arm(
     for module in model.modules():  # the CPU repacking trap (FACTS.md)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    dataset = Dataset.from_list([
-        {"messages": [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if "text" in p else {})}
-                                                      for p in m["content"]]} for m in r["messages"]],
-         "images": [Image.open(data.parent / p["image"]).convert("RGB")
-                    for m in r["messages"] for p in m["content"] if p["type"] == "image"]}
-        for r in rows
-    ])  # fmt: skip
+    dataset = compare.trl_dataset(data)
     liger = s.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     args = SFTConfig(
         output_dir=str(ckpt.parent / f"{ckpt.name}-plain"), max_steps=s.perf_steps,

@@ -6,7 +6,6 @@ checkpoints/ plus the final adapter/ (or model/ for full fine-tuning) at the end
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from vlmtune.model.families import Family
 from vlmtune.recipe import DataSection, TrainSection
 from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
-from vlmtune.stages import TrainResult
-from vlmtune.stages.common import parallel_arguments, run_trainer, trainer_arguments
+from vlmtune.stages import TrainResult, common
+from vlmtune.stages.common import parallel_arguments, positions, run_trainer, trainer_arguments
 
 
 @dataclass
@@ -69,13 +68,6 @@ def check_packing(family: Family, train: TrainSection) -> None:
         )
 
 
-def positions(start: int, lengths: list[int]) -> Any:
-    """Rows for the trainer: a position in the sample list and the measured length (for grouping)."""
-    from datasets import Dataset
-
-    return Dataset.from_dict({"position": list(range(start, start + len(lengths))), "length": lengths})
-
-
 def prepare_data(
     processor: Any, family: Family, data: DataSection, train: TrainSection, run: RunDir
 ) -> tuple[VisionCollator, SampleSet, SampleSet | None]:
@@ -99,12 +91,9 @@ def prepare_data(
 
 
 def select(checked: CheckedSplit, data: DataSection, seed: int) -> SampleSet:
-    order = list(range(len(checked.samples)))
-    if data.shuffle:
-        random.Random(seed).shuffle(order)
-    if data.max_samples:
-        order = order[: data.max_samples]
-    return SampleSet([checked.samples[i] for i in order], [checked.lengths[i] for i in order])
+    """data.shuffle and data.max_samples applied (stages.common.select), as the samples SFT collates."""
+    chosen = common.select(checked, data, seed)
+    return SampleSet(chosen.items, chosen.lengths)
 
 
 def sft_config(

@@ -17,7 +17,6 @@ pytest.importorskip(
     "lmms_eval", reason="lmms-eval is optional: `make install-lmms` installs it (about 15 s, no torchvision)"
 )
 
-from lmms_eval.models import MODEL_REGISTRY_V2  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlmtune.after import lmms_eval_model  # noqa: E402
@@ -80,9 +79,13 @@ def local_task(folder: Path) -> Path:
 def test_the_entry_point_hands_lmms_eval_the_run_model():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["entry-points"]["lmms_eval.models"] == {"vlmtune": "vlmtune.after.lmms_eval_model:manifest"}
+    assert project["project"]["entry-points"]["lmms_eval.models"] == {
+        "vlmtune": "vlmtune.after.lmms_eval_model:manifest"
+    }
     entry = manifest()
-    assert entry.model_id == "vlmtune" and entry.simple_class_path == "vlmtune.after.lmms_eval_model.VlmtuneRun"
+    assert (
+        entry.model_id == "vlmtune" and entry.simple_class_path == "vlmtune.after.lmms_eval_model.VlmtuneRun"
+    )
 
 
 def test_stop_strings_cut_the_answer_at_the_first_one():
@@ -124,23 +127,40 @@ def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_overfit_run(tmp_path_factory)
 
 
+ENTRY_POINT = "[lmms_eval.models]\nvlmtune = vlmtune.after.lmms_eval_model:manifest\n"
+
+
+def registered(folder: Path) -> dict[str, str]:
+    """The environment of a process that sees the entry point pyproject.toml declares, as an install of
+    vlmtune provides it (the editable install here may predate it): a dist-info folder on its path."""
+    import os
+
+    info = folder / "vlmtune_lmms_entry-0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vlmtune-lmms-entry\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(ENTRY_POINT)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(folder)])}
+
+
 @pytest.mark.slow
 def test_lmms_eval_scores_a_local_task_with_the_trained_run(overfit_run: Path, tmp_path: Path):
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
+    import subprocess
+    import sys
 
-    MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)  # what the entry point does when installed
-    results = simple_evaluate(
-        model="vlmtune",
-        model_args=f"run={overfit_run}",
-        tasks=[TASK],
-        task_manager=TaskManager(include_path=str(local_task(tmp_path)), include_defaults=False),
-        batch_size=1,
-        log_samples=True,
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "vlmtune", "--model_args", f"run={overfit_run}",
+        "--tasks", TASK, "--include_path", str(local_task(tmp_path)), "--batch_size", "1",
+        "--log_samples", "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=registered(tmp_path / "ep"), timeout=600
     )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "vlmtune: scoring the final weights of run" in done.stderr
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
     assert results["results"][TASK]["exact_match,none"] == 0.5
-    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
-    answers = [s["filtered_resps"][0] for s in samples]
-    assert answers[0] == ANSWER, "the trained image's answer, as vlmtune predict gives it"
-    assert answers[1] != "The square is red.", "the image it never saw scores 0: the metric can fail"
+    lines = next((tmp_path / "out").rglob(f"*_samples_{TASK}.jsonl")).read_text().splitlines()
+    samples = sorted((json.loads(line) for line in lines), key=lambda s: s["doc_id"])
+    assert samples[0]["filtered_resps"] == ANSWER, "the trained image's answer, as vlmtune predict gives it"
+    assert samples[1]["filtered_resps"] != "The square is red.", "an image it never saw: the metric can fail"
     assert [s["exact_match"] for s in samples] == [1.0, 0.0]

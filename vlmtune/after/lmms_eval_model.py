@@ -15,6 +15,7 @@ import it, never vlmtune's own commands.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from vlmtune.after.trained import is_export, load_export, load_for_inference, op
 from vlmtune.errors import DataError, VlmtuneError
 
 MODEL_ID = "vlmtune"  # --model vlmtune
-DEFAULT_MAX_NEW_TOKENS = 128  # when a task's generation_kwargs name none (lmms-eval's own models use 128 to 1024)
+DEFAULT_MAX_NEW_TOKENS = (
+    128  # when a task's generation_kwargs name none (lmms-eval's own models use 128 to 1024)
+)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_beams")  # asked of a model that answers greedily
 
 
@@ -65,14 +68,15 @@ class VlmtuneRun(lmms):
                 "optionally checkpoint=last|best|STEP, max_new_tokens=N, force=true",
             )
         self.max_new_tokens = int(max_new_tokens)
-        skip_filelock_patch_without_its_module()
         if is_export(run):
             self.which = f"the export {run}"
             self.inference = load_export(run, device=device or "cpu")
         else:
             trained = open_trained_run(run, checkpoint or None, force=str(force).lower() == "true")
-            self.which = trained.which
+            self.which = f"{trained.which} of run {run}"
             self.inference = load_for_inference(trained, device=device or None)
+        print(f"vlmtune: scoring {self.which}", file=sys.stderr)  # as predict says which weights answer
+        skip_filelock_patch_without_its_module()
         self._warned_sampling = False
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -90,7 +94,9 @@ class VlmtuneRun(lmms):
         self._note_sampling(gen_kwargs)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
         messages = user_turn(prompt, len(images))
-        answer = generate_answer(self.inference.model, self.inference.processor, messages, images, max_new_tokens)
+        answer = generate_answer(
+            self.inference.model, self.inference.processor, messages, images, max_new_tokens
+        )
         return cut_at_stop(answer, gen_kwargs.get("until"))
 
     def _note_sampling(self, gen_kwargs: dict) -> None:

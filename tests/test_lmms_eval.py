@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from posttrain_fixtures import ANSWER, IMAGE, OTHER_IMAGE, PROMPT, train_overfit_run
 
 pytest.importorskip(
-    "lmms_eval", reason="lmms-eval is optional: `make install-lmms` installs it (about 15 s, no torchvision)"
+    "lmms_eval.api.model",
+    reason="lmms-eval is optional: `make install-lmms` installs it (about 15 s, no torchvision)",
 )
 
 from PIL import Image  # noqa: E402
@@ -26,6 +28,7 @@ from vlmtune.after.lmms_eval_model import (  # noqa: E402
     doc_images,
     manifest,
     request_images,
+    sampling_asked,
 )
 from vlmtune.errors import DataError, RunDirError, VlmtuneError  # noqa: E402
 
@@ -88,6 +91,11 @@ def test_the_entry_point_hands_lmms_eval_the_run_model():
     )
 
 
+def test_only_sampling_and_beams_count_as_not_greedy():
+    assert sampling_asked({"temperature": 0, "do_sample": False, "top_p": 1.0, "num_beams": 1}) == {}
+    assert sampling_asked({"temperature": 0.2, "num_beams": 3}) == {"temperature": 0.2, "num_beams": 3}
+
+
 def test_stop_strings_cut_the_answer_at_the_first_one():
     assert cut_at_stop("Yellow.\nQuestion: next", ["\nQuestion:", "."]) == "Yellow"
     assert cut_at_stop("Yellow. Red.", "Red") == "Yellow. "
@@ -117,6 +125,66 @@ def test_bad_model_args_and_runs_are_refused_before_any_model_loads(tmp_path: Pa
         VlmtuneRun()
     with pytest.raises(RunDirError, match="does not exist"):
         VlmtuneRun(run=str(tmp_path / "nothing"))
+
+
+def test_model_args_as_lmms_eval_parses_them_open_the_run_as_predict_does(tmp_path: Path, monkeypatch):
+    """lmms-eval turns `checkpoint=40,force=true` into 40 and True: the run opens with "40" and force."""
+    from lmms_eval.api.model import lmms
+
+    opened = []
+    monkeypatch.setattr(
+        lmms_eval_model, "open_trained_run", lambda *a, **k: opened.append((a, k)) or FakeRun()
+    )
+    monkeypatch.setattr(
+        lmms_eval_model, "load_for_inference", lambda trained, device=None: f"model on {device}"
+    )
+    model = VlmtuneRun.create_from_arg_string(f"run={tmp_path},checkpoint=40,force=true", {"batch_size": 1})
+    assert opened == [((str(tmp_path), "40"), {"force": True})]
+    assert isinstance(model, lmms) and model.inference == "model on None"
+    assert model.which == f"checkpoint checkpoint-40 of run {tmp_path}"
+
+
+def test_each_request_is_answered_with_its_docs_images_its_limit_and_its_stop_strings(
+    tmp_path, monkeypatch, capsys
+):
+    from lmms_eval.api.instance import Instance
+
+    asked = []
+
+    def answer(model, processor, messages, images, max_new_tokens):
+        asked.append((messages, [im.size for im in images], max_new_tokens))
+        return "Yellow.\n\nQuestion: and now?"
+
+    monkeypatch.setattr(lmms_eval_model, "open_trained_run", lambda *a, **k: FakeRun())
+    loaded = SimpleNamespace(model="model", processor="processor")
+    monkeypatch.setattr(lmms_eval_model, "load_for_inference", lambda trained, device=None: loaded)
+    monkeypatch.setattr(lmms_eval_model, "generate_answer", answer)
+    model = VlmtuneRun(run=str(tmp_path), max_new_tokens=5)
+    model.task_dict = {
+        "colours": {"test": [{"image": Image.new("RGB", (4, 3))}, {"image": None, "images": []}]}
+    }
+    requests = [
+        Instance("generate_until", (prompt, kwargs, doc_images, doc_id, "colours", "test"), doc_id,
+                 {"task": "colours", "doc_id": doc_id, "repeats": 1})
+        for doc_id, prompt, kwargs in ((0, "Colour?", {"until": ["\n\n"], "max_new_tokens": 16, "temperature": 0}),
+                                       (1, "Text?", {"temperature": 0.7}))
+    ]  # fmt: skip
+    assert model.generate_until(requests) == ["Yellow.", "Yellow.\n\nQuestion: and now?"]
+    (first, first_sizes, first_limit), (second, second_sizes, second_limit) = asked
+    assert first[0]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": "Colour?"},
+    ] and first_sizes == [(4, 3)]
+    assert first_limit == 16 and second_limit == 5, "the task's max_new_tokens, else the model's"
+    assert second[0]["content"] == [{"type": "text", "text": "Text?"}] and second_sizes == []
+    said = capsys.readouterr().err
+    assert said.count("answers greedily") == 1 and "{'temperature': 0.7} is not used" in said, "said once"
+    with pytest.raises(VlmtuneError, match="generation tasks only"):
+        model.loglikelihood(requests)
+
+
+class FakeRun:
+    which = "checkpoint checkpoint-40"
 
 
 # --- end to end: lmms-eval's evaluator, the registered model, a trained run ----------------------

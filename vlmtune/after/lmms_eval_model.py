@@ -21,7 +21,6 @@ from typing import Any
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from vlmtune.after.generate import generate_answer, open_images, user_turn
 from vlmtune.after.trained import is_export, load_export, load_for_inference, open_trained_run
@@ -31,11 +30,16 @@ MODEL_ID = "vlmtune"  # --model vlmtune
 DEFAULT_MAX_NEW_TOKENS = (
     128  # when a task's generation_kwargs name none (lmms-eval's own models use 128 to 1024)
 )
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_beams")  # asked of a model that answers greedily
 
 
-def manifest() -> ModelManifest:
-    """What the ``lmms_eval.models`` entry point hands lmms-eval: the model id and its class."""
+def manifest() -> Any:
+    """What the ``lmms_eval.models`` entry point hands lmms-eval: the model id and its class path.
+
+    Imported here, not at the top: lmms_eval.models reads the entry points while it initialises, and
+    importing it from this module's top would make a process that imports this module first read the
+    entry point of a module not yet defined."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.{VlmtuneRun.__name__}")
 
 
@@ -68,11 +72,13 @@ class VlmtuneRun(lmms):
                 "optionally checkpoint=last|best|STEP, max_new_tokens=N, force=true",
             )
         self.max_new_tokens = int(max_new_tokens)
+        run = str(run)  # lmms-eval reads "true" as True and digits as an int in --model_args
         if is_export(run):
             self.which = f"the export {run}"
             self.inference = load_export(run, device=device or "cpu")
         else:
-            trained = open_trained_run(run, checkpoint or None, force=str(force).lower() == "true")
+            picked = None if checkpoint in (None, "") else str(checkpoint)  # checkpoint=40 arrives as 40
+            trained = open_trained_run(run, picked, force=force is True or str(force).lower() == "true")
             self.which = f"{trained.which} of run {run}"
             self.inference = load_for_inference(trained, device=device or None)
         print(f"vlmtune: scoring {self.which}", file=sys.stderr)  # as predict says which weights answer
@@ -100,12 +106,10 @@ class VlmtuneRun(lmms):
         return cut_at_stop(answer, gen_kwargs.get("until"))
 
     def _note_sampling(self, gen_kwargs: dict) -> None:
-        """Say once that a task's sampling settings are not followed: vlmtune's answers are greedy."""
-        asked = {k: gen_kwargs[k] for k in SAMPLING_KEYS if gen_kwargs.get(k) not in (None, 0, 1, 0.0, 1.0)}
-        if (asked or gen_kwargs.get("do_sample")) and not self._warned_sampling:
-            from loguru import logger
-
-            logger.warning(f"vlmtune answers greedily; the task's sampling settings {asked} are not used")
+        """Say once that a task's sampling or beam settings are not followed: vlmtune's answers are greedy."""
+        asked = sampling_asked(gen_kwargs)
+        if asked and not self._warned_sampling:
+            print(f"vlmtune: answers greedily; the task's {asked} is not used", file=sys.stderr)
             self._warned_sampling = True
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -135,6 +139,19 @@ def skip_filelock_patch_without_its_module() -> None:
         from lmms_eval import evaluator
 
         evaluator._enable_reentrant_filelocks._patched = True
+
+
+def sampling_asked(gen_kwargs: dict) -> dict:
+    """The generation settings of a task that ask for other than greedy answers (lmms-eval's own models
+    sample when temperature > 0, as with do_sample)."""
+    asked = {}
+    if gen_kwargs.get("do_sample"):
+        asked["do_sample"] = gen_kwargs["do_sample"]
+    if (gen_kwargs.get("temperature") or 0) > 0:
+        asked["temperature"] = gen_kwargs["temperature"]
+    if (gen_kwargs.get("num_beams") or 1) > 1:
+        asked["num_beams"] = gen_kwargs["num_beams"]
+    return asked
 
 
 def _unknown_args_problem(run: str | None, unknown: dict) -> str:

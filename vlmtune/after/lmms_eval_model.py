@@ -27,9 +27,8 @@ from vlmtune.after.trained import is_export, load_export, load_for_inference, op
 from vlmtune.errors import DataError, VlmtuneError
 
 MODEL_ID = "vlmtune"  # --model vlmtune
-DEFAULT_MAX_NEW_TOKENS = (
-    128  # when a task's generation_kwargs name none (lmms-eval's own models use 128 to 1024)
-)
+# The answer's limit when a task's generation_kwargs name none (lmms-eval's own models use 128 to 1024).
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def manifest() -> Any:

@@ -176,7 +176,8 @@ def run_answers(
         inference = load_for_inference(trained)
         after = measure(inference.model, inference.processor, items, max_new_tokens, progress)
         del inference
-        earlier = load_for_inference(open_trained_run(trained.recipe.model.adapter))
+        start = trained.recipe.model  # the weights it started from: the same choice as start_from's
+        earlier = load_for_inference(open_trained_run(start.adapter, start.adapter_checkpoint))
         return {
             "adapter": after,
             "base": measure(earlier.model, earlier.processor, items, max_new_tokens, progress),

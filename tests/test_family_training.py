@@ -47,6 +47,7 @@ VISION_BLOCKS = {
     "gemma4": ("model.vision_tower.encoder.layers.",),
     "glm4v": ("model.visual.blocks.",),
     "glm46v": ("model.visual.blocks.",),
+    "aya_vision": ("model.vision_tower.encoder.layers.",),
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
@@ -85,6 +86,7 @@ TRAINED_TEXT = {
     # GLM-4's template ends no answer: the collator appends eos to each (as for Llava-1.5's released one)
     "glm4v": "There are two.<|endoftext|>Red.<|endoftext|>",
     "glm46v": "There are two.<|endoftext|>Red.<|endoftext|>",
+    "aya_vision": "There are two.<|END_OF_TURN_TOKEN|>Red.<|END_OF_TURN_TOKEN|>",
 }
 APPENDS_STOP = {"glm4v", "glm46v"}
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row

@@ -128,7 +128,7 @@ def loss_and_grads(model, batches: list[dict]) -> tuple[float, dict]:
             batch["labels"],
             lm_head,
             items,
-            **logit_transform(model.config.get_text_config()),
+            **logit_transform(model.config),
         )
         result.loss.backward()
         total += float(result.loss.detach())

@@ -134,6 +134,10 @@ class Family:
     # (config dict, max_image_pixels) -> ImageSettings, where a config alone (estimate-memory on a hub id)
     # needs the family's own reading (Gemma 4: soft tokens per image live in the processor, not the config).
     config_image_settings: Callable[[dict, int | None], ImageSettings] | None = None
+    # Does the model's forward multiply its logits by the text config's logit_scale (Cohere's language
+    # models)? Aya Vision's wrapper keeps a Cohere2 config but projects with its own lm_head, unscaled:
+    # vlmtune's loss must compute what the model computes.
+    applies_logit_scale: bool = True
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -633,6 +637,28 @@ INTERNVL = Family(
     **{**_LLAVA_LAYOUT, "block_lists": ("model.vision_tower.encoder.layer", "model.language_model.layers")},
 )
 
+AYA_VISION = Family(
+    name="aya_vision",
+    tiny_builder="vlmtune.model.tiny.aya:build_aya_vision",
+    title="Aya Vision",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): Cohere2 normalises with LayerNorm and
+    # rotates interleaved pairs, neither of which the kernels compute
+    norm=None,
+    mlp_activation=None,
+    rope=None,
+    model_types=("aya_vision",),
+    image_token="<image>",
+    feature_token="<|IMG_PATCH|>",
+    # TILE_1, TILE_2 ... : the tile word is a token, its number plain text (in the prompt, never trained)
+    structural_tokens=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "TILE", "TILE_GLOBAL", "<|IMG_LINE_BREAK|>"),
+    tokens_per_image=it.internvl_tokens,  # GotOcr2's tiles, as InternVL's
+    pixel_budget=it.internvl_budget,
+    image_settings=it.aya_vision_settings,
+    config_image_settings=it.aya_vision_settings_from_config,
+    applies_logit_scale=False,
+    **_LLAVA_LAYOUT,
+)
+
 FAMILIES: tuple[Family, ...] = (
     QWEN2_VL,
     QWEN2_5_VL,
@@ -655,6 +681,7 @@ FAMILIES: tuple[Family, ...] = (
     GEMMA4,
     GLM4V,
     GLM46V,
+    AYA_VISION,
 )
 
 

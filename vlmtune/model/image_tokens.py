@@ -444,6 +444,20 @@ def internvl_budget(ip: Any, max_pixels: int) -> None:
     ip.min_patches = min(ip.min_patches, ip.max_patches)
 
 
+def aya_vision_settings(processor: Any) -> ImageSettings:
+    """Aya Vision: GotOcr2 tiles as InternVL's, each (img_size / patch_size)^2 tokens (the processor's
+    patch_size is the tower's times the pixel shuffle's factor: 28 for 14-pixel patches)."""
+    ip = processor.image_processor
+    tiling = type(processor).images_kwargs.get("crop_to_patches", ip.crop_to_patches)
+    return ImageSettings(
+        image_size=_size(ip.size, "height"),
+        tokens_per_tile=(processor.img_size // processor.patch_size) ** 2,
+        min_tiles=ip.min_patches,
+        max_tiles=ip.max_patches,
+        tiling=bool(tiling),
+    )
+
+
 # --- settings from a config alone (no processor at hand) ----------------------------------------
 
 
@@ -496,6 +510,24 @@ def image_settings_from_config(config: dict, max_image_pixels: int | None) -> Im
         longest_edge=longest_edge,
         grid_pinpoints=tuple(tuple(p) for p in config.get("image_grid_pinpoints") or ()),
     )
+
+
+AYA_VISION_RELEASED_TILES = 12  # CohereLabs/aya-vision-*: GotOcr2's max_patches
+
+
+def aya_vision_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """Aya Vision from its config: tiles of image_size, each (image_size / patch / downsample_factor)^2
+    tokens; up to the released processor's 12 tiles, lowered to the budget as internvl_budget lowers them."""
+    vision = config.get("vision_config") or {}
+    side, patch = int(vision.get("image_size") or 364), int(vision.get("patch_size") or 14)
+    merge = int(config.get("downsample_factor") or 2)
+    tiles = AYA_VISION_RELEASED_TILES
+    if max_image_pixels:
+        tiles = max(1, min(tiles, max_image_pixels // (side * side)))
+    return ImageSettings(
+        max_pixels=max_image_pixels, patch_size=patch, merge_size=merge, image_size=side,
+        tokens_per_tile=(side // (patch * merge)) ** 2, max_tiles=tiles, tiling=True,
+    )  # fmt: skip
 
 
 # --- what the memory model needs -------------------------------------------------------------

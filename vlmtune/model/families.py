@@ -659,6 +659,35 @@ AYA_VISION = Family(
     **_LLAVA_LAYOUT,
 )
 
+MINICPMV4_6 = Family(
+    name="minicpmv4_6",
+    tiny_builder="vlmtune.model.tiny.minicpm:build_minicpmv4_6",
+    title="MiniCPM-V 4.6",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its Qwen3.5 decoder's, as for Qwen3.5
+    norm=None,
+    rope=None,
+    model_types=("minicpmv4_6",),
+    vision_prefix="model.vision_tower",  # the window-attention merger (vit_merger) inside it included
+    projector_prefixes=("model.merger",),
+    language_prefix="model.language_model",
+    image_token="<|image_pad|>",
+    # <image_id>i</image_id> (its digits plain text), the whole image's and each slice's markers
+    structural_tokens=("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>"),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # a Qwen3.5 decoder
+    language_keep_16bit=GATED_DELTANET_16BIT,
+    extra_inputs=("target_sizes",),
+    processor_class="MiniCPMV4_6Processor",
+    prepare_processor_import=shims.minicpmv4_6_processor_without_torchvision,
+    tokens_per_image=it.minicpm_tokens,
+    image_layout=it.minicpm_layout,
+    pixel_budget=it.minicpm_budget,
+    image_settings=it.minicpm_settings,
+    config_image_settings=it.minicpm_settings_from_config,
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing_refused="its Qwen3.5 decoder's Gated DeltaNet layers carry a recurrent state along the whole row, "
+    "across the boundaries of packed samples (as Qwen3.5's)",
+)
+
 FAMILIES: tuple[Family, ...] = (
     QWEN2_VL,
     QWEN2_5_VL,
@@ -682,6 +711,7 @@ FAMILIES: tuple[Family, ...] = (
     GLM4V,
     GLM46V,
     AYA_VISION,
+    MINICPMV4_6,
 )
 
 

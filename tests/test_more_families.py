@@ -69,3 +69,24 @@ def test_aya_vision_grpo_scores_what_the_forward_computes_or_refuses(aya):
     other = copy.deepcopy(aya[0])  # a family that applies its scale keeps it
     logits_as_the_forward_computes(other, get_family("qwen2_vl"), beta=0.04)
     assert other.config.get_text_config().logit_scale == 0.0625
+
+
+def test_minicpm_processor_renders_images_without_a_video_processor(tiny_path):
+    """MiniCPM-V 4.6's processor reads a (torchvision-only) video processor in its __init__; vlmtune's
+    image-only class renders an image as the original does: id tag, the whole image, then its slices."""
+    from PIL import Image
+
+    from vlmtune.model.processing import load_processor
+
+    family = get_family("minicpmv4_6")
+    processor = load_processor(tiny_path("minicpmv4_6"), family)
+    assert type(processor).__name__ == "MiniCPMV4_6Processor" and processor.video_slice_mode is False
+    out = processor(text=["<|image_pad|>Hi"], images=[[Image.new("RGB", (112, 56))]])
+    text = processor.tokenizer.decode(out["input_ids"][0])
+    whole, slices = text.split("</image>")
+    assert whole.startswith("<image_id>0</image_id><image>")
+    rows, cols = 1, 2  # 112x56 over a 56x56 scale_resolution: two slices side by side
+    assert slices.count("<slice>") == rows * cols and slices.endswith("Hi")
+    settings = family.image_settings(processor)
+    assert text.count("<|image_pad|>") == family.tokens_per_image(112, 56, settings)
+    assert family.image_layout(112, 56, settings)[0] == (rows, cols)

@@ -29,7 +29,6 @@ MINICPM_CHAT_TEMPLATE = (
 
 
 def build_minicpmv4_6(out: Path) -> None:
-    import transformers
     from transformers import (
         MiniCPMV4_6Config,
         MiniCPMV4_6ForConditionalGeneration,
@@ -39,6 +38,7 @@ def build_minicpmv4_6(out: Path) -> None:
     )
 
     from vlmtune.model.families import MINICPMV4_6
+    from vlmtune.model.processing import image_only_processor_class
 
     tokenizer = build_tokenizer(
         eos="<|im_end|>",
@@ -78,8 +78,7 @@ def build_minicpmv4_6(out: Path) -> None:
     image_processor = MiniCPMV4_6ImageProcessorPil(
         patch_size=PATCH, scale_resolution=SCALE_RESOLUTION, max_slice_nums=MAX_SLICES
     )
-    MINICPMV4_6.prepare_processor_import()
-    processor = transformers.MiniCPMV4_6Processor(
+    processor = image_only_processor_class(MINICPMV4_6)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=MINICPM_CHAT_TEMPLATE
     )
     seed()

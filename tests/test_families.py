@@ -145,6 +145,17 @@ def _gemma4(processor):
     processor.image_processor.max_soft_tokens = 280
 
 
+def _aya_vision(processor):
+    processor.image_processor.size = {"height": 364, "width": 364}
+    processor.image_processor.max_patches = 12
+    processor.img_size, processor.patch_size = 364, 28
+
+
+def _minicpm(processor):
+    ip = processor.image_processor
+    ip.patch_size, ip.scale_resolution, ip.max_slice_nums = 14, 448, 9
+
+
 RELEASED = {
     "qwen2_vl": _qwen,
     "qwen2_5_vl": _qwen,
@@ -158,6 +169,8 @@ RELEASED = {
     "gemma4": _gemma4,
     "glm4v": _glm,
     "glm46v": _glm,
+    "aya_vision": _aya_vision,
+    "minicpmv4_6": _minicpm,
 }
 
 

@@ -47,6 +47,8 @@ VISION_BLOCKS = {
     "gemma4": ("model.vision_tower.encoder.layers.",),
     "glm4v": ("model.visual.blocks.",),
     "glm46v": ("model.visual.blocks.",),
+    "aya_vision": ("model.vision_tower.encoder.layers.",),
+    "minicpmv4_6": ("model.vision_tower.encoder.layers.", "model.vision_tower.vit_merger."),
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
@@ -60,6 +62,7 @@ LANGUAGE_16BIT = {
     "qwen3_5": ("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
     "qwen3_5_moe": ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.shared_expert_gate"),
     "gemma4": ("router.proj",),  # the MoE router is a Linear here: never quantized, never a target
+    "minicpmv4_6": ("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
 }
 
 # What the labels keep of the two-turn sample: each answer and the end of its turn, per template.
@@ -85,6 +88,8 @@ TRAINED_TEXT = {
     # GLM-4's template ends no answer: the collator appends eos to each (as for Llava-1.5's released one)
     "glm4v": "There are two.<|endoftext|>Red.<|endoftext|>",
     "glm46v": "There are two.<|endoftext|>Red.<|endoftext|>",
+    "aya_vision": "There are two.<|END_OF_TURN_TOKEN|>Red.<|END_OF_TURN_TOKEN|>",
+    "minicpmv4_6": "There are two.<|im_end|>\nRed.<|im_end|>\n",
 }
 APPENDS_STOP = {"glm4v", "glm46v"}
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row

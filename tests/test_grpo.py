@@ -21,6 +21,7 @@ REFUSED = {  # family -> why TRL's GRPOTrainer cannot score its rollouts
     "llava_onevision": "batch_num_images",
     "mllama": "cross_attention_mask",
     "paligemma": "prefix-LM",
+    "minicpmv4_6": "target_sizes",
 }
 SUPPORTED = [name for name in family_names() if name not in REFUSED]
 # What GRPOTrainer's loss hands the model besides ids and mask (TRL 1.16 _compute_loss).

@@ -120,7 +120,7 @@ def answer_logps(model: Any, batch: dict) -> Any:
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm_head = causal_lm.get_output_embeddings()
-    transform = logit_transform(causal_lm.config.get_text_config())
+    transform = logit_transform(causal_lm.config)
     with torch.no_grad(), lm_head_input(lm_head) as captured:
         model(**inputs, use_cache=False)
     keep = mask[:, 1:].bool()

@@ -134,6 +134,10 @@ class Family:
     # (config dict, max_image_pixels) -> ImageSettings, where a config alone (estimate-memory on a hub id)
     # needs the family's own reading (Gemma 4: soft tokens per image live in the processor, not the config).
     config_image_settings: Callable[[dict, int | None], ImageSettings] | None = None
+    # Does the model's forward multiply its logits by the text config's logit_scale (Cohere's language
+    # models)? Aya Vision's wrapper keeps a Cohere2 config but projects with its own lm_head, unscaled:
+    # vlmtune's loss must compute what the model computes.
+    applies_logit_scale: bool = True
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -633,6 +637,57 @@ INTERNVL = Family(
     **{**_LLAVA_LAYOUT, "block_lists": ("model.vision_tower.encoder.layer", "model.language_model.layers")},
 )
 
+AYA_VISION = Family(
+    name="aya_vision",
+    tiny_builder="vlmtune.model.tiny.aya:build_aya_vision",
+    title="Aya Vision",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): Cohere2 normalises with LayerNorm and
+    # rotates interleaved pairs, neither of which the kernels compute
+    norm=None,
+    mlp_activation=None,
+    rope=None,
+    model_types=("aya_vision",),
+    image_token="<image>",
+    feature_token="<|IMG_PATCH|>",
+    # TILE_1, TILE_2 ... : the tile word is a token, its number plain text (in the prompt, never trained)
+    structural_tokens=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "TILE", "TILE_GLOBAL", "<|IMG_LINE_BREAK|>"),
+    tokens_per_image=it.internvl_tokens,  # GotOcr2's tiles, as InternVL's
+    pixel_budget=it.internvl_budget,
+    image_settings=it.aya_vision_settings,
+    config_image_settings=it.aya_vision_settings_from_config,
+    applies_logit_scale=False,
+    **_LLAVA_LAYOUT,
+)
+
+MINICPMV4_6 = Family(
+    name="minicpmv4_6",
+    tiny_builder="vlmtune.model.tiny.minicpm:build_minicpmv4_6",
+    title="MiniCPM-V 4.6",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its Qwen3.5 decoder's, as for Qwen3.5
+    norm=None,
+    rope=None,
+    model_types=("minicpmv4_6",),
+    vision_prefix="model.vision_tower",  # the window-attention merger (vit_merger) inside it included
+    projector_prefixes=("model.merger",),
+    language_prefix="model.language_model",
+    image_token="<|image_pad|>",
+    # <image_id>i</image_id> (its digits plain text), the whole image's and each slice's markers
+    structural_tokens=("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>"),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # a Qwen3.5 decoder
+    language_keep_16bit=GATED_DELTANET_16BIT,
+    extra_inputs=("target_sizes",),
+    processor_class="MiniCPMV4_6ImageOnlyProcessor",  # its images only, with or without torchvision
+    prepare_processor_import=shims.minicpmv4_6_image_only_processor,
+    tokens_per_image=it.minicpm_tokens,
+    image_layout=it.minicpm_layout,
+    pixel_budget=it.minicpm_budget,
+    image_settings=it.minicpm_settings,
+    config_image_settings=it.minicpm_settings_from_config,
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing_refused="its Qwen3.5 decoder's Gated DeltaNet layers carry a recurrent state along the whole row, "
+    "across the boundaries of packed samples (as Qwen3.5's)",
+)
+
 FAMILIES: tuple[Family, ...] = (
     QWEN2_VL,
     QWEN2_5_VL,
@@ -655,6 +710,8 @@ FAMILIES: tuple[Family, ...] = (
     GEMMA4,
     GLM4V,
     GLM46V,
+    AYA_VISION,
+    MINICPMV4_6,
 )
 
 

@@ -56,9 +56,13 @@ def lm_head_input(lm_head: torch.nn.Module) -> Iterator[Captured]:
         handle.remove()
 
 
-def logit_transform(text_config: Any) -> dict:
-    """Softcapping / scaling the model applies to its logits (Gemma's final_logit_softcapping...)."""
-    scale = getattr(text_config, "logit_scale", None)
+def logit_transform(config: Any) -> dict:
+    """Softcapping / scaling the model (its whole config) applies to its logits (Gemma's
+    final_logit_softcapping, Cohere's logit_scale where the family's forward applies it)."""
+    from vlmtune.model.families import detect_family
+
+    text_config = config.get_text_config()
+    scale = getattr(text_config, "logit_scale", None) if detect_family(config).applies_logit_scale else None
     return {
         "softcap": getattr(text_config, "final_logit_softcapping", None),
         "scale": 1.0 if scale is None else scale,

@@ -69,7 +69,7 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
             labels,
             lm_head,
             num_items_in_batch,
-            **logit_transform(causal_lm.config.get_text_config()),
+            **logit_transform(causal_lm.config),
         )
         loss = result.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# install-dev includes lmms-eval, so the suite scores a run folder through it (tests/test_lmms_eval.py).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,lmms]"
+	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
 	touch $@
 
 # install-lmms: lmms-eval, to run its benchmarks on a run folder (docs/after-training.md), about 15 s.

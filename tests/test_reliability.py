@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import spawn
 
 from vlmtune.errors import RunDirError
 from vlmtune.runs import rundir, runlock, signals, trainer_checkpoints
@@ -329,14 +330,13 @@ def test_recipe_warnings_name_absurd_learning_rates():
 
 @pytest.mark.parametrize("file", ["recipe.yaml", "summary.json"])
 def test_a_full_disk_before_the_first_summary_is_a_message_and_leaves_no_half_run(tmp_path: Path, file: str):
-    import subprocess
     import sys
 
     from conftest import ROOT
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    result = subprocess.run(
+    result = spawn.run(
         [sys.executable, str(ROOT / "tests/faults.py"), f"ENOSPC@write:{file}", "--", "train",
          str(ROOT / "recipes/demo.yaml"), "--run-dir", str(run)],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,

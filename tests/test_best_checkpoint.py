@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import spawn
 from posttrain_fixtures import IMAGE, PROMPT, overfit_recipe
 
 from vlmtune.runs import rundir
@@ -295,7 +296,6 @@ def test_early_stopping_counts_on_across_a_kill_and_resume(tmp_path: Path):
     a resume that forgot the measurements would take 0.5 as its best and stop only at step 10."""
     import os
     import signal
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -308,7 +308,7 @@ def test_early_stopping_counts_on_across_a_kill_and_resume(tmp_path: Path):
         early_stopping_patience=2,
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    killed = subprocess.run(
+    killed = spawn.run(
         [sys.executable, str(ROOT / "tests" / "faults.py"), "SIGKILL@step:4", "--", "train", str(recipe),
          "--run-dir", str(tmp_path / "run")],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,

@@ -47,8 +47,17 @@ PUBLISHED = {
     # hold one multi-token-prediction layer that transformers does not instantiate (and vlmtune never trains).
     "Qwen/Qwen3.5-27B": 27e9,
     "Qwen/Qwen3.5-35B-A3B": 35e9,
+    # GLM-4.5V: 108B by its model card (a 106B-A12B GLM-4.5-Air decoder and its vision tower); the
+    # checkpoint's multi-token-prediction layer is not instantiated, as for Qwen3.5.
+    "zai-org/GLM-4.5V": 108e9,
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct": 109e9,  # the model card's "109B total parameters"
 }
-NOMINAL = {"Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-35B-A3B"}
+NOMINAL = {
+    "Qwen/Qwen3.5-27B",
+    "Qwen/Qwen3.5-35B-A3B",
+    "zai-org/GLM-4.5V",
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+}
 BUNDLED = list(mem.bundled_configs())
 
 

@@ -68,6 +68,7 @@ def load(
     from transformers import AutoModelForImageTextToText
 
     from vlmtune.model.checkpointing import checkpoint_every_block
+    from vlmtune.model.peft_targets import keep_lora_targets_as_named
     from vlmtune.model.processing import load_processor
 
     path, family = detect(model.name, model.revision)
@@ -80,6 +81,7 @@ def load(
         device_map={"": device},
         attn_implementation=model.attn_implementation,
     )
+    keep_lora_targets_as_named(loaded)  # adapters load onto it as planned (vlmtune.model.peft_targets)
     check_keep_16bit(loaded, quant.keep_16bit)
     if shardable:
         check_quant_storage(loaded, dtype)

@@ -86,6 +86,9 @@ def test_tiles_come_row_by_row_then_the_whole_image(processor):
     out = ip(_image(2 * tile, tile, (255, 0, 0), (0, 0, 255)), return_tensors="pt")  # one row of two tiles
     pixels = out["pixel_values"]
     assert tuple(pixels.shape) == (3, 3, tile, tile) and out["aspect_ratios"].tolist() == [[1, 2]]
+    # bfloat16 as transformers' processor gives: Llama 4's vision tower never casts its input
+    assert pixels.dtype == torch.bfloat16
+    pixels = pixels.float()
     red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])  # (x / 255 - 0.5) / 0.5
     torch.testing.assert_close(pixels[0].mean(dim=(1, 2)), red)
     torch.testing.assert_close(pixels[1].mean(dim=(1, 2)), blue)

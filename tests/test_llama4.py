@@ -86,9 +86,7 @@ def test_tiles_come_row_by_row_then_the_whole_image(processor):
     out = ip(_image(2 * tile, tile, (255, 0, 0), (0, 0, 255)), return_tensors="pt")  # one row of two tiles
     pixels = out["pixel_values"]
     assert tuple(pixels.shape) == (3, 3, tile, tile) and out["aspect_ratios"].tolist() == [[1, 2]]
-    # bfloat16 as transformers' processor gives: Llama 4's vision tower never casts its input
-    assert pixels.dtype == torch.bfloat16
-    pixels = pixels.float()
+
     red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])  # (x / 255 - 0.5) / 0.5
     torch.testing.assert_close(pixels[0].mean(dim=(1, 2)), red)
     torch.testing.assert_close(pixels[1].mean(dim=(1, 2)), blue)
@@ -115,3 +113,25 @@ def test_the_prompt_has_the_tokens_the_record_counts(processor):
         patch = processor.tokenizer.convert_tokens_to_ids("<|patch|>")
         assert ids.count(patch) == family.tokens_per_image(width, height, settings)
         assert set(batch.keys()) == {"input_ids", "attention_mask", "pixel_values"}  # aspect_ratios stays out
+
+
+def test_the_load_stage_casts_pixels_to_the_towers_dtype_for_generation():
+    """Llama 4's tower never casts pixel_values: float32 pixels (the PIL processor) against bfloat16 weights
+    fail outside autocast, unless the load stage's cast (Family.cast_pixel_values) is there."""
+    import torch
+    from PIL import Image
+
+    from vlmtune.recipe import ModelSection, QuantizationSection
+    from vlmtune.stages import load
+    from vlmtune.training.answer_eval import generate_answer
+
+    loaded = load.load(ModelSection(name="tiny:llama4"), QuantizationSection(bits=None), PIXEL_BUDGET, "cpu")
+    assert loaded.model.vision_model.patch_embedding.linear.weight.dtype == torch.bfloat16
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}
+    ]
+    answer = generate_answer(loaded.model, loaded.processor, messages, [Image.new("RGB", (90, 60), "red")], 4)
+    assert isinstance(answer, str)
+    bare = type(loaded.model.vision_model)(loaded.model.config.vision_config).to(torch.bfloat16)  # no cast
+    with pytest.raises(RuntimeError, match="dtype"):
+        bare(torch.zeros(1, 3, 56, 56))

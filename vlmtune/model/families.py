@@ -134,6 +134,9 @@ class Family:
     # (config dict, max_image_pixels) -> ImageSettings, where a config alone (estimate-memory on a hub id)
     # needs the family's own reading (Gemma 4: soft tokens per image live in the processor, not the config).
     config_image_settings: Callable[[dict, int | None], ImageSettings] | None = None
+    # The vision tower takes pixel_values in whatever dtype they come (Llama 4: transformers' processor gives
+    # bfloat16, the PIL one float32): the load stage casts them to the tower's dtype at its input.
+    cast_pixel_values: bool = False
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -695,6 +698,7 @@ LLAMA4 = Family(
     image_settings=it.llama4_settings,
     config_image_settings=it.llama4_settings_from_config,
     block_lists=("vision_model.model.layers", "language_model.model.layers"),
+    cast_pixel_values=True,
     refused_objectives=(
         (
             "dpo",

@@ -4,8 +4,9 @@ The same steps as transformers' Llama4ImageProcessor, on PIL/NumPy (transformers
 resized without distortion into its best-fit canvas of tiles (vlmtune.model.image_tokens.llama4_canvas),
 padded at the right and bottom, cut into tiles row by row, and, when there are several tiles, followed by
 the whole image squeezed into one tile. Tiles, their order, the aspect ratios and so the prompt's tokens
-are the torchvision processor's, and so is the tensors' dtype (bfloat16); pixel values differ by resampling
-(PIL's bilinear filter) and by rounding (normalized in float32, then rounded once to bfloat16). vlmtune.model.shims registers it for Llama 4
+are the torchvision processor's; pixel values differ by resampling (PIL's bilinear filter) and by precision
+(float32 here, bfloat16 there: Llama 4's tower never casts its input, so the record's cast_pixel_values has
+the load stage cast them to the tower's dtype). vlmtune.model.shims registers it for Llama 4
 configs where torchvision is missing. Module level: standard library only (transformers loads lazily).
 """
 
@@ -64,7 +65,6 @@ def _preprocess(ip, images, size, resample, rescale, normalize, max_patches, to_
     import numpy as np
     from transformers.image_processing_utils import BatchFeature
     from transformers.image_utils import SizeDict
-    from transformers.utils import TensorType
 
     if to_max_canvas:
         raise ValueError("resize_to_max_canvas=True is not supported by vlmtune's Llama 4 image processor")
@@ -92,14 +92,7 @@ def _preprocess(ip, images, size, resample, rescale, normalize, max_patches, to_
         "pixel_values": np.concatenate(pixel_values, axis=0) if return_tensors else pixel_values,
         "aspect_ratios": np.array(aspect_ratios, dtype=np.int64),
     }
-    batch = BatchFeature(data=data, tensor_type=return_tensors)
-    if return_tensors in ("pt", TensorType.PYTORCH):
-        # bfloat16 like transformers' processor: Llama 4's vision tower does not cast its input, so a float32
-        # image would meet bfloat16 weights outside autocast (generation)
-        import torch
-
-        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-    return batch
+    return BatchFeature(data=data, tensor_type=return_tensors)
 
 
 def _scaled(ip, image, rescale, normalize):

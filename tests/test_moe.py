@@ -285,3 +285,18 @@ def test_glm4v_moe_refuses_dpo_with_the_reason_before_any_weight_loads(tmp_path:
         pipeline.run(load_recipe(path), path.read_text(), "r", tmp_path / "run")
     assert "n_routed_experts" in str(info.value) and "train.objective" in info.value.hint
     assert not any((tmp_path / "run" / "1-load").iterdir())  # refused before the load stage wrote anything
+
+
+@pytest.mark.parametrize("family", ["llama4", "glm4v_moe"])
+def test_a_merge_probes_the_linears_beside_the_experts_lora(family: str):
+    """`vlmtune export --merge` probes the LoRA modules' merged weights; peft's wrapper of a fused expert
+    tensor has no weight of its own (it failed with an AttributeError): the probes are the Linears."""
+    from vlmtune.after.export import merge_probes
+
+    loaded = load.load(
+        ModelSection(name=f"tiny:{family}"), QuantizationSection(bits=None), PIXEL_BUDGET, "cpu"
+    )
+    section = LoraSection(r=4, alpha=8)
+    model = lora.apply(loaded.model, section, lora.plan(loaded.model, loaded.family, section), seed=0)
+    probes = merge_probes(model, loaded.family.component_of, 4)
+    assert len(probes) == 4 and not any(".experts" in probe.module for probe in probes)

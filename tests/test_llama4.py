@@ -132,6 +132,10 @@ def test_the_load_stage_casts_pixels_to_the_towers_dtype_for_generation():
     ]
     answer = generate_answer(loaded.model, loaded.processor, messages, [Image.new("RGB", (90, 60), "red")], 4)
     assert isinstance(answer, str)
-    bare = type(loaded.model.vision_model)(loaded.model.config.vision_config).to(torch.bfloat16)  # no cast
-    with pytest.raises(RuntimeError, match="dtype"):
-        bare(torch.zeros(1, 3, 56, 56))
+    tower, pixels = (
+        loaded.model.vision_model,
+        torch.zeros(1, 3, 56, 56),
+    )  # float32, as the PIL processor gives
+    assert tower(pixels).last_hidden_state.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="dtype"):  # negative control: forward() skips the cast (a hook)
+        tower.forward(pixels)

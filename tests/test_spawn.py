@@ -27,7 +27,11 @@ def test_a_forked_command_prints_and_exits_as_a_plain_process(tmp_path: Path):
     (tmp_path / "r.yaml").write_text((ROOT / "recipes/demo.yaml").read_text())
     for args in (["validate", "r.yaml"], ["validate", "missing.yaml"]):
         plain, forked = plain_and_forked(*args, cwd=tmp_path)  # relative paths: the working folder is used
-        assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (
+            plain.returncode,
+            plain.stdout,
+            plain.stderr,
+        )
     assert plain.returncode == 2 and "recipe not found: missing.yaml" in plain.stderr
 
 

@@ -252,6 +252,7 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
 
     from vlmtune.model.families import detect_family
     from vlmtune.model.processing import load_processor
+    from vlmtune.model.vision_input import cast_pixel_values_at_the_tower
 
     path = Path(path)
     report = path / rundir.EXPORT_REPORT  # absent while the export itself is scored, before it is written
@@ -265,5 +266,6 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=getattr(torch, dtype or facts.get("dtype") or "bfloat16")
     ).to(device)
+    cast_pixel_values_at_the_tower(model, family)  # as the load stage does (Llama 4's tower)
     model.eval()
     return Inference(model, load_processor(path, family), family, has_adapter=False)

@@ -531,6 +531,91 @@ def minicpm_budget(ip: Any, max_pixels: int) -> None:
     ip.max_slice_nums = max(1, min(ip.max_slice_nums, max_pixels // ip.scale_resolution**2 - 1))
 
 
+# --- Llama 4: tiles of a best-fit canvas (issue 25) ------------------------------------------------------
+
+
+def llama4_canvases(max_tiles: int, tile: int) -> list[tuple[int, int]]:
+    """Llama4ImageProcessor's supported resolutions, (height, width), in its order: every grid of up to
+    ``max_tiles`` tiles, grouped by aspect ratio in the order the ratios first appear (the order breaks ties)."""
+    by_ratio: dict[float, list[tuple[int, int]]] = {}
+    for tiles in range(max_tiles, 0, -1):
+        for rows in sorted(d for d in range(1, tiles + 1) if tiles % d == 0):
+            by_ratio.setdefault(rows / (tiles // rows), []).append((rows, tiles // rows))
+    return [(rows * tile, cols * tile) for grids in by_ratio.values() for rows, cols in grids]
+
+
+def llama4_canvas(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """The canvas an image is resized into without distortion: the smallest upscale that fits, else the least
+    downscale; among canvases with that scale, the smallest area (Llama4ImageProcessor's get_best_fit)."""
+    canvases = llama4_canvases(max_tiles, tile)
+    scales = [min(h / height, w / width) for h, w in canvases]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(scales)
+    fitting = [c for c, s in zip(canvases, scales, strict=True) if s == chosen]
+    return min(fitting, key=lambda c: c[0] * c[1])  # the first of the smallest, as torch.argmin
+
+
+def llama4_resized(height: int, width: int, canvas: tuple[int, int], tile: int) -> tuple[int, int]:
+    """The image's size inside its canvas: never upscaled past one tile side, aspect ratio kept."""
+    target_h, target_w = min(max(height, tile), canvas[0]), min(max(width, tile), canvas[1])
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_h, new_w = min(math.floor(height * scale_w), target_h), target_w
+    else:
+        new_h, new_w = target_h, min(math.floor(width * scale_h), target_w)
+    return max(new_h, 1), max(new_w, 1)
+
+
+def llama4_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]:
+    """(rows, columns) of tiles the image is cut into."""
+    tile = _need(s, "image_size")
+    canvas_h, canvas_w = llama4_canvas(height, width, _need(s, "max_tiles"), tile)
+    return canvas_h // tile, canvas_w // tile
+
+
+def llama4_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """<|patch|> tokens: tokens_per_tile for each tile, plus a global view of the whole image when there are
+    several tiles."""
+    rows, cols = llama4_tiles(width, height, s)
+    tiles = rows * cols
+    return (tiles + 1 if tiles > 1 else 1) * _need(s, "tokens_per_tile")
+
+
+def llama4_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    tile = _size(ip.size, "height")
+    per_tile = (tile // processor.patch_size) ** 2 // processor.downsample_ratio
+    return ImageSettings(
+        image_size=tile, patch_size=processor.patch_size, tokens_per_tile=per_tile, max_tiles=ip.max_patches,
+        tiling=True,
+    )  # fmt: skip
+
+
+def llama4_budget(ip: Any, max_pixels: int) -> None:
+    # As many tiles as the budget holds, at least one, never more than the checkpoint's.
+    tile = _size(ip.size, "height")
+    ip.max_patches = max(1, min(ip.max_patches, max_pixels // (tile * tile)))
+
+
+def llama4_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """Llama 4's config: a tile is vision_config.image_size, its patches pixel-shuffled by pixel_shuffle_ratio
+    (0.5: four patches per token); up to 16 tiles (the released processors' max_patches), fewer by the budget."""
+    vision = config.get("vision_config") or {}
+    tile, patch = int(vision.get("image_size", 336)), int(vision.get("patch_size", 14))
+    shuffle = round(1 / float(vision.get("pixel_shuffle_ratio", 0.5)) ** 2)
+    most = (
+        LLAMA4_MAX_TILES
+        if not max_image_pixels
+        else max(1, min(LLAMA4_MAX_TILES, max_image_pixels // tile**2))
+    )
+    return ImageSettings(
+        max_pixels=max_image_pixels, patch_size=patch, image_size=tile, tokens_per_tile=(tile // patch) ** 2 // shuffle,
+        max_tiles=most, tiling=True,
+    )  # fmt: skip
+
+
+LLAMA4_MAX_TILES = 16  # Llama4ImageProcessor's max_patches in the released checkpoints
+
 # --- settings from a config alone (no processor at hand) ----------------------------------------
 
 

@@ -78,3 +78,23 @@ def minicpmv4_6_image_only_processor() -> None:
     image_only = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
     image_only.__qualname__ = base.__qualname__
     transformers.MiniCPMV4_6ImageOnlyProcessor = image_only
+
+
+def llama4_image_processor_without_torchvision() -> None:
+    """Llama 4's processor without torchvision: transformers 5.23's Llama4ImageProcessor is torchvision-only.
+
+    vlmtune.model.llama4_images holds the same steps on PIL; it is registered as the "pil" backend of
+    Llama4Config where torchvision is missing (where it is installed, transformers' own class serves). Saved
+    folders name "Llama4ImageProcessor" (PilBackend drops the suffix), so they load with either backend.
+    """
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    from transformers import AutoImageProcessor, Llama4Config
+
+    from vlmtune.model.llama4_images import processor_class
+
+    # the torchvision entry is a placeholder that raises: None makes AutoImageProcessor take the PIL one
+    classes = {"torchvision": None, "pil": processor_class()}
+    AutoImageProcessor.register(Llama4Config, image_processor_classes=classes, exist_ok=True)

@@ -13,6 +13,7 @@ same input cleaning, the supervised-positions loss with the batch's supervised-t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -187,8 +188,31 @@ def test_a_packed_row_trains_exactly_like_its_samples_one_by_one(family_model):
     assert "attention_mask" not in batch
 
     unpacked = loss_and_grads(model, [collator([sample]) for sample in samples])
-    packed = loss_and_grads(model, [packed_batch(model, family, collator, samples)])
+    with sdpa_calls() as queries:
+        packed = loss_and_grads(model, [packed_batch(model, family, collator, samples)])
     assert disagreement(unpacked, packed) is None, disagreement(unpacked, packed)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert queries == batch[SAMPLE_LENGTHS].tolist() * layers, "each layer attends sample by sample"
+
+
+@contextlib.contextmanager
+def sdpa_calls():
+    """The query lengths of the sdpa calls the per-sample attention makes (the vision tower's sdpa
+    calls go through transformers' registry, not this module attribute, and are not seen)."""
+    from transformers.integrations import sdpa_attention
+
+    seen: list[int] = []
+    original = sdpa_attention.sdpa_attention_forward
+
+    def recording(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    sdpa_attention.sdpa_attention_forward = recording
+    try:
+        yield seen
+    finally:
+        sdpa_attention.sdpa_attention_forward = original
 
 
 @pytest.mark.slow

@@ -43,7 +43,8 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
         self.family = family
         self.packed_weights = packed_weights
         self.heaviest_first = heaviest_first
-        self.attention = None if packed_weights is None else use_per_sample_attention(self.model)
+        # the language model's attention while it trains packed rows (None: not packing)
+        self.packed_attention = None if packed_weights is None else use_per_sample_attention(self.model)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.packed_weights is None:

@@ -515,8 +515,10 @@ def packing_recipe(path: Path, ckpt: Path, data: Path, s: Settings, packed: bool
 
 
 def attention_for_packing(device: str) -> str:
-    """flash_attention_2 where installed (variable-length: a packed row's samples cost their own attention);
-    else sdpa, whose block-causal mask still computes the whole row's attention."""
+    """The recipe's attention for both arms: flash_attention_2 where installed (variable-length: a packed
+    row's samples cost their own attention); else sdpa, which vlmtune switches to per-sample sdpa in the
+    packed arm's language model (vlmtune.training.packed_attention; each arm's ``language_attention``
+    records what ran)."""
     import importlib.util
 
     return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"

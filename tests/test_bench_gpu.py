@@ -155,6 +155,9 @@ def test_packing_part_trains_both_arms_on_both_shapes(dry_run):
             assert figures[arm]["steps"] == 2 and finite(figures[arm]["losses"])
             assert figures[arm]["tokens_per_s"] > 0 and figures[arm]["mfu"] is None  # no MFU on CPU
         assert figures["packed"]["tokens_per_step"] > figures["unpacked"]["tokens_per_step"] / 2
+        # no flash_attn on CPU: the packed arm's language model attends sample by sample, the unpacked arm's is sdpa
+        assert figures["packed"]["language_attention"] == "vlmtune_per_sample_sdpa"
+        assert figures["unpacked"]["language_attention"] == part["attn_implementation"] == "sdpa"
         assert figures["params_6n"] > 0 and figures["packed_over_unpacked"] > 0
 
 

@@ -45,9 +45,12 @@ def lm_head_input(lm_head: torch.nn.Module) -> Iterator[Captured]:
 
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         captured.hidden = args[0]
-        # contiguous: a strided slice sends the CPU matmul through bmm, which materialises an fp32
-        # copy of the whole lm_head weight (about 2 GB for a 7B Qwen2-VL)
-        return (args[0][:, -1:].contiguous(), *args[1:])
+        # Fresh contiguous strides: a strided slice sends the CPU matmul through bmm, which materialises
+        # a copy of the whole lm_head weight (about 2 GB for a 7B Qwen2-VL; 1 s a step on bench/packing.py's
+        # model). ``[:, -1:].contiguous()`` is not enough for a batch of one row (a packed row): a tensor
+        # with size-1 dimensions counts as contiguous whatever its strides, so it keeps the row's stride.
+        last = args[0][:, -1].clone(memory_format=torch.contiguous_format).unsqueeze(1)
+        return (last, *args[1:])
 
     handle = lm_head.register_forward_pre_hook(hook)
     try:

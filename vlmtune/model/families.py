@@ -544,6 +544,13 @@ MLLAMA = Family(
     ),
     packing_refused="its text attends to the images through cross-attention layers, whose mask is not built "
     "per packed sample, so a sample would see the other samples' images",
+    refused_objectives=(
+        (
+            "kto",
+            "its cross_attention_mask runs over the tokens, and TRL's KTOTrainer scores the KL sequences (each "
+            "prompt with another sample's answer, of other lengths) with the training sequences' mask",
+        ),
+    ),
 )
 
 _IDEFICS3_COMMON = dict(

@@ -335,6 +335,6 @@ OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("train", "max_tokens_per_batch"): (("sft",), "it is the budget of train.packing, which only sft reads"),
     ("lora", "dropout"): (
         ("sft",),
-        "DPO and KTO turn dropout off so the model and its reference score answers alike; so does GRPO",
+        "DPO turns dropout off so the model and its reference score answers alike; so do KTO and GRPO",
     ),
 }

@@ -30,7 +30,7 @@ def train(
         "eval_generate and num_workers may change.",
     ),
 ) -> None:
-    """Train from a recipe: load -> lora -> train (sft, dpo or grpo: train.objective), artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft, dpo, kto or grpo: train.objective), artifacts in a new run folder.
 
     SFT learns the answers; DPO learns from chosen/rejected pairs (docs/preference.md); GRPO rewards
     sampled answers (docs/rl.md). On CPU, train.cpu_threads (auto: 1 thread on small machines) sets

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_grpo_learning import SAMPLES_PER_PROMPT, held_out_reward, run
 
 from conftest import ROOT
-from test_grpo_learning import SAMPLES_PER_PROMPT, held_out_reward, run
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,10 @@ def test_gspo_raises_the_held_out_reward_of_an_sft_warm_start(tmp_path: Path):
     start.model = PeftModel.from_pretrained(start.model, str(open_trained_run(tmp_path / "sft").weights))
     before = held_out_reward(start, prompts)
     after = held_out_reward(load_for_inference(trained), prompts)
-    rows = [json.loads(line) for line in (tmp_path / "gspo" / "3-train" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "gspo" / "3-train" / "metrics.jsonl").read_text().splitlines()
+    ]
     curve = [(row["step"], round(row["eval_reward"], 3)) for row in rows if "eval_reward" in row]
     print(f"\nGSPO: held-out mean exact-match reward, {len(prompts)} prompts x {SAMPLES_PER_PROMPT} samples: "
           f"{before:.3f} -> {after:.3f}; the run's eval_reward by step: {curve}")  # fmt: skip

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from preference_task import write_task
-
 from test_preference_learning import MODEL, TRAIN, one_thread, train_run  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -36,7 +35,9 @@ def test_kto_after_sft_raises_held_out_preference_accuracy(tmp_path: Path, one_t
 
     task = write_task(tmp_path / "task")
     data = {"max_image_pixels": 12544}
-    sft = train_run(tmp_path / "sft", model=MODEL, data={"train": str(task / "sft.jsonl"), **data}, train=TRAIN)
+    sft = train_run(
+        tmp_path / "sft", model=MODEL, data={"train": str(task / "sft.jsonl"), **data}, train=TRAIN
+    )
     answers = unpaired(task / "pairs.jsonl", task / "unpaired.jsonl")
     kto = train_run(
         tmp_path / "kto",
@@ -60,7 +61,9 @@ def test_kto_after_sft_raises_held_out_preference_accuracy(tmp_path: Path, one_t
     assert after["logp_margin"] > before["logp_margin"], figures
 
     rows = kto.read_jsonl("3-train/metrics.jsonl")
-    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6), "step 1: the policy is its reference, the SFT adapter"
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6), (
+        "step 1: the policy is its reference, the SFT adapter"
+    )
     late = rows[-5:]
     assert sum(r["reward_margin"] for r in late) > 0, "good answers' rewards above the bad ones' at the end"
     assert kto.summary()["status"] == "done" and not (Path(kto.summary()["output"]) / "ref").exists()

@@ -50,5 +50,5 @@ def test_gspo_raises_the_held_out_reward_of_an_sft_warm_start(tmp_path: Path):
     print(f"\nGSPO: held-out mean exact-match reward, {len(prompts)} prompts x {SAMPLES_PER_PROMPT} samples: "
           f"{before:.3f} -> {after:.3f}; the run's eval_reward by step: {curve}")  # fmt: skip
     assert 0.1 < before < 0.7
-    assert after >= before + 0.15 and after >= 0.55
+    assert after >= before + 0.15 and after >= 0.5  # measured: 0.367 -> 0.562 (GRPO's recipe: 0.344 -> 0.609)
     assert curve[0][0] == 0 and curve[-1][1] >= curve[0][1] + 0.15

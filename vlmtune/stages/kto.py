@@ -86,11 +86,10 @@ def kto_config(
     from trl import KTOConfig
 
     arguments = trainer_arguments(train, run, device, dtype, has_eval, report_to or [], parallel)
+    ours = arguments["train_sampling_strategy"]
+    arguments["train_sampling_strategy"] = "sequential"  # what KTOTrainer checks; the trainer puts ours back
     config = KTOConfig(
-        **{
-            **arguments,
-            "train_sampling_strategy": "sequential",
-        },  # TRL's check; kto_trainer_class restores ours
+        **arguments,
         beta=options.beta,
         loss_type=options.loss_type,
         desirable_weight=options.desirable_weight,
@@ -98,7 +97,7 @@ def kto_config(
         max_length=None,  # our collator refuses what is too long; nothing is ever cut
         pad_to_multiple_of=None,
     )
-    config.vlmtune_sampling = arguments["train_sampling_strategy"]
+    config.vlmtune_sampling = ours
     return config
 
 

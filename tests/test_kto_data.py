@@ -182,3 +182,15 @@ def test_data_check_reads_kto_data_and_names_each_bad_record(tmp_path: Path):
     ]
     assert [item.desirable for item in report.samples] == [True, False]  # rows 0 and 3, measured
     assert len(report.lengths) == 2 and min(report.lengths) > 50
+
+
+def test_eval_on_labelled_answers_takes_the_good_ones_as_references():
+    """`vlmtune eval` on a KTO set (a kto run's data.eval): one item per good answer, never a bad one."""
+    from vlmtune.after.evaluate import load_items
+
+    data = DataSection(train=str(COLOURS / "unpaired.jsonl"), eval=str(COLOURS / "eval_unpaired.jsonl"))
+    items, source = load_items(data.eval, data, None)
+    rows = [json.loads(line) for line in (COLOURS / "eval_unpaired.jsonl").read_text().splitlines()]
+    good = [row["completion"][0]["content"][0]["text"] for row in rows if row["label"]]
+    assert [item.reference for item in items] == good and len(items) == 16 and source["samples_total"] == 32
+    assert all(item.images and item.messages[-1]["role"] == "user" for item in items)

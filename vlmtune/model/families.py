@@ -723,6 +723,7 @@ GLM4V_MOE = Family(
             "TRL 1.16's DPO adds the experts' load-balancing loss with text_config.num_experts, which GLM-4.5V's "
             "config names n_routed_experts: the first step fails with an AttributeError",
         ),
+        ("kto", "TRL 1.16's KTO adds the same load-balancing loss as its DPO, with the same AttributeError"),
     ),
 )
 
@@ -766,6 +767,10 @@ LLAMA4 = Family(
             "dpo",
             "TRL 1.16's DPO takes the decoder's last_hidden_state from the model's backbone, and Llama 4 has none "
             "(its language_model is a causal LM with its own head): the first step fails with an AttributeError",
+        ),
+        (
+            "kto",
+            "TRL 1.16's KTO reads the decoder's last_hidden_state as its DPO does, with the same AttributeError",
         ),
         (
             "grpo",

@@ -87,9 +87,9 @@ def test_help_keeps_descriptions_readable_at_80_columns():
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
 
 
-def test_train_help_names_all_three_objectives():
+def test_train_help_names_all_four_objectives():
     result = vlmtune("train", "--help", env_extra={"COLUMNS": "120"})
-    assert result.returncode == 0 and "sft, dpo or grpo" in result.stdout and "DPO" in result.stdout
+    assert result.returncode == 0 and "sft, dpo, kto or grpo" in result.stdout and "KTO" in result.stdout
 
 
 def _run_folder(root: Path, name: str, evaluated: dict | None = None) -> Path:

@@ -21,7 +21,7 @@ DataFormat = Literal[
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Device = Literal["auto", "cpu", "cuda"]
 Objective = Literal[
-    "sft", "dpo", "grpo"
+    "sft", "dpo", "grpo", "kto"
 ]  # what the train stage optimises; each has a module in vlmtune/stages/
 # TRL 1.16 DPOTrainer's pairwise losses (its "sft" term is the dpo section's sft_weight instead).
 DpoLoss = Literal[
@@ -30,7 +30,11 @@ DpoLoss = Literal[
 ]  # fmt: skip
 DpoReference = Literal["start", "base"]  # the frozen model DPO measures its rewards against
 # TRL 1.16 GRPOTrainer's policy losses that need no knob beyond the grpo section's.
-GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
+GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+# grpo.importance_sampling_level: one policy ratio per token (GRPO) or per completion (GSPO)
+ImportanceSampling = Literal["token", "sequence"]
+# TRL 1.16 KTOTrainer's losses: kto (with the KL baseline of mismatched answers), apo_zero_unpaired (none)
+KtoLoss = Literal["kto", "apo_zero_unpaired"]
 RewardScaling = Literal["group", "batch", "none"]  # what a reward is divided by to form its advantage
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 KernelsMode = Literal["auto", "off"]  # train.kernels: the Triton kernels (vlmtune/kernels) or none

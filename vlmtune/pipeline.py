@@ -30,9 +30,14 @@ from vlmtune.recipe import Recipe
 from vlmtune.runs import fingerprints, resuming, rundir, runlock, signals, trainer_checkpoints
 from vlmtune.runs.resuming import Start
 from vlmtune.runs.rundir import RunDir, environment_report
-from vlmtune.stages import dpo, grpo, load, lora, sft
+from vlmtune.stages import dpo, grpo, kto, load, lora, sft
 
-OBJECTIVES = {"sft": sft, "dpo": dpo, "grpo": grpo}  # recipe train.objective -> the module that trains it
+OBJECTIVES = {
+    "sft": sft,
+    "dpo": dpo,
+    "grpo": grpo,
+    "kto": kto,
+}  # recipe train.objective -> the module that trains it
 
 Warn = Callable[[str], None]
 

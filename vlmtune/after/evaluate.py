@@ -36,17 +36,30 @@ MAX_NEW_TOKENS = 64  # per answer; the CLI's --max-new-tokens overrides it
 
 def holds_pairs(path: str, data: DataSection, split: str) -> bool:
     """Is this source a preference set? (its first record decides)"""
-    from vlmtune.data import open_records
     from vlmtune.data.preference import looks_like_pair
 
-    first = next(iter(open_records(path, split, data.subset).rows), (0, None))[1]
-    return looks_like_pair(first)
+    return looks_like_pair(_first_record(path, data, split))
+
+
+def holds_labelled_answers(path: str, data: DataSection, split: str) -> bool:
+    """Is this source KTO's unpaired answers, each labelled good or bad? (its first record decides)"""
+    from vlmtune.data.unpaired import LABEL_KEYS
+
+    first = _first_record(path, data, split)
+    return isinstance(first, dict) and any(key in first for key in LABEL_KEYS)
+
+
+def _first_record(path: str, data: DataSection, split: str) -> Any:
+    from vlmtune.data import open_records
+
+    return next(iter(open_records(path, split, data.subset).rows), (0, None))[1]
 
 
 def load_items(path: str, data: DataSection, max_samples: int | None) -> tuple[list, dict]:
     """Eval items of a data source read with the run's data settings (layout, columns, image root).
 
-    A preference set gives one item per pair. Returns (items, {source, samples_total, skipped}).
+    A preference set gives one item per pair; a set of labelled answers (kto) one per good answer.
+    Returns (items, {source, samples_total, skipped}).
     """
     from vlmtune.data.preference import PairReader
     from vlmtune.data.preflight import check_split, read_split
@@ -56,8 +69,15 @@ def load_items(path: str, data: DataSection, max_samples: int | None) -> tuple[l
         split = check_split("eval", path, data, split=split_name, reader=PairReader)
         pairs = split.samples[:max_samples] if max_samples else split.samples
         return [pair_item(p) for p in pairs], _source(split)
-    split = read_split(path, data, split=split_name)
-    samples = split.samples[:max_samples] if max_samples else split.samples
+    if holds_labelled_answers(path, data, split_name):  # KTO's answers: the good ones are the references
+        from vlmtune.data.unpaired import UnpairedReader
+
+        split = check_split("eval", path, data, split=split_name, reader=UnpairedReader)
+        samples = [s for s in split.samples if s.desirable]
+    else:
+        split = read_split(path, data, split=split_name)
+        samples = split.samples
+    samples = samples[:max_samples] if max_samples else samples
     if not any(m["role"] == "user" for s in samples for m in s.messages):
         raise DataError(
             f"{path} has no user turns to prompt with", hint="eval samples need a question and an answer"

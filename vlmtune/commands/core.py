@@ -30,10 +30,10 @@ def train(
         "eval_generate and num_workers may change.",
     ),
 ) -> None:
-    """Train from a recipe: load -> lora -> train (sft, dpo or grpo: train.objective), artifacts in a new run folder.
+    """Train from a recipe: load -> lora -> train (sft, dpo, kto or grpo: train.objective), artifacts in a new run folder.
 
-    SFT learns the answers; DPO learns from chosen/rejected pairs (docs/preference.md); GRPO rewards
-    sampled answers (docs/rl.md). On CPU, train.cpu_threads (auto: 1 thread on small machines) sets
+    SFT learns the answers; DPO learns from chosen/rejected pairs and KTO from single answers labelled
+    good or bad (docs/preference.md); GRPO rewards sampled answers (docs/rl.md). On CPU, train.cpu_threads (auto: 1 thread on small machines) sets
     torch's threads.
 
     Ctrl-C stops the run at once; SIGTERM or SIGHUP (a scheduler's notice, a dropped ssh connection) let the

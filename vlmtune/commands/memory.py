@@ -96,7 +96,7 @@ def estimate_memory(
         None,
         "--objective",
         show_default=False,
-        help=f"{', '.join(words(Objective))}; dpo: two sequences per sample and a reference. [default: sft]",
+        help=f"{', '.join(words(Objective))}; dpo: two sequences per sample and a reference; kto: a reference. [default: sft]",
     ),
     dtype: str = typer.Option(
         None, "--dtype", help=f"{', '.join(words(Dtype))}. [default: bfloat16]", show_default=False
@@ -398,7 +398,7 @@ def describe_term(name: str, result) -> str:
         )
         return f"{rows} x ({work.text_tokens:,} text{images}) tokens, {ckpt}"
     if name == "logits":
-        if training.objective in ("dpo", "grpo"):
+        if training.objective in ("dpo", "kto", "grpo"):
             return "TRL's chunked log-probabilities: one fp32 tile of logits"
         how = "supervised, chunked" if training.supervised_loss else "whole sequence"
         return f"fp32 logits ({how}) x {mem.LOGITS_MULTIPLE:g}"

@@ -49,6 +49,10 @@ def check_recipe_data(
         from vlmtune.data.prompts import prompt_reading
 
         reader, measure = prompt_reading(processor, recipe.grpo)
+    elif recipe.train.objective == "kto":  # unpaired answers: each with its good/bad label
+        from vlmtune.data.unpaired_collator import unpaired_reading
+
+        reader, measure = unpaired_reading(processor, family)
     # Collect every problem instead of stopping at the first: that is the point of a check.
     splits = {"train": recipe.data.train, "eval": recipe.data.eval}
     return {

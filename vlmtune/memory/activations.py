@@ -106,7 +106,11 @@ def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) ->
     fp32 logits at a time; image tokens never carry a label, so every text token is the upper
     bound. The model's own loss projects the whole batch, image tokens included.
     """
-    if training.objective in ("dpo", "grpo"):  # TRL's tiles: one fp32 tile of logits, its slice of lm_head
+    if training.objective in (
+        "dpo",
+        "kto",
+        "grpo",
+    ):  # TRL's tiles: one fp32 tile of logits, its slice of lm_head
         scored = work.completion_tokens if training.objective == "grpo" else work.text_tokens
         tokens = min(training.sequences * work.batch_size * scored, TRL_TOKEN_TILE)
         vocab = min(model.vocab_size, TRL_VOCAB_TILE)

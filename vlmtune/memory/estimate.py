@@ -164,13 +164,14 @@ def _notes(training: TrainingMethod) -> list[str]:
             "(HF Trainer updates the weights in place)"
         )
     if training.objective == "dpo":
-        reference = {
-            "full": "a frozen copy of the weights",
-            "lora": "the continued adapter, frozen" if training.continues_adapter else "the adapter disabled",
-        }[training.method]
         notes.append(
-            f"dpo: each pair is two sequences (chosen, rejected) and a no-grad reference forward; the reference "
-            f"is {reference}"
+            "dpo: each pair is two sequences (chosen, rejected) and a no-grad reference forward; the reference "
+            f"is {_reference_words(training)}"
+        )
+    elif training.objective == "kto":
+        notes.append(
+            "kto: each sample is one sequence with gradients, plus no-grad forwards of its KL sequence (the prompt "
+            f"with another sample's answer) and of the reference; the reference is {_reference_words(training)}"
         )
     elif training.objective == "sft" and training.supervised_loss:
         notes.append(
@@ -178,6 +179,13 @@ def _notes(training: TrainingMethod) -> list[str]:
             f"{training.chunk_bytes // MiB} MiB of fp32 logits at a time (train.supervised_loss)"
         )
     return notes
+
+
+def _reference_words(training: TrainingMethod) -> str:
+    """What a preference objective's reference costs, in words."""
+    if training.method == "full":
+        return "a frozen copy of the weights"
+    return "the continued adapter, frozen" if training.continues_adapter else "the adapter disabled"
 
 
 def _checkpointing_notes(model: ModelShape, training: TrainingMethod, work: Workload) -> list[str]:

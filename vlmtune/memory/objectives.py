@@ -10,7 +10,8 @@
   costs no second copy for LoRA (the adapter is disabled), a frozen fp32 copy of the adapter when
   it continues an earlier run's, and a second copy of the weights for full fine-tuning. Its
   no-grad forward frees each layer as it goes, within what backward needs later anyway. GRPO
-  (with beta > 0) holds the same reference.
+  (with beta > 0) and KTO hold the same reference. KTO's sample is one sequence with gradients; its
+  KL sequence (the prompt with another sample's answer) and the reference see only no-grad forwards.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def generation_bytes(model: ModelShape, training: TrainingMethod, work: Workload
 
 
 def reference_bytes(model: ModelShape, training: TrainingMethod, lora: int) -> int:
-    """The frozen reference dpo (and grpo with beta > 0) measures against: none for a fresh adapter (it
+    """The frozen reference dpo and kto (and grpo with beta > 0) measure against: none for a fresh adapter (it
     is disabled), a frozen copy of a continued adapter, a second copy of the weights for full fine-tuning."""
-    if training.objective not in ("dpo", "grpo") or not training.reference:
+    if training.objective not in ("dpo", "kto", "grpo") or not training.reference:
         return 0
     if training.method == "full":
         return sum(c.bytes for c in weight_components(model, training))

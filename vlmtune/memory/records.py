@@ -31,7 +31,12 @@ BNB_OPTIM_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry quantization maps, one p
 SEARCH_LIMIT = 2**20  # the largest batch size / sequence length "what fits" looks for
 TRL_TOKEN_TILE = 4096  # TRL 1.16's chunked log-probabilities: tokens per projection tile
 TRL_VOCAB_TILE = 32768  # ... and vocabulary entries per tile
-SEQUENCES_PER_SAMPLE = {"sft": 1, "dpo": 2, "grpo": 1}  # dpo: a pair is its chosen and its rejected one
+SEQUENCES_PER_SAMPLE = {
+    "sft": 1,
+    "dpo": 2,
+    "grpo": 1,
+    "kto": 1,
+}  # dpo: a pair is its chosen and its rejected one
 OPTIMIZERS = get_args(Optimizer)
 
 
@@ -57,9 +62,9 @@ class TrainingMethod:
     gradient_checkpointing: bool = True
     supervised_loss: bool = True
     chunk_bytes: int = LOSS_CHUNK_BYTES
-    objective: str = "sft"  # sft | dpo | grpo (train.objective)
+    objective: str = "sft"  # sft | dpo | grpo | kto (train.objective)
     continues_adapter: bool = False  # model.adapter: the reference is a frozen copy of that adapter
-    reference: bool = True  # dpo and grpo measure against a frozen reference (grpo: only with beta > 0)
+    reference: bool = True  # dpo, kto and grpo measure against a frozen reference (grpo: only with beta > 0)
 
     @property
     def quantized(self) -> bool:

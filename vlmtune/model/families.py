@@ -544,6 +544,13 @@ MLLAMA = Family(
     ),
     packing_refused="its text attends to the images through cross-attention layers, whose mask is not built "
     "per packed sample, so a sample would see the other samples' images",
+    refused_objectives=(
+        (
+            "kto",
+            "its cross_attention_mask runs over the tokens, and TRL's KTOTrainer scores the KL sequences (each "
+            "prompt with another sample's answer, of other lengths) with the training sequences' mask",
+        ),
+    ),
 )
 
 _IDEFICS3_COMMON = dict(
@@ -716,6 +723,7 @@ GLM4V_MOE = Family(
             "TRL 1.16's DPO adds the experts' load-balancing loss with text_config.num_experts, which GLM-4.5V's "
             "config names n_routed_experts: the first step fails with an AttributeError",
         ),
+        ("kto", "TRL 1.16's KTO adds the same load-balancing loss as its DPO, with the same AttributeError"),
     ),
 )
 
@@ -759,6 +767,10 @@ LLAMA4 = Family(
             "dpo",
             "TRL 1.16's DPO takes the decoder's last_hidden_state from the model's backbone, and Llama 4 has none "
             "(its language_model is a causal LM with its own head): the first step fails with an AttributeError",
+        ),
+        (
+            "kto",
+            "TRL 1.16's KTO reads the decoder's last_hidden_state as its DPO does, with the same AttributeError",
         ),
         (
             "grpo",

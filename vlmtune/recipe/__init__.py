@@ -4,7 +4,7 @@ Every default lives here, in this package, nowhere else. Unknown keys are reject
 reported at once with its key path, its YAML line and a did-you-mean, and the validated recipe is frozen.
 
 - `sections`: the sections every objective reads (model, quantization, lora, data, train, output).
-- `objectives`: the dpo and grpo sections, grpo's rewards, the keys only some objectives read.
+- `objectives`: the dpo, kto and grpo sections, grpo's rewards, the keys only some objectives read.
 - `schema`: the whole `Recipe`, the checks across its sections, its JSON schema.
 - `loading`: `load_recipe()` and `parse_recipe()`: YAML, `--set` overrides, validation, paths.
 - `messages`: validation errors as lines a user can act on.
@@ -26,6 +26,7 @@ from vlmtune.recipe.objectives import (
     ExactMatchReward,
     FunctionReward,
     GrpoSection,
+    KtoSection,
     LengthReward,
     NumberReward,
     RegexReward,
@@ -61,6 +62,7 @@ __all__ = [
     "ExactMatchReward",
     "FunctionReward",
     "GrpoSection",
+    "KtoSection",
     "LengthReward",
     "LoraSection",
     "ModelSection",

@@ -1,4 +1,4 @@
-"""The sections of the objectives that have knobs: dpo, and grpo with its rewards; and the keys of
+"""The sections of the objectives that have knobs: dpo, kto, and grpo with its rewards; and the keys of
 the common sections that only some objectives read."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from vlmtune.choices import DpoLoss, DpoReference, GrpoLoss, RewardScaling
+from vlmtune.choices import DpoLoss, DpoReference, GrpoLoss, ImportanceSampling, KtoLoss, RewardScaling
 from vlmtune.recipe.sections import MODULE_FUNCTION, Section, Strict, wants_number
 
 
@@ -61,6 +61,35 @@ class DpoSection(Section):
                 "dpo.loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)"
             )
         return self
+
+
+class KtoSection(Section):
+    """Knobs of unpaired preference tuning (train.objective: kto), run through TRL's KTOTrainer."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="How far the model may move from the reference: higher keeps it closer. Rewards are beta times "
+        "the log-probability ratio of an answer to the reference.",
+    )
+    loss_type: KtoLoss = Field(
+        "kto",
+        description="kto: a good answer's reward is pushed above, a bad one's below, the batch's KL estimate "
+        "(each prompt scored with another sample's answer: train.batch_size of 2 or more); apo_zero_unpaired: "
+        "good answers up and bad ones down without that baseline (no extra forward passes).",
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Weight of the good answers' losses. With unequal counts, KTO's paper keeps desirable_weight x "
+        "good answers / (undesirable_weight x bad answers) between 1 and 4/3.",
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the bad answers' losses.")
+    reference: DpoReference = Field(
+        "start",
+        description="The frozen model rewards are measured against, as dpo.reference: start (the model training "
+        "starts from) or base (the base model even when model.adapter continues a run; LoRA only).",
+    )
 
 
 # --- grpo: rewards and knobs ---------------------------------------------------------------------
@@ -214,8 +243,14 @@ class GrpoSection(Section):
     loss_type: GrpoLoss = Field(
         "dapo",
         description="How token losses are averaged: dapo (tokens of the whole batch), grpo (per completion, then "
-        "per batch), dr_grpo (a constant: no length bias), bnpo (tokens of the local batch), cispo, sapo (as in "
-        "TRL's GRPOTrainer).",
+        "per batch), dr_grpo (a constant: no length bias), bnpo (tokens of the local batch), cispo, sapo, vespo "
+        "(as in TRL's GRPOTrainer); luspo (GSPO scaled by completion length: importance_sampling_level sequence).",
+    )
+    importance_sampling_level: ImportanceSampling = Field(
+        "token",
+        description="The policy ratio the loss clips: one per token (GRPO) or one per completion, the mean of its "
+        "tokens' log-ratios (GSPO; use with loss_type grpo, or luspo). vlmtune updates on-policy, where both "
+        "ratios are 1 and the two give the same gradient (docs/rl.md).",
     )
     scale_rewards: RewardScaling = Field(
         "group",
@@ -235,6 +270,30 @@ class GrpoSection(Section):
     completions_to_log: int = Field(
         8, ge=0, description="Completions written to 3-train/completions.jsonl at each logging step."
     )
+
+    # Losses that sum per-token terms: with one ratio per completion they weight each by its length (TRL).
+    TOKEN_SUMMING_LOSSES: ClassVar[tuple[str, ...]] = ("dapo", "bnpo", "dr_grpo", "cispo")
+
+    @model_validator(mode="after")
+    def _ratio_fits_the_loss(self) -> GrpoSection:
+        level, loss = self.importance_sampling_level, self.loss_type
+        if loss == "luspo" and level != "sequence":
+            raise ValueError(
+                "grpo.loss_type luspo is GSPO's loss scaled by completion length: it needs "
+                "grpo.importance_sampling_level: sequence"
+            )
+        if loss == "vespo" and level != "token":
+            raise ValueError(
+                "grpo.loss_type vespo computes its own per-completion weights from the token ratios: keep "
+                "grpo.importance_sampling_level: token"
+            )
+        if level == "sequence" and loss in self.TOKEN_SUMMING_LOSSES:
+            raise ValueError(
+                f"grpo.importance_sampling_level sequence (GSPO) with loss_type {loss} sums one ratio per token of "
+                "each completion, weighting completions by their length instead of GSPO's per-completion objective; "
+                "set grpo.loss_type: grpo (the GSPO paper's), luspo or sapo"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rewards_named_once_and_code_allowed(self) -> GrpoSection:
@@ -258,11 +317,11 @@ class GrpoSection(Section):
 OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("data", "train_on_responses_only"): (
         ("sft",),
-        "preference pairs are always scored on their answers only, GRPO's completions too",
+        "preference pairs (dpo) and unpaired answers (kto) are always scored on their answers only, GRPO's completions too",
     ),
     ("train", "supervised_loss"): (
         ("sft",),
-        "DPO scores answers with TRL's chunked log-probabilities, and so does GRPO",
+        "DPO and KTO score answers with TRL's chunked log-probabilities, and so does GRPO",
     ),
     ("train", "eval_generate_steps"): (
         ("sft",),
@@ -276,6 +335,6 @@ OBJECTIVE_ONLY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("train", "max_tokens_per_batch"): (("sft",), "it is the budget of train.packing, which only sft reads"),
     ("lora", "dropout"): (
         ("sft",),
-        "DPO turns dropout off so the model and its reference score answers alike; so does GRPO",
+        "DPO turns dropout off so the model and its reference score answers alike; so do KTO and GRPO",
     ),
 }

@@ -8,7 +8,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from vlmtune.choices import Objective, words
-from vlmtune.recipe.objectives import OBJECTIVE_ONLY, DpoSection, GrpoSection
+from vlmtune.recipe.objectives import OBJECTIVE_ONLY, DpoSection, GrpoSection, KtoSection
 from vlmtune.recipe.sections import (
     DataSection,
     LoraSection,
@@ -32,6 +32,9 @@ class Recipe(Section):
     )
     grpo: GrpoSection | None = Field(
         None, description="Read when train.objective is grpo (its rewards are required then)."
+    )
+    kto: KtoSection | None = Field(
+        None, description="Read when train.objective is kto (filled with its defaults then)."
     )
 
     @model_validator(mode="before")
@@ -63,11 +66,21 @@ class Recipe(Section):
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
         self._objective_keys_apply()
-        dpo = self.dpo
-        if dpo and dpo.reference == "base" and self.model.adapter and self.lora.method == "full":
+        preference = self.dpo or self.kto
+        if (
+            preference
+            and preference.reference == "base"
+            and self.model.adapter
+            and self.lora.method == "full"
+        ):
             raise ValueError(
-                "dpo.reference base with lora.method full and model.adapter would need the base as a second full "
-                "copy; use reference: start (the run's weights, frozen), or continue a LoRA run"
+                f"{self.train.objective}.reference base with lora.method full and model.adapter would need the base as "
+                "a second full copy; use reference: start (the run's weights, frozen), or continue a LoRA run"
+            )
+        if self.kto is not None and self.kto.loss_type == "kto" and self.train.batch_size < 2:
+            raise ValueError(
+                "kto.loss_type kto estimates its KL baseline by scoring each prompt with another answer of the same "
+                "batch: train.batch_size must be 2 or more (or use kto.loss_type: apo_zero_unpaired)"
             )
         if self.grpo is not None:
             self._grpo_batches_hold_whole_groups(self.grpo)

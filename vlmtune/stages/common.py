@@ -1,4 +1,4 @@
-"""What every objective's train stage shares around its TRL trainer (sft, dpo, grpo).
+"""What every objective's train stage shares around its TRL trainer (sft, dpo, kto, grpo).
 
 An objective pre-flights its items (samples, pairs, prompts) through vlmtune.data.preflight, hands TRL a
 dataset of positions (TRL only takes `datasets` datasets; the items, with their lazy images, stay in
@@ -226,3 +226,23 @@ def adds_nothing(model: Any) -> bool:
             if any(not torch.equal(original[key], trained[key]) for key in original):
                 return False
     return True
+
+
+def frozen_copy(model: Any) -> Any:
+    """Full fine-tuning's reference: the model as training starts, frozen (a second set of weights)."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def drop_needless_reference_copy(model: Any, reference: str) -> None:
+    """The preference objectives' reference (dpo.reference, kto.reference). TRL copies any adapter it is
+    handed into a frozen "ref" adapter. Without it TRL disables the adapter for the reference (the base
+    answers): what ``reference: base`` asks for, and the same model as the copy when the adapter is
+    fresh, for less memory and compute."""
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) and (
+        reference == "base" or adds_nothing(model)
+    ):
+        model.delete_adapter(REFERENCE_ADAPTER)

@@ -24,10 +24,10 @@ from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import (
-    REFERENCE_ADAPTER,
     IndexedCollator,
     Selected,
-    adds_nothing,
+    drop_needless_reference_copy,
+    frozen_copy,
     parallel_arguments,
     positions,
     run_trainer,
@@ -100,15 +100,6 @@ def preference_trainer_class() -> type:
     return PreferenceTrainer
 
 
-def frozen_copy(model: Any) -> Any:
-    """Full fine-tuning's reference: the model as training starts, frozen (a second set of weights)."""
-    import copy
-
-    reference = copy.deepcopy(model)
-    reference.requires_grad_(False)
-    return reference.eval()
-
-
 def train(
     model: Any,
     processor: Any,
@@ -171,13 +162,3 @@ def build_trainer(
     )
     drop_needless_reference_copy(trainer.model, options.reference)
     return trainer
-
-
-def drop_needless_reference_copy(model: Any, reference: str) -> None:
-    """TRL copies any adapter it is handed into a frozen "ref" adapter. Without it TRL disables the
-    adapter for the reference (the base answers): what ``reference: base`` asks for, and the same
-    model as the copy when the adapter is fresh, for less memory and compute."""
-    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}) and (
-        reference == "base" or adds_nothing(model)
-    ):
-        model.delete_adapter(REFERENCE_ADAPTER)

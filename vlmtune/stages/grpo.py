@@ -345,6 +345,7 @@ def grpo_config(
         top_p=options.top_p,
         beta=options.beta,
         loss_type=options.loss_type,
+        importance_sampling_level=options.importance_sampling_level,
         scale_rewards=options.scale_rewards,
         reward_weights=[reward.weight for reward in options.rewards],
         generation_kwargs={"suppress_tokens": suppress},  # replaces TRL's list (the image token alone)

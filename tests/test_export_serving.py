@@ -137,7 +137,7 @@ def test_vllm_export_ships_the_adapter_with_the_exact_serve_command_and_a_failed
         "vllm serve path/to/the/base/model --enable-lora --max-lora-rank 16 --lora-modules finetune=./adapter "
         "--enable-tower-connector-lora"
     )
-    assert command in result.stdout.replace("\n", " "), result.stderr[-3000:]
+    assert command in " ".join(result.stdout.split()), result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "adapter",
@@ -162,7 +162,7 @@ def test_merge_verify_compares_the_merged_model_with_base_plus_adapter(run: Path
     verify, scored = report["verify"], report["scored"]
     assert verify["compared"] == "base_plus_adapter vs merged" and verify["n"] == scored["n"] == 2
     assert verify["agreeing"] == scored["agreeing"] == 2 and verify["disagreements"] == []
-    assert "the same answer on 2 of 2 eval samples (100.0%)" in result.stdout
+    assert "the same answer on 2 of 2 eval samples (100.0%)" in " ".join(result.stdout.split())
 
 
 def test_split_vllm_export_equals_base_plus_adapter(run: Path, tmp_path: Path):

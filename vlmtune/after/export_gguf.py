@@ -89,13 +89,20 @@ def export_gguf(trained: TrainedRun, out: Path, quant: str, dtype: str, verify: 
     converter = converter_dir()
     if quant == "q4_k_m" or verify:
         llama_cpp_module()  # before any weight loads: the quantizer and --verify need llama-cpp-python
+    if verify:
+        from vlmtune.after.gguf_verify import eval_items
+
+        eval_items(trained)  # a run without data.eval fails now, not after the conversion
     names = file_names(quant)
     with staged(out) as staging:
         hf = staging / ".merged"  # the converter's input, removed before the folder is handed over
         checks = export_merged(trained, hf, dtype) if not trained.is_full else _copy_full(trained, hf)
         pre = matching_pre_tokenizer(hf, family)
-        convert(converter, hf, staging / names["model"], quant, mmproj=False, pre_tokenizer=pre)
-        convert(converter, hf, staging / names["mmproj"], MMPROJ_TYPE, mmproj=True, pre_tokenizer=pre)
+        name = Path(out).name
+        convert(converter, hf, staging / names["model"], quant, mmproj=False, pre_tokenizer=pre, name=name)
+        convert(
+            converter, hf, staging / names["mmproj"], MMPROJ_TYPE, mmproj=True, pre_tokenizer=pre, name=name
+        )
         checks.append(check_gguf_files(staging / names["model"], staging / names["mmproj"]))
         (staging / rundir.OLLAMA_MODELFILE).write_text(modelfile(family, names), encoding="utf-8")
         verified = (
@@ -141,12 +148,14 @@ def matching_pre_tokenizer(folder: Path, family: Family) -> str | None:
 
 
 def convert(
-    converter: Path, hf: Path, out: Path, outtype: str, mmproj: bool, pre_tokenizer: str | None
+    converter: Path, hf: Path, out: Path, outtype: str, mmproj: bool, pre_tokenizer: str | None, name: str
 ) -> None:
-    """Run llama.cpp's converter in its own process; q4_k_m goes through f16 and llama.cpp's quantizer."""
+    """Run llama.cpp's converter in its own process; q4_k_m goes through f16 and llama.cpp's quantizer.
+    ``name``: the model's name in the GGUF metadata (general.name)."""
     target = out.with_name(out.name + ".f16") if outtype == "q4_k_m" else out
     command = [sys.executable, "-m", "vlmtune.after.gguf_converter", str(converter), pre_tokenizer or "",
-               str(hf), "--outtype", "f16" if outtype == "q4_k_m" else outtype, "--outfile", str(target)]  # fmt: skip
+               str(hf), "--outtype", "f16" if outtype == "q4_k_m" else outtype, "--outfile", str(target),
+               "--model-name", name]  # fmt: skip
     if mmproj:
         command.append("--mmproj")
     done = subprocess.run(

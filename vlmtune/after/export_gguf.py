@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from vlmtune.after.export import ExportError, card_facts, export_merged, model_card
-from vlmtune.after.export_staging import staged, write_card_and_report
+from vlmtune.after.export_staging import curves_lines, staged, write_card_and_report
 from vlmtune.after.trained import TrainedRun
 from vlmtune.errors import VlmtuneError
 from vlmtune.model.families import Family, get_family
@@ -112,7 +112,11 @@ def export_gguf(trained: TrainedRun, out: Path, quant: str, dtype: str, verify: 
         )
         facts = {**card_facts(trained, "gguf", dtype), "dtype": quant, "mmproj_dtype": MMPROJ_TYPE}
         report = {**facts, "gguf": names, "checks": checks, "verify": verified}
-        write_card_and_report(staging, model_card(facts, Path(out).name, serve_lines(names)), report)
+        write_card_and_report(
+            staging,
+            model_card(facts, Path(out).name, serve_lines(names) + curves_lines(trained.run, staging)),
+            report,
+        )
         shutil.rmtree(hf)
     return report
 

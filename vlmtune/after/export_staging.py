@@ -35,6 +35,20 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
+def curves_lines(run: rundir.RunDir, folder: Path) -> list[str]:
+    """Copy the run's training curves (when it drew them) into the export; the card's lines showing them."""
+    source = run / rundir.CURVES
+    if not source.is_file():
+        return []
+    shutil.copy2(source, folder / rundir.EXPORT_CURVES)
+    return [
+        "## Training curves",
+        "",
+        f"![loss, learning rate, grad norm vs step]({rundir.EXPORT_CURVES})",
+        "",
+    ]
+
+
 def write_card_and_report(folder: Path, card: str, report: dict) -> None:
     """README.md (the model card) and vlmtune_export.json (what was checked), as every export has."""
     (folder / rundir.EXPORT_CARD).write_text(card, encoding="utf-8")

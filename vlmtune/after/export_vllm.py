@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.after.export import ExportError, Probe, card_facts, check_merged, merge_probes, model_card
-from vlmtune.after.export_staging import staged, write_card_and_report
+from vlmtune.after.export_staging import curves_lines, staged, write_card_and_report
 from vlmtune.after.trained import TrainedRun
 from vlmtune.model.families import Family, ends_with, get_family
 from vlmtune.paths import is_hub_id
@@ -182,7 +182,11 @@ def export_vllm(trained: TrainedRun, out: Path, merge: bool, dtype: str) -> dict
             "checks": checks,
         }
         write_card_and_report(
-            staging, model_card(facts, Path(out).name, serve_lines(chosen, command)), report
+            staging,
+            model_card(
+                facts, Path(out).name, serve_lines(chosen, command) + curves_lines(trained.run, staging)
+            ),
+            report,
         )
     return report
 

@@ -71,6 +71,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 GGUF_MODEL = "model-{quant}.gguf"
 GGUF_MMPROJ = "mmproj-{quant}.gguf"
 OLLAMA_MODELFILE = "Modelfile"
+EXPORT_CURVES = "curves.png"  # a serving export's copy of the run's CURVES, shown in its card
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -100,6 +100,7 @@ def test_vllm_layout_follows_the_family_record_and_what_the_adapter_trains():
     assert "skip" in off.why
 
 
+@pytest.mark.slow
 def test_the_vllm_check_catches_a_planted_unsupported_module(run: Path, tmp_path: Path):
     from safetensors.torch import load_file, save_file
 
@@ -127,6 +128,7 @@ def test_the_vllm_check_catches_a_planted_unsupported_module(run: Path, tmp_path
         check_vllm_modules(QWEN2_VL, tmp_path / "adapter_model.safetensors", tower_lora=True)
 
 
+@pytest.mark.slow
 def test_vllm_export_ships_the_adapter_with_the_exact_serve_command_and_a_failed_push_keeps_it(
     run: Path, tmp_path: Path
 ):
@@ -152,6 +154,7 @@ def test_vllm_export_ships_the_adapter_with_the_exact_serve_command_and_a_failed
     assert "could not push" in result.stderr and "hf upload someone/tiny" in result.stderr
 
 
+@pytest.mark.slow
 def test_merge_verify_compares_the_merged_model_with_base_plus_adapter(run: Path, tmp_path: Path):
     out = tmp_path / "merged"
     result = vlmtune("export", str(run), "--out", str(out), "--merge", "--dtype", "float32", "--verify")
@@ -163,6 +166,7 @@ def test_merge_verify_compares_the_merged_model_with_base_plus_adapter(run: Path
     assert "the same answer on 2 of 2 eval samples (100.0%)" in " ".join(result.stdout.split())
 
 
+@pytest.mark.slow
 def test_split_vllm_export_equals_base_plus_adapter(run: Path, tmp_path: Path):
     """Off vLLM's tower list: model/ (the tower's LoRA merged) + adapter/ (the language LoRA alone)
     gives the logits of base + the whole adapter, and differs from the base."""
@@ -242,6 +246,7 @@ def test_export_options_that_do_not_fit_fail_before_loading(tmp_path: Path):
     assert verify.returncode == 2 and "--verify cannot run vLLM here" in verify.stderr
 
 
+@pytest.mark.slow
 @needs_converter
 def test_gguf_export_holds_the_language_model_the_fine_tuned_mmproj_and_a_modelfile(
     gguf_export: Path, run: Path
@@ -289,6 +294,7 @@ def gguf_export(run: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_answers_the_eval_images_as_transformers_does(gguf_export: Path):
     verify = json.loads((gguf_export / "vlmtune_export.json").read_text())["verify"]
@@ -296,6 +302,7 @@ def test_llama_cpp_answers_the_eval_images_as_transformers_does(gguf_export: Pat
     assert (verify["n"], verify["agreeing"], verify["disagreements"]) == (2, 2, [])
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_q4_k_m_goes_through_llama_cpps_quantizer(run: Path, tmp_path: Path):
     from gguf import GGUFReader

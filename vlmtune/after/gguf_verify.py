@@ -40,17 +40,52 @@ def verify(hf: Path, model: Path, mmproj: Path, trained: TrainedRun) -> dict:
     items = eval_items(trained)
     reference = load_export(hf, device="cpu", dtype="float32")
     expected = evaluate.answers(reference.model, reference.processor, items, evaluate.MAX_NEW_TOKENS)
-    served = llama_cpp_answers(model, mmproj, items, evaluate.MAX_NEW_TOKENS)
+    limits = image_token_limits(reference.processor, reference.family)
+    served = llama_cpp_answers(model, mmproj, items, evaluate.MAX_NEW_TOKENS, limits)
     indices = [item.index for item in items]
-    return comparison(reference.processor.tokenizer, indices, expected, served, ("transformers", "llama_cpp"))
+    result = comparison(reference.processor.tokenizer, indices, expected, served, ("transformers", "llama_cpp"))
+    return {**result, "llama_cpp_image_tokens": {"min": limits[0], "max": limits[1]}}
 
 
-def llama_cpp_answers(model: Path, mmproj: Path, items: list, max_new_tokens: int) -> list[str]:
+def image_token_limits(processor: Any, family: Any) -> tuple[int, int]:
+    """The fewest and most tokens an image may become under the processor as trained (its pixel budget);
+    (-1, -1): llama.cpp's own limits, for a family without a pixel budget.
+
+    llama.cpp keeps its own limits per projector (at least 8 tokens for Qwen2-VL), so without these it
+    would resize a small image that transformers keeps as it is, and the two would see different pixels.
+    """
+    settings = family.image_settings(processor)
+    if not (settings.min_pixels and settings.max_pixels):
+        return (-1, -1)
+    per_token = (settings.patch_size * settings.merge_size) ** 2
+    return (max(1, settings.min_pixels // per_token), settings.max_pixels // per_token)
+
+
+class _TokenLimitedMtmd:
+    """llama-cpp-python's mtmd bindings with the context defaults set to the image token limits: its chat
+    handler builds the mtmd context from ``mtmd_context_params_default()`` and offers no other way in."""
+
+    def __init__(self, module: Any, limits: tuple[int, int]):
+        self._module, self._limits = module, limits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def mtmd_context_params_default(self) -> Any:
+        params = self._module.mtmd_context_params_default()
+        params.image_min_tokens, params.image_max_tokens = self._limits
+        return params
+
+
+def llama_cpp_answers(
+    model: Path, mmproj: Path, items: list, max_new_tokens: int, limits: tuple[int, int] = (-1, -1)
+) -> list[str]:
     """Greedy answers from llama.cpp: the GGUF's own chat template, images through the mmproj (mtmd)."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
+    handler._mtmd_cpp = _TokenLimitedMtmd(handler._mtmd_cpp, limits)
     llama = Llama(str(model), chat_handler=handler, n_ctx=N_CTX, n_threads=1, verbose=False, seed=0)
     answers = []
     for item in items:

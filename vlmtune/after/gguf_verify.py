@@ -43,7 +43,9 @@ def verify(hf: Path, model: Path, mmproj: Path, trained: TrainedRun) -> dict:
     limits = image_token_limits(reference.processor, reference.family)
     served = llama_cpp_answers(model, mmproj, items, evaluate.MAX_NEW_TOKENS, limits)
     indices = [item.index for item in items]
-    result = comparison(reference.processor.tokenizer, indices, expected, served, ("transformers", "llama_cpp"))
+    result = comparison(
+        reference.processor.tokenizer, indices, expected, served, ("transformers", "llama_cpp")
+    )
     return {**result, "llama_cpp_image_tokens": {"min": limits[0], "max": limits[1]}}
 
 

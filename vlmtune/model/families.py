@@ -36,8 +36,13 @@ GGUF_UNPROVEN = (
 )
 # Families whose transformers architecture llama.cpp's converter does not list (llama-cpp-python 0.3.36's copy).
 NO_GGUF_CONVERTER = "llama.cpp's converter has no language + mmproj conversion for this architecture"
-# ChatML, the Qwen chat template, in Ollama's Go-template syntax (images go in as separate inputs).
-CHATML_OLLAMA = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+# The Qwen-VL chat template (ChatML with its default system turn) in Ollama's Go-template syntax; Ollama
+# puts the images in itself.
+QWEN_OLLAMA_TEMPLATE = (
+    '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}<|im_start|>system\n'
+    "You are a helpful assistant.<|im_end|>\n{{ end }}"
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
 
 
 @dataclass(frozen=True)
@@ -255,7 +260,7 @@ QWEN2_VL = Family(
     processor_needs_video=True,
     rope="mrope",
     gguf_pre_tokenizer="qwen2",
-    ollama_template=CHATML_OLLAMA,
+    ollama_template=QWEN_OLLAMA_TEMPLATE,
     vllm_tower_lora=True,
     **_QWEN_COMMON,
 )

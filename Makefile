@@ -34,7 +34,7 @@ install-gguf: install
 	rm -rf $(VENV)/.llama-sdist && mkdir -p $(VENV)/.llama-sdist $(LLAMA_CPP_DIR)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON)" -d $(VENV)/.llama-sdist
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
-		$(BIN)/python -m pip install -q --no-deps $(VENV)/.llama-sdist/llama_cpp_python-*.tar.gz
+		$(BIN)/python -m pip install -q -c constraints.txt $(VENV)/.llama-sdist/llama_cpp_python-*.tar.gz
 	tar -xzf $(VENV)/.llama-sdist/llama_cpp_python-*.tar.gz -C $(VENV)/.llama-sdist
 	cp -r $(VENV)/.llama-sdist/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py \
 		$(VENV)/.llama-sdist/llama_cpp_python-*/vendor/llama.cpp/conversion \

@@ -300,6 +300,9 @@ def test_llama_cpp_answers_the_eval_images_as_transformers_does(gguf_export: Pat
     verify = json.loads((gguf_export / "vlmtune_export.json").read_text())["verify"]
     assert verify["compared"] == "transformers vs llama_cpp"
     assert (verify["n"], verify["agreeing"], verify["disagreements"]) == (2, 2, [])
+    # The fine-tune reached llama.cpp: the trained answer about the trained image (the base never gives it).
+    assert verify["answers"][0]["llama_cpp"] == ANSWER
+    assert verify["llama_cpp_image_tokens"] == {"min": 4, "max": 16}  # the processor's pixel budget
 
 
 @pytest.mark.slow

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +95,35 @@ def llama_cpp_answers(
     llama = Llama(str(model), chat_handler=handler, n_ctx=N_CTX, n_threads=1, verbose=False, seed=0)
     answers = []
     for item in items:
-        result = llama.create_chat_completion(
-            messages=openai_messages(item),
-            max_tokens=max_new_tokens,
-            temperature=0.0,  # greedy
-            top_k=1,
-            repeat_penalty=1.0,  # llama-cpp-python's default 1.1 would change the answer
-        )
+        with native_output_silenced():  # mtmd prints every prompt piece and image slice
+            result = llama.create_chat_completion(
+                messages=openai_messages(item),
+                max_tokens=max_new_tokens,
+                temperature=0.0,  # greedy
+                top_k=1,
+                repeat_penalty=1.0,  # llama-cpp-python's default 1.1 would change the answer
+            )
         answers.append((result["choices"][0]["message"]["content"] or "").strip())
     llama.close()
     return answers
+
+
+@contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at /dev/null while llama.cpp's C code runs (it writes to them directly)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def openai_messages(item: Any) -> list[dict]:
@@ -143,6 +166,10 @@ def comparison(
         "agreeing": agreeing,
         "agreement": agreeing / len(indices) if indices else 1.0,
         "disagreements": rows,
+        "answers": [
+            {"index": index, names[0]: a, names[1]: b}
+            for index, a, b in zip(indices, first, second, strict=True)
+        ],
     }
 
 

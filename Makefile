@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 # install-gguf: what `vlmtune export --format gguf` needs: the gguf package, and llama-cpp-python built from
-# source (it compiles llama.cpp: about 25 min on this project's 2 shared cores, docs/export.md), plus the
+# source (it compiles llama.cpp: 41 min wall, 8.8 min of CPU, on this project's busy 2 shared cores), plus the
 # converter its source distribution vendors (convert_hf_to_gguf.py, conversion/, gguf-py/), copied to
 # $(VENV)/share/vlmtune/llama.cpp where vlmtune finds it. The tests that need them skip without.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36

@@ -30,7 +30,7 @@ from vlmtune.runs import rundir
 QUANTS = ("f16", "q8_0", "q4_k_m")
 CONVERTER_ENV = "VLMTUNE_LLAMA_CPP"  # a llama.cpp source folder holding convert_hf_to_gguf.py
 INSTALLED_CONVERTER = Path("share") / "vlmtune" / "llama.cpp"  # under sys.prefix: `make install-gguf`
-INSTALL_HINT = "run `make install-gguf` (builds llama-cpp-python, its build compiles llama.cpp: minutes; docs/export.md)"
+INSTALL_HINT = "run `make install-gguf` (it compiles llama.cpp for llama-cpp-python; docs/export.md)"
 MMPROJ_TYPE = "f16"  # the projector stays 16-bit whatever --quant says, as llama.cpp's own releases ship it
 # BPE pre-tokenizers by llama.cpp's name: the split regex of the tokenizer.json that llama.cpp's
 # "qwen2" pre-tokenizer implements. The converter names a tokenizer's pre-tokenizer by hashing what a

@@ -346,3 +346,29 @@ def test_first_difference_names_the_token_where_answers_part():
     assert (first["index"], first["first_differing_token"], first["a_token"], first["b_token"]) == (
         1, 3, "yellow.", "red.")  # fmt: skip
     assert (second["first_differing_token"], second["a_token"], second["b_token"]) == (2, "is", None)
+
+
+def test_user_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace
+
+    from vlmtune.after.export import ExportError
+    from vlmtune.after.export_gguf import GgufUnavailable, check_quant, converter_dir
+    from vlmtune.after.export_vllm import export_vllm
+    from vlmtune.after.gguf_verify import eval_items
+
+    monkeypatch.setenv("VLMTUNE_LLAMA_CPP", str(tmp_path / "no-llama.cpp"))
+    with pytest.raises(GgufUnavailable, match="converter is not installed") as missing:
+        converter_dir()
+    assert "make install-gguf" in missing.value.hint
+    with pytest.raises(ExportError, match="--quant 'q2_k' is not one of f16, q8_0, q4_k_m"):
+        check_quant("q2_k")
+    no_eval = SimpleNamespace(
+        recipe=SimpleNamespace(data=SimpleNamespace(eval=None)), run=SimpleNamespace(path="r")
+    )
+    with pytest.raises(ExportError, match="run r has none") as verify:
+        eval_items(no_eval)
+    assert "without --verify" in verify.value.hint
+    full = SimpleNamespace(is_full=True, run=SimpleNamespace(path="r"))
+    with pytest.raises(ExportError, match="--format vllm is for LoRA runs"):
+        export_vllm(full, tmp_path / "out", merge=False, dtype="bfloat16")
+    assert not (tmp_path / "out").exists()

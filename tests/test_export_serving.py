@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from posttrain_fixtures import ANSWER, overfit_folder
+from posttrain_fixtures import ANSWER, DEMO, overfit_folder
 
 from vlmtune.model.families import QWEN2_VL, get_family
 
@@ -43,6 +43,9 @@ needs_llama_cpp = pytest.mark.skipif(
 )
 
 
+OTHER_ANSWER = "The square is red."  # demo train.jsonl line 3, about images/002.png
+
+
 def three_block_qwen2_vl(folder: Path) -> Path:
     """The cached tiny Qwen2-VL with a third vision block (a copy of the second, so still random)."""
     from safetensors.torch import load_file, save_file
@@ -62,8 +65,12 @@ def three_block_qwen2_vl(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LoRA (vision and language, bf16 base) trained to answer ANSWER about the first demo image."""
+    """LoRA (vision and language, bf16 base) trained on two demo samples whose answers differ by image:
+    ANSWER about the first, OTHER_ANSWER about the third (the eval split holds both)."""
     folder = overfit_folder(tmp_path_factory.mktemp("serving"))
+    lines = (DEMO / "train.jsonl").read_text().splitlines()
+    assert OTHER_ANSWER in lines[2]
+    (folder / "train.jsonl").write_text((lines[0] + "\n" + lines[2] + "\n") * 4)
     model = three_block_qwen2_vl(folder / "tiny-qwen2-vl-3")
     recipe = write_recipe(
         folder,
@@ -300,8 +307,8 @@ def test_llama_cpp_answers_the_eval_images_as_transformers_does(gguf_export: Pat
     verify = json.loads((gguf_export / "vlmtune_export.json").read_text())["verify"]
     assert verify["compared"] == "transformers vs llama_cpp"
     assert (verify["n"], verify["agreeing"], verify["disagreements"]) == (2, 2, [])
-    # The fine-tune reached llama.cpp: the trained answer about the trained image (the base never gives it).
-    assert verify["answers"][0]["llama_cpp"] == ANSWER
+    # The fine-tune reached llama.cpp, the vision path included: each image gets its own trained answer.
+    assert [row["llama_cpp"] for row in verify["answers"]] == [ANSWER, OTHER_ANSWER]
     assert verify["llama_cpp_image_tokens"] == {"min": 4, "max": 16}  # the processor's pixel budget
 
 

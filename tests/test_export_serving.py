@@ -379,3 +379,10 @@ def test_user_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ExportError, match="--format vllm is for LoRA runs"):
         export_vllm(full, tmp_path / "out", merge=False, dtype="bfloat16")
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_a_serving_export_folder(tmp_path: Path):
+    (tmp_path / "vlmtune_export.json").write_text(json.dumps({"export": "gguf"}))
+    result = vlmtune("predict", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 2
+    assert "is a gguf export for serving, not a transformers model" in result.stderr

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch goes in first and pinned: an unpinned torch pulls gigabytes of CUDA packages (FACTS.md).
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev install-lmms demo test test-fast lint format docs bench clean
+.PHONY: install install-dev install-lmms install-gguf demo test test-fast lint format docs bench clean
 
 # install: what `vlmtune` needs (the demo); install-dev adds the test tools and triton (~1 GB, for the
 # kernel tests under its CPU interpreter), so a first `make demo` does not download them.
@@ -32,6 +32,24 @@ LMMS_EVAL ?= lmms-eval==0.7.3
 install-lmms: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[lmms]"
 	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
+
+# install-gguf: what `vlmtune export --format gguf` needs: the gguf package, and llama-cpp-python built from
+# source (it compiles llama.cpp: 41 min wall, 8.8 min of CPU, on this project's busy 2 shared cores), plus the
+# converter its source distribution vendors (convert_hf_to_gguf.py, conversion/, gguf-py/), copied to
+# $(VENV)/share/vlmtune/llama.cpp where vlmtune finds it. The tests that need them skip without.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_CPP_DIR := $(VENV)/share/vlmtune/llama.cpp
+install-gguf: install
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[gguf]"
+	rm -rf $(VENV)/.llama-sdist && mkdir -p $(VENV)/.llama-sdist $(LLAMA_CPP_DIR)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON)" -d $(VENV)/.llama-sdist
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(BIN)/python -m pip install -q -c constraints.txt $(VENV)/.llama-sdist/llama_cpp_python-*.tar.gz
+	tar -xzf $(VENV)/.llama-sdist/llama_cpp_python-*.tar.gz -C $(VENV)/.llama-sdist
+	cp -r $(VENV)/.llama-sdist/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py \
+		$(VENV)/.llama-sdist/llama_cpp_python-*/vendor/llama.cpp/conversion \
+		$(VENV)/.llama-sdist/llama_cpp_python-*/vendor/llama.cpp/gguf-py $(LLAMA_CPP_DIR)/
+	rm -rf $(VENV)/.llama-sdist
 
 demo: install
 	$(BIN)/vlmtune train recipes/demo.yaml

@@ -481,17 +481,21 @@ KIND_TITLES = {
     "adapter": "A peft LoRA adapter for",
     "merged": "A LoRA merged into",
     "full": "A full fine-tune of",
+    "gguf": "GGUF files (llama.cpp, Ollama) of a fine-tune of",  # after/export_gguf.py
+    "vllm": "What vLLM serves of a fine-tune of",  # after/export_vllm.py
 }
+LIBRARIES = {"adapter": "peft", "gguf": "gguf"}  # the card's library_name; transformers otherwise
 
 
-def model_card(facts: dict, folder_name: str) -> str:
-    """README.md for the export folder (pure: facts in, markdown out)."""
+def model_card(facts: dict, folder_name: str, serve: list[str] | None = None) -> str:
+    """README.md for the export folder (pure: facts in, markdown out). ``serve``: the markdown lines
+    that say how to serve a serving export (GGUF, vLLM), in place of the transformers snippet."""
     kind = facts["export"]
     return "\n".join(
         [
             "---",
             *([f"base_model: {facts['base_model']}"] if is_hub_id(facts["base_model"]) else []),
-            f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
+            f"library_name: {LIBRARIES.get(kind, 'transformers')}",
             "pipeline_tag: image-text-to-text",
             f"tags: [vlmtune, {kind}]",
             "---",
@@ -513,12 +517,7 @@ def model_card(facts: dict, folder_name: str) -> str:
             *([f"| eval (this folder) | {_scored(facts['scored'])} |"] if facts.get("scored") else []),
             f"| recipe | `{facts['recipe_name']}`, run `{facts['run']}` |",
             "",
-            "## Load it",
-            "",
-            "```python",
-            *_load_snippet(kind, facts["base_model"]),
-            "```",
-            "",
+            *(serve or ["## Load it", "", "```python", *_load_snippet(kind, facts["base_model"]), "```", ""]),
             *(_TORCHVISION_NOTE if facts.get("autoprocessor_needs_torchvision") else []),
             "The checks that proved this export, and its own answers on the eval samples, are in "
             "`vlmtune_export.json`.",

@@ -262,6 +262,11 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
             f"{path} is an adapter export: it holds the LoRA weights only, not a model",
             hint="pass the run folder it was exported from, or export a standalone model with --merge",
         )
+    if facts.get("export") in ("gguf", "vllm"):  # after/export_gguf.py, after/export_vllm.py
+        raise RunDirError(
+            f"{path} is a {facts['export']} export for serving, not a transformers model",
+            hint="serve it as its README.md says, or pass the run folder it was exported from",
+        )
     family = detect_family(AutoConfig.from_pretrained(str(path)))
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=getattr(torch, dtype or facts.get("dtype") or "bfloat16")

@@ -29,6 +29,10 @@ CHECKPOINT_OPT = typer.Option(
 
 # The recipe's dtypes (vlmtune.choices), as the enum typer needs for a choice option.
 ExportDtype = enum.Enum("ExportDtype", {name: name for name in words(Dtype)}, type=str)
+# What `export --format` writes (after/export.py, after/export_gguf.py, after/export_vllm.py).
+ExportFormat = enum.Enum("ExportFormat", {name: name for name in ("hf", "gguf", "vllm")}, type=str)
+# GGUF quantizations of the language model (after/export_gguf.QUANTS; the mmproj stays f16).
+GgufQuant = enum.Enum("GgufQuant", {name: name for name in ("f16", "q8_0", "q4_k_m")}, type=str)
 
 
 def predict(
@@ -206,6 +210,31 @@ def export(
     force: bool = typer.Option(
         False, "--force", help="Export weights that look collapsed (values no trained model holds) anyway."
     ),
+    format: ExportFormat = typer.Option(
+        ExportFormat.hf,
+        "--format",
+        help="hf: a peft adapter, or with --merge a transformers model; gguf: llama.cpp's language GGUF + "
+        "mmproj and an Ollama Modelfile; vllm: what vLLM serves for this family, with its `vllm serve` command.",
+    ),
+    quant: GgufQuant = typer.Option(
+        None,
+        "--quant",
+        help="--format gguf: the language model's quantization (default f16); the mmproj stays f16.",
+        show_default=False,
+    ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Compare greedy answers on data.eval: llama.cpp vs transformers (gguf), or the merged model vs "
+        "base + adapter (--merge); the agreement rate and each first differing token.",
+    ),
+    push_to_hub: str = typer.Option(
+        None,
+        "--push-to-hub",
+        metavar="REPO",
+        help="Upload the finished export folder to this hub repo (created private if missing).",
+        show_default=False,
+    ),
 ) -> None:
     """Export a run: a peft adapter folder, or (--merge) a standalone merged model, each with a model card.
 
@@ -220,23 +249,107 @@ def export(
         vlmtune export runs/demo-20261123-101500 --out exports/demo-adapter
 
         vlmtune export runs/demo-20261123-101500 --out exports/demo-merged --merge --dtype bfloat16
-    """
-    from rich.text import Text
 
-    from vlmtune.after.export import check_new_folder, export_run
+        vlmtune export runs/demo-20261123-101500 --out exports/demo-gguf --format gguf --quant q8_0 --verify
+
+        vlmtune export runs/demo-20261123-101500 --out exports/demo-vllm --format vllm
+
+    GGUF and vLLM exports are explained in docs/export.md.
+    """
+    from vlmtune.after.export import check_new_folder
     from vlmtune.after.trained import open_trained_run
 
+    _check_export_options(format.value, quant, verify, merge)
     trained = open_trained_run(run_dir, checkpoint, force=force)
     status.print(f"using {trained.which}")
     check_new_folder(out)
     _quiet_libraries()
-    if trained.is_full and merge:
-        status.print("a full fine-tune is already a standalone model: copying it, no merge needed")
-    status.print(f"exporting [bold]{run_dir}[/] ...")
-    result = export_run(trained, out, merge=merge, dtype=dtype.value, score=score)
-    for check in result.checks:
+    if format.value == "gguf":
+        _export_gguf(trained, out, (quant or GgufQuant.f16).value, dtype.value, verify)
+    elif format.value == "vllm":
+        _export_vllm(trained, out, merge, dtype.value)
+    else:
+        _export_hf(trained, out, merge, dtype.value, score or verify, verify)
+    if push_to_hub:
+        from vlmtune.after.export_hub import push_to_hub as push
+
+        status.print(f"pushing [bold]{out}[/] to {push_to_hub} ...")
+        console.print(f"pushed to {push(out, push_to_hub)}")
+
+
+def _check_export_options(format: str, quant, verify: bool, merge: bool) -> None:
+    """Options that do not fit together fail before anything loads."""
+    from vlmtune.after.export import ExportError
+
+    if quant is not None and format != "gguf":
+        raise ExportError("--quant is for --format gguf", hint="add --format gguf, or drop --quant")
+    if verify and format == "vllm":
+        raise ExportError(
+            "--verify cannot run vLLM here (it needs a GPU and the vllm package)",
+            hint="verify the same weights as --format gguf --verify, or --merge --verify",
+        )
+    if verify and format == "hf" and not merge:
+        raise ExportError(
+            "--verify compares a served model with the trained one; an adapter export is the trained model",
+            hint="add --merge (the merged 16-bit model against base + adapter) or --format gguf",
+        )
+
+
+def _export_gguf(trained, out: Path, quant: str, dtype: str, verify: bool) -> None:
+    from vlmtune.after.export_gguf import export_gguf
+
+    status.print(f"exporting [bold]{trained.run.path}[/] as GGUF ({quant}) ...")
+    report = export_gguf(trained, out, quant, dtype, verify)
+    _print_checks(report["checks"])
+    if report["verify"]:
+        _print_agreement(report["verify"])
+    console.print(f"[bold green]exported[/] GGUF to [bold]{out}[/]: {report['gguf']['model']}, "
+                  f"{report['gguf']['mmproj']}, Modelfile (model card: README.md)")  # fmt: skip
+
+
+def _export_vllm(trained, out: Path, merge: bool, dtype: str) -> None:
+    from vlmtune.after.export_vllm import export_vllm
+
+    status.print(f"exporting [bold]{trained.run.path}[/] for vLLM ...")
+    report = export_vllm(trained, out, merge, dtype)
+    _print_checks(report["checks"])
+    console.print(f"{report['vllm']['why']}", soft_wrap=True)
+    console.print(
+        f"[bold green]exported[/] for vLLM to [bold]{out}[/]; serve it from inside the folder with:"
+    )
+    console.print(report["vllm"]["command"], soft_wrap=True)
+
+
+def _print_checks(checks: list[dict]) -> None:
+    for check in checks:
         detail = f" {check['module']}" if "module" in check else ""
         console.print(f"[green]✓[/] {check['check']}{detail}")
+
+
+def _print_agreement(result: dict) -> None:
+    console.print(
+        f"verify ({result['compared']}): the same answer on {result['agreeing']} of {result['n']} eval samples "
+        f"({result['agreement']:.1%})"
+    )
+    for row in result["disagreements"]:
+        names = result["compared"].split(" vs ")
+        console.print(
+            f"  sample {row['index']}: first differing token #{row['first_differing_token']}: "
+            f"{row[names[0] + '_token']!r} vs {row[names[1] + '_token']!r}",
+            soft_wrap=True,
+        )
+
+
+def _export_hf(trained, out: Path, merge: bool, dtype: str, score: bool, verify: bool) -> None:
+    from rich.text import Text
+
+    from vlmtune.after.export import export_run
+
+    if trained.is_full and merge:
+        status.print("a full fine-tune is already a standalone model: copying it, no merge needed")
+    status.print(f"exporting [bold]{trained.run.path}[/] ...")
+    result = export_run(trained, out, merge=merge, dtype=dtype, score=score)
+    _print_checks(result.checks)
     if result.scored:
         scored = result.scored
         console.print(
@@ -246,7 +359,25 @@ def export(
         )
     for warning in result.warnings:
         console.print(Text("warning: ", style="bold yellow") + Text(warning), soft_wrap=True)
+    if verify and result.scored:
+        _print_agreement(_record_merge_verification(result.out, result.scored))
     console.print(f"[bold green]exported[/] {result.kind} to [bold]{result.out}[/] (model card: README.md)")
+
+
+def _record_merge_verification(folder: Path, scored: dict) -> dict:
+    """--merge --verify: the comparison of the export's own scores, added to its vlmtune_export.json."""
+    import json
+
+    from vlmtune.after.gguf_verify import merged_comparison
+    from vlmtune.runs import rundir
+
+    result = merged_comparison(folder, scored)
+    path = folder / rundir.EXPORT_REPORT
+    report = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(
+        json.dumps({**report, "verify": result}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return result
 
 
 def _export_has_no_base(folder: Path):

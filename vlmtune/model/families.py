@@ -30,6 +30,19 @@ COMPONENTS = ("vision", "projector", "language", "lm_head", "other")
 
 # A family whose packing is not proven says why in its record; this is the default reason.
 PACKING_UNPROVEN = "no test proves that a packed row of it trains like its samples one by one"
+# A family without a GGUF export says why in its record; this is the default reason.
+GGUF_UNPROVEN = (
+    "no vlmtune test proves llama.cpp's converter (language GGUF + mmproj) and its answers for this family"
+)
+# Families whose transformers architecture llama.cpp's converter does not list (llama-cpp-python 0.3.36's copy).
+NO_GGUF_CONVERTER = "llama.cpp's converter has no language + mmproj conversion for this architecture"
+# The Qwen-VL chat template (ChatML with its default system turn) in Ollama's Go-template syntax; Ollama
+# puts the images in itself.
+QWEN_OLLAMA_TEMPLATE = (
+    '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}<|im_start|>system\n'
+    "You are a helpful assistant.<|im_end|>\n{{ end }}"
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,19 @@ class Family:
     # bfloat16, the PIL one float32): the load stage casts them to the tower's dtype at its input.
     cast_pixel_values: bool = False
 
+    # --- export to serving (issue 28; vlmtune.after.export_gguf, export_vllm) ---
+    # llama.cpp's name for the BPE pre-tokenizer of the family's tokenizer ("qwen2"): set only where
+    # llama.cpp's converter turns the family into a language GGUF plus an mmproj and a vlmtune test
+    # proves it (tests/test_export_serving.py); None: `export --format gguf` refuses with gguf_refused.
+    gguf_pre_tokenizer: str | None = None
+    gguf_refused: str = GGUF_UNPROVEN
+    # The chat template in Ollama's Go-template syntax, for the Modelfile beside the GGUF files.
+    ollama_template: str | None = None
+    # On vLLM's tower/connector-LoRA list (`--enable-tower-connector-lora`; vllm #26674 and its follow-ups).
+    # False: vLLM loads LoRA on the language model only and skips the rest without a word, so a vision
+    # LoRA ships merged into the tower instead.
+    vllm_tower_lora: bool = False
+
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
         if module_name == self.lm_head:
@@ -240,6 +266,9 @@ QWEN2_VL = Family(
     processor_class="Qwen2VLProcessor",
     processor_needs_video=True,
     rope="mrope",
+    gguf_pre_tokenizer="qwen2",
+    ollama_template=QWEN_OLLAMA_TEMPLATE,
+    vllm_tower_lora=True,
     **_QWEN_COMMON,
 )
 
@@ -254,6 +283,7 @@ QWEN2_5_VL = Family(
     processor_class="Qwen2_5_VLProcessor",
     processor_needs_video=True,
     rope="mrope",
+    vllm_tower_lora=True,
     **_QWEN_COMMON,
 )
 
@@ -408,6 +438,7 @@ GLM4V = Family(
 
 GLM46V = Family(
     name="glm46v",
+    gguf_refused=NO_GGUF_CONVERTER,
     tiny_builder="vlmtune.model.tiny.glm:build_glm46v",
     title="GLM-4.6V",
     # Kernels not proven for it yet (tests/test_kernels_patching.py): GLM fuses gate and up; its rotary is
@@ -440,6 +471,7 @@ LLAVA = Family(
 
 LLAVA_NEXT = Family(
     name="llava_next",
+    gguf_refused=NO_GGUF_CONVERTER,
     tiny_builder="vlmtune.model.tiny.llava:build_llava_next",
     title="LLaVA-NeXT",
     model_types=("llava_next",),
@@ -452,6 +484,7 @@ LLAVA_NEXT = Family(
 
 LLAVA_ONEVISION = Family(
     name="llava_onevision",
+    gguf_refused=NO_GGUF_CONVERTER,
     tiny_builder="vlmtune.model.tiny.llava:build_llava_onevision",
     title="LLaVA-OneVision",
     model_types=("llava_onevision",),
@@ -525,6 +558,7 @@ GEMMA3 = Family(
 
 MLLAMA = Family(
     name="mllama",
+    gguf_refused=NO_GGUF_CONVERTER,
     tiny_builder="vlmtune.model.tiny.mllama:build_mllama",
     title="Llama 3.2 Vision",
     model_types=("mllama",),
@@ -609,6 +643,7 @@ PALIGEMMA_CHAT_TEMPLATE = (
 
 PALIGEMMA = Family(
     name="paligemma",
+    gguf_refused=NO_GGUF_CONVERTER,
     tiny_builder="vlmtune.model.tiny.gemma:build_paligemma",
     title="PaliGemma",
     model_types=("paligemma",),
@@ -627,6 +662,7 @@ PALIGEMMA = Family(
 
 INTERNVL = Family(
     name="internvl",
+    gguf_refused=NO_GGUF_CONVERTER,
     tiny_builder="vlmtune.model.tiny.internvl:build_internvl",
     title="InternVL",
     model_types=("internvl",),

@@ -66,6 +66,12 @@ EXPORT_CARD = "README.md"
 EXPORT_REPORT = "vlmtune_export.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# A GGUF export (`--format gguf`, after/export_gguf.py): llama.cpp's language file and its vision
+# projector, named by their quantization, and the Ollama Modelfile that serves them together.
+GGUF_MODEL = "model-{quant}.gguf"
+GGUF_MMPROJ = "mmproj-{quant}.gguf"
+OLLAMA_MODELFILE = "Modelfile"
+EXPORT_CURVES = "curves.png"  # a serving export's copy of the run's CURVES, shown in its card
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

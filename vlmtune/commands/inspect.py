@@ -143,6 +143,13 @@ def render(result: dict, out: Console) -> None:
     out.print(result["packing_note"], markup=False)
     if result["lora_regex"]:
         out.print(f"LoRA targets regex: {result['lora_regex']}", markup=False, soft_wrap=True)
+    if result.get("dora_magnitude_vectors"):
+        out.print(
+            f"DoRA: {result['dora_magnitude_vectors']} magnitude vectors, {human_count(result['dora_magnitude_params'])} "
+            "trained parameters (one per output channel of each target); each target's forward also builds its "
+            "whole weight for the channel norms (estimate-memory counts it)",
+            markup=False,
+        )
     if result.get("lora_expert_tensors"):
         out.print(
             f"LoRA on the experts: {result['lora_expert_tensors']} fused expert tensors (peft target_parameters; "

@@ -17,6 +17,7 @@ from vlmtune.recipe.sections import (
     QuantizationSection,
     Section,
     TrainSection,
+    check_lora_methods,
 )
 
 
@@ -62,6 +63,7 @@ class Recipe(Section):
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
+        check_lora_methods(self.lora, self.quantization, self.train)
         self._objective_keys_apply()
         dpo = self.dpo
         if dpo and dpo.reference == "base" and self.model.adapter and self.lora.method == "full":

@@ -436,8 +436,8 @@ def card_facts(trained: TrainedRun, kind: str, dtype: str, scored: dict | None =
         "base_model": recipe.model.name,
         "method": recipe.lora.method,
         "quantization_bits": recipe.quantization.bits,
-        "lora_r": recipe.lora.r if recipe.lora.method == "lora" else None,
-        "lora_alpha": recipe.lora.alpha if recipe.lora.method == "lora" else None,
+        "lora_r": recipe.lora.r if recipe.lora.method != "full" else None,
+        "lora_alpha": recipe.lora.alpha if recipe.lora.method != "full" else None,
         "dtype": dtype if kind == "merged" else recipe.model.dtype,
         "train_source": _short_path(train.get("source", recipe.data.train)),
         "train_samples": train.get("samples_kept"),
@@ -532,9 +532,10 @@ def model_card(facts: dict, folder_name: str) -> str:
 
 
 def _method(facts: dict) -> str:
-    if facts["method"] != "lora":
+    if facts["method"] == "full":
         return "full fine-tuning"
-    base = f"{facts['quantization_bits']}-bit QLoRA" if facts["quantization_bits"] else "LoRA"
+    name = "DoRA" if facts["method"] == "dora" else "LoRA"
+    base = f"{facts['quantization_bits']}-bit Q{name}" if facts["quantization_bits"] else name
     return f"{base}, r={facts['lora_r']}, alpha={facts['lora_alpha']}"
 
 

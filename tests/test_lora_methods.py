@@ -387,17 +387,27 @@ def test_inspect_reports_doras_magnitude_vectors():
 # --- slow: an exact resume, and the learning check ----------------------------------------------------
 
 
+RESUMED = {  # lora section, quantization
+    "4-bit dora": ({"method": "dora", "dropout": 0.1}, {"bits": 4}),
+    "16-bit pissa": ({"init": "pissa", "dropout": 0.1}, {"bits": None}),  # the base is rewritten again
+}
+
+
 @pytest.mark.slow
-def test_an_interrupted_dora_run_with_groups_resumes_exactly(tmp_path: Path):
+@pytest.mark.parametrize("case", RESUMED)
+def test_an_interrupted_run_with_groups_resumes_exactly(case: str, tmp_path: Path):
     """kill -9 after step 3 (checkpoint-2 complete), resume: every logged figure (each group's rate included)
     and the final adapter's bytes equal the uninterrupted run's. The optimizer state reloads into the same
-    groups; a linear schedule with warmup and LoRA dropout make the scheduler and RNG states matter."""
+    groups; a linear schedule with warmup and LoRA dropout make the scheduler and RNG states matter; a pissa
+    resume rewrites the fresh base as the first attempt did."""
     from test_resume import assert_same_run, with_fault
+
+    lora_section, quantization = RESUMED[case]
 
     def recipe(folder: Path) -> Path:
         return train_recipe(
-            folder, lora_section={"method": "dora", "dropout": 0.1}, quantization={"bits": 4}, max_steps=5,
-            grad_accum=2, lr_scheduler="linear", warmup_steps=2, lr_vision=1e-3, loraplus_lr_ratio=4,
+            folder, lora_section=lora_section, quantization=quantization, max_steps=5, grad_accum=2,
+            lr_scheduler="linear", warmup_steps=2, lr_vision=1e-3, loraplus_lr_ratio=4,
         )  # fmt: skip
 
     baseline = vlmtune("train", str(recipe(tmp_path / "a")), "--run-dir", str(tmp_path / "a/run"))

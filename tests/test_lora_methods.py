@@ -362,6 +362,13 @@ def test_estimate_memory_counts_doras_magnitudes_as_peft_makes_them(tiny_path):
     assert dora.terms["activations"] > plain.terms["activations"]
     assert any(note.startswith("DoRA: a trained magnitude") for note in dora.notes)
     assert dora.to_json()["inputs"]["method"] == "dora"
+    pissa = mem.estimate_recipe(
+        parse_recipe(
+            json.dumps({**raw, "lora": {"init": "pissa"}, "quantization": {"bits": None}}), source="t"
+        )
+    )
+    assert any(note.startswith("lora.init pissa: before the first step, an SVD") for note in pissa.notes)
+    assert not any(note.startswith("lora.init") for note in dora.notes), "peft's default start costs nothing"
 
 
 def test_inspect_reports_doras_magnitude_vectors():
@@ -381,7 +388,9 @@ def test_inspect_reports_doras_magnitude_vectors():
     assert result["dora_magnitude_vectors"] == result["lora_targets"] == 22
     console = Console(record=True, width=200)
     render(result, console)
-    assert "DoRA: 22 magnitude vectors" in console.export_text()
+    text = console.export_text()
+    assert "DoRA: 22 magnitude vectors" in text
+    assert "method: dora;" in text, "peft's default start is not named"
 
 
 # --- slow: an exact resume, and the learning check ----------------------------------------------------

@@ -134,8 +134,10 @@ def render(result: dict, out: Console) -> None:
                   human_count(result["trainable_params"]))  # fmt: skip
     out.print(table)
     share = 100 * result["trainable_params"] / max(result["total_params"], 1)
+    init = result.get("lora_init", "kaiming")
+    start = "" if init == "kaiming" else f", lora.init {init}"  # peft's default start goes unsaid
     out.print(
-        f"quantization: {result['quantization'] or 'none (16-bit)'}; method: {result['method']}; "
+        f"quantization: {result['quantization'] or 'none (16-bit)'}; method: {result['method']}{start}; "
         f"trainable: {share:.2f}% of {human_count(result['total_params'])} parameters; "
         f"weights: {human_bytes(result['total_bytes'])}",
         markup=False,

@@ -155,6 +155,14 @@ def _expert_notes(model: ModelShape, training: TrainingMethod) -> list[str]:
     return notes
 
 
+# What each lora.init that decomposes the weights computes once, at the start
+START_DECOMPOSITION = {
+    "pissa": "an SVD",
+    "olora": "a QR decomposition",
+    "loftq": "an SVD of the quantization error (the 16-bit weight read from the checkpoint)",
+}
+
+
 def _notes(training: TrainingMethod, trainable: list[Trainable]) -> list[str]:
     notes = []
     if training.optim.startswith("paged_"):
@@ -171,6 +179,12 @@ def _notes(training: TrainingMethod, trainable: list[Trainable]) -> list[str]:
             f"the lora term); each target saves {DORA_SAVED_OUTPUTS} outputs more per token, and its forward builds "
             f"the whole weight{' (dequantized)' if training.quantized else ''}, B @ A and their sum for the channel "
             "norms (the largest target's in the activations term)"
+        )
+    if training.init in START_DECOMPOSITION:
+        notes.append(
+            f"lora.init {training.init}: before the first step, {START_DECOMPOSITION[training.init]} of each target's "
+            "weight in fp32, one target at a time (a transient of a few fp32 copies of the largest weight, not in "
+            "the terms above)"
         )
     if training.objective == "dpo":
         reference = {

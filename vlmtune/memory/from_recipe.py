@@ -87,6 +87,7 @@ def training_method(
         keep_16bit=(*family.keep_16bit(), *quant.keep_16bit),
         method="full" if lora.method == "full" else "lora",
         dora=lora.method == "dora",
+        init=lora.init,
         targets=targets,
         expert_targets=experts,
         r=lora.r,

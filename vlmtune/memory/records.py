@@ -52,6 +52,9 @@ class TrainingMethod:
     keep_16bit: tuple[str, ...] = ()  # full module prefixes bitsandbytes leaves alone
     method: str = "lora"  # lora | full (DoRA is lora with ``dora``)
     dora: bool = False  # lora.method dora: a trained magnitude per output channel of every target
+    init: str = (
+        "kaiming"  # lora.init: pissa, olora and loftq decompose each target once before the first step
+    )
     targets: tuple[str, ...] = ()  # names of the Linears LoRA wraps
     expert_targets: tuple[str, ...] = ()  # fused expert tensors LoRA wraps (peft target_parameters)
     r: int = 16

@@ -464,3 +464,12 @@ def test_dora_and_per_component_rates_learn_the_demo_as_well_as_lora(tmp_path: P
     for name in ("dora", "per-component"):
         assert figures[name]["eval_loss"] <= figures["lora"]["eval_loss"], figures
         assert figures[name]["exact_match"] > 0.0, figures
+
+
+def test_the_model_card_names_dora():
+    from vlmtune.after.export import _method
+
+    facts = {"method": "dora", "quantization_bits": 4, "lora_r": 16, "lora_alpha": 32}
+    assert _method(facts) == "4-bit QDoRA, r=16, alpha=32"
+    assert _method({**facts, "quantization_bits": None}) == "DoRA, r=16, alpha=32"
+    assert _method({**facts, "method": "full"}) == "full fine-tuning"

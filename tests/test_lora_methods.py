@@ -176,7 +176,7 @@ def test_a_rate_for_a_component_where_nothing_trains_is_refused():
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     rates = GroupRates.from_train(TrainSection(lr_vision=1e-5), loaded.family)
     with pytest.raises(
-        VlmtuneError, match="train.lr_vision is set but nothing in the vision trains"
+        VlmtuneError, match="train.lr_vision is set but nothing in the vision tower trains"
     ) as raised:
         rates.groups(names)
     assert "finetune_vision_layers: true" in raised.value.hint

@@ -29,6 +29,12 @@ RATE_KEY = {
     "language": "lr_language",
     "lm_head": "lr_language",
 }
+# What a rate's component is called, and the lora switch that trains it
+PART_AND_SWITCH = {
+    "vision": ("vision tower", "lora.finetune_vision_layers: true"),
+    "projector": ("projector", "lora.train_projector: true"),
+    "language": ("language model", "lora.finetune_language_layers: true"),
+}
 # Names wrappers put into parameter names (FSDP, activation checkpointing, torch.compile): not the model's
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 FAST = (".lora_B.", ".lora_magnitude_vector.")  # what LoRA+ speeds up
@@ -82,20 +88,12 @@ class GroupRates:
         return rate * (self.loraplus_ratio if group.endswith(FAST_SUFFIX) else 1.0)
 
     def _check_every_rate_applies(self, members: dict[str, list[str]]) -> None:
-        for component in self.rates:
-            if component == "lm_head":
-                continue
+        for component in self.rates.keys() - {"lm_head"}:  # lm_head's rate is lr_language's
             if not any(g.removesuffix(FAST_SUFFIX) == component for g in members):
-                key = RATE_KEY[component]
+                part, switch = PART_AND_SWITCH[component]
                 raise RecipeError(
-                    f"train.{key} is set but nothing in the {component} trains under this lora section",
-                    hint=f"drop train.{key}, or train the {component} ("
-                    + {
-                        "vision": "lora.finetune_vision_layers: true",
-                        "projector": "lora.train_projector: true",
-                        "language": "lora.finetune_language_layers: true",
-                    }[component]
-                    + ")",
+                    f"train.{RATE_KEY[component]} is set but nothing in the {part} trains under this lora section",
+                    hint=f"drop train.{RATE_KEY[component]}, or train the {part} ({switch})",
                 )
 
     # --- the optimizer ------------------------------------------------------------------------

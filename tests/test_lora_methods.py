@@ -260,6 +260,7 @@ def test_dora_run_trains_the_magnitudes_and_saves_the_optimizer_groups(dora_run:
     assert set(names) == {"vision", "vision_lora_b", "projector", "language", "language_lora_b"}
 
 
+@pytest.mark.slow  # a second training run; the groups of full fine-tuning are checked in-process above
 def test_full_fine_tuning_through_the_cli_takes_a_rate_per_component(tmp_path: Path):
     recipe = train_recipe(
         tmp_path, lora_section={"method": "full"}, quantization={"bits": None}, max_steps=2, lr_vision=1e-4,
@@ -273,6 +274,20 @@ def test_full_fine_tuning_through_the_cli_takes_a_rate_per_component(tmp_path: P
     assert sum(g["params"] for g in plan["optimizer_groups"]) == plan["params_total"]
     last = [r for r in metrics(tmp_path / "run") if "loss" in r][-1]
     assert (last["learning_rate_vision"], last["learning_rate_lm_head"]) == pytest.approx((1e-4, 2e-3))
+
+
+def test_the_cli_stops_in_the_lora_stage_on_a_rate_where_nothing_trains(tmp_path: Path):
+    recipe = train_recipe(
+        tmp_path, lora_section={"finetune_vision_layers": False}, quantization={"bits": 4}, lr_vision=1e-4
+    )
+    result = vlmtune("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train.lr_vision is set but nothing in the vision tower trains" in result.stderr
+    assert "lora.finetune_vision_layers: true" in result.stderr
+    stages = json.loads((tmp_path / "run/summary.json").read_text())["stages"]
+    assert (stages["lora"]["status"], stages["train"]["status"]) == ("failed", "pending"), (
+        "stopped before any step"
+    )
 
 
 # --- starts that rewrite the base, and LoftQ ----------------------------------------------------------

@@ -488,3 +488,41 @@ def test_the_model_card_names_dora():
     assert _method(facts) == "4-bit QDoRA, r=16, alpha=32"
     assert _method({**facts, "quantization_bits": None}) == "DoRA, r=16, alpha=32"
     assert _method({**facts, "method": "full"}) == "full fine-tuning"
+
+
+@pytest.mark.slow
+def test_a_loftq_run_merges_into_the_4bit_weights_it_trained_against(tmp_path: Path):
+    """The merged export answers as the 4-bit base with the adapter (fp32 compute: the dequantized weights are
+    exact), where merging into the 16-bit weights, as a plain QLoRA adapter is merged, would add the
+    quantization error LoftQ's start holds a second time (the negative control, done by hand)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.after.trained import load_for_inference, open_trained_run
+
+    recipe = train_recipe(
+        tmp_path, lora_section={"init": "loftq", "finetune_vision_layers": False}, quantization={"bits": 4},
+    )  # fmt: skip
+    text = recipe.read_text().replace(
+        "model:\n  name: tiny:qwen2_vl", "model:\n  name: tiny:qwen2_vl\n  dtype: float32"
+    )
+    recipe.write_text(text)
+    assert vlmtune("train", str(recipe), "--run-dir", str(tmp_path / "run")).returncode == 0
+    result = vlmtune(
+        "export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge", "--dtype", "float32"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trained = logits(load_for_inference(open_trained_run(tmp_path / "run")).model)
+    merged = logits(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32))
+    assert (merged - trained).abs().max() < 1e-3
+    sixteen = tiny(bits=None, dtype="float32").model
+    onto_16bit = PeftModel.from_pretrained(sixteen, str(tmp_path / "run/3-train/adapter")).merge_and_unload()
+    print(
+        {
+            "merged": (merged - trained).abs().max().item(),
+            "onto_16bit": (logits(onto_16bit) - trained).abs().max().item(),
+        }
+    )
+    assert (logits(onto_16bit) - trained).abs().max() > 1e-2

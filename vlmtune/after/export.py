@@ -226,15 +226,19 @@ def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
     from vlmtune.stages import load
 
     recipe = trained.recipe
+    # A LoftQ adapter starts as the 4-bit weights' quantization error and trains against those weights: it
+    # merges into them, dequantized (merged into the 16-bit weights it would add the error a second time).
+    loftq = recipe.lora.init == "loftq"
     base = load.load(
         recipe.model.model_copy(update={"dtype": dtype}),
-        recipe.quantization.model_copy(update={"bits": None}),  # never merge into 4-bit weights
+        recipe.quantization if loftq else recipe.quantization.model_copy(update={"bits": None}),
         recipe.data.max_image_pixels,
         "cpu",
     )
-    quantized = [name for name, m in base.model.named_modules() if is_quantized_linear(m)]
+    weights = base.model.dequantize() if loftq else base.model  # never merge into 4-bit weights
+    quantized = [name for name, m in weights.named_modules() if is_quantized_linear(m)]
     assert not quantized, f"the merge base must be unquantized, found 4-bit {quantized[:3]}"
-    model = PeftModel.from_pretrained(base.model, str(trained.weights))
+    model = PeftModel.from_pretrained(weights, str(trained.weights))
     probes = merge_probes(model, base.family.component_of, PROBES)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(staging))

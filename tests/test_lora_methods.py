@@ -493,7 +493,7 @@ def test_the_model_card_names_dora():
 @pytest.mark.slow
 def test_a_loftq_run_merges_into_the_4bit_weights_it_trained_against(tmp_path: Path):
     """The merged export answers as the 4-bit base with the adapter (fp32 compute: the dequantized weights are
-    exact), where merging into the 16-bit weights, as a plain QLoRA adapter is merged, would add the
+    exact; measured 9e-6 apart), where merging into the 16-bit weights (3.0 logits apart), as a plain QLoRA adapter is merged, would add the
     quantization error LoftQ's start holds a second time (the negative control, done by hand)."""
     import torch
     from peft import PeftModel
@@ -519,10 +519,4 @@ def test_a_loftq_run_merges_into_the_4bit_weights_it_trained_against(tmp_path: P
     assert (merged - trained).abs().max() < 1e-3
     sixteen = tiny(bits=None, dtype="float32").model
     onto_16bit = PeftModel.from_pretrained(sixteen, str(tmp_path / "run/3-train/adapter")).merge_and_unload()
-    print(
-        {
-            "merged": (merged - trained).abs().max().item(),
-            "onto_16bit": (logits(onto_16bit) - trained).abs().max().item(),
-        }
-    )
     assert (logits(onto_16bit) - trained).abs().max() > 1e-2

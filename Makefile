@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch goes in first and pinned: an unpinned torch pulls gigabytes of CUDA packages (FACTS.md).
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev demo test test-fast lint format docs bench clean
+.PHONY: install install-dev install-lmms demo test test-fast lint format docs bench clean
 
 # install: what `vlmtune` needs (the demo); install-dev adds the test tools and triton (~1 GB, for the
 # kernel tests under its CPU interpreter), so a first `make demo` does not download them.
@@ -19,9 +19,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# install-dev includes lmms-eval, so the suite scores a run folder through it (tests/test_lmms_eval.py).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,lmms]"
+	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
 	touch $@
+
+# install-lmms: lmms-eval, to run its benchmarks on a run folder (docs/after-training.md), about 15 s.
+# --no-deps: its dependency list pulls torchvision (broken beside this CPU torch) and its model zoo's
+# runtimes; the `lmms` extra holds what its evaluator needs.
+LMMS_EVAL ?= lmms-eval==0.7.3
+install-lmms: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[lmms]"
+	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
 
 demo: install
 	$(BIN)/vlmtune train recipes/demo.yaml

@@ -140,6 +140,11 @@ class Settings:
     packing_budget: int = 16_384  # tokens per packed row; the unpacked arm's batch_size x max_length
     packing_max_length: int = 1_024
     packing_steps: int = 6
+    # tiny_families: None = every family. The dry run proves the part on two (tests/test_family_training.py
+    # already trains every family two QLoRA steps on CPU); the GPU run is where each family's CUDA path shows.
+    tiny_families: tuple[str, ...] | None = None
+    # The dry run packs on the 7B shape alone (its window attention and mrope are the 2B's and more).
+    packing_models: tuple[str, ...] = PACKING_MODELS
     timeouts: dict[str, int] = field(default_factory=dict)
 
 
@@ -171,6 +176,8 @@ DRY = Settings(
     packing_budget=1_024,
     packing_max_length=512,
     packing_steps=2,
+    tiny_families=("qwen2_vl", "mllama"),
+    packing_models=(QWEN_7B,),
     timeouts={"env": 120, "compare": 300, "memory_qwen2_5_vl_7b": 300, "memory_mllama_11b": 300,
               "tiny_families": 400, "torch_compile": 400, "packing": 400, "resume": 400},
 )  # fmt: skip
@@ -383,12 +390,13 @@ def estimate_ratio(estimate: dict, trained: dict) -> dict:
 
 
 def part_tiny_families(s: Settings, work: Path, emit: Emit) -> dict:
-    """`vlmtune train` on tiny:FAMILY for every family, one after another; each family's outcome is kept."""
+    """`vlmtune train` on tiny:FAMILY for every family (the settings' subset in a dry run), one after another;
+    each family's outcome is kept."""
     from vlmtune.model.families import family_names
 
     data = ROOT / "data" / "demo" / "train.jsonl"
     families: dict[str, dict] = {}
-    for name in family_names():
+    for name in s.tiny_families or family_names():
         recipe = write_recipe(
             work / name / "recipe.yaml", f"tiny:{name}", data, 12544, 1024, s.tiny_steps, s.device
         )
@@ -452,7 +460,7 @@ def compile_figures(trained: dict) -> dict:
 
 
 def part_packing(s: Settings, work: Path, emit: Emit) -> dict:
-    """Packed against unpacked vlmtune on each PACKING_MODELS shape: real tokens/s, peak, MFU."""
+    """Packed against unpacked vlmtune on each of the settings' packing_models shapes: real tokens/s, peak, MFU."""
     import compare
     import packing
     from harness import build_random_checkpoint, bundled_config, merged
@@ -460,7 +468,7 @@ def part_packing(s: Settings, work: Path, emit: Emit) -> dict:
     data = packing.build_data(work / "data", n=64 if s.shrink else 640)
     out: dict = {"budget": s.packing_budget, "max_length": s.packing_max_length, "models": {},
                  "attn_implementation": attention_for_packing(s.device)}  # fmt: skip
-    for hub_id in PACKING_MODELS:
+    for hub_id in s.packing_models:
         family = bundled_config(hub_id)["model_type"]
         if not s.shrink:
             shape = bundled_config(hub_id)
@@ -510,8 +518,10 @@ def packing_recipe(path: Path, ckpt: Path, data: Path, s: Settings, packed: bool
 
 
 def attention_for_packing(device: str) -> str:
-    """flash_attention_2 where installed (variable-length: a packed row's samples cost their own attention);
-    else sdpa, whose block-causal mask still computes the whole row's attention."""
+    """The recipe's attention for both arms: flash_attention_2 where installed (variable-length: a packed
+    row's samples cost their own attention); else sdpa, which vlmtune switches to per-sample sdpa in the
+    packed arm's language model (vlmtune.training.packed_attention; each arm's ``language_attention``
+    records what ran)."""
     import importlib.util
 
     return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
@@ -890,8 +900,8 @@ def tiny_goal(parts: dict[str, dict]) -> dict:
 
 def packing_goals(part: dict) -> list[dict]:
     rows = []
-    for hub_id in PACKING_MODELS:
-        ratio = part.get("models", {}).get(hub_id, {}).get("packed_over_unpacked")
+    for hub_id in part.get("models") or PACKING_MODELS:
+        ratio = part["models"][hub_id].get("packed_over_unpacked") if part.get("models") else None
         label = hub_id.split("/")[1].removesuffix("-Instruct")
         rows.append(goal(f"packed / unpacked real tokens/s, {label}", ratio, f">= {PACKED_OVER_UNPACKED}",
                          judged(ratio, lambda v: v >= PACKED_OVER_UNPACKED)))  # fmt: skip

@@ -105,6 +105,7 @@ class StepTimer:
         self.losses: list[float] = []
         self.batch_tokens: list[int] = []
         self.trainable_params: int | None = None
+        self.language_attention: str | None = None  # the language model's attention as the run trains it
         self.rss_before_training_mb = 0.0
         self.before_training: dict = {}
         self.load_peak: dict = {}
@@ -152,6 +153,7 @@ class StepTimer:
         self.load_peak = memory_peak(self.device)
         if model is not None:
             self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.language_attention = model.config.get_text_config()._attn_implementation
         for action in self.at_train_begin:
             action()
         reset_peak(self.device)
@@ -189,6 +191,7 @@ class StepTimer:
             "tokens_per_step": per_step,
             "tokens_per_s": per_step / median if per_step and median else None,
             "trainable_params": self.trainable_params,
+            "language_attention": self.language_attention,
             "before_training": self.before_training,
             "load_peak": self.load_peak,
             "training_peak": self.training_peak,

@@ -99,11 +99,16 @@ def test_memory_parts_measure_and_estimate_the_same_workload(dry_run, part):
     assert compared["ratio"] == pytest.approx(compared["predicted_bytes"] / compared["measured_bytes"])
 
 
-def test_every_tiny_family_trains_in_4bit(dry_run):
+def test_the_tiny_families_part_trains_each_family_it_names_in_4bit(dry_run):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import DRY, GPU
+
     from vlmtune.model.families import family_names
 
+    assert GPU.tiny_families is None, "on a GPU every family trains"
+    assert set(DRY.tiny_families) <= set(family_names())
     families = dry_run[0]["parts"]["tiny_families"]["families"]
-    assert set(families) == set(family_names())
+    assert set(families) == set(DRY.tiny_families)
     for name, result in families.items():
         assert result["status"] == "ok", (name, result.get("error"))
         assert result["steps"] == 2 and finite(result["losses"]), name
@@ -142,14 +147,21 @@ def test_goals_are_judged_from_the_figures(dry_run):
     assert all(row["note"].startswith("dry run") for row in results["goals"])
 
 
-def test_packing_part_trains_both_arms_on_both_shapes(dry_run):
+def test_packing_part_trains_both_arms_on_each_shape(dry_run):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import DRY, GPU
+
+    assert set(GPU.packing_models) == {"Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"}
     part = dry_run[0]["parts"]["packing"]
-    assert set(part["models"]) == {"Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"}
+    assert set(part["models"]) == set(DRY.packing_models) == {"Qwen/Qwen2.5-VL-7B-Instruct"}
     for figures in part["models"].values():
         for arm in ("unpacked", "packed"):
             assert figures[arm]["steps"] == 2 and finite(figures[arm]["losses"])
             assert figures[arm]["tokens_per_s"] > 0 and figures[arm]["mfu"] is None  # no MFU on CPU
         assert figures["packed"]["tokens_per_step"] > figures["unpacked"]["tokens_per_step"] / 2
+        # no flash_attn on CPU: the packed arm's language model attends sample by sample, the unpacked arm's is sdpa
+        assert figures["packed"]["language_attention"] == "vlmtune_per_sample_sdpa"
+        assert figures["unpacked"]["language_attention"] == part["attn_implementation"] == "sdpa"
         assert figures["params_6n"] > 0 and figures["packed_over_unpacked"] > 0
 
 

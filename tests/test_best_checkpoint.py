@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import spawn
 from posttrain_fixtures import IMAGE, PROMPT, overfit_recipe
 
 from vlmtune.runs import rundir
@@ -125,6 +126,78 @@ def test_predict_uses_the_best_checkpoint_and_checkpoint_picks_another(stopped_r
     assert "checkpoint-4, checkpoint-8" in missing.stderr
 
 
+# --- model.adapter: a new run starts from the same weights predict uses ------------------------------
+
+
+@pytest.mark.slow
+def test_model_adapter_starts_from_the_best_checkpoint_unless_the_recipe_picks_another(stopped_run):
+    from vlmtune.after.trained import start_from
+    from vlmtune.recipe import LoraSection, ModelSection
+
+    run, _ = stopped_run
+    best_start = start_from(ModelSection(name="tiny:qwen2_vl", adapter=str(run)), LoraSection())
+    assert best_start.adapter == run / rundir.CHECKPOINTS / "checkpoint-4"
+    assert best_start.figures() == {
+        "start_from": {
+            "weights": str(run / rundir.CHECKPOINTS / "checkpoint-4"),
+            "which": f"the best checkpoint checkpoint-4 (eval_scripted 0.9) of run {run}",
+        }
+    }
+    for picked, folder in (("last", run / rundir.ADAPTER), ("8", run / rundir.CHECKPOINTS / "checkpoint-8")):
+        model = ModelSection(name="tiny:qwen2_vl", adapter=str(run), adapter_checkpoint=picked)
+        assert start_from(model, LoraSection()).adapter == folder, picked
+
+
+@pytest.mark.slow
+def test_a_run_on_model_adapter_trains_on_the_best_weights_and_says_so(stopped_run, tmp_path: Path):
+    """One step at a learning rate too small to move a bf16 weight: the new run's final adapter is the
+    weights it started from, which are checkpoint-4's and not the earlier run's final ones."""
+    from safetensors.torch import load_file
+
+    run, _ = stopped_run
+    recipe = overfit_recipe(tmp_path, max_steps=1, lr=1e-12, eval_generate=False)
+    result = vlmtune(
+        "train", str(recipe), "--set", f"model.adapter={run}", "--run-dir", str(tmp_path / "next")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"starting from the best checkpoint checkpoint-4 (eval_scripted 0.9) of run {run}" in result.stderr
+    load = json.loads((tmp_path / "next" / rundir.SUMMARY).read_text())["stages"]["load"]
+    assert load["start_from"]["weights"] == str(run / rundir.CHECKPOINTS / "checkpoint-4")
+
+    trained_on = load_file(str(tmp_path / "next" / rundir.ADAPTER / rundir.PEFT_WEIGHTS))
+    best_weights = load_file(str(run / rundir.CHECKPOINTS / "checkpoint-4" / rundir.PEFT_WEIGHTS))
+    final_weights = load_file(str(run / rundir.ADAPTER / rundir.PEFT_WEIGHTS))
+    lora_b = [name for name in best_weights if "lora_B" in name]
+    assert lora_b and all(trained_on[n].float().allclose(best_weights[n].float(), atol=1e-6) for n in lora_b)
+    assert not all(trained_on[n].float().allclose(final_weights[n].float(), atol=1e-6) for n in lora_b)
+
+
+def test_model_adapter_checkpoint_takes_the_checkpoint_words_and_needs_model_adapter(tmp_path: Path):
+    from posttrain_fixtures import fake_run
+
+    from vlmtune.after.trained import start_from
+    from vlmtune.errors import RunDirError
+    from vlmtune.recipe import LoraSection, ModelSection
+
+    assert (
+        ModelSection(name="tiny:qwen2_vl", adapter="runs/a", adapter_checkpoint=40).adapter_checkpoint == "40"
+    )
+    with pytest.raises(ValueError, match="expects last, best, a step .40. or checkpoint-40, got 'newest'"):
+        ModelSection(name="tiny:qwen2_vl", adapter="runs/a", adapter_checkpoint="newest")
+    with pytest.raises(ValueError, match="model.adapter is not set"):
+        ModelSection(name="tiny:qwen2_vl", adapter_checkpoint="best")
+    earlier = fake_run(
+        tmp_path / "sft"
+    )  # kept no best checkpoint: its final weights, unless best is insisted on
+    plain = start_from(ModelSection(name="tiny:qwen2_vl", adapter=str(earlier)), LoraSection())
+    assert plain.adapter == earlier / rundir.ADAPTER and plain.which == f"the final weights of run {earlier}"
+    with pytest.raises(RunDirError, match="model.adapter: run .* kept no best checkpoint") as raised:
+        start_from(
+            ModelSection(name="tiny:qwen2_vl", adapter=str(earlier), adapter_checkpoint="best"), LoraSection()
+        )
+    assert raised.value.hint.startswith("set model.adapter_checkpoint: last")
+
+
 def _checkpoint(folder: Path, step: int, value: float | None) -> None:
     from vlmtune.runs.trainer_checkpoints import mark_complete
 
@@ -223,7 +296,6 @@ def test_early_stopping_counts_on_across_a_kill_and_resume(tmp_path: Path):
     a resume that forgot the measurements would take 0.5 as its best and stop only at step 10."""
     import os
     import signal
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -236,7 +308,7 @@ def test_early_stopping_counts_on_across_a_kill_and_resume(tmp_path: Path):
         early_stopping_patience=2,
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    killed = subprocess.run(
+    killed = spawn.run(
         [sys.executable, str(ROOT / "tests" / "faults.py"), "SIGKILL@step:4", "--", "train", str(recipe),
          "--run-dir", str(tmp_path / "run")],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +18,7 @@ def vlmtune(*args: str, cwd: Path = ROOT, env_extra: dict | None = None) -> subp
 
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
     env.update(env_extra or {})
-    return subprocess.run(
+    return spawn.run(
         [sys.executable, "-m", "vlmtune", *args],
         cwd=cwd,
         capture_output=True,
@@ -37,7 +38,7 @@ def test_help_imports_neither_torch_nor_transformers():
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = spawn.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"--help imported {out.stdout.strip()}"
 
 

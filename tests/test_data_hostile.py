@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import spawn
 
 from vlmtune.data.images import ImageProblem, ImageUnreadable, UrlImage, image_facts, open_image, open_images
 
@@ -89,7 +90,7 @@ def server() -> Iterator[str]:
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The CLI with a time limit: a hang fails the test instead of holding the suite."""
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    return subprocess.run(
+    return spawn.run(
         [sys.executable, "-m", "vlmtune", *args], cwd=ROOT, capture_output=True, text=True, env=env,
         timeout=timeout,
     )  # fmt: skip

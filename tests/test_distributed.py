@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import spawn
 
 from conftest import PIXEL_BUDGET, RED, ROOT, assistant, user, write_recipe
 
@@ -89,9 +90,7 @@ def launch_env() -> dict:
 
 
 def run_command(command: list[str], timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, env=launch_env(), timeout=timeout
-    )
+    return spawn.run(command, cwd=ROOT, capture_output=True, text=True, env=launch_env(), timeout=timeout)
 
 
 def torchrun(*train_args: str | Path, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -214,7 +213,7 @@ def test_two_nodes_on_loopback_write_one_run_folder(ddp_run, tmp_path: Path):
     path = recipe(tmp_path)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
-        subprocess.Popen(
+        spawn.Popen(
             [
                 sys.executable,
                 "-m",

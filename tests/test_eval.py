@@ -172,6 +172,25 @@ def test_eval_with_a_missing_data_file_is_a_clear_error(tmp_path: Path):
     assert result.returncode == 2 and "missing.jsonl" in result.stderr and "hint:" in result.stderr
 
 
+def test_the_issue_trackers_eval_max_samples_points_at_train_eval_max_samples(tmp_path: Path):
+    """One name per knob: an `eval:` section (there is none; data.eval is the split) is refused, and the
+    message names the keys it meant, not data.eval."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model:\n  name: tiny:qwen2_vl\ndata:\n  train: t.jsonl\neval:\n  max_samples: 50\n  max_new_tokens: 8\n"
+    )
+    result = vlmtune("validate", str(recipe))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        "eval (line 5): unknown key; did you mean `train.eval_max_samples`, `train.eval_max_new_tokens`?"
+        in (result.stderr)
+    )
+    recipe.write_text("model:\n  name: tiny:qwen2_vl\ndata:\n  train: t.jsonl\neval: held_out.jsonl\n")
+    assert "did you mean `data.eval`?" in vlmtune("validate", str(recipe)).stderr, (
+        "a path still means data.eval"
+    )
+
+
 def test_eval_refuses_an_unfinished_or_missing_run(tmp_path: Path):
     result = vlmtune("eval", str(fake_run(tmp_path / "run", status="failed")))
     assert (

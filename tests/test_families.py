@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,7 +16,7 @@ SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
 
 
 def test_every_family_has_a_unique_name_and_a_tiny_builder():
-    assert len(set(NAMES)) == len(NAMES) == 20
+    assert len(set(NAMES)) == len(NAMES) == 24
     assert all(callable(tiny_builder(family)) for family in FAMILIES)
 
 
@@ -72,9 +73,10 @@ def test_the_records_vision_tokens_exist_in_the_tiny_tokenizer(family: str, tiny
 def test_keep_16bit_names_full_prefixes_and_lm_head(family: str):
     record = get_family(family)
     keep = record.keep_16bit()
-    assert keep[0] == record.vision_prefix and "lm_head" in keep
+    assert keep[0] == record.vision_prefix and record.lm_head in keep
     # tower prefixes as module names; language Linears kept 16-bit as anchored regexes (model\\.language_model...)
-    assert all(p.startswith(("model.", "model\\.")) or p == "lm_head" for p in keep)
+    towers = (record.vision_prefix, *record.projector_prefixes, record.lm_head)
+    assert all(p in towers or p.startswith(re.escape(record.language_prefix) + "\\.") for p in keep)
 
 
 # --- image tokens ------------------------------------------------------------------------------
@@ -141,8 +143,24 @@ def _glm(processor):
     processor.image_processor.size = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000}
 
 
+def _llama4(processor):
+    processor.image_processor.size = {"height": 336, "width": 336}
+    processor.image_processor.max_patches = 16
+
+
 def _gemma4(processor):
     processor.image_processor.max_soft_tokens = 280
+
+
+def _aya_vision(processor):
+    processor.image_processor.size = {"height": 364, "width": 364}
+    processor.image_processor.max_patches = 12
+    processor.img_size, processor.patch_size = 364, 28
+
+
+def _minicpm(processor):
+    ip = processor.image_processor
+    ip.patch_size, ip.scale_resolution, ip.max_slice_nums = 14, 448, 9
 
 
 RELEASED = {
@@ -158,6 +176,10 @@ RELEASED = {
     "gemma4": _gemma4,
     "glm4v": _glm,
     "glm46v": _glm,
+    "aya_vision": _aya_vision,
+    "minicpmv4_6": _minicpm,
+    "glm4v_moe": _glm,
+    "llama4": _llama4,
 }
 
 
@@ -253,7 +275,13 @@ def test_a_record_that_refuses_an_objective_stops_it_with_the_reason():
     ) as info:
         check_objective(record, "grpo")
     assert "train.objective" in info.value.hint
-    assert all(not family.refused_objectives for family in FAMILIES), "no record refuses one today"
+    refusing = {
+        family.name: dict(family.refused_objectives) for family in FAMILIES if family.refused_objectives
+    }
+    assert {name: list(refused) for name, refused in refusing.items()} == {
+        "glm4v_moe": ["dpo"],
+        "llama4": ["dpo", "grpo"],
+    }
 
 
 @pytest.mark.parametrize("family", NAMES)

@@ -47,11 +47,16 @@ VISION_BLOCKS = {
     "gemma4": ("model.vision_tower.encoder.layers.",),
     "glm4v": ("model.visual.blocks.",),
     "glm46v": ("model.visual.blocks.",),
+    "aya_vision": ("model.vision_tower.encoder.layers.",),
+    "minicpmv4_6": ("model.vision_tower.encoder.layers.", "model.vision_tower.vit_merger."),
+    "glm4v_moe": ("model.visual.blocks.",),
+    "llama4": ("vision_model.model.layers.",),  # no `model.` wrapper in Llama 4
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
+LANGUAGE_BLOCKS["llama4"] = ("language_model.model.layers.",)
 ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention", "linear_attn"}
-MLP_PARENTS = {"mlp", "feed_forward", "shared_expert"}
+MLP_PARENTS = {"mlp", "feed_forward", "shared_expert", "shared_experts"}
 # Fused expert tensors (3-D parameters) of the MoE families, read from the loaded model's names.
 EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
 # Language Linears that stay 16-bit and untrained: gates with a few outputs per head or one per token
@@ -60,6 +65,8 @@ LANGUAGE_16BIT = {
     "qwen3_5": ("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
     "qwen3_5_moe": ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.shared_expert_gate"),
     "gemma4": ("router.proj",),  # the MoE router is a Linear here: never quantized, never a target
+    "minicpmv4_6": ("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
+    "llama4": ("feed_forward.router",),  # likewise (a Linear subclass)
 }
 
 # What the labels keep of the two-turn sample: each answer and the end of its turn, per template.
@@ -85,8 +92,12 @@ TRAINED_TEXT = {
     # GLM-4's template ends no answer: the collator appends eos to each (as for Llava-1.5's released one)
     "glm4v": "There are two.<|endoftext|>Red.<|endoftext|>",
     "glm46v": "There are two.<|endoftext|>Red.<|endoftext|>",
+    "aya_vision": "There are two.<|END_OF_TURN_TOKEN|>Red.<|END_OF_TURN_TOKEN|>",
+    "minicpmv4_6": "There are two.<|im_end|>\nRed.<|im_end|>\n",
+    "glm4v_moe": "There are two.<|endoftext|>Red.<|endoftext|>",
+    "llama4": "There are two.<|eot|>Red.<|eot|>",
 }
-APPENDS_STOP = {"glm4v", "glm46v"}
+APPENDS_STOP = {"glm4v", "glm46v", "glm4v_moe"}
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row
 
 
@@ -136,7 +147,7 @@ def test_every_language_linear_is_4bit_and_nothing_else_is(loaded):
         assert linear["quantized"] is quantized, linear
     assert not [lin["name"] for lin in linears if lin["component"] == "other"], "every Linear has a component"
     modules = dict(loaded.model.named_modules())
-    assert type(modules["lm_head"]).__name__ == "Linear"
+    assert type(modules[loaded.family.lm_head]).__name__ == "Linear"
     # the first self-attention output projection (Qwen3.5's layer 0 is linear attention, Mllama's cross-attention)
     prefix = loaded.family.language_prefix
     language = next(n for n in modules if n.startswith(prefix) and n.endswith("self_attn.o_proj"))

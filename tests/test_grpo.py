@@ -21,8 +21,10 @@ REFUSED = {  # family -> why TRL's GRPOTrainer cannot score its rollouts
     "llava_onevision": "batch_num_images",
     "mllama": "cross_attention_mask",
     "paligemma": "prefix-LM",
+    "minicpmv4_6": "target_sizes",
 }
-SUPPORTED = [name for name in family_names() if name not in REFUSED]
+# ...and the records that refuse grpo themselves (Family.refused_objectives, checked by tests/test_families.py)
+SUPPORTED = [name for name in family_names() if name not in REFUSED and not get_family(name).refusal("grpo")]
 # What GRPOTrainer's loss hands the model besides ids and mask (TRL 1.16 _compute_loss).
 LOSS_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")  # fmt: skip

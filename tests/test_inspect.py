@@ -30,9 +30,10 @@ def test_json_per_component_for_every_family(family: str):
     assert list(components) == ["vision", "projector", "language", "lm_head", "other"]
     assert result["family"] == family and result["quantization"] == "4-bit nf4" and result["method"] == "lora"
     language, vision = components["language"], components["vision"]
-    # Gates kept 16-bit: the tiny Qwen3.5 has one Gated DeltaNet layer (in_proj_a, in_proj_b); the MoE adds
-    # a shared-expert gate per layer.
-    kept = {"qwen3_5": 2, "qwen3_5_moe": 4, "gemma4": 2}.get(family, 0)  # Gemma 4: its Linear routers
+    # Gates kept 16-bit: the tiny Qwen3.5 has one Gated DeltaNet layer (in_proj_a, in_proj_b), as MiniCPM-V
+    # 4.6's Qwen3.5 decoder; the MoE adds a shared-expert gate per layer; Gemma 4 and Llama 4 keep their
+    # Linear routers.
+    kept = {"qwen3_5": 2, "qwen3_5_moe": 4, "gemma4": 2, "minicpmv4_6": 2, "llama4": 2}.get(family, 0)
     assert language["quantized_linears"] == language["linears"] - kept > 0
     assert "nf4" in language["dtypes"] and set(vision["dtypes"]) == {"bfloat16"}
     for name in ("vision", "projector", "lm_head"):

@@ -34,7 +34,7 @@ def ours(model, batch, **kwargs):
     with lm_head_input(lm_head) as captured:
         outputs = model(**inputs, use_cache=False)
     assert outputs.logits.shape[1] == 1, "lm_head projected one position, not the whole sequence"
-    transform = logit_transform(model.config.get_text_config())
+    transform = logit_transform(model.config)
     return supervised_cross_entropy(captured.hidden, batch["labels"], lm_head, **transform, **kwargs)
 
 

@@ -47,8 +47,24 @@ PUBLISHED = {
     # hold one multi-token-prediction layer that transformers does not instantiate (and vlmtune never trains).
     "Qwen/Qwen3.5-27B": 27e9,
     "Qwen/Qwen3.5-35B-A3B": 35e9,
+    # Written from google/gemma-4-31B-it's published config.json as recalled offline (no hub here): the
+    # shapes (60 layers of 5376, 32 heads, 16 KV heads of 256 on sliding layers, 4 of 512 with K = V on
+    # the full ones, a 27-layer 1152-wide vision tower) give 31.3B, the name's 31B within 3%.
+    "google/gemma-4-31B-it": 31e9,
+    # HF page: 8.63B, as recalled offline (the config was written from the published one the same way).
+    "CohereLabs/aya-vision-8b": 8.63e9,
+    # GLM-4.5V: 108B by its model card (a 106B-A12B GLM-4.5-Air decoder and its vision tower); the
+    # checkpoint's multi-token-prediction layer is not instantiated, as for Qwen3.5.
+    "zai-org/GLM-4.5V": 108e9,
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct": 109e9,  # the model card's "109B total parameters"
 }
-NOMINAL = {"Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-35B-A3B"}
+NOMINAL = {
+    "Qwen/Qwen3.5-27B",
+    "Qwen/Qwen3.5-35B-A3B",
+    "google/gemma-4-31B-it",
+    "zai-org/GLM-4.5V",
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+}
 BUNDLED = list(mem.bundled_configs())
 
 

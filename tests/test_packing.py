@@ -2,8 +2,10 @@
 
 For every family whose record packs: one row of three samples of different lengths with 0, 1 and 2
 images (of different sizes) gives the same loss and the same gradient on every parameter (full
-fine-tuning, float32) as the same samples unpacked, relative 1e-5. Negative controls show the
-comparison can fail: one sample's positions shifted, or a boundary between two samples removed.
+fine-tuning, float32) as the same samples unpacked, relative 1e-5, through the per-sample attention
+that packed training switches the language model to (vlmtune.training.packed_attention). Negative
+controls show the comparison can fail: one sample's positions shifted, or a boundary between two
+samples removed. The per-sample attention itself equals sdpa with the packed row's block-causal mask.
 
 The loss is computed as VlmtuneTrainer.compute_loss computes it (the same position builder, the
 same input cleaning, the supervised-positions loss with the batch's supervised-token count).
@@ -11,6 +13,7 @@ same input cleaning, the supervised-positions loss with the batch's supervised-t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,12 @@ from vlmtune.model.families import FAMILIES, get_family
 from vlmtune.recipe import ModelSection, QuantizationSection
 from vlmtune.stages import load
 from vlmtune.training.packed import PackedRowSampler, heaviest_to_front, packed_positions
+from vlmtune.training.packed_attention import (
+    SAMPLE_ATTENTION,
+    SAMPLE_LENGTHS_KWARG,
+    per_sample_sdpa,
+    use_per_sample_attention,
+)
 from vlmtune.training.trainer import unpacked_keys
 
 from conftest import PIXEL_BUDGET, ROOT, assistant, user
@@ -102,6 +111,7 @@ def family_model(request):
     model = loaded.model
     model.train()
     model.config.use_cache = False
+    assert use_per_sample_attention(model) == SAMPLE_ATTENTION  # what VlmtuneTrainer does for packed rows
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     torch.manual_seed(0)
@@ -128,7 +138,7 @@ def loss_and_grads(model, batches: list[dict]) -> tuple[float, dict]:
             batch["labels"],
             lm_head,
             items,
-            **logit_transform(model.config.get_text_config()),
+            **logit_transform(model.config),
         )
         result.loss.backward()
         total += float(result.loss.detach())
@@ -136,11 +146,14 @@ def loss_and_grads(model, batches: list[dict]) -> tuple[float, dict]:
     return total, grads
 
 
-def packed_batch(model, family, collator, samples, positions=None) -> dict:
+def packed_batch(model, family, collator, samples, positions=None, lengths=None) -> dict:
     batch = PackedCollator(collator, family)(samples)
-    return unpacked_keys(
+    inputs = unpacked_keys(
         batch, positions if positions is not None else packed_positions(model, family, batch)
     )
+    if lengths is not None:
+        inputs[SAMPLE_LENGTHS_KWARG] = lengths
+    return inputs
 
 
 def disagreement(a: tuple[float, dict], b: tuple[float, dict]) -> str | None:
@@ -175,8 +188,31 @@ def test_a_packed_row_trains_exactly_like_its_samples_one_by_one(family_model):
     assert "attention_mask" not in batch
 
     unpacked = loss_and_grads(model, [collator([sample]) for sample in samples])
-    packed = loss_and_grads(model, [packed_batch(model, family, collator, samples)])
+    with sdpa_calls() as queries:
+        packed = loss_and_grads(model, [packed_batch(model, family, collator, samples)])
     assert disagreement(unpacked, packed) is None, disagreement(unpacked, packed)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert queries == batch[SAMPLE_LENGTHS].tolist() * layers, "each layer attends sample by sample"
+
+
+@contextlib.contextmanager
+def sdpa_calls():
+    """The query lengths of the sdpa calls the per-sample attention makes (the vision tower's sdpa
+    calls go through transformers' registry, not this module attribute, and are not seen)."""
+    from transformers.integrations import sdpa_attention
+
+    seen: list[int] = []
+    original = sdpa_attention.sdpa_attention_forward
+
+    def recording(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    sdpa_attention.sdpa_attention_forward = recording
+    try:
+        yield seen
+    finally:
+        sdpa_attention.sdpa_attention_forward = original
 
 
 @pytest.mark.slow
@@ -195,13 +231,116 @@ def test_the_comparison_fails_when_positions_shift_or_a_boundary_goes(family_mod
         shifted[1:, :, 5:first] += 1  # its multimodal rows: a wrong rope index
     else:
         shifted[:, 5:first] += 1
-    no_boundary = right.clone()  # the text sample's positions continue the image sample's
+    no_boundary = right.clone()  # the text sample's positions continue the image sample's ...
     no_boundary[..., first : first + second] += right[..., first - 1 : first] + 1
+    lengths = tuple(batch[SAMPLE_LENGTHS].tolist())
+    merged = (first + second, *lengths[2:])  # ... and the attention sees the two as one sample
 
-    for wrong in (shifted, no_boundary):
+    for wrong, wrong_lengths in ((shifted, None), (no_boundary, merged)):
         assert not torch.equal(wrong, right)
-        packed = loss_and_grads(model, [packed_batch(model, family, collator, samples, wrong)])
+        packed = loss_and_grads(model, [packed_batch(model, family, collator, samples, wrong, wrong_lengths)])
         assert disagreement(unpacked, packed) is not None
+
+
+# --- the per-sample attention -------------------------------------------------------------------
+
+
+class GroupedQueryAttention:  # what sdpa reads of an attention module
+    num_key_value_groups = 2
+    is_causal = True
+
+
+def attention_row(lengths: tuple[int, ...]):
+    """Queries (4 heads), keys and values (2 heads: grouped-query) of one packed row, and its
+    block-causal mask (True: may attend), as transformers builds it for sdpa."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    query = torch.randn(1, 4, total, 8, generator=generator)
+    key, value = (torch.randn(1, 2, total, 8, generator=generator) for _ in range(2))
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    mask = (causal & (sample[:, None] == sample[None, :]))[None, None]
+    return query, key, value, mask
+
+
+def test_per_sample_attention_equals_sdpa_with_the_packed_mask_and_fails_with_a_boundary_removed():
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = (5, 9, 3)
+    query, key, value, mask = attention_row(lengths)
+    module = GroupedQueryAttention()
+    whole_row, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.35)
+    with_mask, _ = per_sample_sdpa(
+        module, query, key, value, mask, scaling=0.35, **{SAMPLE_LENGTHS_KWARG: lengths}
+    )
+    causal_only, _ = per_sample_sdpa(
+        module, query, key, value, None, scaling=0.35, **{SAMPLE_LENGTHS_KWARG: lengths}
+    )
+    assert with_mask.shape == whole_row.shape == (1, 17, 4, 8)
+    torch.testing.assert_close(with_mask, whole_row, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(causal_only, whole_row, rtol=1e-6, atol=1e-6)  # the lengths alone isolate
+
+    merged, _ = per_sample_sdpa(
+        module, query, key, value, None, scaling=0.35, **{SAMPLE_LENGTHS_KWARG: (14, 3)}
+    )
+    assert not torch.allclose(merged[:, 5:14], whole_row[:, 5:14], atol=1e-3), "sample 2 sees sample 1"
+    torch.testing.assert_close(merged[:, :5], whole_row[:, :5])  # causal: sample 1 sees nothing after it
+
+
+def test_per_sample_attention_is_plain_sdpa_for_a_batch_that_is_not_one_packed_row():
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value, mask = attention_row((5, 9, 3))
+    module = GroupedQueryAttention()
+    for lengths in (None, (5, 9)):  # no lengths (evaluation), or lengths of another row: the mask decides
+        extra = {} if lengths is None else {SAMPLE_LENGTHS_KWARG: lengths}
+        output, _ = per_sample_sdpa(module, query, key, value, mask, scaling=0.35, **extra)
+        torch.testing.assert_close(
+            output, sdpa_attention_forward(module, query, key, value, mask, scaling=0.35)[0]
+        )
+
+
+def test_flash_attention_is_kept_and_only_the_language_model_is_switched():
+    from types import SimpleNamespace
+
+    def model(text: str, vision: str):
+        text_config, vision_config = (
+            SimpleNamespace(_attn_implementation=text),
+            SimpleNamespace(_attn_implementation=vision),
+        )
+        return SimpleNamespace(
+            config=SimpleNamespace(get_text_config=lambda: text_config, vision_config=vision_config)
+        )
+
+    flash = model("flash_attention_2", "flash_attention_2")
+    assert use_per_sample_attention(flash) == "flash_attention_2"
+    assert flash.config.get_text_config()._attn_implementation == "flash_attention_2"
+    for first in ("sdpa", "eager", None):
+        switched = model(first, "sdpa")
+        assert use_per_sample_attention(switched) == SAMPLE_ATTENTION
+        assert switched.config.get_text_config()._attn_implementation == SAMPLE_ATTENTION
+        assert switched.config.vision_config._attn_implementation == "sdpa", "the vision tower keeps its own"
+
+
+def test_a_one_row_batch_reaches_lm_head_with_contiguous_strides():
+    """A packed row is a batch of one: the last position's slice must not keep the row's stride, or
+    the CPU matmul goes through bmm and copies the whole lm_head weight every step."""
+    import torch
+
+    from vlmtune.training.loss import lm_head_input
+
+    lm_head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(1, 30, 16, requires_grad=True)
+    seen = []
+    with lm_head_input(lm_head) as captured:
+        lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))  # after its own
+        lm_head(hidden)
+    assert captured.hidden is hidden
+    assert seen == [(16, 16, 1)]
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -219,7 +358,9 @@ def test_refused_families_are_the_ones_the_docs_name():
     text = (ROOT / "docs" / "performance.md").read_text()
     for family in FAMILIES:
         assert f"| {family.title} | {'yes' if family.packing else 'refused'} |" in text, family.title
-    assert set(REFUSED) == {"llava_onevision", "gemma3", "mllama", "paligemma", "qwen3_5", "qwen3_5_moe"}
+    assert set(REFUSED) == {
+        "llava_onevision", "gemma3", "mllama", "paligemma", "qwen3_5", "qwen3_5_moe", "minicpmv4_6"
+    }  # fmt: skip
 
 
 def demo_recipe(folder: Path, model: str, extra: dict | None = None, **train) -> Path:

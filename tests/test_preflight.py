@@ -11,6 +11,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import spawn
 
 from vlmtune.data import preflight
 from vlmtune.data.preflight import scan_split
@@ -183,7 +184,7 @@ def test_every_format_recipe_passes_its_data_check(path: Path):
 
 
 def vlmtune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlmtune", *args], capture_output=True, text=True, cwd=ROOT)
+    return spawn.run([sys.executable, "-m", "vlmtune", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_data_check_cli_exits_zero_with_a_summary_on_good_data():

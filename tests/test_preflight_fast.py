@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import spawn
 
 from vlmtune.data import Sample, preflight
 from vlmtune.data.images import ImageProblem, image_size
@@ -271,7 +272,7 @@ def test_the_progress_bar_shows_samples_per_second(qwen, tmp_path: Path):
 
 
 def vlmtune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlmtune", *args], capture_output=True, text=True, cwd=ROOT)
+    return spawn.run([sys.executable, "-m", "vlmtune", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def bad_recipe(folder: Path, **data) -> Path:

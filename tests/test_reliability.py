@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import spawn
 
 from vlmtune.errors import RunDirError
 from vlmtune.runs import rundir, runlock, signals, trainer_checkpoints
@@ -99,7 +100,7 @@ def test_a_signal_during_a_status_write_waits_for_the_write(tmp_path: Path):
     run.init_summary("r")
     with signals.stop_on_signals():
         with pytest.raises(signals.Interrupted) as stopped, signals.deferred():
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             run.set_status("interrupted")  # not cut short by the signal
         assert stopped.value.exit_code == 143 and stopped.value.name == "SIGTERM"
     assert run.summary()["status"] == "interrupted"
@@ -329,14 +330,13 @@ def test_recipe_warnings_name_absurd_learning_rates():
 
 @pytest.mark.parametrize("file", ["recipe.yaml", "summary.json"])
 def test_a_full_disk_before_the_first_summary_is_a_message_and_leaves_no_half_run(tmp_path: Path, file: str):
-    import subprocess
     import sys
 
     from conftest import ROOT
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    result = subprocess.run(
+    result = spawn.run(
         [sys.executable, str(ROOT / "tests/faults.py"), f"ENOSPC@write:{file}", "--", "train",
          str(ROOT / "recipes/demo.yaml"), "--run-dir", str(run)],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
@@ -372,20 +372,20 @@ def test_the_resume_command_of_a_launch_names_torchrun_and_a_lost_rank_is_a_mess
 def test_sighup_and_sigterm_ask_for_a_stop_inside_the_training_loop_only():
     with signals.stop_on_signals():
         with pytest.raises(signals.Interrupted) as outside:
-            os.kill(os.getpid(), signal.SIGHUP)
+            signal.raise_signal(signal.SIGHUP)
         assert outside.value.exit_code == 129
         with signals.graceful():
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)  # a repeat (torchrun forwarding it) changes nothing
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # a repeat (torchrun forwarding it) changes nothing
             assert signals.stop_requested() == signal.SIGTERM
             with pytest.raises(signals.Interrupted) as saved:
                 signals.stop_now(signal.SIGTERM, saved_step=3)
             assert saved.value.saved_step == 3 and saved.value.seconds_to_save >= 0
             assert signals.stop_requested() is None
         with pytest.raises(signals.Interrupted), signals.graceful():
-            os.kill(os.getpid(), signal.SIGHUP)  # asked for during the final save: raised as the loop ends
+            signal.raise_signal(signal.SIGHUP)  # asked for during the final save: raised as the loop ends
         with pytest.raises(signals.Interrupted) as ctrl_c, signals.graceful():
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C stops at once
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C stops at once
         assert ctrl_c.value.exit_code == 130
 
 

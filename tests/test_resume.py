@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+import spawn
 
 from conftest import ROOT, write_recipe
 from test_cli import vlmtune
@@ -57,7 +58,7 @@ def recipe(folder: Path, *, model: dict | None = None, quantization: dict | None
 def with_fault(fault: str, *args: str) -> subprocess.CompletedProcess:
     """The CLI with one fault injected at an exact moment (tests/faults.py)."""
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    return subprocess.run(
+    return spawn.run(
         [sys.executable, str(ROOT / "tests" / "faults.py"), fault, "--", *args],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
@@ -194,7 +195,7 @@ def test_sigterm_in_mid_step_saves_that_step_and_the_resume_continues_from_it(ba
     stops as interrupted, and the resume starts from step 3 with the uninterrupted run's losses."""
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    process = subprocess.Popen(
+    process = spawn.Popen(
         [sys.executable, str(ROOT / "tests/faults.py"), "SLOW@step:2", "--", "train", str(recipe(tmp_path)),
          "--run-dir", str(run)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -433,7 +434,7 @@ def test_a_kill_during_the_eval_resumes_only_the_eval(tmp_path: Path):
 def test_a_second_process_is_refused_and_a_dead_ones_lock_does_not_hold(tmp_path: Path):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "VLMTUNE_DEBUG"}
-    first = subprocess.Popen(
+    first = spawn.Popen(
         [sys.executable, str(ROOT / "tests/faults.py"), "PAUSE@step:2", "--", "train", str(recipe(tmp_path)),
          "--run-dir", str(run)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -651,9 +652,7 @@ def small_disk(tmp_path: Path):
     mounted = (
         os.geteuid() == 0
         and (
-            subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)], capture_output=True
-            )
+            spawn.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)], capture_output=True)
         ).returncode
         == 0
     )
@@ -662,7 +661,7 @@ def small_disk(tmp_path: Path):
     try:
         yield disk
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        spawn.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_real_full_disk_is_a_message_and_the_run_resumes_once_there_is_room(
@@ -674,7 +673,7 @@ def test_a_real_full_disk_is_a_message_and_the_run_resumes_once_there_is_room(
     assert f"no space left on the device of {run}" in result.stderr and "Traceback" not in result.stderr
     assert summary(run)["status"] == "failed", "summary.json says so even on the full disk"
 
-    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    spawn.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
     resumed = vlmtune("train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "incomplete: its save was interrupted" in resumed.stdout

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import spawn
 
 from vlmtune.errors import RecipeError
 from vlmtune.recipe import parse_recipe
@@ -224,7 +225,7 @@ def isolated(code: str, tmp_path: Path, timeout: float = 120) -> subprocess.Comp
     script = tmp_path / "isolated.py"
     script.write_text(textwrap.dedent(code))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    return subprocess.run(
+    return spawn.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path
     )
 

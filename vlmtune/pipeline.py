@@ -152,6 +152,9 @@ def _stages(
     else:
         with stage(run, "load") as figures:
             initial = trained.start_from(recipe.model, recipe.lora)  # model.adapter: checked before any load
+            if initial.which and run.writer:
+                _say(f"starting from {initial.which}")
+            figures.update(initial.figures())
             if hasattr(objective, "before_load"):  # grpo's reward functions: refused before any weight loads
                 objective.before_load(recipe.objective_options())
             # the record's refusals (Family.refused_objectives): a config read, still before any weight loads

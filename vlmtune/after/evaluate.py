@@ -120,7 +120,7 @@ def answer_logps(model: Any, batch: dict) -> Any:
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm_head = causal_lm.get_output_embeddings()
-    transform = logit_transform(causal_lm.config.get_text_config())
+    transform = logit_transform(causal_lm.config)
     with torch.no_grad(), lm_head_input(lm_head) as captured:
         model(**inputs, use_cache=False)
     keep = mask[:, 1:].bool()
@@ -176,7 +176,8 @@ def run_answers(
         inference = load_for_inference(trained)
         after = measure(inference.model, inference.processor, items, max_new_tokens, progress)
         del inference
-        earlier = load_for_inference(open_trained_run(trained.recipe.model.adapter))
+        start = trained.recipe.model  # the weights it started from: the same choice as start_from's
+        earlier = load_for_inference(open_trained_run(start.adapter, start.adapter_checkpoint))
         return {
             "adapter": after,
             "base": measure(earlier.model, earlier.processor, items, max_new_tokens, progress),

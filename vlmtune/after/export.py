@@ -360,6 +360,8 @@ def merge_probes(model: Any, component_of: Any, count: int) -> list[Probe]:
     ranked = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight"):
+            if not hasattr(module.get_base_layer(), "weight"):
+                continue  # fused experts (peft's ParamWrapper on a 3-D parameter): the Linears are probed
             weight = module.get_base_layer().weight
             delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
             relative = float(delta.abs().max()) / (float(weight.abs().max()) or 1.0)

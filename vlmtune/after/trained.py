@@ -40,11 +40,14 @@ class Inference:
     has_adapter: bool
 
 
-def open_trained_run(path: str | Path, checkpoint: str | None = None, force: bool = False) -> TrainedRun:
+def open_trained_run(
+    path: str | Path, checkpoint: str | None = None, force: bool = False, option: str = "pass --checkpoint"
+) -> TrainedRun:
     """A run folder whose training finished, with its resolved recipe and the weights to use: the best
     checkpoint when the run kept one (train.best_metric), else the final weights. ``checkpoint`` picks
     another: ``last`` (the final weights), ``best``, or a checkpoint by step (``40`` or ``checkpoint-40``).
-    Weights no trained model holds (a collapsed run's) are refused unless ``force``, NaN/inf always."""
+    Weights no trained model holds (a collapsed run's) are refused unless ``force``, NaN/inf always.
+    ``option`` says how the caller's user picks a checkpoint, in the hints."""
     from vlmtune.recipe import load_recipe
 
     path = Path(path)
@@ -75,14 +78,16 @@ def open_trained_run(path: str | Path, checkpoint: str | None = None, force: boo
     from vlmtune.training.finite import refuse_nonfinite
 
     refuse_nonfinite(weights, force)  # a run that diverged or collapsed before vlmtune stopped such runs
-    chosen, which = chosen_weights(run, summary, checkpoint)
+    chosen, which = chosen_weights(run, summary, checkpoint, option)
     if chosen is None:
         return TrainedRun(run, recipe, weights, final=weights)
     refuse_nonfinite(chosen, force)
     return TrainedRun(run, recipe, chosen, which, final=weights)
 
 
-def chosen_weights(run: RunDir, summary: dict, checkpoint: str | None) -> tuple[Path | None, str]:
+def chosen_weights(
+    run: RunDir, summary: dict, checkpoint: str | None, option: str = "pass --checkpoint"
+) -> tuple[Path | None, str]:
     """The checkpoint folder to use instead of the final weights (None: the final weights), in words."""
     from vlmtune.runs import trainer_checkpoints
 
@@ -94,7 +99,7 @@ def chosen_weights(run: RunDir, summary: dict, checkpoint: str | None) -> tuple[
             raise RunDirError(
                 f"run {run.path} kept no best checkpoint (its recipe sets no train.best_metric, or nothing was "
                 "measured at a saved step)",
-                hint="pass --checkpoint last, or a checkpoint step; train with train.best_metric to keep the best",
+                hint=f"{option} last, or a checkpoint step; train with train.best_metric to keep the best",
             )
         folder = run / best["path"]
         which = f"the best checkpoint {folder.name} ({best['metric']} {best['value']:.4g})"
@@ -112,7 +117,7 @@ def chosen_weights(run: RunDir, summary: dict, checkpoint: str | None) -> tuple[
     if problem is not None:
         raise RunDirError(
             f"{which} of run {run.path} cannot be used: {problem[0]}",
-            hint="pass --checkpoint last for the final weights, or another checkpoint",
+            hint=f"{option} last for the final weights, or another checkpoint",
         )
     return folder, which
 
@@ -146,20 +151,32 @@ ADAPTER_SHAPE = (
 class StartFrom:
     """Where a run's weights start: what the load stage loads, and the adapter the lora stage attaches."""
 
-    model: ModelSection  # the base, or an earlier full fine-tune's saved model
-    adapter: Path | None = None  # an earlier run's final adapter, trained on instead of a fresh one
+    model: ModelSection  # the base, or an earlier full fine-tune's saved model (or checkpoint)
+    adapter: Path | None = None  # an earlier run's adapter (or checkpoint), trained on instead of a fresh one
+    which: str | None = None  # the earlier run's weights, in words (None: from the base)
+    weights: Path | None = None  # their folder, whether an adapter or a full model
+
+    def figures(self) -> dict:
+        """What the load stage records in summary.json about where the weights start."""
+        if self.weights is None:
+            return {}
+        return {"start_from": {"weights": str(self.weights), "which": self.which}}
 
 
 def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
     """The weights a run starts from: the base, or the run ``model.adapter`` names, checked first.
 
-    That run must have finished training, on the same base model, with the same lora shape; each
-    refusal says which and how to fix it, before any weight is loaded.
+    The weights are those predict, eval and export take from that run (its best checkpoint when it kept
+    one, else its final weights) unless ``model.adapter_checkpoint`` picks others. That run must have
+    finished training, on the same base model, with the same lora shape; each refusal says which and how
+    to fix it, before any weight is loaded.
     """
     if model.adapter is None:
         return StartFrom(model)
     try:
-        earlier = open_trained_run(model.adapter, checkpoint="last")
+        earlier = open_trained_run(
+            model.adapter, model.adapter_checkpoint, option="set model.adapter_checkpoint:"
+        )
     except RunDirError as exc:
         raise RunDirError(f"model.adapter: {exc.message}", hint=exc.hint) from None
     base = earlier.recipe.model
@@ -182,9 +199,11 @@ def start_from(model: ModelSection, lora: LoraSection) -> StartFrom:
             hint=f"copy the lora section of {earlier.run / rundir.RESOLVED}: an adapter trains on with the shape "
             "it was made with",
         )
+    which = f"{earlier.which} of run {model.adapter}"
     if earlier.is_full:
-        return StartFrom(model.model_copy(update={"name": str(earlier.weights), "revision": None}))
-    return StartFrom(model, earlier.weights)
+        full = model.model_copy(update={"name": str(earlier.weights), "revision": None})
+        return StartFrom(full, which=which, weights=earlier.weights)
+    return StartFrom(model, earlier.weights, which=which, weights=earlier.weights)
 
 
 def training_finished(summary: dict) -> bool:
@@ -233,6 +252,7 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
 
     from vlmtune.model.families import detect_family
     from vlmtune.model.processing import load_processor
+    from vlmtune.model.vision_input import cast_pixel_values_at_the_tower
 
     path = Path(path)
     report = path / rundir.EXPORT_REPORT  # absent while the export itself is scored, before it is written
@@ -246,5 +266,6 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=getattr(torch, dtype or facts.get("dtype") or "bfloat16")
     ).to(device)
+    cast_pixel_values_at_the_tower(model, family)  # as the load stage does (Llama 4's tower)
     model.eval()
     return Inference(model, load_processor(path, family), family, has_adapter=False)

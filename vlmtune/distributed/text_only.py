@@ -29,7 +29,8 @@ class TextOnlyGuard:
     def __init__(self, model: Any, family: Family, processor: Any):
         core = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.family = family
-        self.vision_model = core.model  # the transformers *Model that owns get_image_features
+        # the transformers *Model that owns get_image_features (Llama 4 has no `model` wrapper: the top module)
+        self.vision_model = getattr(core, "model", core)
         self.text_only = False  # set for each forward of the vision model, cleared once handled
         vision = core.get_submodule(family.vision_prefix)
         weight = next(p for p in vision.parameters() if p.is_floating_point())

@@ -134,6 +134,13 @@ class Family:
     # (config dict, max_image_pixels) -> ImageSettings, where a config alone (estimate-memory on a hub id)
     # needs the family's own reading (Gemma 4: soft tokens per image live in the processor, not the config).
     config_image_settings: Callable[[dict, int | None], ImageSettings] | None = None
+    # Does the model's forward multiply its logits by the text config's logit_scale (Cohere's language
+    # models)? Aya Vision's wrapper keeps a Cohere2 config but projects with its own lm_head, unscaled:
+    # vlmtune's loss must compute what the model computes.
+    applies_logit_scale: bool = True
+    # The vision tower takes pixel_values in whatever dtype they come (Llama 4: transformers' processor gives
+    # bfloat16, the PIL one float32): the load stage casts them to the tower's dtype at its input.
+    cast_pixel_values: bool = False
 
     def component_of(self, module_name: str) -> str:
         """vision | projector | language | lm_head | other, by anchored prefix."""
@@ -633,6 +640,138 @@ INTERNVL = Family(
     **{**_LLAVA_LAYOUT, "block_lists": ("model.vision_tower.encoder.layer", "model.language_model.layers")},
 )
 
+AYA_VISION = Family(
+    name="aya_vision",
+    tiny_builder="vlmtune.model.tiny.aya:build_aya_vision",
+    title="Aya Vision",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): Cohere2 normalises with LayerNorm and
+    # rotates interleaved pairs, neither of which the kernels compute
+    norm=None,
+    mlp_activation=None,
+    rope=None,
+    model_types=("aya_vision",),
+    image_token="<image>",
+    feature_token="<|IMG_PATCH|>",
+    # TILE_1, TILE_2 ... : the tile word is a token, its number plain text (in the prompt, never trained)
+    structural_tokens=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "TILE", "TILE_GLOBAL", "<|IMG_LINE_BREAK|>"),
+    tokens_per_image=it.internvl_tokens,  # GotOcr2's tiles, as InternVL's
+    pixel_budget=it.internvl_budget,
+    image_settings=it.aya_vision_settings,
+    config_image_settings=it.aya_vision_settings_from_config,
+    applies_logit_scale=False,
+    **_LLAVA_LAYOUT,
+)
+
+MINICPMV4_6 = Family(
+    name="minicpmv4_6",
+    tiny_builder="vlmtune.model.tiny.minicpm:build_minicpmv4_6",
+    title="MiniCPM-V 4.6",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its Qwen3.5 decoder's, as for Qwen3.5
+    norm=None,
+    rope=None,
+    model_types=("minicpmv4_6",),
+    vision_prefix="model.vision_tower",  # the window-attention merger (vit_merger) inside it included
+    projector_prefixes=("model.merger",),
+    language_prefix="model.language_model",
+    image_token="<|image_pad|>",
+    # <image_id>i</image_id> (its digits plain text), the whole image's and each slice's markers
+    structural_tokens=("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>"),
+    language_attention=(*LANGUAGE_ATTENTION, *GATED_DELTANET),  # a Qwen3.5 decoder
+    language_keep_16bit=GATED_DELTANET_16BIT,
+    extra_inputs=("target_sizes",),
+    processor_class="MiniCPMV4_6ImageOnlyProcessor",  # its images only, with or without torchvision
+    prepare_processor_import=shims.minicpmv4_6_image_only_processor,
+    tokens_per_image=it.minicpm_tokens,
+    image_layout=it.minicpm_layout,
+    pixel_budget=it.minicpm_budget,
+    image_settings=it.minicpm_settings,
+    config_image_settings=it.minicpm_settings_from_config,
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing_refused="its Qwen3.5 decoder's Gated DeltaNet layers carry a recurrent state along the whole row, "
+    "across the boundaries of packed samples (as Qwen3.5's)",
+)
+
+# --- issue 25, the remaining MoE families (appended here to ease merging) ---------------------------------
+
+GLM4V_MOE = Family(
+    name="glm4v_moe",
+    tiny_builder="vlmtune.model.tiny.glm:build_glm4v_moe",
+    title="GLM-4.5V",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its experts are fused 3-D tensors, its
+    # rotary is not rotate-half
+    mlp_activation=None,
+    rope=None,
+    model_types=("glm4v_moe",),
+    processor_class="Glm4vProcessor",
+    # GLM-4.5-Air's decoder: the dense first layer's MLP and the shared expert (mlp.shared_experts.*) have
+    # separate gate/up/down_proj (4-bit, LoRA); the routed experts are fused 3-D tensors as Qwen's, and the
+    # router mlp.gate is a bare weight with a correction bias (no Linear)
+    **{**_GLM_V, "language_mlp": LANGUAGE_MLP},
+    expert_parameters=QWEN_EXPERTS,
+    expert_count_keys=("n_routed_experts", "num_experts_per_tok"),
+    router="mlp.gate",
+    refused_objectives=(
+        (
+            "dpo",
+            "TRL 1.16's DPO adds the experts' load-balancing loss with text_config.num_experts, which GLM-4.5V's "
+            "config names n_routed_experts: the first step fails with an AttributeError",
+        ),
+    ),
+)
+
+LLAMA4 = Family(
+    name="llama4",
+    tiny_builder="vlmtune.model.tiny.llama4:build_llama4",
+    title="Llama 4",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): fused experts, complex-valued rotary,
+    # an L2 norm of queries and keys beside the RMSNorms
+    norm=None,
+    mlp_activation=None,
+    rope=None,
+    model_types=("llama4",),
+    # No `model.` wrapper: the towers hang off the top module, and the decoder sits inside a causal LM
+    vision_prefix="vision_model",
+    # the pixel-shuffle MLP (vision_adapter) maps the tower's patches to tokens: a projector, as Qwen's merger
+    projector_prefixes=("multi_modal_projector", "vision_model.vision_adapter"),
+    language_prefix="language_model.model",
+    lm_head="language_model.lm_head",
+    image_token="<|image|>",
+    feature_token="<|patch|>",  # the config's image_token_index: what image features replace
+    structural_tokens=("<|image_start|>", "<|image_end|>", "<|tile_x_separator|>", "<|tile_y_separator|>"),
+    vision_attention=LANGUAGE_ATTENTION,  # self_attn.q/k/v/o_proj: anchored on vision_model
+    vision_mlp=("mlp.fc1", "mlp.fc2"),
+    # language_mlp's gate/up/down_proj are the shared expert's (feed_forward.shared_expert.*) and, in the
+    # checkpoints that interleave dense layers (Maverick), the dense MLP's: 4-bit, LoRA
+    expert_parameters=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+    expert_count_keys=("num_local_experts", "num_experts_per_tok"),
+    router="feed_forward.router",  # a Linear subclass: kept 16-bit by keep_16bit()
+    processor_class="Llama4Processor",
+    prepare_processor_import=shims.llama4_image_processor_without_torchvision,
+    tokens_per_image=it.llama4_tokens,
+    image_layout=it.llama4_tiles,  # the tile grid decides where the separators go
+    pixel_budget=it.llama4_budget,
+    image_settings=it.llama4_settings,
+    config_image_settings=it.llama4_settings_from_config,
+    block_lists=("vision_model.model.layers", "language_model.model.layers"),
+    cast_pixel_values=True,
+    refused_objectives=(
+        (
+            "dpo",
+            "TRL 1.16's DPO takes the decoder's last_hidden_state from the model's backbone, and Llama 4 has none "
+            "(its language_model is a causal LM with its own head): the first step fails with an AttributeError",
+        ),
+        (
+            "grpo",
+            "TRL 1.16's GRPO splits tile-indexed pixel_values per prompt by asking the image processor for "
+            "InternVL's num_patches (crop_to_patches=True), which Llama 4's image processor does not give",
+        ),
+    ),
+    packing_refused="its NoPE layers scale attention by a token's index in the row (attn_temperature_tuning, "
+    "from floor_scale = 8192 tokens on), not in its sample, so a packed sample past that index would attend "
+    "otherwise than alone (tried: a packed row shorter than that matched its samples exactly, the chunked "
+    "attention included; no record field limits a row's length yet)",
+)
+
 FAMILIES: tuple[Family, ...] = (
     QWEN2_VL,
     QWEN2_5_VL,
@@ -655,6 +794,10 @@ FAMILIES: tuple[Family, ...] = (
     GEMMA4,
     GLM4V,
     GLM46V,
+    AYA_VISION,
+    MINICPMV4_6,
+    GLM4V_MOE,
+    LLAMA4,
 )
 
 

@@ -285,6 +285,62 @@ def gemma4_tokens(width: int, height: int, s: ImageSettings) -> int:
 GEMMA4_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the settings Gemma 4's image processor accepts
 
 
+def _ensure_divide(length: float, divisor: int) -> int:
+    return max(round(length / divisor) * divisor, divisor)
+
+
+def minicpm_resized(height: float, width: float, s: ImageSettings, upscale: bool) -> tuple[int, int]:
+    """MiniCPM-V's find_best_resize: an image over scale_resolution^2 pixels (or any, when upscaling) is
+    brought to that area, aspect kept; each side then rounds to whole (patch x merge) cells."""
+    side = _need(s, "image_size")
+    if height * width > side * side or upscale:
+        aspect = width / height
+        height = int(side / math.sqrt(aspect))
+        width = int(height * aspect)
+    cell = s.patch_size * s.merge_size
+    return _ensure_divide(height, cell), _ensure_divide(width, cell)
+
+
+def minicpm_grid(width: int, height: int, s: ImageSettings) -> tuple[int, int] | None:
+    """MiniCPM-V's slice grid (rows, cols): about area / scale_resolution^2 slices (at most max_tiles), the
+    count and shape whose aspect is closest to the image's in log ratio; None: the image is not sliced."""
+    if not s.tiling:
+        return None
+    side, most = _need(s, "image_size"), _need(s, "max_tiles")
+    log_ratio = math.log(width / height)
+    multiple = min(math.ceil(width * height / (side * side)), most)
+    if multiple <= 1:
+        return None
+    best, least = (1, 1), math.inf
+    for count in (multiple - 1, multiple, multiple + 1):
+        if count == 1 or count > most:
+            continue
+        for rows in (r for r in range(1, count + 1) if count % r == 0):
+            error = abs(log_ratio - math.log((count // rows) / rows))
+            if error < least or (error == least and rows > best[0]):
+                best, least = (rows, count // rows), error
+    return best
+
+
+def minicpm_layout(width: int, height: int, s: ImageSettings) -> tuple[tuple[int, int] | None, int, int]:
+    """(grid, tokens of the whole image, tokens of each slice): what decides MiniCPM-V's image text."""
+    grid = minicpm_grid(width, height, s)
+    per_token = s.merge_size**2
+    h, w = minicpm_resized(height, width, s, upscale=grid is None)
+    whole = (h // s.patch_size) * (w // s.patch_size) // per_token
+    if grid is None:
+        return None, whole, 0
+    rows, cols = grid
+    refine_h, refine_w = _ensure_divide(height, rows), _ensure_divide(width, cols)
+    h, w = minicpm_resized(refine_h / rows, refine_w / cols, s, upscale=True)
+    return grid, whole, (h // s.patch_size) * (w // s.patch_size) // per_token
+
+
+def minicpm_tokens(width: int, height: int, s: ImageSettings) -> int:
+    grid, whole, per_slice = minicpm_layout(width, height, s)
+    return whole + (grid[0] * grid[1] * per_slice if grid else 0)
+
+
 # --- reading settings from a loaded processor ---------------------------------------------------
 
 
@@ -444,6 +500,122 @@ def internvl_budget(ip: Any, max_pixels: int) -> None:
     ip.min_patches = min(ip.min_patches, ip.max_patches)
 
 
+def aya_vision_settings(processor: Any) -> ImageSettings:
+    """Aya Vision: GotOcr2 tiles as InternVL's, each (img_size / patch_size)^2 tokens (the processor's
+    patch_size is the tower's times the pixel shuffle's factor: 28 for 14-pixel patches)."""
+    ip = processor.image_processor
+    tiling = type(processor).images_kwargs.get("crop_to_patches", ip.crop_to_patches)
+    return ImageSettings(
+        image_size=_size(ip.size, "height"),
+        tokens_per_tile=(processor.img_size // processor.patch_size) ** 2,
+        min_tiles=ip.min_patches,
+        max_tiles=ip.max_patches,
+        tiling=bool(tiling),
+    )
+
+
+def minicpm_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    return ImageSettings(
+        image_size=ip.scale_resolution,
+        patch_size=ip.patch_size,
+        merge_size=2 if ip.downsample_mode == "4x" else 4,  # two 2x2 merges in "16x", one in "4x"
+        max_tiles=ip.max_slice_nums,
+        tiling=bool(ip.slice_mode),
+    )
+
+
+def minicpm_budget(ip: Any, max_pixels: int) -> None:
+    # Slices of scale_resolution^2 pixels beside the whole image that fit the budget (never above the
+    # checkpoint's); one or none leaves the image whole
+    ip.max_slice_nums = max(1, min(ip.max_slice_nums, max_pixels // ip.scale_resolution**2 - 1))
+
+
+# --- Llama 4: tiles of a best-fit canvas (issue 25) ------------------------------------------------------
+
+
+def llama4_canvases(max_tiles: int, tile: int) -> list[tuple[int, int]]:
+    """Llama4ImageProcessor's supported resolutions, (height, width), in its order: every grid of up to
+    ``max_tiles`` tiles, grouped by aspect ratio in the order the ratios first appear (the order breaks ties)."""
+    by_ratio: dict[float, list[tuple[int, int]]] = {}
+    for tiles in range(max_tiles, 0, -1):
+        for rows in sorted(d for d in range(1, tiles + 1) if tiles % d == 0):
+            by_ratio.setdefault(rows / (tiles // rows), []).append((rows, tiles // rows))
+    return [(rows * tile, cols * tile) for grids in by_ratio.values() for rows, cols in grids]
+
+
+def llama4_canvas(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """The canvas an image is resized into without distortion: the smallest upscale that fits, else the least
+    downscale; among canvases with that scale, the smallest area (Llama4ImageProcessor's get_best_fit)."""
+    canvases = llama4_canvases(max_tiles, tile)
+    scales = [min(h / height, w / width) for h, w in canvases]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(scales)
+    fitting = [c for c, s in zip(canvases, scales, strict=True) if s == chosen]
+    return min(fitting, key=lambda c: c[0] * c[1])  # the first of the smallest, as torch.argmin
+
+
+def llama4_resized(height: int, width: int, canvas: tuple[int, int], tile: int) -> tuple[int, int]:
+    """The image's size inside its canvas: never upscaled past one tile side, aspect ratio kept."""
+    target_h, target_w = min(max(height, tile), canvas[0]), min(max(width, tile), canvas[1])
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_h, new_w = min(math.floor(height * scale_w), target_h), target_w
+    else:
+        new_h, new_w = target_h, min(math.floor(width * scale_h), target_w)
+    return max(new_h, 1), max(new_w, 1)
+
+
+def llama4_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]:
+    """(rows, columns) of tiles the image is cut into."""
+    tile = _need(s, "image_size")
+    canvas_h, canvas_w = llama4_canvas(height, width, _need(s, "max_tiles"), tile)
+    return canvas_h // tile, canvas_w // tile
+
+
+def llama4_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """<|patch|> tokens: tokens_per_tile for each tile, plus a global view of the whole image when there are
+    several tiles."""
+    rows, cols = llama4_tiles(width, height, s)
+    tiles = rows * cols
+    return (tiles + 1 if tiles > 1 else 1) * _need(s, "tokens_per_tile")
+
+
+def llama4_settings(processor: Any) -> ImageSettings:
+    ip = processor.image_processor
+    tile = _size(ip.size, "height")
+    per_tile = (tile // processor.patch_size) ** 2 // processor.downsample_ratio
+    return ImageSettings(
+        image_size=tile, patch_size=processor.patch_size, tokens_per_tile=per_tile, max_tiles=ip.max_patches,
+        tiling=True,
+    )  # fmt: skip
+
+
+def llama4_budget(ip: Any, max_pixels: int) -> None:
+    # As many tiles as the budget holds, at least one, never more than the checkpoint's.
+    tile = _size(ip.size, "height")
+    ip.max_patches = max(1, min(ip.max_patches, max_pixels // (tile * tile)))
+
+
+def llama4_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """Llama 4's config: a tile is vision_config.image_size, its patches pixel-shuffled by pixel_shuffle_ratio
+    (0.5: four patches per token); up to 16 tiles (the released processors' max_patches), fewer by the budget."""
+    vision = config.get("vision_config") or {}
+    tile, patch = int(vision.get("image_size", 336)), int(vision.get("patch_size", 14))
+    shuffle = round(1 / float(vision.get("pixel_shuffle_ratio", 0.5)) ** 2)
+    most = (
+        LLAMA4_MAX_TILES
+        if not max_image_pixels
+        else max(1, min(LLAMA4_MAX_TILES, max_image_pixels // tile**2))
+    )
+    return ImageSettings(
+        max_pixels=max_image_pixels, patch_size=patch, image_size=tile, tokens_per_tile=(tile // patch) ** 2 // shuffle,
+        max_tiles=most, tiling=True,
+    )  # fmt: skip
+
+
+LLAMA4_MAX_TILES = 16  # Llama4ImageProcessor's max_patches in the released checkpoints
+
 # --- settings from a config alone (no processor at hand) ----------------------------------------
 
 
@@ -496,6 +668,41 @@ def image_settings_from_config(config: dict, max_image_pixels: int | None) -> Im
         longest_edge=longest_edge,
         grid_pinpoints=tuple(tuple(p) for p in config.get("image_grid_pinpoints") or ()),
     )
+
+
+AYA_VISION_RELEASED_TILES = 12  # CohereLabs/aya-vision-*: GotOcr2's max_patches
+
+
+def aya_vision_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """Aya Vision from its config: tiles of image_size, each (image_size / patch / downsample_factor)^2
+    tokens; up to the released processor's 12 tiles, lowered to the budget as internvl_budget lowers them."""
+    vision = config.get("vision_config") or {}
+    side, patch = int(vision.get("image_size") or 364), int(vision.get("patch_size") or 14)
+    merge = int(config.get("downsample_factor") or 2)
+    tiles = AYA_VISION_RELEASED_TILES
+    if max_image_pixels:
+        tiles = max(1, min(tiles, max_image_pixels // (side * side)))
+    return ImageSettings(
+        max_pixels=max_image_pixels, patch_size=patch, merge_size=merge, image_size=side,
+        tokens_per_tile=(side // (patch * merge)) ** 2, max_tiles=tiles, tiling=True,
+    )  # fmt: skip
+
+
+MINICPM_RELEASED_SLICES = 9  # openbmb/MiniCPM-V-4.6: max_slice_nums
+
+
+def minicpm_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """MiniCPM-V from its config: slices of image_size^2 pixels, up to the released 9, lowered to the budget
+    as minicpm_budget lowers them."""
+    side = int(config.get("image_size") or 448)
+    slices = MINICPM_RELEASED_SLICES
+    if max_image_pixels:
+        slices = max(1, min(slices, max_image_pixels // side**2 - 1))
+    return ImageSettings(
+        max_pixels=max_image_pixels, image_size=side,
+        patch_size=first_int((config.get("vision_config") or {}).get("patch_size")) or 14,
+        merge_size=2 if config.get("downsample_mode") == "4x" else 4, max_tiles=slices, tiling=True,
+    )  # fmt: skip
 
 
 # --- what the memory model needs -------------------------------------------------------------

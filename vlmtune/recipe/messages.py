@@ -22,7 +22,7 @@ def describe_error(err: dict, lines: dict[tuple[str, ...], int], overridden: set
         where = ""
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = "unknown key" + _suggestion(loc)
+        message = "unknown key" + _suggestion(loc, err.get("input"))
     elif err["type"] == "missing":
         message = "required, but missing"
     elif "input" in err and err["type"] not in ("value_error", "model_type"):
@@ -57,10 +57,12 @@ ALIASES = {
 }
 
 
-def _suggestion(loc: tuple[str, ...]) -> str:
+def _suggestion(loc: tuple[str, ...], value: Any = None) -> str:
     if loc[-1] in ALIASES:
         return f"; did you mean `{ALIASES[loc[-1]]}`?"
     sections = list(Recipe.model_fields)
+    if len(loc) == 1 and (prefixed := _prefixed_keys(loc[0], value)):
+        return prefixed
     if len(loc) == 1:
         close = difflib.get_close_matches(loc[0], sections, n=1, cutoff=0.6)
         if close:
@@ -79,6 +81,15 @@ def _suggestion(loc: tuple[str, ...]) -> str:
     if close:
         return f"; did you mean `{loc[0]}.{close[0]}`?"
     return _short_key_suggestion(loc[0], loc[1], names)
+
+
+def _prefixed_keys(name: str, value: Any) -> str:
+    """An unknown section whose keys are fields elsewhere with its name as a prefix: the issue tracker's
+    `eval: {max_samples: 50}` is `train.eval_max_samples` (one name per knob: no second spelling)."""
+    if not isinstance(value, dict):
+        return ""
+    found = [f"`{owner}.{name}_{key}`" for key in value if (owner := _section_with_field(f"{name}_{key}"))]
+    return f"; did you mean {', '.join(found)}?" if found else ""
 
 
 def _short_key_suggestion(section: str, key: str, names: list[str]) -> str:

@@ -88,6 +88,12 @@ class ModelSection(Section):
         "(or, for lora.method full, its full weights) is loaded, trainable, instead of a fresh one; the lora "
         "section must describe that adapter as its run did (e.g. an SFT run, then DPO from it).",
     )
+    adapter_checkpoint: str | None = Field(
+        None,
+        description="Which weights of the model.adapter run to start from: null takes those predict, eval and "
+        "export use (its best checkpoint when it kept one, see train.best_metric; else its final weights); "
+        "last its final weights; best insists on the best checkpoint; 40 or checkpoint-40 a checkpoint it kept.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -103,6 +109,25 @@ class ModelSection(Section):
                     f"unknown tiny family {family!r}{hint}; choose one of {', '.join(family_names())}"
                 )
         return value
+
+    @field_validator("adapter_checkpoint", mode="before")
+    @classmethod
+    def _checkpoint_word(cls, value: Any) -> Any:
+        """last, best, a step or checkpoint-STEP (the words of --checkpoint); a bare YAML number is a step."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and not re.fullmatch(r"last|best|(checkpoint-)?\d+", value):
+            raise ValueError(f"expects last, best, a step (40) or checkpoint-40, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_a_run(self) -> ModelSection:
+        if self.adapter_checkpoint is not None and self.adapter is None:
+            raise ValueError(
+                "model.adapter_checkpoint picks weights of the model.adapter run, and model.adapter is not set; "
+                "set model.adapter to an earlier run folder, or remove adapter_checkpoint"
+            )
+        return self
 
 
 class QuantizationSection(Section):

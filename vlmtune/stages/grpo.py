@@ -408,6 +408,7 @@ def build_trainer(
     from vlmtune.training.callbacks import MetricsWriter
 
     check_family(family)
+    logits_as_the_forward_computes(model, family, options.beta)
     scorers = rewards.build(options.rewards)
     train_split, eval_split = prepare_prompts(processor, data, train_section, options, scorers, run)
     prompts = train_split.items + eval_split.items  # train and eval rows index one list
@@ -441,6 +442,23 @@ def build_trainer(
     )
     drop_needless_reference_copy(trainer.model)
     return trainer
+
+
+def logits_as_the_forward_computes(model: Any, family: Family, beta: float) -> None:
+    """TRL's fused lm_head (GRPO's loss) multiplies the logits by the text config's logit_scale. A family
+    whose forward does not (Aya Vision keeps Cohere2's config but projects unscaled) would be trained on the
+    log-probabilities of another distribution than the one it samples from (tried: up to 4 nats apart on
+    the tiny model). Its config is set to say what its forward does; the forward itself never reads it."""
+    if family.applies_logit_scale:
+        return
+    if beta > 0 and not hasattr(model, "peft_config"):
+        raise ModelError(
+            f"{family.title} with full fine-tuning and grpo.beta > 0: TRL reloads the reference model from its "
+            "checkpoint and would scale its logits by the config's logit_scale, which the model never applies",
+            hint="set grpo.beta: 0, or train LoRA (the reference is then the model with its adapter off)",
+        )
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm.config.get_text_config().logit_scale = 1.0
 
 
 def drop_needless_reference_copy(model: Any) -> None:

@@ -68,7 +68,9 @@ def load(
     from transformers import AutoModelForImageTextToText
 
     from vlmtune.model.checkpointing import checkpoint_every_block
+    from vlmtune.model.peft_targets import keep_lora_targets_as_named
     from vlmtune.model.processing import load_processor
+    from vlmtune.model.vision_input import cast_pixel_values_at_the_tower
 
     path, family = detect(model.name, model.revision)
     dtype = getattr(torch, model.dtype)
@@ -80,6 +82,8 @@ def load(
         device_map={"": device},
         attn_implementation=model.attn_implementation,
     )
+    keep_lora_targets_as_named(loaded)  # adapters load onto it as planned (vlmtune.model.peft_targets)
+    cast_pixel_values_at_the_tower(loaded, family)  # Llama 4's tower takes pixels in any dtype
     check_keep_16bit(loaded, quant.keep_16bit)
     if shardable:
         check_quant_storage(loaded, dtype)

@@ -85,6 +85,9 @@ def apply(
     import torch
     from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
+    from vlmtune.model.peft_targets import keep_lora_targets_as_named
+
+    keep_lora_targets_as_named(model)  # the plan names this model's modules: no transformers-4 rewrite
     if adapter is not None:
         config = PeftConfig.from_pretrained(str(adapter))
         config.lora_dropout = lora.dropout  # a training setting, not part of the adapter's shape

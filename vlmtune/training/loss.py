@@ -45,9 +45,12 @@ def lm_head_input(lm_head: torch.nn.Module) -> Iterator[Captured]:
 
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         captured.hidden = args[0]
-        # contiguous: a strided slice sends the CPU matmul through bmm, which materialises an fp32
-        # copy of the whole lm_head weight (about 2 GB for a 7B Qwen2-VL)
-        return (args[0][:, -1:].contiguous(), *args[1:])
+        # Fresh contiguous strides: a strided slice sends the CPU matmul through bmm, which materialises
+        # a copy of the whole lm_head weight (about 2 GB for a 7B Qwen2-VL; 1 s a step on bench/packing.py's
+        # model). ``[:, -1:].contiguous()`` is not enough for a batch of one row (a packed row): a tensor
+        # with size-1 dimensions counts as contiguous whatever its strides, so it keeps the row's stride.
+        last = args[0][:, -1].clone(memory_format=torch.contiguous_format).unsqueeze(1)
+        return (last, *args[1:])
 
     handle = lm_head.register_forward_pre_hook(hook)
     try:
@@ -56,9 +59,13 @@ def lm_head_input(lm_head: torch.nn.Module) -> Iterator[Captured]:
         handle.remove()
 
 
-def logit_transform(text_config: Any) -> dict:
-    """Softcapping / scaling the model applies to its logits (Gemma's final_logit_softcapping...)."""
-    scale = getattr(text_config, "logit_scale", None)
+def logit_transform(config: Any) -> dict:
+    """Softcapping / scaling the model (its whole config) applies to its logits (Gemma's
+    final_logit_softcapping, Cohere's logit_scale where the family's forward applies it)."""
+    from vlmtune.model.families import detect_family
+
+    text_config = config.get_text_config()
+    scale = getattr(text_config, "logit_scale", None) if detect_family(config).applies_logit_scale else None
     return {
         "softcap": getattr(text_config, "final_logit_softcapping", None),
         "scale": 1.0 if scale is None else scale,

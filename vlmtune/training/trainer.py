@@ -13,6 +13,7 @@ from trl import SFTTrainer
 from vlmtune.data.packing import PACKING_KEYS, SAMPLE_LENGTHS
 from vlmtune.training.loss import lm_head_input, logit_transform, supervised_cross_entropy
 from vlmtune.training.packed import PackedRowSampler, is_packed, packed_positions
+from vlmtune.training.packed_attention import SAMPLE_LENGTHS_KWARG, use_per_sample_attention
 from vlmtune.training.reliable_trainer import ReliableTrainerMixin
 
 
@@ -24,7 +25,8 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
     Packed batches (vlmtune.data.packing; ``family`` says how its positions are built) get their
     position ids here, where the model's rope index is at hand; ``packed_weights`` (tokens per
     packed row) switch the training order to the packed rows' epoch-seeded order, heaviest row first
-    when ``heaviest_first``.
+    when ``heaviest_first``, and the language model's attention to one that pays only each sample's
+    own (vlmtune.training.packed_attention) unless it runs flash attention.
     """
 
     def __init__(
@@ -41,6 +43,8 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
         self.family = family
         self.packed_weights = packed_weights
         self.heaviest_first = heaviest_first
+        # the language model's attention while it trains packed rows (None: not packing)
+        self.packed_attention = None if packed_weights is None else use_per_sample_attention(self.model)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.packed_weights is None:
@@ -69,7 +73,7 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
             labels,
             lm_head,
             num_items_in_batch,
-            **logit_transform(causal_lm.config.get_text_config()),
+            **logit_transform(causal_lm.config),
         )
         loss = result.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -100,7 +104,9 @@ class VlmtuneTrainer(ReliableTrainerMixin, SFTTrainer):
 
 
 def unpacked_keys(inputs: dict, position_ids: Any) -> dict:
-    """A packed batch as the model takes it: its positions, no packing bookkeeping, no attention mask."""
+    """A packed batch as the model takes it: its positions, its sample lengths (for the per-sample
+    attention; other attention functions ignore them), no packing bookkeeping, no attention mask."""
     model_inputs = {k: v for k, v in inputs.items() if k not in PACKING_KEYS and k != "attention_mask"}
     model_inputs["position_ids"] = position_ids
+    model_inputs[SAMPLE_LENGTHS_KWARG] = tuple(int(n) for n in inputs[SAMPLE_LENGTHS])
     return model_inputs

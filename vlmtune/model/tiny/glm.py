@@ -1,5 +1,6 @@
-"""Tiny GLM-4.1V and GLM-4.6V checkpoints: a 14-pixel-patch vision tower merged 2x2 (Qwen-like, with
-image_grid_thw), a GLM-4 decoder whose MLP fuses gate and up (mlp.gate_up_proj).
+"""Tiny GLM-4.1V, GLM-4.6V and GLM-4.5V checkpoints: a 14-pixel-patch vision tower merged 2x2 (Qwen-like,
+with image_grid_thw), a GLM-4 decoder whose MLP fuses gate and up (mlp.gate_up_proj); GLM-4.5V's decoder
+is GLM-4.5-Air's instead: a dense first layer, then mixtures of fused experts with a shared expert.
 
 The template is GLM-4's: "[gMASK]<sop>" then "<|role|>\\n" + content per turn, images written as
 <|begin_of_image|><|image|><|end_of_image|>. Answers end with no token of their own (the model stops by
@@ -33,9 +34,16 @@ GLM4V_CHAT_TEMPLATE = (
 )
 
 
-def _build(out: Path, family, config_cls: str) -> None:
+def _build(
+    out: Path,
+    family,
+    config_cls: str,
+    text_cls: str = "Glm4vTextConfig",
+    text_overrides: dict | None = None,
+    after_init=None,
+) -> None:
     import transformers
-    from transformers import Glm4vImageProcessorPil, Glm4vTextConfig, Glm4vVisionConfig
+    from transformers import Glm4vImageProcessorPil, Glm4vVisionConfig
 
     tokenizer = build_tokenizer(
         eos="<|endoftext|>",
@@ -46,12 +54,13 @@ def _build(out: Path, family, config_cls: str) -> None:
                       "boi_token": "<|begin_of_image|>", "eoi_token": "<|end_of_image|>"},
         chat_template=GLM4V_CHAT_TEMPLATE,
     )  # fmt: skip
-    text = Glm4vTextConfig(
+    text = getattr(transformers, text_cls)(
         **text_config(
             tokenizer,
             # M-RoPE over (t, h, w): sum(mrope_section) = rotary dims / 2 (GLM rotates half of each head)
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                              "partial_rotary_factor": 0.5},
+            **(text_overrides or {}),
         )
     )  # fmt: skip
     vision = Glm4vVisionConfig(
@@ -83,7 +92,10 @@ def _build(out: Path, family, config_cls: str) -> None:
     )
     seed()
     model_cls = getattr(transformers, config_cls.removesuffix("Config") + "ForConditionalGeneration")
-    save(model_cls(config), processor, out, ("<|endoftext|>", "<|user|>"))
+    model = model_cls(config)
+    if after_init is not None:
+        after_init(model, config)
+    save(model, processor, out, ("<|endoftext|>", "<|user|>"))
 
 
 def build_glm4v(out: Path) -> None:
@@ -96,3 +108,28 @@ def build_glm46v(out: Path) -> None:
     from vlmtune.model.families import GLM46V
 
     _build(out, GLM46V, "Glm46VConfig")
+
+
+# GLM-4.5V's decoder (GLM-4.5-Air's): layer 0 dense (first_k_dense_replace), layer 1 a mixture of four
+# experts of width 64, two per token, beside one shared expert (in_features 64: bitsandbytes' CPU path).
+_GLM_MOE = dict(
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+    first_k_dense_replace=1, n_group=1, topk_group=1,
+)  # fmt: skip
+
+
+def _random_experts(model, config) -> None:
+    """The router starts at zero (transformers' init): every token would pick the same experts by tie.
+    Give the router and the fused experts random values, as a released checkpoint has."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name or name.endswith("mlp.gate.weight"):
+                param.normal_(std=config.get_text_config().initializer_range)
+
+
+def build_glm4v_moe(out: Path) -> None:
+    from vlmtune.model.families import GLM4V_MOE
+
+    _build(out, GLM4V_MOE, "Glm4vMoeConfig", "Glm4vMoeTextConfig", _GLM_MOE, after_init=_random_experts)

@@ -483,6 +483,18 @@ def test_dora_and_per_component_rates_learn_the_demo_as_well_as_lora(tmp_path: P
         assert figures[name]["exact_match"] > 0.0, figures
 
 
+def test_dora_on_fused_experts_is_refused_before_peft_raises(tiny_path):
+    """peft's wrapper of a 3-D expert tensor raises on use_dora; the plan (shared by train, inspect and
+    estimate-memory) refuses first, with the fix; leaving the MLPs out makes DoRA fine."""
+    path = str(tiny_path("qwen3_vl_moe"))
+    raw = {"model": {"name": path}, "data": {"train": "unused.jsonl"}, "lora": {"method": "dora"}}
+    with pytest.raises(VlmtuneError, match="dora cannot train the fused expert tensors") as raised:
+        mem.estimate_recipe(parse_recipe(json.dumps(raw), source="test"))
+    assert "finetune_mlp_modules: false" in raised.value.hint
+    raw["lora"]["finetune_mlp_modules"] = False
+    assert mem.estimate_recipe(parse_recipe(json.dumps(raw), source="test")).training.dora
+
+
 def test_the_model_card_names_dora():
     from vlmtune.after.export import _method
 

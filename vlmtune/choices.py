@@ -13,7 +13,9 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 QuantBits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
-LoraMethod = Literal["lora", "full"]
+LoraMethod = Literal["lora", "dora", "full"]  # dora: LoRA plus a trained magnitude per output (peft use_dora)
+# How the adapters start (peft init_lora_weights): kaiming is peft's default (A Kaiming-uniform, B zero)
+LoraInit = Literal["kaiming", "gaussian", "pissa", "olora", "loftq"]
 LoraBias = Literal["none", "all", "lora_only"]
 DataFormat = Literal[
     "auto", "messages", "sharegpt", "prompt_completion", "exchanges", "query_response", "columns"

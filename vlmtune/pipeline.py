@@ -178,7 +178,9 @@ def _stages(
             lora_plan = lora.plan(loaded.model, loaded.family, recipe.lora)
             model = lora.apply(loaded.model, recipe.lora, lora_plan, seed=train.seed, adapter=initial.adapter)
             if run.writer:
-                lora.write_artifacts(run, model, loaded.family, lora_plan)
+                lora.write_artifacts(
+                    run, model, loaded.family, lora_plan, train
+                )  # train: its optimizer groups
         text_only.guard_text_only_batches(model, loaded.family, loaded.processor, train.distributed)
 
         run.keep_logs_until(start.step)  # the steps after the checkpoint are logged again

@@ -226,15 +226,19 @@ def export_merged(trained: TrainedRun, staging: Path, dtype: str) -> list[dict]:
     from vlmtune.stages import load
 
     recipe = trained.recipe
+    # A LoftQ adapter starts as the 4-bit weights' quantization error and trains against those weights: it
+    # merges into them, dequantized (merged into the 16-bit weights it would add the error a second time).
+    loftq = recipe.lora.init == "loftq"
     base = load.load(
         recipe.model.model_copy(update={"dtype": dtype}),
-        recipe.quantization.model_copy(update={"bits": None}),  # never merge into 4-bit weights
+        recipe.quantization if loftq else recipe.quantization.model_copy(update={"bits": None}),
         recipe.data.max_image_pixels,
         "cpu",
     )
-    quantized = [name for name, m in base.model.named_modules() if is_quantized_linear(m)]
+    weights = base.model.dequantize() if loftq else base.model  # never merge into 4-bit weights
+    quantized = [name for name, m in weights.named_modules() if is_quantized_linear(m)]
     assert not quantized, f"the merge base must be unquantized, found 4-bit {quantized[:3]}"
-    model = PeftModel.from_pretrained(base.model, str(trained.weights))
+    model = PeftModel.from_pretrained(weights, str(trained.weights))
     probes = merge_probes(model, base.family.component_of, PROBES)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(staging))
@@ -438,8 +442,8 @@ def card_facts(trained: TrainedRun, kind: str, dtype: str, scored: dict | None =
         "base_model": recipe.model.name,
         "method": recipe.lora.method,
         "quantization_bits": recipe.quantization.bits,
-        "lora_r": recipe.lora.r if recipe.lora.method == "lora" else None,
-        "lora_alpha": recipe.lora.alpha if recipe.lora.method == "lora" else None,
+        "lora_r": recipe.lora.r if recipe.lora.method != "full" else None,
+        "lora_alpha": recipe.lora.alpha if recipe.lora.method != "full" else None,
         "dtype": dtype if kind == "merged" else recipe.model.dtype,
         "train_source": _short_path(train.get("source", recipe.data.train)),
         "train_samples": train.get("samples_kept"),
@@ -533,9 +537,10 @@ def model_card(facts: dict, folder_name: str, serve: list[str] | None = None) ->
 
 
 def _method(facts: dict) -> str:
-    if facts["method"] != "lora":
+    if facts["method"] == "full":
         return "full fine-tuning"
-    base = f"{facts['quantization_bits']}-bit QLoRA" if facts["quantization_bits"] else "LoRA"
+    name = "DoRA" if facts["method"] == "dora" else "LoRA"
+    base = f"{facts['quantization_bits']}-bit Q{name}" if facts["quantization_bits"] else name
     return f"{base}, r={facts['lora_r']}, alpha={facts['lora_alpha']}"
 
 

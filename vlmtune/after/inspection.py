@@ -28,7 +28,8 @@ def inspect_model(
     storage = modelinfo.storage_per_component(list(modelinfo.parameters(loaded.model, loaded.family)))
     tied = modelinfo.tied_lm_head(loaded.model)
     plan = lora_stage.plan(loaded.model, loaded.family, lora)
-    adapted = lora_stage.apply(loaded.model, lora, plan, seed=0)  # counts only: the init is irrelevant
+    # Counts only: the start is irrelevant (pissa's SVDs, loftq's reads of the checkpoint are skipped)
+    adapted = lora_stage.apply(loaded.model, lora.model_copy(update={"init": "kaiming"}), plan, seed=0)
     trainable = lora_stage.trainable_report(adapted, loaded.family, plan)
     return summarize(loaded, quantization, plan, trainable, storage, tied)
 
@@ -67,6 +68,10 @@ def summarize(loaded: Any, quantization: QuantizationSection, plan: Any, trainab
             plan.expert_parameters
         ),  # fused experts LoRA reaches (peft target_parameters)
         "modules_to_save": list(plan.modules_to_save),
+        "lora_init": plan.init,
+        # DoRA (lora.method dora): a trained magnitude vector per target, counted in trainable_params
+        "dora_magnitude_vectors": trainable["dora_magnitude_vectors"],
+        "dora_magnitude_params": trainable["dora_magnitude_params"],
         "components": components,
         "total_params": report["total_params"],
         "total_bytes": report["total_bytes"],

@@ -142,7 +142,7 @@ def refuse_pickles(weights: Path) -> None:
 # The lora keys that shape an adapter: a run training on an earlier run's adapter must state them as
 # that run did, so its resolved.yaml and 2-lora/lora_plan.json describe the adapter really trained.
 ADAPTER_SHAPE = (
-    "method", "finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules",
+    "method", "init", "finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules",
     "finetune_mlp_modules", "train_projector", "r", "alpha", "use_rslora", "bias", "target_modules",
 )  # fmt: skip
 

@@ -134,8 +134,10 @@ def render(result: dict, out: Console) -> None:
                   human_count(result["trainable_params"]))  # fmt: skip
     out.print(table)
     share = 100 * result["trainable_params"] / max(result["total_params"], 1)
+    init = result.get("lora_init", "kaiming")
+    start = "" if init == "kaiming" else f", lora.init {init}"  # peft's default start goes unsaid
     out.print(
-        f"quantization: {result['quantization'] or 'none (16-bit)'}; method: {result['method']}; "
+        f"quantization: {result['quantization'] or 'none (16-bit)'}; method: {result['method']}{start}; "
         f"trainable: {share:.2f}% of {human_count(result['total_params'])} parameters; "
         f"weights: {human_bytes(result['total_bytes'])}",
         markup=False,
@@ -143,6 +145,13 @@ def render(result: dict, out: Console) -> None:
     out.print(result["packing_note"], markup=False)
     if result["lora_regex"]:
         out.print(f"LoRA targets regex: {result['lora_regex']}", markup=False, soft_wrap=True)
+    if result.get("dora_magnitude_vectors"):
+        out.print(
+            f"DoRA: {result['dora_magnitude_vectors']} magnitude vectors, {human_count(result['dora_magnitude_params'])} "
+            "trained parameters (one per output channel of each target); each target's forward also builds its "
+            "whole weight for the channel norms (estimate-memory counts it)",
+            markup=False,
+        )
     if result.get("lora_expert_tensors"):
         out.print(
             f"LoRA on the experts: {result['lora_expert_tensors']} fused expert tensors (peft target_parameters; "

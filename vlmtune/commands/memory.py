@@ -386,7 +386,8 @@ def describe_term(name: str, result) -> str:
     if name == "lora":
         if training.method == "full":
             return "full fine-tuning: no adapters"
-        return f"r={training.r} on {result.lora_targets} Linears, {lora_dtype}"
+        dora = " with DoRA magnitudes" if training.dora else ""
+        return f"r={training.r} on {result.lora_targets} Linears{dora}, {lora_dtype}"
     if name == "gradients":
         return "one per trainable parameter, in its dtype"
     if name == "optimizer":

@@ -5,7 +5,9 @@
   input is kept plus one layer recomputed in backward, in the blocks checkpointing reaches
   (transformers' GradientCheckpointingLayer blocks and the ones vlmtune.model.checkpointing adds: all of a
   bundled model's). The language layers see text + image tokens; the vision layers see patches,
-  and keep nothing when nothing in the tower trains. dpo counts two sequences per sample.
+  and keep nothing when nothing in the tower trains. dpo counts two sequences per sample. DoRA
+  (lora.method dora) adds what its adapters save per token and its largest target's whole-weight
+  transient (``dora_weight_bytes``).
 - logits: fp32 logits over the vocabulary times ``LOGITS_MULTIPLE``; vlmtune's supervised loss
   projects at most ``chunk_bytes`` of logits at once, TRL's plain loss the whole sequence.
   dpo and grpo score with TRL's chunked log-probabilities: one tile of at most
@@ -19,6 +21,8 @@ from collections.abc import Iterator
 from vlmtune.choices import DTYPE_BYTES
 from vlmtune.memory.records import (
     BOUNDARY_ELEMS,
+    DORA_SAVED_OUTPUTS,
+    DORA_WEIGHT_COPIES,
     LOGITS_MULTIPLE,
     TRL_TOKEN_TILE,
     TRL_VOCAB_TILE,
@@ -62,7 +66,7 @@ def activation_bytes(model: ModelShape, training: TrainingMethod, work: Workload
         boundary += patches * model.vision_hidden * BOUNDARY_ELEMS * a
     if training.gradient_checkpointing:  # gradients flowing between blocks in backward
         boundary += 2 * text * model.text_hidden * a
-    return kept + largest + boundary
+    return kept + largest + boundary + dora_weight_bytes(model, training)
 
 
 def _positions(training: TrainingMethod, work: Workload) -> tuple[int, int]:
@@ -86,7 +90,8 @@ def layer_bytes(
 
 
 def _lora_extra_per_layer(model: ModelShape, training: TrainingMethod) -> dict[str, int]:
-    """Per layer and token: each adapter saves its r-wide hidden, and its dropout output if any."""
+    """Per layer and token: each adapter saves its r-wide hidden, and its dropout output if any; a DoRA
+    adapter also its base output and its own output (out_features each), which the magnitude scales."""
     if training.method != "lora":
         return {}
     linears = {lin.name: lin for lin in model.linears}
@@ -95,8 +100,22 @@ def _lora_extra_per_layer(model: ModelShape, training: TrainingMethod) -> dict[s
         key = layer_of(name)
         if key is not None:
             lin = linears[name]
-            extra[key] = extra.get(key, 0) + training.r + (lin.in_features if training.dropout > 0 else 0)
+            dora = DORA_SAVED_OUTPUTS * lin.out_features if training.dora else 0
+            extra[key] = (
+                extra.get(key, 0) + training.r + (lin.in_features if training.dropout > 0 else 0) + dora
+            )
     return extra
+
+
+def dora_weight_bytes(model: ModelShape, training: TrainingMethod) -> int:
+    """DoRA's transient in each targeted Linear's forward: the whole weight (dequantized when 4-bit), the
+    adapter's product B @ A and their sum, out x in each, for the norm of every output channel; the
+    largest target's counts (one layer at a time)."""
+    if not (training.dora and training.targets):
+        return 0
+    linears = {lin.name: lin for lin in model.linears}
+    largest = max(linears[name].in_features * linears[name].out_features for name in training.targets)
+    return DORA_WEIGHT_COPIES * largest * DTYPE_BYTES[training.dtype]
 
 
 def logits_bytes(model: ModelShape, training: TrainingMethod, work: Workload) -> int:

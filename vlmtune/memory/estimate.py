@@ -30,6 +30,7 @@ from vlmtune.memory.activations import activation_bytes, layer_bytes, logits_byt
 from vlmtune.memory.objectives import generation_bytes, reference_bytes
 from vlmtune.memory.records import (
     CUDA_CONTEXT_BYTES,
+    DORA_SAVED_OUTPUTS,
     SEARCH_LIMIT,
     Fit,
     MemoryEstimate,
@@ -107,7 +108,7 @@ def estimate(
     terms, trainable = estimate_terms(model, training, work)
     all_notes = [
         *notes,
-        *_notes(training),
+        *_notes(training, trainable),
         *_checkpointing_notes(model, training, work),
         *_sampling_notes(work),
         *_expert_notes(model, training),
@@ -154,7 +155,15 @@ def _expert_notes(model: ModelShape, training: TrainingMethod) -> list[str]:
     return notes
 
 
-def _notes(training: TrainingMethod) -> list[str]:
+# What each lora.init that decomposes the weights computes once, at the start
+START_DECOMPOSITION = {
+    "pissa": "an SVD",
+    "olora": "a QR decomposition",
+    "loftq": "an SVD of the quantization error (the 16-bit weight read from the checkpoint)",
+}
+
+
+def _notes(training: TrainingMethod, trainable: list[Trainable]) -> list[str]:
     notes = []
     if training.optim.startswith("paged_"):
         notes.append("paged optimizer: its states can spill to CPU memory under pressure (slower, no OOM)")
@@ -162,6 +171,20 @@ def _notes(training: TrainingMethod) -> list[str]:
         notes.append(
             f"full fine-tuning: weights, gradients and AdamW states in {training.dtype}; no fp32 master copy "
             "(HF Trainer updates the weights in place)"
+        )
+    if training.dora:
+        magnitudes = sum(t.numel for t in trainable if t.name.endswith(".lora_magnitude_vector"))
+        notes.append(
+            f"DoRA: a trained magnitude per output channel of each target ({human_count(magnitudes)} parameters in "
+            f"the lora term); each target saves {DORA_SAVED_OUTPUTS} outputs more per token, and its forward builds "
+            f"the whole weight{' (dequantized)' if training.quantized else ''}, B @ A and their sum for the channel "
+            "norms (the largest target's in the activations term)"
+        )
+    if training.init in START_DECOMPOSITION:
+        notes.append(
+            f"lora.init {training.init}: before the first step, {START_DECOMPOSITION[training.init]} of each target's "
+            "weight in fp32, one target at a time (a transient of a few fp32 copies of the largest weight, not in "
+            "the terms above)"
         )
     if training.objective == "dpo":
         notes.append(

@@ -75,7 +75,7 @@ def training_method(
     targets: tuple[str, ...] = ()
     experts: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
-    if lora.method == "lora":
+    if lora.method != "full":  # lora or dora: the same targets
         experts = select_expert_parameters(family, lora, (p.name for p in shape.params))
         targets = select_targets(family, lora, (lin.name for lin in shape.linears), experts)
         if lora.train_projector:
@@ -85,7 +85,9 @@ def training_method(
         bits=quant.bits,
         double_quant=quant.double_quant,
         keep_16bit=(*family.keep_16bit(), *quant.keep_16bit),
-        method=lora.method,
+        method="full" if lora.method == "full" else "lora",
+        dora=lora.method == "dora",
+        init=lora.init,
         targets=targets,
         expert_targets=experts,
         r=lora.r,

@@ -31,6 +31,10 @@ BNB_OPTIM_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry quantization maps, one p
 SEARCH_LIMIT = 2**20  # the largest batch size / sequence length "what fits" looks for
 TRL_TOKEN_TILE = 4096  # TRL 1.16's chunked log-probabilities: tokens per projection tile
 TRL_VOCAB_TILE = 32768  # ... and vocabulary entries per tile
+# DoRA (peft): per token, each target saves its base output and its adapter output for the magnitude's
+# gradient; its forward holds the weight, B @ A and their sum (out x in each) to take the channel norms.
+DORA_SAVED_OUTPUTS = 2
+DORA_WEIGHT_COPIES = 3
 SEQUENCES_PER_SAMPLE = {
     "sft": 1,
     "dpo": 2,
@@ -51,7 +55,11 @@ class TrainingMethod:
     bits: int | None = 4  # 4 | 8 | None (16-bit)
     double_quant: bool = True
     keep_16bit: tuple[str, ...] = ()  # full module prefixes bitsandbytes leaves alone
-    method: str = "lora"  # lora | full
+    method: str = "lora"  # lora | full (DoRA is lora with ``dora``)
+    dora: bool = False  # lora.method dora: a trained magnitude per output channel of every target
+    init: str = (
+        "kaiming"  # lora.init: pissa, olora and loftq decompose each target once before the first step
+    )
     targets: tuple[str, ...] = ()  # names of the Linears LoRA wraps
     expert_targets: tuple[str, ...] = ()  # fused expert tensors LoRA wraps (peft target_parameters)
     r: int = 16
@@ -181,7 +189,7 @@ class MemoryEstimate:
             "terms": dict(self.terms),
             **self.terms,
             "inputs": {
-                "method": training.method,
+                "method": "dora" if training.dora else training.method,
                 "bits": training.bits or 16,
                 "double_quant": training.double_quant,
                 "dtype": training.dtype,

@@ -1,7 +1,7 @@
 """What training updates, and what it costs besides the weights: the lora, gradients and
 optimizer terms.
 
-- lora: r*(in+out) per targeted Linear, in bf16 when the base is quantized (TRL casts every
+- lora: r*(in+out) per targeted Linear (DoRA: + out, its magnitude vector), in bf16 when the base is quantized (TRL casts every
   trainable parameter of a quantized model to bf16) and in fp32 otherwise (peft upcasts
   adapters); full fine-tuning trains every weight in the model dtype.
 - gradients: one per trainable parameter, in its dtype.
@@ -52,6 +52,8 @@ def trainable_tensors(model: ModelShape, training: TrainingMethod) -> list[Train
         lin = linears[name]
         out.append(Trainable(f"{name}.lora_A", lin.component, training.r * lin.in_features, lora_size))
         out.append(Trainable(f"{name}.lora_B", lin.component, training.r * lin.out_features, lora_size))
+        if training.dora:  # one magnitude per output channel
+            out.append(Trainable(f"{name}.lora_magnitude_vector", lin.component, lin.out_features, lora_size))
     params = {p.name: p for p in model.params}
     for name in training.expert_targets:  # peft's ParamWrapper: A (r*E, in), B (out, r*E) per tensor
         experts, rows, cols = params[name].shape

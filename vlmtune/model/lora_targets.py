@@ -70,7 +70,14 @@ def select_expert_parameters(
     """The fused expert tensors LoRA wraps (full parameter names), empty when the toggles leave them."""
     if not targets_experts(family, lora):
         return ()
-    return tuple(name for name in param_names if family.is_expert_parameter(name))
+    experts = tuple(name for name in param_names if family.is_expert_parameter(name))
+    if experts and lora.method == "dora":  # peft's wrapper of a fused tensor raises on use_dora
+        raise RecipeError(
+            f"lora.method dora cannot train the fused expert tensors of this {family.title} model: peft has no "
+            "DoRA for a parameter that is not a Linear",
+            hint="use lora.method lora, or set finetune_mlp_modules: false to leave the experts out of DoRA",
+        )
+    return experts
 
 
 def select_targets(

@@ -16,13 +16,14 @@ LR_SENSIBLE = (1e-8, 5e-2)
 def recipe_warnings(recipe: Recipe) -> list[str]:
     """One line per suspicious value, naming its key and the usual range."""
     found = []
-    lr = recipe.train.lr
     low, high = LR_SENSIBLE
-    if not low <= lr <= high:
-        direction = "above" if lr > high else "below"
-        found.append(
-            f"train.lr {lr:g} is far {direction} any sensible learning rate (LoRA 1e-5 to 1e-3, full fine-tuning "
-            f"1e-6 to 1e-4): "
-            + ("the run will diverge or collapse" if lr > high else "the weights will barely move")
-        )
+    for key in ("lr", "lr_vision", "lr_projector", "lr_language"):  # the per-component rates too
+        lr = getattr(recipe.train, key)
+        if lr is not None and not low <= lr <= high:
+            direction = "above" if lr > high else "below"
+            found.append(
+                f"train.{key} {lr:g} is far {direction} any sensible learning rate (LoRA 1e-5 to 1e-3, full "
+                "fine-tuning 1e-6 to 1e-4): "
+                + ("the run will diverge or collapse" if lr > high else "the weights will barely move")
+            )
     return found

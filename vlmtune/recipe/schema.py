@@ -17,6 +17,7 @@ from vlmtune.recipe.sections import (
     QuantizationSection,
     Section,
     TrainSection,
+    check_lora_methods,
 )
 
 
@@ -65,6 +66,7 @@ class Recipe(Section):
             raise ValueError(
                 "train.eval_steps is set but data.eval is empty; give data.eval or drop eval_steps"
             )
+        check_lora_methods(self.lora, self.quantization, self.train)
         self._objective_keys_apply()
         preference = self.dpo or self.kto
         if (

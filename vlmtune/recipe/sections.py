@@ -20,6 +20,7 @@ from vlmtune.choices import (
     Dtype,
     KernelsMode,
     LoraBias,
+    LoraInit,
     LoraMethod,
     Objective,
     Optimizer,
@@ -150,7 +151,21 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
-    method: LoraMethod = Field("lora", description="lora trains adapters; full trains every weight.")
+    method: LoraMethod = Field(
+        "lora",
+        description="lora trains adapters; dora trains adapters plus a magnitude per output channel (DoRA, peft "
+        "use_dora: closer to full fine-tuning, some step time and memory more); full trains every weight.",
+    )
+    init: LoraInit = Field(
+        "kaiming",
+        description="How the adapters start. kaiming: peft's default (A Kaiming-uniform, B zero: the model starts "
+        "as the base); gaussian: A from a normal of std 1/r; pissa: A and B take the r principal singular "
+        "directions of each weight, the base keeps the rest (16-bit base only); olora: A and B from a QR "
+        "decomposition of each weight, the base keeps the rest; loftq: on a 4-bit base, A and B start as the "
+        "low-rank part of each weight's quantization error (read from the checkpoint's 16-bit safetensors). pissa "
+        "and olora rewrite the base weights, so their adapters only fit a base rewritten the same way (peft "
+        "does it again when it loads them; docs/methods.md).",
+    )
     finetune_vision_layers: bool = Field(True, description="LoRA on the vision tower's Linears.")
     finetune_language_layers: bool = Field(True, description="LoRA on the language model's Linears.")
     finetune_attention_modules: bool = Field(True, description="LoRA on attention projections.")
@@ -171,8 +186,23 @@ class LoraSection(Section):
     )
 
     @model_validator(mode="after")
+    def _init_needs_adapters(self) -> LoraSection:
+        if self.method == "full" and self.init != "kaiming":
+            raise ValueError(
+                f"lora.init {self.init} initialises adapters, and lora.method full trains no adapter; drop lora.init "
+                "or use method lora (or dora)"
+            )
+        if self.method == "dora" and self.init == "loftq":
+            raise ValueError(
+                "lora.init loftq with lora.method dora: DoRA's magnitudes are measured from the weights before LoftQ "
+                "sets the adapters, so the model would not start as the base; use method lora with loftq, or dora "
+                "with kaiming, gaussian, pissa or olora"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _something_to_train(self) -> LoraSection:
-        if self.method != "lora" or self.target_modules:
+        if self.method == "full" or self.target_modules:
             return self
         if not (self.finetune_vision_layers or self.finetune_language_layers):
             raise ValueError(
@@ -351,6 +381,31 @@ class TrainSection(Section):
     batch_size: int = Field(2, gt=0, description="Samples per device per step.")
     grad_accum: int = Field(4, gt=0, description="Gradient accumulation steps.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_vision: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of what trains in the vision tower (its adapters, or its weights under "
+        "lora.method full); null: train.lr. Each lr_* set makes an optimizer group, listed in 2-lora/lora_plan.json "
+        "and logged as learning_rate_<group> in metrics.jsonl.",
+    )
+    lr_projector: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the vision-to-language projector (lora.train_projector, or full); null: "
+        "train.lr.",
+    )
+    lr_language: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of what trains in the language model (lm_head included under full); null: "
+        "train.lr.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices learn at this multiple of their component's learning rate (the paper and "
+        "peft suggest 16); null: the same rate as A. LoRA and DoRA only.",
+    )
     lr_scheduler: Scheduler = Field("linear")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -592,3 +647,34 @@ class OutputSection(Section):
         if value is None or value == "none":
             return []
         return [value] if isinstance(value, str) else value
+
+
+# lora.init values that rewrite the base weights (the adapter holds what they took out of them)
+REWRITES_BASE = ("pissa", "olora")
+
+
+def check_lora_methods(lora: LoraSection, quantization: QuantizationSection, train: TrainSection) -> None:
+    """The LoRA method, its start and LoRA+ against the quantization and the objective (ValueError)."""
+    if train.loraplus_lr_ratio is not None and lora.method == "full":
+        raise ValueError(
+            "train.loraplus_lr_ratio sets the learning rate of LoRA's B matrices, and lora.method full has none; "
+            "drop it, or use method lora (or dora)"
+        )
+    if lora.init == "pissa" and quantization.bits is not None:
+        raise ValueError(
+            f"lora.init pissa moves each weight's principal part into the adapter and keeps the rest as the base, "
+            f"which peft can only do on a 16-bit base, not a {quantization.bits}-bit one; set quantization.bits: "
+            "null, or use lora.init loftq (made for a 4-bit base) or olora"
+        )
+    if lora.init == "loftq" and quantization.bits != 4:
+        raise ValueError(
+            "lora.init loftq starts the adapters from the 4-bit quantization error of each weight, and this recipe "
+            f"loads {'a 16-bit' if quantization.bits is None else 'an 8-bit'} base (no such error); set "
+            "quantization.bits: 4, or use lora.init pissa for a 16-bit base"
+        )
+    if lora.init in REWRITES_BASE and train.objective != "sft":
+        raise ValueError(
+            f"lora.init {lora.init} with train.objective {train.objective}: TRL copies the adapter into a frozen "
+            f"reference adapter, and peft would run the {lora.init} start again on the already rewritten base; "
+            "train with objective sft (or lora.init kaiming, gaussian or loftq)"
+        )

@@ -138,13 +138,17 @@ def run_trainer(
     """Train (from ``resume``, a complete checkpoint, when given), save the final weights, report the losses.
 
     The trainer mixes in vlmtune.training.reliable_trainer.ReliableTrainerMixin. ``train`` and ``family``
-    switch on train.kernels and train.offload_activations (left out: neither)."""
+    switch on train.kernels, train.offload_activations and the optimizer's groups (train.lr_vision & co.,
+    train.loraplus_lr_ratio; left out: none of them)."""
     from transformers.trainer_callback import PrinterCallback
 
     from vlmtune import observe
 
     if train is not None and family is not None:
+        from vlmtune.training.param_groups import GroupRates
+
         speed_switches(trainer, train, family, run, device)
+        trainer.parameter_groups = GroupRates.from_train(train, family)  # train.lr_vision & co., LoRA+
     trainer.remove_callback(PrinterCallback)  # our metrics writer and progress bar replace the printed dicts
     observe.attach(trainer, run, device)  # peak memory in every logged row; trackers' folders
     distributed.shard_on_cpu(trainer)

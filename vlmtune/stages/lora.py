@@ -21,14 +21,26 @@ from vlmtune.model.lora_targets import (
     select_targets,
     target_regex,
 )
-from vlmtune.recipe import LoraSection
+from vlmtune.recipe import LoraSection, TrainSection
 from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
+from vlmtune.training.param_groups import GroupRates, plan_report
+
+DORA_MAGNITUDE = ".lora_magnitude_vector."  # peft's name segment of DoRA's trained magnitudes
+
+
+# lora.init -> peft's init_lora_weights. loftq starts as peft's default, then vlmtune.model.loftq sets the
+# adapters of the 4-bit Linears (peft's own loftq start needs a 16-bit base it then replaces). peft's
+# randomized pissa_niter_N is left out on purpose: peft repeats the start when it loads a pissa adapter,
+# and a randomized SVD would rebuild a different base than the one the adapter was trained on.
+PEFT_INIT: dict[str, bool | str] = {
+    "kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class LoraPlan:
-    method: str
+    method: str  # lora | dora | full
     regex: str | None  # None for full fine-tuning
     targets: tuple[str, ...]
     modules_to_save: tuple[str, ...]
@@ -36,6 +48,7 @@ class LoraPlan:
     # Fused expert tensors (3-D parameters, no Linears) LoRA reaches through peft's target_parameters.
     expert_parameters: tuple[str, ...] = ()
     experts_refused: str | None = None  # why the MLP toggle leaves the experts untrained (the family's word)
+    init: str = "kaiming"  # lora.init: how the adapters start
 
 
 def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
@@ -50,8 +63,8 @@ def plan(model: Any, family: Family, lora: LoraSection) -> LoraPlan:
         per_component[family.component_of(name)] += 1
     modules_to_save = present_projectors(family, modules) if lora.train_projector else ()
     return LoraPlan(
-        "lora", target_regex(family, lora), targets, modules_to_save, per_component, experts,
-        expert_refusal(family, lora),
+        lora.method, target_regex(family, lora), targets, modules_to_save, per_component, experts,
+        expert_refusal(family, lora), lora.init,
     )  # fmt: skip
 
 
@@ -81,6 +94,8 @@ def apply(
         return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=True)
 
     config = LoraConfig(
+        use_dora=lora.method == "dora",
+        init_lora_weights=PEFT_INIT[lora.init],
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -93,18 +108,31 @@ def apply(
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if lora.init == "loftq":  # from the 4-bit weights' quantization error, read against the checkpoint's
+        from vlmtune.model.loftq import start_from_quantization_error
+
+        start_from_quantization_error(model)
+    return model
 
 
 # --- artifacts --------------------------------------------------------------------------------
 
 
-def trainable_report(model: Any, family: Family, lora_plan: LoraPlan) -> dict:
-    """The lora_plan.json content: every targeted module and trainable params per component."""
+def trainable_report(
+    model: Any, family: Family, lora_plan: LoraPlan, rates: GroupRates | None = None
+) -> dict:
+    """The lora_plan.json content: every targeted module, trainable params per component, DoRA's magnitude
+    vectors, and the optimizer groups ``rates`` makes (train.lr_vision & co., LoRA+; null: one rate)."""
     params = list(modelinfo.parameters(model, family))
     trainable = modelinfo.per_component(params, lambda p: p.numel if p.trainable else 0)
+    magnitudes = [p for p in params if DORA_MAGNITUDE in p.name and p.trainable]
     return {
         "method": lora_plan.method,
+        "init": lora_plan.init,
+        "dora_magnitude_vectors": len(magnitudes),
+        "dora_magnitude_params": sum(p.numel for p in magnitudes),
+        "optimizer_groups": plan_report(rates, model),
         "regex": lora_plan.regex,
         "targets": list(lora_plan.targets),
         "targets_per_component": lora_plan.targets_per_component,
@@ -117,9 +145,13 @@ def trainable_report(model: Any, family: Family, lora_plan: LoraPlan) -> dict:
     }
 
 
-def write_artifacts(run: RunDir, model: Any, family: Family, lora_plan: LoraPlan) -> None:
-    """2-lora/: the plan with trainable counts, and peft's adapter config."""
-    run.write_json(rundir.LORA_PLAN, trainable_report(model, family, lora_plan))
+def write_artifacts(
+    run: RunDir, model: Any, family: Family, lora_plan: LoraPlan, train: TrainSection | None = None
+) -> None:
+    """2-lora/: the plan with trainable counts and the optimizer groups ``train`` asks for (a RecipeError
+    for a component rate where nothing trains), and peft's adapter config."""
+    rates = GroupRates.from_train(train, family) if train is not None else None
+    run.write_json(rundir.LORA_PLAN, trainable_report(model, family, lora_plan, rates))
     peft_config = getattr(model, "peft_config", {}).get("default")
     if peft_config is not None:
         run.write_json(rundir.ADAPTER_CONFIG, peft_config.to_dict())

@@ -49,7 +49,11 @@ KEYS = {
     "eval_logps/rejected": "eval_logp_rejected",
 }
 # Keys named after something of the run (a grpo reward's name) -> our key.
-PATTERNS = ((re.compile(r"rewards/(\w+)/mean"), "reward_{}"),)
+PATTERNS = (
+    (re.compile(r"rewards/(\w+)/mean"), "reward_{}"),
+    # each optimizer group's rate (train.lr_vision & co., LoRA+: vlmtune.training.param_groups)
+    (re.compile(r"learning_rate_(\w+)"), "learning_rate_{}"),
+)
 
 
 class MetricsWriter(TrainerCallback):

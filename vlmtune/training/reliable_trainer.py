@@ -141,6 +141,19 @@ class ReliableTrainerMixin:
 
     # train.offload_activations (set by vlmtune.stages.common.run_trainer): saved activations in host memory
     offload_activations = False
+    # train.lr_vision/lr_projector/lr_language and loraplus_lr_ratio (vlmtune.training.param_groups.GroupRates,
+    # set by run_trainer): the optimizer's parameter groups, each group's rate logged; None: the Trainer's own
+    parameter_groups: Any = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.parameter_groups is not None:
+            self.optimizer = self.parameter_groups.optimizer(self, self.model if model is None else model)
+        return super().create_optimizer(model)
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        if self.parameter_groups is not None and self.optimizer is not None and "loss" in logs:
+            logs = {**logs, **self.parameter_groups.logged(self.optimizer)}
+        super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         from vlmtune.training.offload import activation_offload

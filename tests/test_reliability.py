@@ -369,7 +369,32 @@ def test_the_resume_command_of_a_launch_names_torchrun_and_a_lost_rank_is_a_mess
     assert distributed.lost_peer(gloo, "RESUME") is None, "one process: no rank to lose"
 
 
-def test_sighup_and_sigterm_ask_for_a_stop_inside_the_training_loop_only():
+@pytest.fixture
+def terminal_signals():
+    """The dispositions a process started from a shell has: an xdist worker starts with SIGINT ignored, which
+    stop_on_signals rightly leaves alone (as for a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_the_shell_told_us_to_ignore_stays_ignored():
+    """A background job's SIGINT (or SIGHUP under nohup) is SIG_IGN when the process starts: no handler replaces
+    it, the others still stop the run, and the disposition is restored on the way out."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals.stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)  # ignored
+            with pytest.raises(signals.Interrupted) as stopped:
+                signal.raise_signal(signal.SIGTERM)
+            assert stopped.value.exit_code == 143
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_sighup_and_sigterm_ask_for_a_stop_inside_the_training_loop_only(terminal_signals):
     with signals.stop_on_signals():
         with pytest.raises(signals.Interrupted) as outside:
             signal.raise_signal(signal.SIGHUP)

@@ -449,38 +449,37 @@ def test_an_interrupted_run_with_groups_resumes_exactly(case: str, tmp_path: Pat
     assert rates[0] < rates[1] and rates[1] > rates[-1], f"warmup then decay, per group: {rates}"
 
 
-# The demo (recipes/demo.yaml, 60 steps) as written, then each method in its place; the per-component
-# variant gives the language model twice the vision tower's rate (train.lr stays the demo's 5e-3).
+# The colour set's SFT recipe (one-word answers, so exact match measures what was learnt) trained to 100
+# steps, as written and with each method in its place; the per-component variant gives the vision tower a
+# fifth of the language model's rate, as peers advise (train.lr stays the recipe's 5e-3).
 LEARNING = {
     "lora": [],
     "dora": ["--set", "lora.method=dora"],
-    "per-component": ["--set", "train.lr_language=1e-2"],
+    "per-component": ["--set", "train.lr_vision=1e-3"],
 }
 
 
 @pytest.mark.slow
-def test_dora_and_per_component_rates_learn_the_demo_as_well_as_lora(tmp_path: Path):
-    """Held-out figures after the demo's 60 steps, from the run folders (eval_loss at step 60, exact match of
-    greedy answers in 4-eval/). Measured (docs/methods.md): eval loss 0.889 (lora), 0.871 (dora), 0.661
-    (per-component); exact match 2/12, 1/12, 1/12: the demo's 12 held-out answers are whole sentences that
-    a tiny random model mostly gets one word wrong in, so exact match moves by single samples and is only
-    required to rise above the base's 0; the held-out loss must reach plain LoRA's."""
+def test_dora_and_per_component_rates_reach_plain_loras_exact_match(tmp_path: Path):
+    """Held-out exact match of greedy answers (4-eval/) on the 16 colour images after 100 steps. Measured
+    (docs/methods.md): 16/16 for each, from a base at 0/16; at 40 steps (the recipe's own) every variant is
+    still short of it."""
     figures = {}
     for name, overrides in LEARNING.items():
         run = tmp_path / name
         result = vlmtune(
-            "train", "recipes/demo.yaml", *overrides, "--set", "train.eval_generate=true", "--set",
-            f"output.dir={tmp_path}", "--run-dir", str(run),
+            "train", "recipes/grpo/colours_sft.yaml", *overrides, "--set", "train.max_steps=100",
+            "--set", f"data.eval={ROOT / 'data/colours/eval.jsonl'}", "--set", "train.eval_generate=true",
+            "--set", f"output.dir={tmp_path}", "--run-dir", str(run),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads((run / "4-eval/eval_report.json").read_text())
-        eval_loss = [r["eval_loss"] for r in metrics(run) if "eval_loss" in r][-1]
-        figures[name] = {"eval_loss": round(eval_loss, 3), "exact_match": report["exact_match"]}
         assert report["base"]["exact_match"] == 0.0
+        figures[name] = report["exact_match"]
     print(figures)
+    assert figures["lora"] >= 0.9, figures
     for name in ("dora", "per-component"):
-        assert figures[name]["eval_loss"] <= figures["lora"]["eval_loss"], figures
-        assert figures[name]["exact_match"] > 0.0, figures
+        assert figures[name] >= figures["lora"], figures
 
 
 def test_dora_on_fused_experts_is_refused_before_peft_raises(tiny_path):

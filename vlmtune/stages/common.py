@@ -232,6 +232,46 @@ def adds_nothing(model: Any) -> bool:
     return True
 
 
+def reference_trainer(
+    trainer_class: type,
+    model: Any,
+    processor: Any,
+    args: Any,
+    collator: Callable,
+    train_split: Selected,
+    eval_split: Selected | None,
+    *,
+    run: RunDir,
+    train: TrainSection,
+    reference: str,
+    dtype: str,
+    callbacks: list | None = None,
+) -> Any:
+    """A preference objective's TRL trainer (DPO, KTO) on pre-flighted items, with its reference model: a frozen
+    copy for full fine-tuning; for an adapter TRL's own (kept or dropped per ``reference``). The train and eval
+    rows are positions into one list of items, which the collator turns into batches."""
+    from vlmtune.training.best import BestTracker
+    from vlmtune.training.callbacks import MetricsWriter
+
+    items = train_split.items + (eval_split.items if eval_split else [])
+    trainer = trainer_class(
+        model=model,
+        ref_model=None if hasattr(model, "peft_config") else frozen_copy(model),
+        args=args,
+        train_dataset=positions(0, train_split.lengths),
+        eval_dataset=positions(len(train_split.items), eval_split.lengths) if eval_split else None,
+        processing_class=processor,
+        data_collator=IndexedCollator(collator, items),
+        callbacks=[MetricsWriter(run), *(callbacks or [])],
+        keep_checkpoints=train.save_total_limit,
+        best=BestTracker.from_section(train),
+        divergence_checks=train.divergence_checks,
+        dtype=dtype,
+    )
+    drop_needless_reference_copy(trainer.model, reference)
+    return trainer
+
+
 def frozen_copy(model: Any) -> Any:
     """Full fine-tuning's reference: the model as training starts, frozen (a second set of weights)."""
     import copy

@@ -24,12 +24,9 @@ from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import (
-    IndexedCollator,
     Selected,
-    drop_needless_reference_copy,
-    frozen_copy,
     parallel_arguments,
-    positions,
+    reference_trainer,
     run_trainer,
     select,
     trainer_arguments,
@@ -137,28 +134,10 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The pairs pre-flighted and TRL's DPOTrainer set up on them, with its reference, not yet trained."""
-    from vlmtune.training.best import BestTracker
-    from vlmtune.training.callbacks import MetricsWriter
-
     collator, train_pairs, eval_pairs = prepare_pairs(processor, family, data, train_section, run)
-    pairs = train_pairs.items + (eval_pairs.items if eval_pairs else [])  # train and eval rows index one list
-    is_peft = hasattr(model, "peft_config")
     parallel = parallel_arguments(train_section, device, model, family)
-    trainer = preference_trainer_class()(
-        model=model,
-        ref_model=None if is_peft else frozen_copy(model),
-        args=dpo_config(
-            train_section, options, run, device, dtype, eval_pairs is not None, report_to, parallel
-        ),
-        train_dataset=positions(0, train_pairs.lengths),
-        eval_dataset=positions(len(train_pairs.items), eval_pairs.lengths) if eval_pairs else None,
-        processing_class=processor,
-        data_collator=IndexedCollator(collator, pairs),
-        callbacks=[MetricsWriter(run), *(callbacks or [])],
-        keep_checkpoints=train_section.save_total_limit,
-        best=BestTracker.from_section(train_section),
-        divergence_checks=train_section.divergence_checks,
-        dtype=dtype,
-    )
-    drop_needless_reference_copy(trainer.model, options.reference)
-    return trainer
+    args = dpo_config(train_section, options, run, device, dtype, eval_pairs is not None, report_to, parallel)
+    return reference_trainer(
+        preference_trainer_class(), model, processor, args, collator, train_pairs, eval_pairs, run=run,
+        train=train_section, reference=options.reference, dtype=dtype, callbacks=callbacks,
+    )  # fmt: skip

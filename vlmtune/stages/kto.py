@@ -27,12 +27,9 @@ from vlmtune.runs import rundir
 from vlmtune.runs.rundir import RunDir
 from vlmtune.stages import TrainResult
 from vlmtune.stages.common import (
-    IndexedCollator,
     Selected,
-    drop_needless_reference_copy,
-    frozen_copy,
     parallel_arguments,
-    positions,
+    reference_trainer,
     run_trainer,
     select,
     trainer_arguments,
@@ -162,27 +159,10 @@ def build_trainer(
     report_to: list[str] | None = None,
 ) -> Any:
     """The answers pre-flighted and TRL's KTOTrainer set up on them, with its reference, not yet trained."""
-    from vlmtune.training.best import BestTracker
-    from vlmtune.training.callbacks import MetricsWriter
-
     collator, train_items, eval_items = prepare_answers(processor, family, data, train_section, options, run)
-    items = train_items.items + (eval_items.items if eval_items else [])  # train and eval rows index one list
-    is_peft = hasattr(model, "peft_config")
     parallel = parallel_arguments(train_section, device, model, family)
     args = kto_config(train_section, options, run, device, dtype, eval_items is not None, report_to, parallel)
-    trainer = kto_trainer_class()(
-        model=model,
-        ref_model=None if is_peft else frozen_copy(model),
-        args=args,
-        train_dataset=positions(0, train_items.lengths),
-        eval_dataset=positions(len(train_items.items), eval_items.lengths) if eval_items else None,
-        processing_class=processor,
-        data_collator=IndexedCollator(collator, items),
-        callbacks=[MetricsWriter(run), *(callbacks or [])],
-        keep_checkpoints=train_section.save_total_limit,
-        best=BestTracker.from_section(train_section),
-        divergence_checks=train_section.divergence_checks,
-        dtype=dtype,
-    )
-    drop_needless_reference_copy(trainer.model, options.reference)
-    return trainer
+    return reference_trainer(
+        kto_trainer_class(), model, processor, args, collator, train_items, eval_items, run=run,
+        train=train_section, reference=options.reference, dtype=dtype, callbacks=callbacks,
+    )  # fmt: skip

@@ -820,6 +820,52 @@ LLAMA4 = Family(
     "attention included; no record field limits a row's length yet)",
 )
 
+# LFM2's short-convolution layers: conv.in_proj (hidden -> 3 x hidden: the input and output gates and the
+# value) and conv.out_proj are wide Linears, 4-bit and LoRA as attention's; the depthwise conv1d between them
+# (kernel conv_L_cache = 3, no Linear) stays 16-bit and untrained.
+LFM2_SHORT_CONV = ("conv.in_proj", "conv.out_proj")
+
+LFM2_VL = Family(
+    name="lfm2_vl",
+    tiny_builder="vlmtune.model.tiny.lfm2:build_lfm2_vl",
+    title="LFM2-VL",
+    # Kernels not proven for it yet (tests/test_kernels_patching.py): its MLP is w1/w3/w2, its attention
+    # normalises queries and keys, and its convolution layers have no rotary
+    norm=None,
+    mlp_activation=None,
+    rope=None,
+    model_types=("lfm2_vl",),
+    vision_prefix="model.vision_tower",  # SigLIP2 (NaFlex): q/k/v/out_proj, fc1/fc2
+    projector_prefixes=("model.multi_modal_projector",),
+    language_prefix="model.language_model",
+    image_token="<image>",
+    structural_tokens=(
+        "<|image_start|>",
+        "<|image_end|>",
+        "<|img_thumbnail|>",
+        *(f"<|img_row_{r}_col_{c}|>" for r in range(1, 11) for c in range(1, 11) if r * c <= 10),
+    ),
+    language_attention=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        *LFM2_SHORT_CONV,
+    ),  # output projections last in each kind
+    language_mlp=("feed_forward.w1", "feed_forward.w3", "feed_forward.w2"),
+    extra_inputs=("pixel_attention_mask", "spatial_shapes"),
+    processor_class="Lfm2VlProcessor",
+    prepare_processor_import=shims.lfm2_vl_image_processor_without_torchvision,
+    tokens_per_image=it.lfm2_tokens,
+    image_layout=it.lfm2_tiles,  # the tile grid decides the <|img_row_R_col_C|> markers
+    pixel_budget=it.lfm2_budget,
+    image_settings=it.lfm2_settings,
+    config_image_settings=it.lfm2_settings_from_config,
+    block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
+    packing_refused="its short-convolution layers mix each token with the two before it in the row, so a packed "
+    "sample's first tokens would read the previous sample's last ones",
+)
+
 FAMILIES: tuple[Family, ...] = (
     QWEN2_VL,
     QWEN2_5_VL,
@@ -846,6 +892,7 @@ FAMILIES: tuple[Family, ...] = (
     MINICPMV4_6,
     GLM4V_MOE,
     LLAMA4,
+    LFM2_VL,
 )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
 DEFAULT_IMAGE_SIDE = 1024  # image side when the recipe sets no pixel budget
@@ -32,6 +34,9 @@ class ImageSettings:
     tiling: bool = False  # Idefics3 do_image_splitting, InternVL crop_to_patches
     longest_edge: int | None = None  # Pixtral, Idefics3: longest side after the first resize
     grid_pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT/OneVision (height, width) canvases
+    # LFM2-VL: an image is split only past max_pixels * max_pixels_tolerance, and a split one gets a thumbnail
+    max_pixels_tolerance: float = 2.0
+    thumbnail: bool = True
 
 
 TokensPerImage = Callable[[int, int, ImageSettings], int]
@@ -615,6 +620,138 @@ def llama4_settings_from_config(config: dict, max_image_pixels: int | None) -> I
 
 
 LLAMA4_MAX_TILES = 16  # Llama4ImageProcessor's max_patches in the released checkpoints
+
+# --- LFM2-VL: Lfm2VlImageProcessor's arithmetic (transformers 5.23), which vlmtune.model.lfm2_images runs on
+# PIL. An image up to max_pixels_tolerance x its token budget is resized whole (smart resize: sides multiples
+# of patch * downsample, pixels within [min_pixels, max_pixels]); a larger one is resized onto a grid of
+# square tiles of image_size whose shape is closest to its aspect ratio, plus the smart-resized thumbnail.
+# Settings: patch_size = encoder_patch_size, merge_size = downsample_factor, image_size = tile_size,
+# min/max_pixels = min/max_image_tokens * (patch * downsample)^2.
+
+
+def _round_by(number: float, factor: int) -> int:
+    return round(number / factor) * factor  # Python's round, as upstream's: halves go to the even multiple
+
+
+def lfm2_smart_resize(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
+    """(height, width) of the whole image (one tile, or the thumbnail of a split one)."""
+    factor = s.patch_size * s.merge_size
+    least, most = _need(s, "min_pixels"), _need(s, "max_pixels")
+    h_bar, w_bar = max(factor, _round_by(height, factor)), max(factor, _round_by(width, factor))
+    if h_bar * w_bar > most:
+        beta = math.sqrt(height * width / most)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < least:
+        beta = math.sqrt(least / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def lfm2_too_large(height: int, width: int, s: ImageSettings) -> bool:
+    """Past the tolerance, the image is split into tiles (upstream rounds to at least one patch here)."""
+    factor = s.patch_size * s.merge_size
+    h_bar, w_bar = max(s.patch_size, _round_by(height, factor)), max(s.patch_size, _round_by(width, factor))
+    return h_bar * w_bar > _need(s, "max_pixels") * s.max_pixels_tolerance
+
+
+@cache
+def lfm2_target_ratios(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """The (columns, rows) grids of min_tiles..max_tiles tiles, fewest tiles first (a stable sort of a set,
+    as upstream's: the order among grids of one tile count decides ties, so it is upstream's set order)."""
+    ratios = [(w, h) for n in range(min_tiles, max_tiles + 1) for w in range(1, n + 1) for h in range(1, n + 1)
+              if min_tiles <= w * h <= max_tiles]  # fmt: skip
+    return tuple(sorted(set(ratios), key=lambda r: r[0] * r[1]))
+
+
+def lfm2_grid(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
+    """(columns, rows) of the grid whose aspect ratio is closest to the image's; on a tie the later grid wins
+    when the image covers over half of its area."""
+    aspect, area, tile = width / height, width * height, _need(s, "image_size")
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in lfm2_target_ratios(s.min_tiles, _need(s, "max_tiles")):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def lfm2_layout(width: int, height: int, s: ImageSettings) -> tuple[int, int, int, int]:
+    """(rows, cols, thumbnail height, thumbnail width): 1 x 1 for an image resized whole, whose size is then
+    the smart-resized one."""
+    resized_h, resized_w = lfm2_smart_resize(height, width, s)
+    splitting = s.tiling and not s.min_tiles == _need(s, "max_tiles") == 1
+    if splitting and lfm2_too_large(height, width, s):
+        cols, rows = lfm2_grid(height, width, s)
+        return rows, cols, resized_h, resized_w
+    return 1, 1, resized_h, resized_w
+
+
+def lfm2_tiles(width: int, height: int, s: ImageSettings) -> tuple[int, int]:
+    """(rows, cols): the grid decides the <|img_row_R_col_C|> markers of the prompt."""
+    rows, cols, _, _ = lfm2_layout(width, height, s)
+    return rows, cols
+
+
+def _lfm2_tokens_of(height: int, width: int, s: ImageSettings) -> int:
+    return math.ceil(height // s.patch_size / s.merge_size) * math.ceil(width // s.patch_size / s.merge_size)
+
+
+def lfm2_tokens(width: int, height: int, s: ImageSettings) -> int:
+    """<image> tokens: each tile's (image_size / patch / downsample)^2 and the thumbnail's, or the whole
+    smart-resized image's."""
+    rows, cols, resized_h, resized_w = lfm2_layout(width, height, s)
+    whole = _lfm2_tokens_of(resized_h, resized_w, s)
+    if rows * cols == 1:
+        return whole
+    return rows * cols * _need(s, "tokens_per_tile") + (whole if s.thumbnail else 0)
+
+
+def lfm2_settings_of(ip: Any) -> ImageSettings:
+    """From an Lfm2VlImageProcessor's attributes (or the same names on a namespace)."""
+    pixels_per_token = (ip.encoder_patch_size * ip.downsample_factor) ** 2
+    return ImageSettings(
+        min_pixels=ip.min_image_tokens * pixels_per_token, max_pixels=ip.max_image_tokens * pixels_per_token,
+        patch_size=ip.encoder_patch_size, merge_size=ip.downsample_factor, image_size=ip.tile_size,
+        tokens_per_tile=math.ceil(ip.tile_size // ip.encoder_patch_size / ip.downsample_factor) ** 2,
+        min_tiles=ip.min_tiles, max_tiles=ip.max_tiles, tiling=bool(ip.do_image_splitting),
+        max_pixels_tolerance=ip.max_pixels_tolerance, thumbnail=bool(ip.use_thumbnail),
+    )  # fmt: skip
+
+
+def lfm2_settings(processor: Any) -> ImageSettings:
+    return lfm2_settings_of(_image_processor(processor))
+
+
+def lfm2_budget(ip: Any, max_pixels: int) -> None:
+    # The whole image's tokens within the budget (never under min_image_tokens), and as many tiles as it holds;
+    # fewer than min_tiles: no splitting (the image is then resized whole, within max_image_tokens).
+    pixels_per_token = (ip.encoder_patch_size * ip.downsample_factor) ** 2
+    ip.max_image_tokens = max(ip.min_image_tokens, min(ip.max_image_tokens, max_pixels // pixels_per_token))
+    tiles = min(ip.max_tiles, max_pixels // ip.tile_size**2)
+    if tiles < ip.min_tiles:
+        ip.do_image_splitting = False
+    else:
+        ip.max_tiles = tiles
+
+
+LFM2_RELEASED = dict(min_image_tokens=64, max_image_tokens=256, min_tiles=2, max_tiles=10, tile_size=512,
+                     max_pixels_tolerance=2.0, use_thumbnail=True, do_image_splitting=True)  # fmt: skip
+
+
+def lfm2_settings_from_config(config: dict, max_image_pixels: int | None) -> ImageSettings:
+    """LFM2-VL from its config: the released processors' settings (LFM2_RELEASED, as Lfm2VlImageProcessor's
+    defaults) with the config's patch and downsample, lowered to the budget as lfm2_budget lowers them."""
+    vision = config.get("vision_config") or {}
+    ip = SimpleNamespace(**LFM2_RELEASED, encoder_patch_size=first_int(vision.get("patch_size")) or 16,
+                         downsample_factor=int(config.get("downsample_factor") or 2))  # fmt: skip
+    if max_image_pixels:
+        lfm2_budget(ip, max_image_pixels)
+    return lfm2_settings_of(ip)
+
 
 # --- settings from a config alone (no processor at hand) ----------------------------------------
 

@@ -98,3 +98,21 @@ def llama4_image_processor_without_torchvision() -> None:
     # the torchvision entry is a placeholder that raises: None makes AutoImageProcessor take the PIL one
     classes = {"torchvision": None, "pil": processor_class()}
     AutoImageProcessor.register(Llama4Config, image_processor_classes=classes, exist_ok=True)
+
+
+def lfm2_vl_image_processor_without_torchvision() -> None:
+    """LFM2-VL's processor without torchvision: transformers 5.23's Lfm2VlImageProcessor is torchvision-only.
+
+    vlmtune.model.lfm2_images holds the same steps on PIL, registered as the "pil" backend of Lfm2VlConfig
+    where torchvision is missing, as Llama 4's (llama4_image_processor_without_torchvision).
+    """
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    from transformers import AutoImageProcessor, Lfm2VlConfig
+
+    from vlmtune.model.lfm2_images import processor_class
+
+    classes = {"torchvision": None, "pil": processor_class()}
+    AutoImageProcessor.register(Lfm2VlConfig, image_processor_classes=classes, exist_ok=True)

@@ -16,7 +16,7 @@ SIZES = [(56, 56), (90, 30), (30, 90), (200, 130), (17, 41)]  # (width, height)
 
 
 def test_every_family_has_a_unique_name_and_a_tiny_builder():
-    assert len(set(NAMES)) == len(NAMES) == 24
+    assert len(set(NAMES)) == len(NAMES) == 25
     assert all(callable(tiny_builder(family)) for family in FAMILIES)
 
 
@@ -158,6 +158,12 @@ def _aya_vision(processor):
     processor.img_size, processor.patch_size = 364, 28
 
 
+def _lfm2_vl(processor):
+    ip = processor.image_processor  # LFM2-VL-1.6B's: tiles of 512 pixels, 16-pixel patches, 64..256 tokens
+    ip.encoder_patch_size, ip.tile_size, ip.max_tiles = 16, 512, 10
+    ip.min_image_tokens, ip.max_image_tokens = 64, 256
+
+
 def _minicpm(processor):
     ip = processor.image_processor
     ip.patch_size, ip.scale_resolution, ip.max_slice_nums = 14, 448, 9
@@ -180,6 +186,7 @@ RELEASED = {
     "minicpmv4_6": _minicpm,
     "glm4v_moe": _glm,
     "llama4": _llama4,
+    "lfm2_vl": _lfm2_vl,
 }
 
 

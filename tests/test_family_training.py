@@ -51,11 +51,12 @@ VISION_BLOCKS = {
     "minicpmv4_6": ("model.vision_tower.encoder.layers.", "model.vision_tower.vit_merger."),
     "glm4v_moe": ("model.visual.blocks.",),
     "llama4": ("vision_model.model.layers.",),  # no `model.` wrapper in Llama 4
+    "lfm2_vl": ("model.vision_tower.encoder.layers.",),
 }
 LANGUAGE_BLOCKS = {name: ("model.text_model.layers.",) if name in ("idefics3", "smolvlm") else
                    ("model.language_model.layers.",) for name in NAMES}  # fmt: skip
 LANGUAGE_BLOCKS["llama4"] = ("language_model.model.layers.",)
-ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention", "linear_attn"}
+ATTENTION_PARENTS = {"self_attn", "cross_attn", "attn", "attention", "linear_attn", "conv"}  # conv: LFM2's
 MLP_PARENTS = {"mlp", "feed_forward", "shared_expert", "shared_experts"}
 # Fused expert tensors (3-D parameters) of the MoE families, read from the loaded model's names.
 EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
@@ -96,6 +97,7 @@ TRAINED_TEXT = {
     "minicpmv4_6": "There are two.<|im_end|>\nRed.<|im_end|>\n",
     "glm4v_moe": "There are two.<|endoftext|>Red.<|endoftext|>",
     "llama4": "There are two.<|eot|>Red.<|eot|>",
+    "lfm2_vl": "There are two.<|im_end|>\nRed.<|im_end|>\n",
 }
 APPENDS_STOP = {"glm4v", "glm46v", "glm4v_moe"}
 NEEDS_AN_IMAGE = {"paligemma"}  # its processor refuses a text-only row

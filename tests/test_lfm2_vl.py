@@ -144,8 +144,12 @@ def test_tiles_come_row_by_row_then_the_thumbnail(processor):
     assert small["pixel_values"].shape[0] == 1 and small["image_rows"].tolist() == [
         1
     ]  # resized whole, no thumbnail
-    with pytest.raises(ValueError, match="more than the 64"):  # a 16 x 416 thumbnail: 104 patches
-        ip(_image(700, 16, (9, 9, 9), (9, 9, 9)))
+    # a 16 x 416 thumbnail (its short side held at one token): 104 patches, past the 64 upstream pads to (and
+    # fails on); the crops are padded to the longest instead
+    long = ip(_image(700, 16, (9, 9, 9), (9, 9, 9)), return_tensors="pt")
+    assert (
+        long["pixel_values"].shape[1] == 104 and long["pixel_attention_mask"].sum(dim=1).tolist()[-1] == 104
+    )
 
 
 def test_the_prompt_has_the_tokens_the_record_counts(processor):
@@ -155,7 +159,7 @@ def test_the_prompt_has_the_tokens_the_record_counts(processor):
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     markers = set()
-    for width, height in [(40, 40), (200, 90), (300, 300), (90, 200), (30, 130), (64, 64)]:
+    for width, height in [(40, 40), (200, 90), (300, 300), (90, 200), (16, 700), (64, 64)]:
         batch = processor(text=[text], images=[_image(width, height, (9, 9, 9), (200, 200, 200))])
         ids = batch["input_ids"][0]
         assert ids.count(image_id) == family.tokens_per_image(width, height, settings), (width, height)

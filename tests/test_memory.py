@@ -57,6 +57,10 @@ PUBLISHED = {
     # checkpoint's multi-token-prediction layer is not instantiated, as for Qwen3.5.
     "zai-org/GLM-4.5V": 108e9,
     "meta-llama/Llama-4-Scout-17B-16E-Instruct": 109e9,  # the model card's "109B total parameters"
+    # Written from LiquidAI/LFM2-VL-1.6B's published config.json as recalled offline (no hub here): LFM2-1.2B
+    # (16 layers of 2048, 6 of them attention, the MLP auto-sized to 8192) under a 26-layer SigLIP2 NaFlex
+    # tower; 1.585B, the name's 1.6B within 3%.
+    "LiquidAI/LFM2-VL-1.6B": 1.6e9,
 }
 NOMINAL = {
     "Qwen/Qwen3.5-27B",
@@ -64,6 +68,7 @@ NOMINAL = {
     "google/gemma-4-31B-it",
     "zai-org/GLM-4.5V",
     "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+    "LiquidAI/LFM2-VL-1.6B",
 }
 BUNDLED = list(mem.bundled_configs())
 

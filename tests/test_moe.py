@@ -155,7 +155,7 @@ def test_every_record_names_a_router_for_its_experts():
 # --- the new families through the pipeline ------------------------------------------------------------
 
 NEW = ["qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "gemma4", "glm4v", "glm46v", "aya_vision", "minicpmv4_6",
-       "glm4v_moe", "llama4"]  # fmt: skip
+       "glm4v_moe", "llama4", "lfm2_vl"]  # fmt: skip
 PAIRS = Path(__file__).parent / "data" / "preference" / "trl.jsonl"
 DEMO = Path(__file__).parent.parent / "data" / "demo" / "train.jsonl"
 

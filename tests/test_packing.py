@@ -360,7 +360,7 @@ def test_refused_families_are_the_ones_the_docs_name():
         assert f"| {family.title} | {'yes' if family.packing else 'refused'} |" in text, family.title
     assert set(REFUSED) == {
         "llava_onevision", "gemma3", "mllama", "paligemma", "qwen3_5", "qwen3_5_moe", "minicpmv4_6",
-        "llama4",
+        "llama4", "lfm2_vl",
     }  # fmt: skip
 
 

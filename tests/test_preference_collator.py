@@ -26,7 +26,7 @@ END_OF_TURN = {
     "qwen3_5": "<|im_end|>\n", "qwen3_vl_moe": "<|im_end|>\n", "qwen3_5_moe": "<|im_end|>\n", "gemma4": "<turn|>\n",
     "glm4v": "<|endoftext|>", "glm46v": "<|endoftext|>",  # GLM-4's template ends no answer: the collator appends eos
     "aya_vision": "<|END_OF_TURN_TOKEN|>", "minicpmv4_6": "<|im_end|>\n",
-    "glm4v_moe": "<|endoftext|>", "llama4": "<|eot|>",
+    "glm4v_moe": "<|endoftext|>", "llama4": "<|eot|>", "lfm2_vl": "<|im_end|>\n",
 }  # fmt: skip
 # Templates that put a space between the assistant's tag and its answer ("ASSISTANT: Red.").
 ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}

@@ -126,24 +126,20 @@ def _preprocess(ip, images, s, resample, rescale, normalize, do_pad, row_col_inf
         rows_of.append(rows)
         cols_of.append(cols)
         sizes.append([thumb_h, thumb_w])
-    patches, masks, shapes = [], [], []
-    for crop in crops:
-        rows_of_patches = _patches(_scaled(ip, crop, rescale, normalize), s.patch_size)
-        shapes.append([crop.shape[-2] // s.patch_size, crop.shape[-1] // s.patch_size])
-        if do_pad and len(rows_of_patches) > most_patches:
-            # transformers' processor fails here too (its padding goes negative): say why
-            raise ValueError(
-                f"an image resized to {crop.shape[-1]} x {crop.shape[-2]} pixels has {len(rows_of_patches)} patches, "
-                f"more than the {most_patches} LFM2-VL's processor pads to: its sides' ratio is too extreme "
-                "(crop or pad the image nearer to square)"
-            )
-        if do_pad:
-            mask = np.zeros(most_patches, dtype=np.int32)
+    patches = [_patches(_scaled(ip, crop, rescale, normalize), s.patch_size) for crop in crops]
+    shapes = [[crop.shape[-2] // s.patch_size, crop.shape[-1] // s.patch_size] for crop in crops]
+    # Upstream pads to most_patches, and breaks (its padding goes negative) on a crop with more: a thumbnail
+    # whose short side was held at one token (a very elongated image, or a budget of few tokens). Here the
+    # call's longest crop sets the length instead; the tower reads only the rows the mask marks.
+    length = max([most_patches, *(len(p) for p in patches)])
+    masks = []
+    if do_pad:
+        for i, rows_of_patches in enumerate(patches):
+            mask = np.zeros(length, dtype=np.int32)
             mask[: len(rows_of_patches)] = 1
-            padding = np.zeros((most_patches - len(rows_of_patches), rows_of_patches.shape[1]), np.float32)
-            rows_of_patches = np.concatenate([rows_of_patches, padding])
+            padding = np.zeros((length - len(rows_of_patches), rows_of_patches.shape[1]), np.float32)
+            patches[i] = np.concatenate([rows_of_patches, padding])
             masks.append(mask)
-        patches.append(rows_of_patches)
     data = {"pixel_values": np.stack(patches) if do_pad else patches}
     if do_pad:
         data["pixel_attention_mask"] = np.stack(masks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmtune.model.families import LFM2_VL
 from vlmtune.model.tiny.common import content, save, seed, text_config, vision_config
 from vlmtune.model.tiny.tokenizer import build_tokenizer
 
@@ -28,12 +29,6 @@ LFM2_CHAT_TEMPLATE = (
 )
 
 
-def tile_markers(max_tiles: int) -> tuple[str, ...]:
-    """<|img_row_R_col_C|> for every tile position a grid of up to max_tiles tiles has."""
-    return tuple(f"<|img_row_{r}_col_{c}|>" for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1)
-                 if r * c <= max_tiles)  # fmt: skip
-
-
 def build_lfm2_vl(out: Path) -> None:
     from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration, Lfm2VlProcessor
 
@@ -43,8 +38,8 @@ def build_lfm2_vl(out: Path) -> None:
         bos="<|startoftext|>",
         eos="<|im_end|>",
         pad="<|pad|>",
-        special_tokens=("<|im_start|>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>",
-                        *tile_markers(MAX_TILES)),
+        # the record's structural tokens: the image markers and every <|img_row_R_col_C|> of a released grid
+        special_tokens=("<|im_start|>", *LFM2_VL.structural_tokens),
         named_tokens={"image_token": "<image>"},
         chat_template=LFM2_CHAT_TEMPLATE,
     )  # fmt: skip

@@ -150,9 +150,12 @@ def test_every_language_linear_is_4bit_and_nothing_else_is(loaded):
     assert not [lin["name"] for lin in linears if lin["component"] == "other"], "every Linear has a component"
     modules = dict(loaded.model.named_modules())
     assert type(modules[loaded.family.lm_head]).__name__ == "Linear"
-    # the first self-attention output projection (Qwen3.5's layer 0 is linear attention, Mllama's cross-attention)
+    # the first self-attention output projection (Qwen3.5's layer 0 is linear attention, Mllama's cross-attention,
+    # LFM2's a short convolution; LFM2 calls it out_proj)
     prefix = loaded.family.language_prefix
-    language = next(n for n in modules if n.startswith(prefix) and n.endswith("self_attn.o_proj"))
+    language = next(
+        n for n in modules if n.startswith(prefix) and n.endswith(("self_attn.o_proj", "self_attn.out_proj"))
+    )
     assert type(modules[language]).__name__ == "Linear4bit"
     for name in kept:
         assert any(lin["name"].endswith(name) and not lin["quantized"] for lin in linears), name

@@ -98,6 +98,50 @@ def test_patches_and_padding_are_transformers_own(upstream):
     assert padded.shape == (1, 20, 192) and mask.tolist() == [1] * 15 + [0] * 5
 
 
+def test_the_whole_preprocessing_is_transformers_own_given_the_same_resize(upstream, processor):
+    """transformers' own _preprocess (its grouping by shape, tiling, thumbnail, patches, padding and reordering),
+    run with PIL's resize in place of torchvision's, gives the port's output exactly: only the resampling
+    filter differs between the two."""
+    import numpy as np
+    import torch
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    ours = processor.image_processor
+
+    class PilResize(TorchvisionBackend):  # after Lfm2VlImageProcessor in the MRO: what its super() calls
+        def resize(self, image, size, resample=None, antialias=True, **kwargs):
+            batch = [ours.resize(one.numpy(), size, resample=resample) for one in image]
+            return torch.from_numpy(np.stack(batch))
+
+        def rescale_and_normalize(self, images, do_rescale, factor, do_normalize, mean, std):
+            mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+            return (
+                images.to(torch.float32) * factor - mean
+            ) / std  # the port's order: rescale, then normalize
+
+    probe = type("Probe", (upstream.Lfm2VlImageProcessor, PilResize), {})
+    theirs = object.__new__(probe)  # methods only: its __init__ would need torchvision
+    sizes = [(200, 90), (40, 40), (300, 300), (200, 90), (90, 200), (64, 64), (130, 30)]  # (width, height)
+    images = [_image(w, h, (250, 10, 10), (10, 10, 250)) for w, h in sizes]
+    mine = ours(images, return_tensors="pt", return_row_col_info=True)
+    settings = {name: getattr(ours, name) for name in ("downsample_factor", "do_image_splitting", "min_tiles",
+                "max_tiles", "use_thumbnail", "min_image_tokens", "max_image_tokens", "encoder_patch_size",
+                "tile_size", "max_pixels_tolerance")}  # fmt: skip
+    expected = theirs._preprocess(
+        [torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous() for image in images],
+        do_resize=True, resample=ours.resample, do_rescale=True, rescale_factor=ours.rescale_factor,
+        do_normalize=True, image_mean=ours.image_mean, image_std=ours.image_std, do_pad=True,
+        return_row_col_info=True, return_tensors="pt", disable_grouping=None, **settings,
+    )  # fmt: skip
+    assert set(mine.keys()) == set(expected.keys())
+    for key in ("image_rows", "image_cols", "image_sizes"):
+        assert torch.as_tensor(mine[key]).tolist() == torch.as_tensor(expected[key]).tolist(), key
+    assert mine["image_rows"].tolist() != [1] * len(sizes), "some images were split into tiles"
+    torch.testing.assert_close(mine["spatial_shapes"], expected["spatial_shapes"])
+    torch.testing.assert_close(mine["pixel_attention_mask"], expected["pixel_attention_mask"].to(torch.int32))
+    torch.testing.assert_close(mine["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def processor(tiny_path):
     from vlmtune.model.processing import load_processor

@@ -354,6 +354,46 @@ def test_a_family_that_cannot_prove_isolation_says_why(name):
         PackedCollator(object(), family)
 
 
+def test_lfm2_vls_short_convolutions_reach_across_packed_samples():
+    """Why LFM2-VL refuses packing, measured: packed as if it could pack (positions restarting, attention per
+    sample), a row's loss differs from its samples' one by one; cut each short convolution to its current-token
+    tap and they agree, so the convolutions are what crosses the boundaries."""
+    import dataclasses
+
+    import torch
+
+    from vlmtune.model.families import Packing
+
+    loaded = load.load(
+        ModelSection(name="tiny:lfm2_vl", dtype="float32"),
+        QuantizationSection(bits=None),
+        PIXEL_BUDGET,
+        "cpu",
+    )
+    model = loaded.model
+    model.train()
+    model.config.use_cache = False
+    assert use_per_sample_attention(model) == SAMPLE_ATTENTION
+    family = dataclasses.replace(loaded.family, packing=Packing())  # what the record would say if it packed
+    collator = VisionCollator(loaded.processor, family, max_length=None, train_on_responses_only=True)
+    samples = three_samples()
+
+    def packed_and_unpacked():
+        unpacked = loss_and_grads(model, [collator([sample]) for sample in samples])
+        return unpacked, loss_and_grads(model, [packed_batch(model, family, collator, samples)])
+
+    unpacked, packed = packed_and_unpacked()
+    assert abs(unpacked[0] - packed[0]) > 1e-4 * abs(unpacked[0])
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(
+                "conv.conv"
+            ):  # depthwise Conv1d (channels, 1, 3): keep the current token's weight
+                module.weight[..., :-1] = 0
+    unpacked, packed = packed_and_unpacked()
+    assert abs(unpacked[0] - packed[0]) <= RTOL * abs(unpacked[0]), (unpacked[0], packed[0])
+
+
 def test_refused_families_are_the_ones_the_docs_name():
     text = (ROOT / "docs" / "performance.md").read_text()
     for family in FAMILIES:

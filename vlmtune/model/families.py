@@ -863,8 +863,9 @@ LFM2_VL = Family(
     config_image_settings=it.lfm2_settings_from_config,
     block_lists=("model.vision_tower.encoder.layers", "model.language_model.layers"),
     packing_refused="its short-convolution layers mix each token with the two before it in the row, so a packed "
-    "sample's first tokens would read the previous sample's last ones (tests/test_packing.py: a packed row's loss differed from "
-    "its samples' by 5e-4 relative, and agreed to 2e-8 with each convolution cut to its current-token tap)",
+    "sample's first tokens would read the previous sample's last ones (tests/test_packing.py: a packed row's "
+    "loss differed from its samples' by 5e-4 relative, and agreed to 2e-8 with each convolution cut to its "
+    "current-token tap)",
 )
 
 FAMILIES: tuple[Family, ...] = (

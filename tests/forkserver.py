@@ -13,7 +13,7 @@ What a fork cannot give: environment variables the preloaded libraries read at i
 Hugging Face and torch switches). `spawn` compares them with the server's and starts a plain process
 when they differ, as it does for any other command line (`-X importtime`, `-c`, torchrun).
 
-    python tests/forkserver.py SOCKET      # prints "ready" once it accepts requests
+    python tests/forkserver.py SOCKET      # prints "ready" and its import-time environment once it accepts requests
 
 Protocol, one request per connection: the client sends an 8-byte length with three file descriptors
 (stdin, stdout, stderr) attached, then that many bytes of JSON {"argv", "cwd", "env"}; the server
@@ -53,6 +53,14 @@ def import_time_env(env: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV)}
 
 
+def serves(env: dict[str, str], before: dict[str, str], after: dict[str, str]) -> bool:
+    """Whether a child with ``env`` behaves as a fresh process would: each import-time variable as the server
+    had it when it imported (``before``), or as the libraries set it themselves while importing (``after``:
+    torch sets TORCHINDUCTOR_CACHE_DIR, so a test process that imported torch has it too)."""
+    asked = import_time_env(env)
+    return all(asked.get(key) in (before.get(key), after.get(key)) for key in {*asked, *before})
+
+
 def vision_language_models() -> list[str]:
     """The modeling and processing modules of every image-text model transformers knows (the tiny families')."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -67,13 +75,14 @@ def vision_language_models() -> list[str]:
 def serve(path: str) -> None:
     import importlib
 
+    before = import_time_env(dict(os.environ))
     for name in (*PRELOAD, *vision_language_models()):
         with contextlib.suppress(Exception):  # a missing optional library: children import it themselves
             importlib.import_module(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
-    print("ready", json.dumps(import_time_env(dict(os.environ))), flush=True)
+    print("ready", json.dumps({"before": before, "after": import_time_env(dict(os.environ))}), flush=True)
     children: dict[int, socket.socket] = {}
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)

@@ -74,7 +74,7 @@ def forkable(cmd: list[str], env: dict[str, str]) -> list[str] | None:
         argv = cmd[1:]
     else:
         return None
-    if forkserver.import_time_env(env) != server().env:
+    if not forkserver.serves(env, **server().env):
         return None
     return argv
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,11 +50,18 @@ def test_commands_the_server_cannot_stand_for_run_as_plain_processes():
     assert isinstance(spawn.Popen([sys.executable, "-c", "pass"]), subprocess.Popen)
 
 
-def test_a_signal_kills_the_forked_process_as_it_would_a_plain_one():
-    process = spawn.Popen([*VLMTUNE, "train", str(ROOT / "recipes/demo.yaml"), "--run-dir", "/nonexistent/x/y"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+def test_a_signal_kills_the_forked_process_as_it_would_a_plain_one(tmp_path: Path):
+    """A run held at its load stage (tests/faults.py PAUSE, 120 s) is killed: -9, as subprocess reports it."""
+    process = spawn.Popen(
+        [sys.executable, spawn.FAULTS, "PAUSE@load", "--", "train", str(ROOT / "recipes/demo.yaml"),
+         "--run-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     assert isinstance(process, spawn.ForkedProcess) and process.pid != os.getpid()
-    time.sleep(0.5)
+    for line in process.stderr:
+        if "paused" in line:
+            break
+    assert process.poll() is None, "still running while paused"
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
     out, err = process.communicate(timeout=60)

@@ -54,6 +54,26 @@ def check_family(family: Family) -> None:
         )
 
 
+def check_config(folder: Path, family: Family) -> None:
+    """Refuse a model whose config differs from a value llama.cpp assumes for the family (it would convert,
+    and answer differently: the value never reaches the GGUF)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for path, assumed in family.gguf_assumed_config:
+        value = _config_value(config, path)
+        if value != assumed:
+            raise ExportError(
+                f"--format gguf: this {family.title} model has {path} = {value}, and llama.cpp computes with "
+                f"{assumed} whatever the config says, so the GGUF would not answer like the trained model",
+                hint=f"export --merge (transformers) or --format vllm; or train from a model with {path} = {assumed}",
+            )
+
+
+def _config_value(config: dict, path: str):
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
 def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise ExportError(
@@ -97,6 +117,7 @@ def export_gguf(trained: TrainedRun, out: Path, quant: str, dtype: str, verify: 
     with staged(out) as staging:
         hf = staging / ".merged"  # the converter's input, removed before the folder is handed over
         checks = export_merged(trained, hf, dtype) if not trained.is_full else _copy_full(trained, hf)
+        check_config(hf, family)
         pre = matching_pre_tokenizer(hf, family)
         name = Path(out).name
         convert(converter, hf, staging / names["model"], quant, mmproj=False, pre_tokenizer=pre, name=name)

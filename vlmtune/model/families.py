@@ -161,6 +161,10 @@ class Family:
     # proves it (tests/test_export_serving.py); None: `export --format gguf` refuses with gguf_refused.
     gguf_pre_tokenizer: str | None = None
     gguf_refused: str = GGUF_UNPROVEN
+    # Config values (dotted paths into config.json) that llama.cpp assumes instead of reading: the converter
+    # does not carry them into the GGUF, so a model with another value would be served with other
+    # arithmetic. `export --format gguf` refuses such a model before converting (export_gguf.check_config).
+    gguf_assumed_config: tuple[tuple[str, object], ...] = ()
     # The chat template in Ollama's Go-template syntax, for the Modelfile beside the GGUF files.
     ollama_template: str | None = None
     # On vLLM's tower/connector-LoRA list (`--enable-tower-connector-lora`; vllm #26674 and its follow-ups).
@@ -283,6 +287,13 @@ QWEN2_5_VL = Family(
     processor_class="Qwen2_5_VLProcessor",
     processor_needs_video=True,
     rope="mrope",
+    gguf_pre_tokenizer="qwen2",
+    # llama.cpp's Qwen2.5-VL mmproj windows its vision attention at 112 pixels whatever the config says
+    # (clip.cpp: attn_window_size unset for this projector, so its default 112, the released checkpoints'):
+    # with the tiny model's 56 the windowed blocks see a whole 112-pixel image where transformers sees
+    # four windows, and the answers part.
+    gguf_assumed_config=(("vision_config.window_size", 112),),
+    ollama_template=QWEN_OLLAMA_TEMPLATE,
     vllm_tower_lora=True,
     **_QWEN_COMMON,
 )

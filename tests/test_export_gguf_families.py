@@ -1,0 +1,143 @@
+"""`vlmtune export --format gguf` for families beyond Qwen2-VL (tests/test_export_serving.py holds that one).
+
+Qwen2.5-VL. Its tiny model needs two changes before llama.cpp serves it like transformers:
+- a third vision block, for the same reason as Qwen2-VL's (the converter maps ``visual.merger.mlp.2``
+  through its per-block table, so 2 blocks fail);
+- ``vision_config.window_size`` 112, the released checkpoints' value: llama.cpp's Qwen2.5-VL projector
+  never reads a window size (clip.cpp leaves ``attn_window_size`` unset for it and uses 112), and the
+  converter writes none. With the cached tiny model's 56 the windowed vision blocks would attend over a
+  whole 112-pixel image in llama.cpp and over four 56-pixel windows in transformers. The family record
+  names that value (``gguf_assumed_config``) and the export refuses a model that differs.
+The earlier attempt compared the untrained random tiny model: its greedy answers part on near-ties of
+the logits (f16 GGUF against float32 transformers), with window 112 as with 56, so the test compares a
+trained model, whose answers are stable, on eight demo images of three sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from posttrain_fixtures import ANSWER, DEMO
+from test_export_serving import OTHER_ANSWER, needs_llama_cpp
+
+from vlmtune.model.families import get_family
+
+from conftest import PIXEL_BUDGET, write_recipe
+from test_cli import vlmtune
+
+EVAL_LINES = 8  # demo lines 1-8: 56x56, 56x84 and 112x112 images (one window and several in transformers)
+
+
+def deeper_vision_tower(family: str, folder: Path, **vision_config) -> Path:
+    """The cached tiny model of ``family`` with a third vision block (a copy of the second) and
+    ``vision_config`` values set."""
+    from safetensors.torch import load_file, save_file
+
+    from vlmtune.model.tiny import tiny_model_path
+
+    shutil.copytree(tiny_model_path(family), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for key in [k for k in tensors if k.startswith("visual.blocks.1.")]:
+        tensors[key.replace("blocks.1.", "blocks.2.")] = tensors[key].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"].update(depth=3, **vision_config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LoRA trained on two demo samples whose answers differ by image (as the Qwen2-VL run)."""
+    folder = tmp_path_factory.mktemp("qwen2_5")
+    shutil.copytree(DEMO / "images", folder / "images")
+    lines = (DEMO / "train.jsonl").read_text().splitlines()
+    assert ANSWER in lines[0] and OTHER_ANSWER in lines[2]
+    (folder / "train.jsonl").write_text((lines[0] + "\n" + lines[2] + "\n") * 4)
+    (folder / "eval.jsonl").write_text("\n".join(lines[:EVAL_LINES]) + "\n")
+    model = deeper_vision_tower("qwen2_5_vl", folder / "tiny-qwen2_5-vl-3", window_size=112)
+    recipe = write_recipe(
+        folder,
+        model={"name": str(model)},
+        data={"train": "train.jsonl", "eval": "eval.jsonl", "max_image_pixels": PIXEL_BUDGET},
+        train={"max_steps": 40, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "lr_scheduler": "constant",
+               "max_length": 256, "gradient_checkpointing": False, "save_steps": 1000},
+    )  # fmt: skip
+    result = vlmtune("train", str(recipe), "--run-dir", str(folder / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_gguf(qwen2_5_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("qwen2_5_gguf") / "gguf"
+    result = vlmtune("export", str(qwen2_5_run), "--out", str(out), "--format", "gguf", "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_qwen2_5_vl_gguf_answers_every_eval_image_as_transformers_does(qwen2_5_gguf: Path):
+    from gguf import GGUFReader
+
+    report = json.loads((qwen2_5_gguf / "vlmtune_export.json").read_text())
+    verify = report["verify"]
+    assert (verify["n"], verify["agreeing"], verify["disagreements"]) == (EVAL_LINES, EVAL_LINES, [])
+    answers = [row["llama_cpp"] for row in verify["answers"]]
+    assert (answers[0], answers[2]) == (ANSWER, OTHER_ANSWER)  # the two trained images, 56 and 112 pixels
+    mmproj = GGUFReader(str(qwen2_5_gguf / "mmproj-f16.gguf"))
+    assert mmproj.get_field("clip.projector_type").contents() == "qwen2.5vl_merger"
+    assert mmproj.get_field("clip.vision.n_wa_pattern").contents() == 2  # fullatt_block_indexes [1]
+    # No window size travels: llama.cpp's 112 is an assumption, which is why the export checks the config.
+    assert not [name for name in mmproj.fields if "window_size" in name]
+    modelfile = (qwen2_5_gguf / "Modelfile").read_text()
+    assert "<|im_start|>assistant" in modelfile and modelfile.startswith("FROM ./model-f16.gguf\n")
+
+
+def test_a_window_size_llama_cpp_would_ignore_is_refused(tmp_path: Path):
+    from vlmtune.after.export import ExportError
+    from vlmtune.after.export_gguf import check_config
+    from vlmtune.model.tiny import tiny_model_path
+
+    family = get_family("qwen2_5_vl")
+    config = json.loads((tiny_model_path("qwen2_5_vl") / "config.json").read_text())
+    assert config["vision_config"]["window_size"] == 56  # the cached tiny model: refused as it is
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="window_size = 56, and llama.cpp computes with 112") as refused:
+        check_config(tmp_path, family)
+    assert "--merge" in refused.value.hint
+    config["vision_config"]["window_size"] = 112
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_config(tmp_path, family)  # the released checkpoints' value passes
+    check_config(tmp_path, get_family("qwen2_vl"))  # a family without assumed values checks nothing
+
+
+def test_the_window_size_changes_what_transformers_computes(tmp_path: Path):
+    """Why the refusal matters: on a 112-pixel image the tiny tower's output depends on window_size."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.data import open_image
+    from vlmtune.model.processing import load_processor
+
+    folder = deeper_vision_tower("qwen2_5_vl", tmp_path / "tiny", window_size=112)
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32).eval()
+    processor = load_processor(folder, get_family("qwen2_5_vl"), max_image_pixels=PIXEL_BUDGET)
+    inputs = processor.image_processor(
+        images=[open_image(str(DEMO / "images" / "002.png"))], return_tensors="pt"
+    )
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # 4x4 merged tokens
+
+    def features(window: int):
+        model.config.vision_config.window_size = window
+        model.model.visual.window_size = window
+        with torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        return torch.cat(list(out.pooler_output if hasattr(out, "pooler_output") else out))
+
+    assert not torch.allclose(features(56), features(112), atol=1e-4)
+    assert torch.equal(features(112), features(112))  # control: the same window gives the same output

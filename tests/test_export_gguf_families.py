@@ -16,12 +16,13 @@ trained model, whose answers are stable, on eight demo images of three sizes.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from posttrain_fixtures import ANSWER, DEMO
-from test_export_serving import OTHER_ANSWER, needs_llama_cpp
+from test_export_serving import OTHER_ANSWER, needs_converter, needs_llama_cpp
 
 from vlmtune.model.families import get_family
 
@@ -31,6 +32,13 @@ from test_cli import vlmtune
 EVAL_LINES = 8  # demo lines 1-8: 56x56, 56x84 and 112x112 images (one window and several in transformers)
 
 
+# Where each tiny model keeps its vision blocks, and the config key that counts them.
+VISION_BLOCKS = {
+    "qwen2_5_vl": ("visual.blocks.", "depth"),
+    "mistral3": ("vision_tower.transformer.layers.", "num_hidden_layers"),
+}
+
+
 def deeper_vision_tower(family: str, folder: Path, **vision_config) -> Path:
     """The cached tiny model of ``family`` with a third vision block (a copy of the second) and
     ``vision_config`` values set."""
@@ -38,13 +46,14 @@ def deeper_vision_tower(family: str, folder: Path, **vision_config) -> Path:
 
     from vlmtune.model.tiny import tiny_model_path
 
+    prefix, count = VISION_BLOCKS[family]
     shutil.copytree(tiny_model_path(family), folder)
     tensors = load_file(str(folder / "model.safetensors"))
-    for key in [k for k in tensors if k.startswith("visual.blocks.1.")]:
-        tensors[key.replace("blocks.1.", "blocks.2.")] = tensors[key].clone()
+    for key in [k for k in tensors if k.startswith(prefix + "1.")]:
+        tensors[prefix + "2." + key[len(prefix + "1.") :]] = tensors[key].clone()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["vision_config"].update(depth=3, **vision_config)
+    config["vision_config"].update({count: 3, **vision_config})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -141,3 +150,52 @@ def test_the_window_size_changes_what_transformers_computes(tmp_path: Path):
 
     assert not torch.allclose(features(56), features(112), atol=1e-4)
     assert torch.equal(features(112), features(112))  # control: the same window gives the same output
+
+
+# --- families still refused: each record's reason, reproduced on the tiny model --------------------
+# These fail (and say so) when a newer llama.cpp converter lifts the reason: then try the family again.
+
+
+@needs_converter
+@pytest.mark.parametrize(
+    ("family", "mmproj", "converter_error"),
+    [
+        ("gemma3", True, "Can not map tensor 'vision_tower.embeddings.patch_embedding.bias'"),
+        ("smolvlm", False, "Model SmolVLMForConditionalGeneration is not supported"),
+        ("llava", True, "Unsupported model type: clip_vision_model"),
+    ],
+)
+def test_the_converter_refuses_what_the_family_record_says(
+    family: str, mmproj: bool, converter_error: str, tmp_path: Path
+):
+    from vlmtune.after.export import ExportError
+    from vlmtune.after.export_gguf import convert, converter_dir
+    from vlmtune.model.tiny import tiny_model_path
+
+    with pytest.raises(ExportError, match=re.escape(converter_error)):
+        convert(converter_dir(), tiny_model_path(family), tmp_path / "out.gguf", "f16", mmproj=mmproj,
+                pre_tokenizer="qwen2", name=family)  # fmt: skip
+    assert get_family(family).gguf_pre_tokenizer is None
+
+
+@needs_converter
+def test_a_mistral3_mmproj_lacks_the_img_break_embedding_llama_cpp_needs(tmp_path: Path):
+    from gguf import GGUFReader
+
+    from vlmtune.after.export_gguf import convert, converter_dir
+
+    model = deeper_vision_tower("mistral3", tmp_path / "tiny")  # 2 blocks fail as Qwen2-VL's do
+    out = tmp_path / "mmproj.gguf"
+    convert(converter_dir(), model, out, "f16", mmproj=True, pre_tokenizer="qwen2", name="mistral3")
+    names = [t.name for t in GGUFReader(str(out)).tensors]
+    assert "mm.2.weight" in names and "v.blk.2.attn_q.weight" in names  # the tower and projector convert
+    assert "v.token_embd.img_break" not in names  # what clip.cpp refuses to load the mmproj without
+    assert "language_model.model.embed_tokens.weight" in _safetensors_keys(model)  # where it would come from
+    assert "img_break" in get_family("mistral3").gguf_refused
+
+
+def _safetensors_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())

@@ -36,6 +36,27 @@ GGUF_UNPROVEN = (
 )
 # Families whose transformers architecture llama.cpp's converter does not list (llama-cpp-python 0.3.36's copy).
 NO_GGUF_CONVERTER = "llama.cpp's converter has no language + mmproj conversion for this architecture"
+# Families llama.cpp's converter lists but vlmtune cannot serve yet, each with what stops it (found on the
+# tiny models with llama-cpp-python 0.3.36's converter; docs/export.md has the details).
+GGUF_GEMMA3_REFUSED = (
+    "llama.cpp's converter cannot map the vision tower of a checkpoint saved by transformers 5 "
+    "(vision_tower.embeddings.*, no vision_model level), and with the names mapped back llama.cpp still "
+    "answered otherwise than transformers on resized images and on two-image prompts"
+)
+GGUF_IDEFICS3_REFUSED = (
+    "llama.cpp's converter takes the language model's class from text_config.architectures, which a "
+    "transformers 5 checkpoint lacks; with it set, llama.cpp answered 3 of 8 tiny-model eval images as "
+    "transformers (its image tiling and resizing differ)"
+)
+GGUF_LLAVA_REFUSED = (
+    "llama.cpp's convert_hf_to_gguf.py converts a Llava checkpoint only with a Pixtral vision tower; a CLIP "
+    "tower needs llama.cpp's legacy scripts (tools/mtmd/legacy-models), which vlmtune does not run"
+)
+GGUF_PIXTRAL_REFUSED = (
+    "llama.cpp's mmproj conversion drops every language_model.* tensor before taking the [IMG_BREAK] "
+    "embedding from language_model.model.embed_tokens, so the mmproj of a transformers checkpoint lacks "
+    "v.token_embd.img_break and llama.cpp refuses to load it"
+)
 # The Qwen-VL chat template (ChatML with its default system turn) in Ollama's Go-template syntax; Ollama
 # puts the images in itself.
 QWEN_OLLAMA_TEMPLATE = (
@@ -474,6 +495,7 @@ LLAVA = Family(
     tiny_builder="vlmtune.model.tiny.llava:build_llava",
     title="Llava-1.5",
     model_types=("llava",),
+    gguf_refused=GGUF_LLAVA_REFUSED,
     image_token="<image>",
     tokens_per_image=it.fixed_tokens,
     image_settings=it.llava_settings,
@@ -538,6 +560,7 @@ PIXTRAL = Family(
     title="Pixtral",
     model_types=("llava",),
     vision_model_types=("pixtral",),
+    gguf_refused=GGUF_PIXTRAL_REFUSED,
     **_PIXTRAL_COMMON,
 )
 
@@ -546,6 +569,7 @@ MISTRAL3 = Family(
     tiny_builder="vlmtune.model.tiny.pixtral:build_mistral3",
     title="Mistral3",
     model_types=("mistral3",),
+    gguf_refused=GGUF_PIXTRAL_REFUSED,
     **_PIXTRAL_COMMON,
 )
 
@@ -554,6 +578,7 @@ GEMMA3 = Family(
     tiny_builder="vlmtune.model.tiny.gemma:build_gemma3",
     title="Gemma 3",
     model_types=("gemma3",),
+    gguf_refused=GGUF_GEMMA3_REFUSED,
     image_token="<start_of_image>",
     feature_token="<image_soft_token>",
     structural_tokens=("<end_of_image>",),
@@ -622,6 +647,7 @@ IDEFICS3 = Family(
     tiny_builder="vlmtune.model.tiny.idefics:build_idefics3",
     title="Idefics3",
     model_types=("idefics3",),
+    gguf_refused=GGUF_IDEFICS3_REFUSED,
     **_IDEFICS3_COMMON,
 )
 
@@ -630,6 +656,7 @@ SMOLVLM = Family(
     tiny_builder="vlmtune.model.tiny.idefics:build_smolvlm",
     title="SmolVLM",
     model_types=("smolvlm",),
+    gguf_refused=GGUF_IDEFICS3_REFUSED,
     # SmolVLMProcessor needs num2words and a (torchvision-only) video processor; its image prompts
     # are Idefics3's, character for character, so Idefics3Processor serves SmolVLM checkpoints.
     processor_class="Idefics3Processor",

@@ -107,22 +107,26 @@ def test_qwen2_5_vl_gguf_answers_every_eval_image_as_transformers_does(qwen2_5_g
     assert "<|im_start|>assistant" in modelfile and modelfile.startswith("FROM ./model-f16.gguf\n")
 
 
-def test_a_window_size_llama_cpp_would_ignore_is_refused(tmp_path: Path):
+def test_a_window_size_llama_cpp_would_ignore_is_refused_before_any_weight_loads(tmp_path: Path):
+    from types import SimpleNamespace
+
     from vlmtune.after.export import ExportError
-    from vlmtune.after.export_gguf import check_config
+    from vlmtune.after.export_gguf import base_config, check_config, folder_config
     from vlmtune.model.tiny import tiny_model_path
 
     family = get_family("qwen2_5_vl")
-    config = json.loads((tiny_model_path("qwen2_5_vl") / "config.json").read_text())
-    assert config["vision_config"]["window_size"] == 56  # the cached tiny model: refused as it is
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    tiny = SimpleNamespace(
+        recipe=SimpleNamespace(model=SimpleNamespace(name="tiny:qwen2_5_vl", revision=None))
+    )
+    config = base_config(tiny)  # the cached tiny model's config: window 56, refused as it is
     with pytest.raises(ExportError, match="window_size = 56, and llama.cpp computes with 112") as refused:
-        check_config(tmp_path, family)
+        check_config(config, family)
     assert "--merge" in refused.value.hint
+    shutil.copy(tiny_model_path("qwen2_5_vl") / "config.json", tmp_path / "config.json")
+    assert folder_config(tmp_path)["vision_config"]["window_size"] == 56
     config["vision_config"]["window_size"] = 112
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    check_config(tmp_path, family)  # the released checkpoints' value passes
-    check_config(tmp_path, get_family("qwen2_vl"))  # a family without assumed values checks nothing
+    check_config(config, family)  # the released checkpoints' value passes
+    check_config(folder_config(tmp_path), get_family("qwen2_vl"))  # a family without assumed values: no check
 
 
 def test_the_window_size_changes_what_transformers_computes(tmp_path: Path):
@@ -199,3 +203,24 @@ def _safetensors_keys(folder: Path) -> list[str]:
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         return list(f.keys())
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_window_size_of_56_before_merging(qwen2_5_run: Path, tmp_path: Path):
+    """The trained run, its base model given window 56 (the cached tiny model's): `export --format gguf`
+    stops with exit 2 and the value, before the merge, and writes nothing."""
+    import yaml
+
+    run = shutil.copytree(qwen2_5_run, tmp_path / "run")
+    resolved = yaml.safe_load((run / "resolved.yaml").read_text())
+    base = shutil.copytree(resolved["model"]["name"], tmp_path / "base-window-56")
+    config = json.loads((base / "config.json").read_text())
+    config["vision_config"]["window_size"] = 56
+    (base / "config.json").write_text(json.dumps(config))
+    resolved["model"]["name"] = str(base)
+    (run / "resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    out = tmp_path / "gguf"
+    result = vlmtune("export", str(run), "--out", str(out), "--format", "gguf")
+    assert result.returncode == 2
+    assert "vision_config.window_size = 56" in " ".join(result.stderr.split())
+    assert "merged weight" not in result.stderr and not out.exists()  # refused before the merge

@@ -58,16 +58,14 @@ def deeper_vision_tower(family: str, folder: Path, **vision_config) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def qwen2_5_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LoRA trained on two demo samples whose answers differ by image (as the Qwen2-VL run)."""
-    folder = tmp_path_factory.mktemp("qwen2_5")
+def trained_run(folder: Path, model: Path) -> Path:
+    """LoRA trained on two demo samples whose answers differ by image (as the Qwen2-VL run); the eval
+    split holds the first EVAL_LINES demo samples."""
     shutil.copytree(DEMO / "images", folder / "images")
     lines = (DEMO / "train.jsonl").read_text().splitlines()
     assert ANSWER in lines[0] and OTHER_ANSWER in lines[2]
     (folder / "train.jsonl").write_text((lines[0] + "\n" + lines[2] + "\n") * 4)
     (folder / "eval.jsonl").write_text("\n".join(lines[:EVAL_LINES]) + "\n")
-    model = deeper_vision_tower("qwen2_5_vl", folder / "tiny-qwen2_5-vl-3", window_size=112)
     recipe = write_recipe(
         folder,
         model={"name": str(model)},
@@ -80,12 +78,30 @@ def qwen2_5_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "run"
 
 
-@pytest.fixture(scope="module")
-def qwen2_5_gguf(qwen2_5_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("qwen2_5_gguf") / "gguf"
-    result = vlmtune("export", str(qwen2_5_run), "--out", str(out), "--format", "gguf", "--verify")
+def gguf_export(run: Path, out: Path) -> Path:
+    result = vlmtune("export", str(run), "--out", str(out), "--format", "gguf", "--verify")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen2_5")
+    return trained_run(
+        folder, deeper_vision_tower("qwen2_5_vl", folder / "tiny-qwen2_5-vl-3", window_size=112)
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_gguf(qwen2_5_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gguf_export(qwen2_5_run, tmp_path_factory.mktemp("qwen2_5_gguf") / "gguf")
+
+
+def assert_every_answer_agrees(out: Path) -> None:
+    verify = json.loads((out / "vlmtune_export.json").read_text())["verify"]
+    assert (verify["n"], verify["agreeing"], verify["disagreements"]) == (EVAL_LINES, EVAL_LINES, [])
+    answers = [row["llama_cpp"] for row in verify["answers"]]
+    assert (answers[0], answers[2]) == (ANSWER, OTHER_ANSWER)  # the two trained images, 56 and 112 pixels
 
 
 @pytest.mark.slow
@@ -93,18 +109,31 @@ def qwen2_5_gguf(qwen2_5_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_qwen2_5_vl_gguf_answers_every_eval_image_as_transformers_does(qwen2_5_gguf: Path):
     from gguf import GGUFReader
 
-    report = json.loads((qwen2_5_gguf / "vlmtune_export.json").read_text())
-    verify = report["verify"]
-    assert (verify["n"], verify["agreeing"], verify["disagreements"]) == (EVAL_LINES, EVAL_LINES, [])
-    answers = [row["llama_cpp"] for row in verify["answers"]]
-    assert (answers[0], answers[2]) == (ANSWER, OTHER_ANSWER)  # the two trained images, 56 and 112 pixels
+    assert_every_answer_agrees(qwen2_5_gguf)
     mmproj = GGUFReader(str(qwen2_5_gguf / "mmproj-f16.gguf"))
     assert mmproj.get_field("clip.projector_type").contents() == "qwen2.5vl_merger"
     assert mmproj.get_field("clip.vision.n_wa_pattern").contents() == 2  # fullatt_block_indexes [1]
     # No window size travels: llama.cpp's 112 is an assumption, which is why the export checks the config.
     assert not [name for name in mmproj.fields if "window_size" in name]
     modelfile = (qwen2_5_gguf / "Modelfile").read_text()
-    assert "<|im_start|>assistant" in modelfile and modelfile.startswith("FROM ./model-f16.gguf\n")
+    assert "You are a helpful assistant." in modelfile and modelfile.startswith("FROM ./model-f16.gguf\n")
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_qwen3_vl_gguf_answers_every_eval_image_as_transformers_does(tmp_path: Path):
+    """The cached tiny Qwen3-VL converts as it is (2 vision blocks, deepstack after the first)."""
+    from gguf import GGUFReader
+
+    from vlmtune.model.tiny import tiny_model_path
+
+    out = gguf_export(trained_run(tmp_path, tiny_model_path("qwen3_vl")), tmp_path / "gguf")
+    assert_every_answer_agrees(out)
+    mmproj = GGUFReader(str(out / "mmproj-f16.gguf"))
+    assert mmproj.get_field("clip.projector_type").contents() == "qwen3vl_merger"
+    assert list(mmproj.get_field("clip.vision.is_deepstack_layers").contents()) == [True, False]
+    modelfile = (out / "Modelfile").read_text()
+    assert "<|im_start|>assistant" in modelfile and "system" not in modelfile  # no default system turn
 
 
 def test_a_window_size_llama_cpp_would_ignore_is_refused_before_any_weight_loads(tmp_path: Path):

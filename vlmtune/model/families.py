@@ -65,6 +65,9 @@ QWEN_OLLAMA_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
 
+# Qwen3-VL's ChatML has no default system turn.
+QWEN3_OLLAMA_TEMPLATE = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -312,7 +315,7 @@ QWEN2_5_VL = Family(
     # llama.cpp's Qwen2.5-VL mmproj windows its vision attention at 112 pixels whatever the config says
     # (clip.cpp: attn_window_size unset for this projector, so its default 112, the released checkpoints'):
     # with the tiny model's 56 the windowed blocks see a whole 112-pixel image where transformers sees
-    # four windows, and the answers part.
+    # four windows.
     gguf_assumed_config=(("vision_config.window_size", 112),),
     ollama_template=QWEN_OLLAMA_TEMPLATE,
     vllm_tower_lora=True,
@@ -330,6 +333,8 @@ QWEN3_VL = Family(
     processor_class="Qwen3VLProcessor",
     processor_needs_video=True,
     rope="mrope_interleaved",
+    gguf_pre_tokenizer="qwen2",
+    ollama_template=QWEN3_OLLAMA_TEMPLATE,
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
 )
 

@@ -198,6 +198,7 @@ def test_the_window_size_changes_what_transformers_computes(tmp_path: Path):
         ("gemma3", True, "Can not map tensor 'vision_tower.embeddings.patch_embedding.bias'"),
         ("smolvlm", False, "Model SmolVLMForConditionalGeneration is not supported"),
         ("llava", True, "Unsupported model type: clip_vision_model"),
+        ("qwen3_5", False, "AssertionError"),  # assert self.opt_num_mtp_layers != 0
     ],
 )
 def test_the_converter_refuses_what_the_family_record_says(

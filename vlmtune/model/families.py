@@ -57,6 +57,14 @@ GGUF_PIXTRAL_REFUSED = (
     "embedding from language_model.model.embed_tokens, so the mmproj of a transformers checkpoint lacks "
     "v.token_embd.img_break and llama.cpp refuses to load it"
 )
+GGUF_QWEN3_5_UNTESTABLE = (
+    "llama.cpp's converter requires the multi-token-prediction layers of the released checkpoints "
+    "(it asserts mtp_num_hidden_layers != 0), which vlmtune's tiny model lacks, so no test converted one"
+)
+GGUF_QWEN3_VL_MOE_REFUSED = (
+    "llama.cpp refuses the language GGUF its converter writes for the tiny model (blk.0.ffn_gate_exps.weight: "
+    "wrong shape, the fused expert tensors laid out otherwise than it expects)"
+)
 # The Qwen-VL chat template (ChatML with its default system turn) in Ollama's Go-template syntax; Ollama
 # puts the images in itself.
 QWEN_OLLAMA_TEMPLATE = (
@@ -359,6 +367,7 @@ QWEN3_VL_MOE = Family(
     name="qwen3_vl_moe",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_vl_moe",
     title="Qwen3-VL-MoE",
+    gguf_refused=GGUF_QWEN3_VL_MOE_REFUSED,
     # Kernels not proven for it yet (tests/test_kernels_patching.py): its experts are fused 3-D tensors,
     # no gated MLP module
     mlp_activation=None,
@@ -378,6 +387,7 @@ QWEN3_5 = Family(
     name="qwen3_5",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5",
     title="Qwen3.5",
+    gguf_refused=GGUF_QWEN3_5_UNTESTABLE,
     # Kernels not proven for it yet (tests/test_kernels_patching.py): its norms are not the plain RMSNorm the
     # kernel computes, and its partial rotary (Gated DeltaNet beside attention) gave NaN with the rope kernel
     norm=None,

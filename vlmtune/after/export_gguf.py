@@ -54,6 +54,38 @@ def check_family(family: Family) -> None:
         )
 
 
+def check_config(config: dict, family: Family) -> None:
+    """Refuse a model whose config differs from a value llama.cpp assumes for the family (it would convert,
+    and answer differently: the value never reaches the GGUF)."""
+    for path, assumed in family.gguf_assumed_config:
+        value = _config_value(config, path)
+        if value != assumed:
+            raise ExportError(
+                f"--format gguf: this {family.title} model has {path} = {value}, and llama.cpp computes with "
+                f"{assumed} whatever the config says, so the GGUF would not answer like the trained model",
+                hint=f"export --merge (transformers) or --format vllm; or train from a model with {path} = {assumed}",
+            )
+
+
+def base_config(trained: TrainedRun) -> dict:
+    """The trained base model's config (what the merged folder's config.json will hold), read before any
+    weight loads."""
+    from vlmtune.model.checkpoint import read_config, resolve_model_path
+
+    model = trained.recipe.model
+    return read_config(resolve_model_path(model.name), model.revision).to_dict()
+
+
+def folder_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def _config_value(config: dict, path: str):
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
 def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise ExportError(
@@ -86,6 +118,8 @@ def export_gguf(trained: TrainedRun, out: Path, quant: str, dtype: str, verify: 
     family = get_family(trained.run.read_json(rundir.MODEL_REPORT)["family"])
     check_family(family)
     check_quant(quant)
+    if family.gguf_assumed_config:
+        check_config(base_config(trained), family)  # before the merge, which may take minutes
     converter = converter_dir()
     if quant == "q4_k_m" or verify:
         llama_cpp_module()  # before any weight loads: the quantizer and --verify need llama-cpp-python
@@ -97,6 +131,7 @@ def export_gguf(trained: TrainedRun, out: Path, quant: str, dtype: str, verify: 
     with staged(out) as staging:
         hf = staging / ".merged"  # the converter's input, removed before the folder is handed over
         checks = export_merged(trained, hf, dtype) if not trained.is_full else _copy_full(trained, hf)
+        check_config(folder_config(hf), family)  # what the converter reads
         pre = matching_pre_tokenizer(hf, family)
         name = Path(out).name
         convert(converter, hf, staging / names["model"], quant, mmproj=False, pre_tokenizer=pre, name=name)

@@ -36,6 +36,35 @@ GGUF_UNPROVEN = (
 )
 # Families whose transformers architecture llama.cpp's converter does not list (llama-cpp-python 0.3.36's copy).
 NO_GGUF_CONVERTER = "llama.cpp's converter has no language + mmproj conversion for this architecture"
+# Families llama.cpp's converter lists but vlmtune cannot serve yet, each with what stops it (found on the
+# tiny models with llama-cpp-python 0.3.36's converter; docs/export.md has the details).
+GGUF_GEMMA3_REFUSED = (
+    "llama.cpp's converter cannot map the vision tower of a checkpoint saved by transformers 5 "
+    "(vision_tower.embeddings.*, no vision_model level), and with the names mapped back llama.cpp still "
+    "answered otherwise than transformers on resized images and on two-image prompts"
+)
+GGUF_IDEFICS3_REFUSED = (
+    "llama.cpp's converter takes the language model's class from text_config.architectures, which a "
+    "transformers 5 checkpoint lacks; with it set, llama.cpp answered 3 of 8 tiny-model eval images as "
+    "transformers (its image tiling and resizing differ)"
+)
+GGUF_LLAVA_REFUSED = (
+    "llama.cpp's convert_hf_to_gguf.py converts a Llava checkpoint only with a Pixtral vision tower; a CLIP "
+    "tower needs llama.cpp's legacy scripts (tools/mtmd/legacy-models), which vlmtune does not run"
+)
+GGUF_PIXTRAL_REFUSED = (
+    "llama.cpp's mmproj conversion drops every language_model.* tensor before taking the [IMG_BREAK] "
+    "embedding from language_model.model.embed_tokens, so the mmproj of a transformers checkpoint lacks "
+    "v.token_embd.img_break and llama.cpp refuses to load it"
+)
+GGUF_QWEN3_5_UNTESTABLE = (
+    "llama.cpp's converter requires the multi-token-prediction layers of the released checkpoints "
+    "(it asserts mtp_num_hidden_layers != 0), which vlmtune's tiny model lacks, so no test converted one"
+)
+GGUF_QWEN3_VL_MOE_REFUSED = (
+    "llama.cpp refuses the language GGUF its converter writes for the tiny model (blk.0.ffn_gate_exps.weight: "
+    "wrong shape, the fused expert tensors laid out otherwise than it expects)"
+)
 # The Qwen-VL chat template (ChatML with its default system turn) in Ollama's Go-template syntax; Ollama
 # puts the images in itself.
 QWEN_OLLAMA_TEMPLATE = (
@@ -43,6 +72,9 @@ QWEN_OLLAMA_TEMPLATE = (
     "You are a helpful assistant.<|im_end|>\n{{ end }}"
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
+
+# Qwen3-VL's ChatML has no default system turn.
+QWEN3_OLLAMA_TEMPLATE = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 
 
 @dataclass(frozen=True)
@@ -161,6 +193,10 @@ class Family:
     # proves it (tests/test_export_serving.py); None: `export --format gguf` refuses with gguf_refused.
     gguf_pre_tokenizer: str | None = None
     gguf_refused: str = GGUF_UNPROVEN
+    # Config values (dotted paths into config.json) that llama.cpp assumes instead of reading: the converter
+    # does not carry them into the GGUF, so a model with another value would be served with other
+    # arithmetic. `export --format gguf` refuses such a model before converting (export_gguf.check_config).
+    gguf_assumed_config: tuple[tuple[str, object], ...] = ()
     # The chat template in Ollama's Go-template syntax, for the Modelfile beside the GGUF files.
     ollama_template: str | None = None
     # On vLLM's tower/connector-LoRA list (`--enable-tower-connector-lora`; vllm #26674 and its follow-ups).
@@ -283,6 +319,13 @@ QWEN2_5_VL = Family(
     processor_class="Qwen2_5_VLProcessor",
     processor_needs_video=True,
     rope="mrope",
+    gguf_pre_tokenizer="qwen2",
+    # llama.cpp's Qwen2.5-VL mmproj windows its vision attention at 112 pixels whatever the config says
+    # (clip.cpp: attn_window_size unset for this projector, so its default 112, the released checkpoints'):
+    # with the tiny model's 56 the windowed blocks see a whole 112-pixel image where transformers sees
+    # four windows.
+    gguf_assumed_config=(("vision_config.window_size", 112),),
+    ollama_template=QWEN_OLLAMA_TEMPLATE,
     vllm_tower_lora=True,
     **_QWEN_COMMON,
 )
@@ -298,6 +341,8 @@ QWEN3_VL = Family(
     processor_class="Qwen3VLProcessor",
     processor_needs_video=True,
     rope="mrope_interleaved",
+    gguf_pre_tokenizer="qwen2",
+    ollama_template=QWEN3_OLLAMA_TEMPLATE,
     **{**_QWEN_COMMON, "projector_prefixes": ("model.visual.merger", "model.visual.deepstack_merger_list")},
 )
 
@@ -322,6 +367,7 @@ QWEN3_VL_MOE = Family(
     name="qwen3_vl_moe",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_vl_moe",
     title="Qwen3-VL-MoE",
+    gguf_refused=GGUF_QWEN3_VL_MOE_REFUSED,
     # Kernels not proven for it yet (tests/test_kernels_patching.py): its experts are fused 3-D tensors,
     # no gated MLP module
     mlp_activation=None,
@@ -341,6 +387,7 @@ QWEN3_5 = Family(
     name="qwen3_5",
     tiny_builder="vlmtune.model.tiny.qwen3:build_qwen3_5",
     title="Qwen3.5",
+    gguf_refused=GGUF_QWEN3_5_UNTESTABLE,
     # Kernels not proven for it yet (tests/test_kernels_patching.py): its norms are not the plain RMSNorm the
     # kernel computes, and its partial rotary (Gated DeltaNet beside attention) gave NaN with the rope kernel
     norm=None,
@@ -463,6 +510,7 @@ LLAVA = Family(
     tiny_builder="vlmtune.model.tiny.llava:build_llava",
     title="Llava-1.5",
     model_types=("llava",),
+    gguf_refused=GGUF_LLAVA_REFUSED,
     image_token="<image>",
     tokens_per_image=it.fixed_tokens,
     image_settings=it.llava_settings,
@@ -527,6 +575,7 @@ PIXTRAL = Family(
     title="Pixtral",
     model_types=("llava",),
     vision_model_types=("pixtral",),
+    gguf_refused=GGUF_PIXTRAL_REFUSED,
     **_PIXTRAL_COMMON,
 )
 
@@ -535,6 +584,7 @@ MISTRAL3 = Family(
     tiny_builder="vlmtune.model.tiny.pixtral:build_mistral3",
     title="Mistral3",
     model_types=("mistral3",),
+    gguf_refused=GGUF_PIXTRAL_REFUSED,
     **_PIXTRAL_COMMON,
 )
 
@@ -543,6 +593,7 @@ GEMMA3 = Family(
     tiny_builder="vlmtune.model.tiny.gemma:build_gemma3",
     title="Gemma 3",
     model_types=("gemma3",),
+    gguf_refused=GGUF_GEMMA3_REFUSED,
     image_token="<start_of_image>",
     feature_token="<image_soft_token>",
     structural_tokens=("<end_of_image>",),
@@ -611,6 +662,7 @@ IDEFICS3 = Family(
     tiny_builder="vlmtune.model.tiny.idefics:build_idefics3",
     title="Idefics3",
     model_types=("idefics3",),
+    gguf_refused=GGUF_IDEFICS3_REFUSED,
     **_IDEFICS3_COMMON,
 )
 
@@ -619,6 +671,7 @@ SMOLVLM = Family(
     tiny_builder="vlmtune.model.tiny.idefics:build_smolvlm",
     title="SmolVLM",
     model_types=("smolvlm",),
+    gguf_refused=GGUF_IDEFICS3_REFUSED,
     # SmolVLMProcessor needs num2words and a (torchvision-only) video processor; its image prompts
     # are Idefics3's, character for character, so Idefics3Processor serves SmolVLM checkpoints.
     processor_class="Idefics3Processor",

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 from posttrain_fixtures import ANSWER, DEMO
-from test_export_serving import OTHER_ANSWER, needs_converter, needs_llama_cpp
+from test_export_serving import OTHER_ANSWER, needs_converter, needs_llama_cpp, train_on_two_images
 
 from vlmtune.model.families import get_family
 
-from conftest import PIXEL_BUDGET, write_recipe
+from conftest import PIXEL_BUDGET
 from test_cli import vlmtune
 
 EVAL_LINES = 8  # demo lines 1-8: 56x56, 56x84 and 112x112 images (one window and several in transformers)
@@ -65,19 +65,8 @@ def trained_run(folder: Path, model: Path) -> Path:
     split holds the first EVAL_LINES demo samples."""
     shutil.copytree(DEMO / "images", folder / "images")
     lines = (DEMO / "train.jsonl").read_text().splitlines()
-    assert ANSWER in lines[0] and OTHER_ANSWER in lines[2]
-    (folder / "train.jsonl").write_text((lines[0] + "\n" + lines[2] + "\n") * 4)
     (folder / "eval.jsonl").write_text("\n".join(lines[:EVAL_LINES]) + "\n")
-    recipe = write_recipe(
-        folder,
-        model={"name": str(model)},
-        data={"train": "train.jsonl", "eval": "eval.jsonl", "max_image_pixels": PIXEL_BUDGET},
-        train={"max_steps": 40, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "lr_scheduler": "constant",
-               "max_length": 256, "gradient_checkpointing": False, "save_steps": 1000},
-    )  # fmt: skip
-    result = vlmtune("train", str(recipe), "--run-dir", str(folder / "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
+    return train_on_two_images(folder, model)
 
 
 def gguf_export(run: Path, out: Path) -> Path:

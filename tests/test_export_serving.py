@@ -68,10 +68,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LoRA (vision and language, bf16 base) trained on two demo samples whose answers differ by image:
     ANSWER about the first, OTHER_ANSWER about the third (the eval split holds both)."""
     folder = overfit_folder(tmp_path_factory.mktemp("serving"))
+    return train_on_two_images(folder, three_block_qwen2_vl(folder / "tiny-qwen2-vl-3"))
+
+
+def train_on_two_images(folder: Path, model: Path) -> Path:
+    """LoRA trained 40 steps on the first and third demo samples (ANSWER, OTHER_ANSWER) of a folder that holds
+    the demo's images and an eval.jsonl; the run folder."""
     lines = (DEMO / "train.jsonl").read_text().splitlines()
-    assert OTHER_ANSWER in lines[2]
+    assert ANSWER in lines[0] and OTHER_ANSWER in lines[2]
     (folder / "train.jsonl").write_text((lines[0] + "\n" + lines[2] + "\n") * 4)
-    model = three_block_qwen2_vl(folder / "tiny-qwen2-vl-3")
     recipe = write_recipe(
         folder,
         model={"name": str(model)},

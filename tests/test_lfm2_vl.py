@@ -4,12 +4,10 @@ record counts."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
+from upstream import image_processing_module
 
 from vlmtune.model.families import get_family
 from vlmtune.model.image_tokens import (
@@ -27,26 +25,7 @@ from conftest import PIXEL_BUDGET
 def upstream():
     """transformers 5.23's torchvision-only image_processing_lfm2_vl, imported with a stand-in for torchvision:
     its arithmetic and patch functions use torch and math alone (only the resizes it does not run need it)."""
-    import transformers.models.lfm2_vl as package
-
-    stand_ins = {name: types.ModuleType(name) for name in ("torchvision", "torchvision.transforms",
-                                                            "torchvision.transforms.v2")}  # fmt: skip
-    stand_ins["torchvision.transforms.v2"].functional = types.ModuleType("functional")
-    saved = {name: sys.modules.get(name) for name in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
-        path = f"{package.__path__[0]}/image_processing_lfm2_vl.py"
-        spec = importlib.util.spec_from_file_location("transformers.models.lfm2_vl._vlmtune_upstream", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its class decorators read their own source file
-        spec.loader.exec_module(module)
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-    return module
+    return image_processing_module("lfm2_vl")
 
 
 SIZES = [(1, 1), (17, 300), (300, 17), (512, 512), (513, 512), (500, 700), (700, 500), (1000, 1000),

@@ -3,11 +3,8 @@ transformers' own, the tiles come out in its order, and the prompt gets the toke
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-
 import pytest
+from upstream import image_processing_module
 
 from vlmtune.model.families import get_family
 from vlmtune.model.image_tokens import ImageSettings, llama4_canvas, llama4_resized
@@ -19,26 +16,7 @@ from conftest import PIXEL_BUDGET
 def upstream():
     """transformers 5.23's torchvision-only image_processing_llama4, imported with a stand-in for torchvision:
     its canvas functions use torch alone (only the resize and pad it does not run need torchvision)."""
-    import transformers.models.llama4 as package
-
-    stand_ins = {name: types.ModuleType(name) for name in ("torchvision", "torchvision.transforms",
-                                                            "torchvision.transforms.v2")}  # fmt: skip
-    stand_ins["torchvision.transforms.v2"].functional = types.ModuleType("functional")
-    saved = {name: sys.modules.get(name) for name in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
-        path = f"{package.__path__[0]}/image_processing_llama4.py"
-        spec = importlib.util.spec_from_file_location("transformers.models.llama4._vlmtune_upstream", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its class decorators read their own source file
-        spec.loader.exec_module(module)
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-    return module
+    return image_processing_module("llama4")
 
 
 SIZES = [(1, 1), (17, 300), (300, 17), (336, 336), (337, 336), (500, 700), (700, 500), (1000, 1000),
